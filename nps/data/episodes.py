@@ -1,0 +1,163 @@
+"""Episodes (tasks) of the neural-process training scheme, sampled inside jit.
+
+A task is one simulated user: a user type k, N^T target pairs labelled by that
+user's utility, and a context of N^C of those pairs (𝒟^C ⊆ 𝒟^T, paper App. C).
+Context sizes are masks over a fixed capacity, so one compiled sampler and one
+compiled model serve N^C = 0..max.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from nps.errors import ConfigError
+
+
+class PairPool(NamedTuple):
+    """A split of option pairs with each user type's utility for both options.
+
+    option_a, option_b: ``[N, D]`` option features.
+    utility_a, utility_b: ``[N, K]`` utility of each option for each of K user types.
+    """
+
+    option_a: jax.Array
+    option_b: jax.Array
+    utility_a: jax.Array
+    utility_b: jax.Array
+
+    @property
+    def num_pairs(self) -> int:
+        return self.option_a.shape[0]
+
+    @property
+    def num_user_types(self) -> int:
+        return self.utility_a.shape[-1]
+
+
+class Episodes(NamedTuple):
+    """A batch of B tasks; context capacity C, N^T = T targets, options ``[..., D]``.
+
+    context_chosen, context_rejected: ``[B, C, D]``; context_mask ``[B, C]`` bool.
+    target_chosen, target_rejected: ``[B, T, D]``; target_mask ``[B, T]`` bool.
+    target_in_context: ``[B, T]`` bool, True for targets that are also context pairs.
+    user: ``[B]`` int, the task's user type z*.
+    """
+
+    context_chosen: jax.Array
+    context_rejected: jax.Array
+    context_mask: jax.Array
+    target_chosen: jax.Array
+    target_rejected: jax.Array
+    target_mask: jax.Array
+    target_in_context: jax.Array
+    user: jax.Array
+
+    @property
+    def unseen_mask(self) -> jax.Array:
+        """Targets that are not in the context, 𝒟^T \\ 𝒟^C: the only ones scored."""
+        return self.target_mask & ~self.target_in_context
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeSpec:
+    """Task shape; defaults are the paper's reward-model setting (N^C ~ U{0..10}, N^T = 20)."""
+
+    num_targets: int = 20
+    min_context: int = 0
+    max_context: int = 10
+    # The paper draws one N^C per batch ("all tasks in a batch share the same N^C").
+    shared_context_size: bool = True
+
+    def validate(self, prefix: str = "episodes") -> None:
+        if self.num_targets < 1:
+            raise ConfigError(f"{prefix}.num_targets={self.num_targets} must be at least 1")
+        if self.min_context < 0 or self.max_context < 0:
+            raise ConfigError(
+                f"{prefix}.min_context={self.min_context}, {prefix}.max_context={self.max_context}: "
+                "context sizes cannot be negative"
+            )
+        if self.min_context > self.max_context:
+            raise ConfigError(
+                f"{prefix}.min_context={self.min_context} exceeds {prefix}.max_context={self.max_context}; "
+                "lower min_context"
+            )
+        if self.max_context > self.num_targets:
+            raise ConfigError(
+                f"{prefix}.max_context={self.max_context} exceeds {prefix}.num_targets={self.num_targets}: "
+                "the context is a subset of the targets; raise num_targets or lower max_context"
+            )
+
+
+def _subset_without_replacement(key: jax.Array, population: int, size: int) -> jax.Array:
+    """Uniform random ``size``-subset of range(population) (Floyd's algorithm, O(size²)).
+
+    Avoids a full O(N log N) permutation of the pool per task.
+    """
+    keys = jax.random.split(key, size)
+
+    def pick(i, picks):
+        top = population - size + i
+        candidate = jax.random.randint(keys[i], (), 0, top + 1)
+        return picks.at[i].set(jnp.where(jnp.any(picks == candidate), top, candidate))
+
+    return jax.lax.fori_loop(0, size, pick, jnp.full((size,), -1, jnp.int32))
+
+
+def _label(pool: PairPool, pair_index: jax.Array, user: jax.Array, key: jax.Array):
+    """Order each pair as (chosen, rejected) by the user's utility; ties broken by a coin."""
+    utility_a = pool.utility_a[pair_index, user[:, None]]
+    utility_b = pool.utility_b[pair_index, user[:, None]]
+    coin = jax.random.bernoulli(key, 0.5, utility_a.shape)
+    a_wins = (utility_a > utility_b) | ((utility_a == utility_b) & coin)
+    a, b = pool.option_a[pair_index], pool.option_b[pair_index]
+    chosen = jnp.where(a_wins[..., None], a, b)
+    rejected = jnp.where(a_wins[..., None], b, a)
+    return chosen, rejected
+
+
+def sample_episodes(
+    key: jax.Array,
+    pool: PairPool,
+    spec: EpisodeSpec,
+    num_tasks: int,
+    context_size: jax.Array | int | None = None,
+) -> Episodes:
+    """Sample ``num_tasks`` tasks from ``pool`` (jit-friendly; shapes depend only on ``spec``).
+
+    Each task draws a user type uniformly, N^T distinct pairs, and N^C ~ U{min..max}
+    context pairs among its targets. ``context_size`` fixes N^C for every task
+    (evaluation): the same key with a larger size gives nested contexts over the
+    same users and targets.
+    """
+    key_user, key_pairs, key_ties, key_size, key_order = jax.random.split(key, 5)
+    T, C = spec.num_targets, spec.max_context
+    user = jax.random.randint(key_user, (num_tasks,), 0, pool.num_user_types)
+    pair_index = jax.vmap(lambda k: _subset_without_replacement(k, pool.num_pairs, T))(
+        jax.random.split(key_pairs, num_tasks)
+    )
+    target_chosen, target_rejected = _label(pool, pair_index, user, key_ties)
+
+    if context_size is None:
+        size_shape = () if spec.shared_context_size else (num_tasks,)
+        context_size = jax.random.randint(key_size, size_shape, spec.min_context, spec.max_context + 1)
+    context_size = jnp.broadcast_to(jnp.asarray(context_size, jnp.int32), (num_tasks,))
+
+    # A random order of target positions; the first N^C of them are the context.
+    order = jnp.argsort(jax.random.uniform(key_order, (num_tasks, T)), axis=-1)
+    rank = jnp.argsort(order, axis=-1)  # rank[b, t]: where target t falls in the order
+    context_slots = order[:, :C]
+    take = jax.vmap(lambda x, i: x[i])
+    return Episodes(
+        context_chosen=take(target_chosen, context_slots),
+        context_rejected=take(target_rejected, context_slots),
+        context_mask=jnp.arange(C)[None, :] < context_size[:, None],
+        target_chosen=target_chosen,
+        target_rejected=target_rejected,
+        target_mask=jnp.ones((num_tasks, T), bool),
+        target_in_context=rank < context_size[:, None],
+        user=user,
+    )

@@ -1,0 +1,87 @@
+"""What every experiment writes: the output folder, results.json, tables and plots.
+
+The schema of results.json is documented in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from nps.errors import OutputDirError  # noqa: E402
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+def prepare_output_dir(out: str | Path, fresh: bool = False) -> Path:
+    """Create ``out`` (and check it is writable); ``fresh`` discards earlier checkpoints."""
+    out = Path(out).absolute()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".nps-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise OutputDirError(
+            f"output folder {out} is not writable ({error.strerror}); pass --out with a folder you can write to"
+        ) from None
+    if fresh:
+        for name in ("checkpoints", "checkpoints.corrupt"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    return out
+
+
+def write_results(out: Path, results: dict[str, Any]) -> Path:
+    """Write ``out/results.json`` atomically (a temp file renamed into place)."""
+    results = {"schema_version": RESULTS_SCHEMA_VERSION, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")} | results
+    path = out / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def format_accuracy_table(models: dict[str, dict[str, Any]], user_names: list[str]) -> str:
+    """Rows: model × N^C; columns: unseen accuracy [%] per user type and overall (± s.e.)."""
+    columns = [*user_names, "all"]
+    header = f"{'model':<22}{'N^C':>5}" + "".join(f"{c:>18}" for c in columns)
+    lines = [header, "-" * len(header)]
+    for name, model in models.items():
+        for size, by_user in model["unseen_accuracy"].items():
+            cells = "".join(
+                f"{100 * by_user[c]['mean']:>11.1f} ± {100 * by_user[c]['sem']:<4.1f}" for c in columns
+            )
+            lines.append(f"{name:<22}{size:>5}{cells}")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_context(
+    models: dict[str, dict[str, Any]], user_names: list[str], path: Path, title: str
+) -> Path:
+    """Unseen accuracy vs N^C, one panel per user type, error bars = ± 1 s.e."""
+    fig, axes = plt.subplots(1, len(user_names), figsize=(4.2 * len(user_names), 3.4), sharey=True, squeeze=False)
+    for ax, user in zip(axes[0], user_names):
+        for name, model in models.items():
+            sizes = [int(s) for s in model["unseen_accuracy"]]
+            means = [100 * v[user]["mean"] for v in model["unseen_accuracy"].values()]
+            sems = [100 * v[user]["sem"] for v in model["unseen_accuracy"].values()]
+            ax.errorbar(sizes, means, yerr=sems, marker="o", capsize=3, label=name)
+        ax.set_title(f"users {user}")
+        ax.set_xlabel("context pairs $N^C$")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy on unseen pairs [%]")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

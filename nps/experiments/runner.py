@@ -1,0 +1,86 @@
+"""Train one reward model with checkpoints, then score it on unseen targets."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from nps.config import config_to_dict
+from nps.data.episodes import EpisodeSpec, PairPool
+from nps.errors import ConfigError
+from nps.models.reward import RewardModelConfig, build_reward_model
+from nps.train.evaluate import PAPER_CONTEXT_SIZES, evaluate_unseen_accuracy
+from nps.train.loop import FitResult, TrainConfig, fit
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Test-time tasks: N^T as in training, N^C from ``context_sizes`` (the paper's by default)."""
+
+    context_sizes: tuple[int, ...] = PAPER_CONTEXT_SIZES
+    num_tasks: int = 2000
+    seed: int = 1
+
+    def validate(self, prefix: str = "eval") -> None:
+        if not self.context_sizes or min(self.context_sizes) < 0:
+            raise ConfigError(f"{prefix}.context_sizes={self.context_sizes} must be non-negative sizes")
+        if self.num_tasks < 2:
+            raise ConfigError(f"{prefix}.num_tasks={self.num_tasks} must be at least 2 (for a standard error)")
+
+
+def train_and_evaluate(
+    name: str,
+    model_config: RewardModelConfig,
+    option_dim: int,
+    pools: dict[str, PairPool],
+    spec: EpisodeSpec,
+    train: TrainConfig,
+    evaluation: EvalConfig,
+    out: Path,
+    user_names: Sequence[str],
+    *,
+    data_identity: dict[str, Any],
+    progress: bool = True,
+) -> tuple[FitResult, dict[str, Any]]:
+    """Fit (resuming from ``out/checkpoints/<name>``) and evaluate; returns the results entry."""
+    if max(evaluation.context_sizes) > spec.num_targets:
+        raise ConfigError(
+            f"eval.context_sizes has N^C={max(evaluation.context_sizes)} > episodes.num_targets={spec.num_targets}; "
+            "the context is a subset of the targets"
+        )
+    start = time.perf_counter()
+    model = build_reward_model(option_dim, model_config, seed=train.seed)
+    result = fit(
+        model,
+        pools["train"],
+        pools["val"],
+        spec,
+        train,
+        out / "checkpoints" / name,
+        run_config={"model": config_to_dict(model_config), "data": data_identity},
+        progress=progress,
+        description=name,
+    )
+    accuracy = evaluate_unseen_accuracy(
+        result.graphdef,
+        result.params,
+        pools["test"],
+        spec,
+        user_names,
+        evaluation.context_sizes,
+        evaluation.num_tasks,
+        evaluation.seed,
+    )
+    entry = {
+        "kind": model_config.kind,
+        "unseen_accuracy": accuracy,
+        "best_step": result.best_step,
+        "best_val_nll": result.best_val_loss,
+        "train_steps": train.steps,
+        "train_steps_per_second": result.steps_per_second,
+        "wall_clock_seconds": time.perf_counter() - start,
+        "history": result.history,
+    }
+    return result, entry

@@ -1,0 +1,157 @@
+"""`nps reproduce synthetic`: the paper's two-user task (§5.1, Fig. 1) with BTL, DPL and NP-BTL."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nps.config import config_to_dict
+from nps.data.episodes import EpisodeSpec, Episodes, sample_episodes
+from nps.data.synthetic import two_user_pools, two_user_reward
+from nps.encoder import EncoderConfig
+from nps.errors import ConfigError
+from nps.experiments.report import (
+    format_accuracy_table,
+    plot_accuracy_vs_context,
+    prepare_output_dir,
+    write_results,
+)
+from nps.experiments.runner import EvalConfig, train_and_evaluate
+from nps.models.reward import RewardModelConfig
+from nps.train.loop import TrainConfig
+
+USER_NAMES = ["z=0", "z=1"]
+MODEL_NAMES = ("btl", "dpl", "np_btl", "np_btl_variational")
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """Defaults: the paper / released code (20k pairs, 80/10/10, N^C 0–10, N^T 20, 64 tasks, lr 1e-4,
+    1,000 iterations per model as the released code runs)."""
+
+    seed: int = 0
+    num_pairs: int = 20_000
+    threshold: float = 0.5
+    models: tuple[str, ...] = ("btl", "dpl", "np_btl")
+    episodes: EpisodeSpec = EpisodeSpec()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    btl: RewardModelConfig = RewardModelConfig(kind="btl")
+    dpl: RewardModelConfig = RewardModelConfig(kind="dpl")
+    np_btl: RewardModelConfig = RewardModelConfig(kind="np")
+    np_btl_variational: RewardModelConfig = RewardModelConfig(
+        kind="np", encoder=EncoderConfig(stochastic=True), kl_weight=1.0, train_latent_samples=4
+    )
+
+    def validate(self) -> None:
+        if self.num_pairs < 10:
+            raise ConfigError(f"num_pairs={self.num_pairs} is too small to split 80/10/10; use at least 10")
+        unknown = [m for m in self.models if m not in MODEL_NAMES]
+        if unknown or not self.models:
+            raise ConfigError(f"models={self.models}: choose from {list(MODEL_NAMES)}")
+        self.episodes.validate()
+        self.train.validate()
+        self.eval.validate()
+        for name in self.models:
+            getattr(self, name).validate(name)
+
+
+def _reward_curves(fits: dict[str, Any], pools, spec: EpisodeSpec, grid: np.ndarray) -> dict[str, Any]:
+    """Each model's reward over ``grid``; NP-BTL conditioned on 10 context pairs per user type."""
+    options = jnp.asarray(grid[:, None], jnp.float32)
+    curves: dict[str, Any] = {}
+    for name, result in fits.items():
+        model = result.model()
+        if name == "btl":
+            curves[name] = {"all": np.asarray(model.reward(options))}
+        elif name == "dpl":
+            mean, std = model.reward_distribution(options)
+            curves[name] = {"all": np.asarray(mean), "all_std": np.asarray(std)}
+        else:
+            episodes = sample_episodes(jax.random.key(7), pools["test"], spec, 64, spec.max_context)
+            curves[name] = {}
+            for user in range(2):
+                row = int(np.argmax(np.asarray(episodes.user) == user))
+                one = jax.tree.map(lambda x: x[row : row + 1], episodes)
+                z = model.context_latent(one)
+                curves[name][USER_NAMES[user]] = np.asarray(model.reward(options[None], z)[0])
+    return curves
+
+
+def _standardise(values: np.ndarray) -> np.ndarray:
+    return (values - values.mean()) / (values.std() + 1e-12)
+
+
+def plot_reward_curves(curves: dict[str, Any], grid: np.ndarray, threshold: float, path: Path) -> Path:
+    """Fig. 1a: true rewards of both users next to each model's (standardised) reward."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves) + 1, figsize=(3.6 * (len(curves) + 1), 3.2), sharey=True)
+    colours = {USER_NAMES[0]: "tab:blue", USER_NAMES[1]: "tab:orange"}
+    for user, name in enumerate(USER_NAMES):
+        axes[0].plot(grid, _standardise(two_user_reward(grid, user, threshold)), color=colours[name], label=name)
+    axes[0].set_title("ground truth")
+    for ax, (model, by_user) in zip(axes[1:], curves.items()):
+        if "all" in by_user:
+            mean = by_user["all"]
+            scale = mean.std() + 1e-12
+            ax.plot(grid, _standardise(mean), color="black", label="shared reward")
+            if "all_std" in by_user:
+                low, high = (mean - by_user["all_std"] - mean.mean()) / scale, (mean + by_user["all_std"] - mean.mean()) / scale
+                ax.fill_between(grid, low, high, color="grey", alpha=0.3, label="± σ(y)")
+        else:
+            for name, values in by_user.items():
+                ax.plot(grid, _standardise(values), color=colours[name], label=f"{name}, 10 context pairs")
+        ax.set_title(model)
+    for ax in axes:
+        ax.set_xlabel("option y")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("standardised reward")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_synthetic(
+    config: SyntheticConfig, out: str | Path, *, fresh: bool = False, progress: bool = True, echo=print
+) -> dict[str, Any]:
+    """Train and evaluate ``config.models``; write results.json and plots under ``out``."""
+    config.validate()
+    start = time.perf_counter()
+    out = prepare_output_dir(out, fresh)
+    pools = two_user_pools(config.num_pairs, config.seed, config.threshold)
+    data_identity = {"name": "synthetic-two-user", "num_pairs": config.num_pairs, "seed": config.seed,
+                     "threshold": config.threshold}
+    models, fits = {}, {}
+    for name in config.models:
+        fits[name], models[name] = train_and_evaluate(
+            name, getattr(config, name), 1, pools, config.episodes, config.train, config.eval, out, USER_NAMES,
+            data_identity=data_identity, progress=progress,
+        )
+    grid = np.linspace(0.0, 1.0, 201)
+    plots = [
+        plot_accuracy_vs_context(models, USER_NAMES, out / "accuracy_vs_context.png", "synthetic two-user task"),
+        plot_reward_curves(_reward_curves(fits, pools, config.episodes, grid), grid, config.threshold,
+                           out / "reward_curves.png"),
+    ]
+    results = {
+        "experiment": "synthetic",
+        "config": config_to_dict(config),
+        "data": data_identity | {"split_sizes": {k: p.num_pairs for k, p in pools.items()}},
+        "user_types": USER_NAMES,
+        "models": models,
+        "plots": [p.name for p in plots],
+        "wall_clock_seconds": time.perf_counter() - start,
+    }
+    path = write_results(out, results)
+    echo(format_accuracy_table(models, USER_NAMES))
+    echo(f"\nwrote {path}\nplots: {', '.join(str(p) for p in plots)}")
+    return results

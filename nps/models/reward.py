@@ -1,0 +1,200 @@
+"""Reward models over option features: BTL, DPL and NP-BTL (paper §2, §4).
+
+All three expose the same two pure-in-spirit methods used by the training loop:
+
+- ``predict_log_odds(episodes, key=None) -> [B, T]``: the predictive log-odds of
+  each target's chosen over rejected option given the task's context;
+- ``objective(episodes, key) -> (loss, aux)``: the training loss on a batch.
+
+BTL and DPL ignore the context. NP-BTL conditions a reward decoder on z(C).
+The released code's decoder uses BatchNorm; nps does not, because batch
+statistics would mix different users inside a batch (and make evaluation depend
+on the batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nps.data.episodes import Episodes
+from nps.encoder import ContextEncoder, EncoderConfig
+from nps.errors import ConfigError
+from nps.latent import MIN_STD, gaussian_kl
+from nps.layers import MLP, activation_fn
+from nps.likelihood import (
+    btl_log_odds,
+    choice_accuracy,
+    choice_nll,
+    dpl_log_odds,
+    posterior_predictive_log_odds,
+)
+
+MODEL_KINDS = ("btl", "dpl", "np")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelConfig:
+    """One reward model. ``kind``: "btl", "dpl" or "np" (NP-BTL)."""
+
+    kind: str = "np"
+    hidden_dim: int = 256
+    activation: str = "relu"
+    # Per-option LayerNorm on the decoder's hidden layer, standing in for the released code's
+    # BatchNorm without mixing users across the batch. "none" or "layer".
+    decoder_norm: str = "layer"
+    encoder: EncoderConfig = EncoderConfig()
+    # Variational NP-BTL only (encoder.stochastic = True):
+    kl_weight: float = 1.0  # β in NLL + β·KL(q(z|T) ‖ q(z|C))
+    train_latent_samples: int = 1
+    eval_latent_samples: int = 32
+
+    def validate(self, prefix: str = "model") -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"{prefix}.kind={self.kind!r} is unknown; use one of {list(MODEL_KINDS)}")
+        if self.hidden_dim < 1:
+            raise ConfigError(f"{prefix}.hidden_dim={self.hidden_dim} must be a positive integer")
+        activation_fn(self.activation, f"{prefix}.activation")
+        if self.decoder_norm not in ("none", "layer"):
+            raise ConfigError(f"{prefix}.decoder_norm={self.decoder_norm!r} is unknown; use 'none' or 'layer'")
+        if self.kind == "np":
+            self.encoder.validate(f"{prefix}.encoder")
+        if self.kl_weight < 0:
+            raise ConfigError(f"{prefix}.kl_weight={self.kl_weight} must be non-negative")
+        for name in ("train_latent_samples", "eval_latent_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be at least 1")
+
+
+def _accuracy_aux(log_odds: jax.Array, episodes: Episodes) -> dict[str, jax.Array]:
+    return {"accuracy": jnp.mean(choice_accuracy(log_odds, episodes.target_mask))}
+
+
+class BTLReward(nnx.Module):
+    """Homogeneous BTL: r(y) = MLP₂(MLP₁(y)), one reward for every user."""
+
+    def __init__(self, option_dim: int, config: RewardModelConfig, *, rngs: nnx.Rngs):
+        h = config.hidden_dim
+        self.target_encoder = MLP(option_dim, h, h, config.activation, rngs=rngs)
+        self.head = MLP(h, h, 1, config.activation, rngs=rngs)
+
+    def reward(self, options: jax.Array) -> jax.Array:
+        """``[..., D] -> [...]``."""
+        return self.head(self.target_encoder(options))[..., 0]
+
+    def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
+        return btl_log_odds(self.reward(episodes.target_chosen), self.reward(episodes.target_rejected))
+
+    def objective(self, episodes: Episodes, key: jax.Array):
+        log_odds = self.predict_log_odds(episodes)
+        return jnp.mean(choice_nll(log_odds, episodes.target_mask)), _accuracy_aux(log_odds, episodes)
+
+
+class DPLReward(nnx.Module):
+    """DPL mean-variance (Siththaranjan et al., 2024): r(y) ~ N(μ(y), σ(y)²)."""
+
+    def __init__(self, option_dim: int, config: RewardModelConfig, *, rngs: nnx.Rngs):
+        h = config.hidden_dim
+        self.target_encoder = MLP(option_dim, h, h, config.activation, rngs=rngs)
+        self.head = MLP(h, h, 2, config.activation, rngs=rngs)
+
+    def reward_distribution(self, options: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``[..., D] -> (mean [...], std [...])``."""
+        out = self.head(self.target_encoder(options))
+        return out[..., 0], MIN_STD + jax.nn.softplus(out[..., 1])
+
+    def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
+        return dpl_log_odds(
+            *self.reward_distribution(episodes.target_chosen),
+            *self.reward_distribution(episodes.target_rejected),
+        )
+
+    def objective(self, episodes: Episodes, key: jax.Array):
+        log_odds = self.predict_log_odds(episodes)
+        return jnp.mean(choice_nll(log_odds, episodes.target_mask)), _accuracy_aux(log_odds, episodes)
+
+
+class NPReward(nnx.Module):
+    """NP-BTL: r(y | C) = MLP₂(MLP₁(y) ‖ z(C)) (paper Eq. 4, App. C).
+
+    Deterministic encoder: loss = target NLL given z(C) (the paper).
+    Stochastic encoder: loss = E_{z~q(z|T)}[NLL] + β·KL(q(z|T) ‖ q(z|C)) / N^T, the
+    usual NP ELBO per target pair (the released code has the KL reversed);
+    prediction averages p(chosen ≻ rejected | z) over z ~ q(z|C).
+    """
+
+    def __init__(self, option_dim: int, config: RewardModelConfig, *, rngs: nnx.Rngs):
+        h = config.hidden_dim
+        self.config = config
+        self.context_encoder = ContextEncoder(option_dim, config.encoder, rngs=rngs)
+        self.target_encoder = MLP(option_dim, h, h, config.activation, rngs=rngs)
+        # The decoder MLP₂(e ‖ z) with its first layer split as W_e·e + W_z·z: the same
+        # function, but the z half runs once per task instead of once per option.
+        self.decoder_option = nnx.Linear(h, h, rngs=rngs)
+        self.decoder_latent = nnx.Linear(config.encoder.latent_dim, h, use_bias=False, rngs=rngs)
+        self.decoder_norm = nnx.LayerNorm(h, rngs=rngs) if config.decoder_norm == "layer" else None
+        self.decoder_out = nnx.Linear(h, 1, rngs=rngs)
+        self.activation = activation_fn(config.activation)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.config.encoder.stochastic
+
+    def reward(self, options: jax.Array, z: jax.Array) -> jax.Array:
+        """``options [..., N, D]``, ``z [..., d]`` -> rewards ``[..., N]``."""
+        hidden = self.decoder_option(self.target_encoder(options)) + self.decoder_latent(z)[..., None, :]
+        if self.decoder_norm is not None:
+            hidden = self.decoder_norm(hidden)
+        return self.decoder_out(self.activation(hidden))[..., 0]
+
+    def encode(self, chosen, rejected, mask, key: jax.Array | None = None):
+        """z ``[B, d]`` or q(z | pairs) for a batch of pair sets (see ``ContextEncoder``)."""
+        return self.context_encoder(chosen, rejected, mask, key=key)
+
+    def encode_context(self, episodes: Episodes, key: jax.Array | None = None):
+        return self.encode(episodes.context_chosen, episodes.context_rejected, episodes.context_mask, key)
+
+    def context_latent(self, episodes: Episodes) -> jax.Array:
+        """A point z per task ``[B, d]``: z(C), or the mean of q(z | C)."""
+        encoded = self.encode_context(episodes)
+        return encoded.mean if self.stochastic else encoded
+
+    def _target_log_odds(self, episodes: Episodes, z: jax.Array) -> jax.Array:
+        return btl_log_odds(self.reward(episodes.target_chosen, z), self.reward(episodes.target_rejected, z))
+
+    def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
+        if not self.stochastic:
+            return self._target_log_odds(episodes, self.encode_context(episodes))
+        q_context = self.encode_context(episodes)
+        key = jax.random.key(0) if key is None else key
+        z = q_context.sample(key, self.config.eval_latent_samples)  # [S, B, d]
+        sample_log_odds = jax.vmap(lambda zs: self._target_log_odds(episodes, zs))(z)
+        return posterior_predictive_log_odds(sample_log_odds, axis=0)
+
+    def objective(self, episodes: Episodes, key: jax.Array):
+        key_context, key_targets, key_z = jax.random.split(key, 3)
+        if not self.stochastic:
+            log_odds = self._target_log_odds(episodes, self.encode_context(episodes, key_context))
+            return jnp.mean(choice_nll(log_odds, episodes.target_mask)), _accuracy_aux(log_odds, episodes)
+        q_context = self.encode_context(episodes, key_context)
+        q_targets = self.encode(
+            episodes.target_chosen, episodes.target_rejected, episodes.target_mask, key_targets
+        )
+        z = q_targets.sample(key_z, self.config.train_latent_samples)
+        sample_log_odds = jax.vmap(lambda zs: self._target_log_odds(episodes, zs))(z)  # [S, B, T]
+        nll = jnp.mean(jax.vmap(lambda m: choice_nll(m, episodes.target_mask))(sample_log_odds), axis=0)
+        num_targets = jnp.maximum(jnp.sum(episodes.target_mask, axis=-1), 1)
+        kl = gaussian_kl(q_targets, q_context)
+        loss = jnp.mean(nll + self.config.kl_weight * kl / num_targets)
+        aux = _accuracy_aux(jnp.mean(sample_log_odds, axis=0), episodes) | {"kl": jnp.mean(kl)}
+        return loss, aux
+
+
+def build_reward_model(option_dim: int, config: RewardModelConfig, seed: int) -> nnx.Module:
+    """Construct the model named by ``config.kind`` with parameters drawn from ``seed``."""
+    config.validate()
+    cls = {"btl": BTLReward, "dpl": DPLReward, "np": NPReward}[config.kind]
+    return cls(option_dim, config, rngs=nnx.Rngs(seed))

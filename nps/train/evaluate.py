@@ -1,0 +1,73 @@
+"""Accuracy on unseen target pairs, per user type and context size, with standard errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nps.data.episodes import EpisodeSpec, PairPool, sample_episodes
+from nps.likelihood import choice_accuracy
+
+PAPER_CONTEXT_SIZES = (0, 1, 3, 5, 10)
+
+
+def mean_and_sem(values: np.ndarray) -> dict[str, float]:
+    """Mean, standard error of the mean (ddof = 1) and count of per-task values."""
+    values = np.asarray(values, np.float64)
+    sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return {"mean": float(values.mean()), "sem": sem, "num_tasks": int(len(values))}
+
+
+def summarise_by_user(per_task: np.ndarray, user: np.ndarray, user_names: Sequence[str]) -> dict[str, Any]:
+    """{user name: mean/sem/num_tasks, ..., "all": ...} from per-task values."""
+    summary = {name: mean_and_sem(per_task[user == k]) for k, name in enumerate(user_names)}
+    summary["all"] = mean_and_sem(per_task)
+    return summary
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "num_tasks"))
+def _unseen_accuracy(graphdef, params, pool, key, context_size, *, spec, num_tasks):
+    episodes = sample_episodes(key, pool, spec, num_tasks, context_size)
+    log_odds = nnx.merge(graphdef, params).predict_log_odds(episodes, jax.random.fold_in(key, 1))
+    return choice_accuracy(log_odds, episodes.unseen_mask), episodes.user
+
+
+def evaluate_unseen_accuracy(
+    graphdef,
+    params,
+    pool: PairPool,
+    spec: EpisodeSpec,
+    user_names: Sequence[str],
+    context_sizes: Sequence[int] = PAPER_CONTEXT_SIZES,
+    num_tasks: int = 2000,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> dict[str, dict[str, Any]]:
+    """Unseen-target accuracy (𝒟^T \\ 𝒟^C only) for each N^C in ``context_sizes``.
+
+    Every N^C sees the same users and targets (the same keys), with nested
+    contexts, so differences across N^C are not sampling noise. One compiled
+    function serves all N^C. Returns ``{str(N^C): summarise_by_user(...)}``.
+    """
+    if max(context_sizes) > spec.max_context:
+        spec = dataclasses.replace(spec, max_context=max(context_sizes))
+    spec.validate()
+    num_batches = -(-num_tasks // batch_size)
+    keys = [jax.random.fold_in(jax.random.key(seed), b) for b in range(num_batches)]
+    results = {}
+    for size in context_sizes:
+        accuracy, user = zip(
+            *(
+                _unseen_accuracy(graphdef, params, pool, k, jnp.int32(size), spec=spec, num_tasks=batch_size)
+                for k in keys
+            )
+        )
+        accuracy, user = np.concatenate(accuracy)[:num_tasks], np.concatenate(user)[:num_tasks]
+        results[str(size)] = summarise_by_user(accuracy, user, user_names)
+    return results

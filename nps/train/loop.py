@@ -1,0 +1,244 @@
+"""The training loop: an Optax train state, jit-compiled scans of steps, validation
+with best-parameter tracking, and Orbax checkpoints that make a re-run resume.
+
+Every random draw is keyed by ``fold_in(seed_key, step)``, so the data sampler's
+state is the step counter: a run resumed from step s continues exactly as an
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from nps.config import config_to_dict
+from nps.data.episodes import EpisodeSpec, PairPool, sample_episodes
+from nps.errors import CheckpointError, ConfigError
+from nps.likelihood import choice_accuracy, choice_nll
+from nps.train.checkpoint import CheckpointStore
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (defaults: the paper's reward models, lr 1e-4, 64 tasks per batch)."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    optimizer: str = "adam"  # "adam" or "adamw"
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0  # adamw only
+    grad_clip_norm: float = 0.0  # 0 disables clipping
+    warmup_steps: int = 0
+    eval_every: int = 100  # validation and checkpoint interval
+    val_tasks: int = 512
+    seed: int = 0
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("steps", "batch_size", "eval_every", "val_tasks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be a positive integer")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{prefix}.learning_rate={self.learning_rate} must be positive")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ConfigError(f"{prefix}.optimizer={self.optimizer!r} is unknown; use 'adam' or 'adamw'")
+        if self.warmup_steps < 0 or self.grad_clip_norm < 0 or self.weight_decay < 0:
+            raise ConfigError(f"{prefix}: warmup_steps, grad_clip_norm and weight_decay cannot be negative")
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    schedule = (
+        optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+        if config.warmup_steps
+        else config.learning_rate
+    )
+    if config.optimizer == "adamw":
+        optimizer = optax.adamw(schedule, eps=config.adam_eps, weight_decay=config.weight_decay)
+    else:
+        optimizer = optax.adam(schedule, eps=config.adam_eps)
+    if config.grad_clip_norm:
+        optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
+    return optimizer
+
+
+class TrainState(NamedTuple):
+    """Everything a resumed run needs; every leaf is an array (Orbax-friendly)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    best_params: Any
+    best_val_loss: jax.Array
+    best_step: jax.Array
+
+
+@dataclasses.dataclass
+class FitResult:
+    graphdef: Any
+    params: Any  # the best-by-validation parameters
+    best_step: int
+    best_val_loss: float
+    history: list[dict[str, float]]
+    train_seconds: float  # wall-clock of this invocation's training (compile included)
+    steps_per_second: float  # compiled train-step throughput, compile excluded
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def _episode_loss(graphdef, params, episodes, key):
+    return nnx.merge(graphdef, params).objective(episodes, key)
+
+
+def fit(
+    model: nnx.Module,
+    train_pool: PairPool,
+    val_pool: PairPool,
+    spec: EpisodeSpec,
+    config: TrainConfig,
+    checkpoint_dir: str | Path | None = None,
+    *,
+    run_config: dict[str, Any] | None = None,
+    progress: bool = True,
+    description: str = "train",
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on episodes from ``train_pool``; keep the best validation NLL.
+
+    With ``checkpoint_dir``, each validation point is checkpointed and a call on a
+    folder that holds checkpoints resumes from the newest readable one.
+    ``run_config`` (JSON-ready) is stored with the checkpoints; resuming with a
+    different one is refused (``steps`` may grow, to train longer).
+    """
+    config.validate()
+    spec.validate()
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    optimizer = make_optimizer(config)
+    data_key, model_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
+    fingerprint = {k: v for k, v in (run_config or {}).items()} | {
+        "train": {k: v for k, v in config_to_dict(config).items() if k != "steps"},
+        "episodes": config_to_dict(spec),
+    }
+
+    state = TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        best_params=params,
+        best_val_loss=jnp.asarray(jnp.inf, jnp.float32),
+        best_step=jnp.asarray(0, jnp.int32),
+    )
+    history: list[dict[str, float]] = []
+    store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
+    if store is not None:
+        restored = store.restore_latest(state)
+        if restored is not None:
+            state, metadata = restored
+            _check_same_run(metadata.get("fingerprint"), fingerprint, store.directory)
+            history = list(metadata.get("history", []))
+
+    def train_step(state: TrainState, _):
+        step_data_key = jax.random.fold_in(data_key, state.step)
+        step_model_key = jax.random.fold_in(model_key, state.step)
+        episodes = sample_episodes(step_data_key, train_pool, spec, config.batch_size)
+        (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=1, has_aux=True)(
+            graphdef, state.params, episodes, step_model_key
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return state, (loss, aux["accuracy"])
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def train_chunk(state: TrainState, length: int):
+        return jax.lax.scan(train_step, state, None, length=length)
+
+    val_episodes = jax.jit(sample_episodes, static_argnums=(2, 3))(val_key, val_pool, spec, config.val_tasks)
+
+    @jax.jit
+    def validate(state: TrainState):
+        log_odds = nnx.merge(graphdef, state.params).predict_log_odds(val_episodes, jax.random.key(0))
+        val_loss = jnp.mean(choice_nll(log_odds, val_episodes.target_mask))
+        val_accuracy = jnp.mean(choice_accuracy(log_odds, val_episodes.unseen_mask))
+        improved = val_loss < state.best_val_loss
+        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(improved, a, b), new, old)  # noqa: E731
+        state = state._replace(
+            best_params=pick(state.params, state.best_params),
+            best_val_loss=jnp.where(improved, val_loss, state.best_val_loss),
+            best_step=jnp.where(improved, state.step, state.best_step),
+        )
+        return state, val_loss, val_accuracy
+
+    start, step = time.perf_counter(), int(state.step)
+    compiled_seconds, compiled_steps, compiled_lengths = 0.0, 0, set()
+    bar = tqdm(total=config.steps, initial=min(step, config.steps), desc=description, disable=not progress, leave=False)
+    while step < config.steps:
+        length = min(config.eval_every - step % config.eval_every, config.steps - step)
+        chunk_start = time.perf_counter()
+        state, (losses, accuracies) = train_chunk(state, length)
+        state, val_loss, val_accuracy = validate(state)
+        val_loss = float(val_loss)  # syncs the device
+        if length in compiled_lengths:  # no compilation in this chunk: time it
+            compiled_seconds += time.perf_counter() - chunk_start
+            compiled_steps += length
+        compiled_lengths.add(length)
+        step = int(state.step)
+        history.append(
+            {
+                "step": step,
+                "train_loss": float(jnp.mean(losses)),
+                "train_accuracy": float(jnp.mean(accuracies)),
+                "val_nll": val_loss,
+                "val_unseen_accuracy": float(val_accuracy),
+            }
+        )
+        bar.update(length)
+        bar.set_postfix(val_nll=f"{val_loss:.4f}")
+        if store is not None:
+            metadata = {
+                "fingerprint": fingerprint,
+                "history": history,
+                "sampler": {"seed": config.seed, "step": step},
+            }
+            store.save(step, state, metadata)
+            if on_checkpoint is not None:
+                on_checkpoint(step)
+    bar.close()
+    return FitResult(
+        graphdef=graphdef,
+        params=state.best_params,
+        best_step=int(state.best_step),
+        best_val_loss=float(state.best_val_loss),
+        history=history,
+        train_seconds=time.perf_counter() - start,
+        steps_per_second=compiled_steps / compiled_seconds if compiled_seconds else float("nan"),
+    )
+
+
+def _diff(saved: Any, current: Any, path: str = "") -> str | None:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            found = _diff(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    return None if saved == current else f"{path}: {saved!r} in the checkpoint, {current!r} now"
+
+
+def _check_same_run(saved: Any, current: dict[str, Any], directory: Path) -> None:
+    difference = _diff(saved, current)
+    if difference:
+        raise CheckpointError(
+            f"the checkpoints in {directory} belong to a different configuration ({difference}); "
+            "use another --out folder, or --fresh to discard them"
+        )

@@ -1,0 +1,110 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nps.data.episodes import EpisodeSpec, PairPool, sample_episodes
+from nps.data.synthetic import two_user_pools, two_user_reward
+from nps.errors import ConfigError
+
+SPEC = EpisodeSpec(num_targets=8, min_context=0, max_context=5, shared_context_size=False)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return two_user_pools(num_pairs=400, seed=3)["train"]
+
+
+def sample(pool, key=0, spec=SPEC, tasks=64, size=None):
+    return sample_episodes(jax.random.key(key), pool, spec, tasks, size)
+
+
+def test_shapes_and_one_user_per_task(pool):
+    ep = sample(pool)
+    chex.assert_shape([ep.context_chosen, ep.context_rejected], (64, 5, 1))
+    chex.assert_shape([ep.target_chosen, ep.target_rejected], (64, 8, 1))
+    chex.assert_shape([ep.context_mask, ep.target_in_context, ep.target_mask], (64, None))
+    # Every pair in a task is labelled by that task's own user type.
+    for k in (0, 1):
+        rows = np.asarray(ep.user) == k
+        r_chosen = two_user_reward(np.asarray(ep.target_chosen[rows, :, 0]), k)
+        r_rejected = two_user_reward(np.asarray(ep.target_rejected[rows, :, 0]), k)
+        assert np.all(r_chosen >= r_rejected)
+        assert rows.any()
+
+
+def test_context_is_a_subset_of_the_targets_and_unseen_excludes_it(pool):
+    ep = sample(pool, key=1)
+    sizes = np.asarray(ep.context_mask.sum(-1))
+    assert sizes.min() >= 0 and sizes.max() <= 5 and len(set(sizes)) > 1  # per-task sizes here
+    np.testing.assert_array_equal(np.asarray(ep.target_in_context.sum(-1)), sizes)
+    np.testing.assert_array_equal(np.asarray(ep.unseen_mask.sum(-1)), 8 - sizes)
+    for b in range(64):
+        targets = {(float(c), float(r)) for c, r in zip(ep.target_chosen[b, :, 0], ep.target_rejected[b, :, 0])}
+        flagged = {
+            (float(c), float(r))
+            for c, r, f in zip(ep.target_chosen[b, :, 0], ep.target_rejected[b, :, 0], ep.target_in_context[b])
+            if f
+        }
+        ctx = {
+            (float(c), float(r))
+            for c, r, m in zip(ep.context_chosen[b, :, 0], ep.context_rejected[b, :, 0], ep.context_mask[b])
+            if m
+        }
+        assert ctx == flagged and ctx <= targets
+        assert len(targets) == 8  # distinct pairs, drawn without replacement
+
+
+def test_shared_context_size_is_one_per_batch(pool):
+    ep = sample(pool, key=2, spec=EpisodeSpec(num_targets=8, max_context=5))
+    assert len(set(np.asarray(ep.context_mask.sum(-1)).tolist())) == 1
+
+
+def test_fixed_sizes_give_nested_contexts_over_the_same_tasks(pool):
+    small, large = sample(pool, key=4, size=2), sample(pool, key=4, size=5)
+    np.testing.assert_array_equal(small.user, large.user)
+    np.testing.assert_array_equal(small.target_chosen, large.target_chosen)
+    assert bool(jnp.all(small.target_in_context <= large.target_in_context))
+    np.testing.assert_array_equal(small.context_chosen[:, :2], large.context_chosen[:, :2])
+
+
+def test_without_replacement_even_when_the_pool_is_barely_large_enough():
+    n = 8
+    options = jnp.arange(2 * n, dtype=jnp.float32).reshape(n, 2)
+    pool = PairPool(options[:, :1], options[:, 1:], options[:, :1], options[:, 1:])
+    ep = sample_episodes(jax.random.key(0), pool, EpisodeSpec(num_targets=n, max_context=2), 32)
+    for b in range(32):
+        assert len(set(np.asarray(ep.target_chosen[b, :, 0]).tolist())) == n
+
+
+def test_sampler_is_a_pure_function_of_the_key(pool):
+    a, b, c = sample(pool, key=9), sample(pool, key=9), sample(pool, key=10)
+    chex.assert_trees_all_equal(a, b)
+    assert not np.array_equal(a.target_chosen, c.target_chosen)
+
+
+def test_user_types_are_balanced(pool):
+    ep = sample(pool, key=5, tasks=4000)
+    assert abs(float(jnp.mean(ep.user)) - 0.5) < 0.03
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (EpisodeSpec(num_targets=5, max_context=10), "max_context=10 exceeds episodes.num_targets=5"),
+        (EpisodeSpec(min_context=-1), "cannot be negative"),
+        (EpisodeSpec(min_context=4, max_context=3), "min_context=4 exceeds"),
+        (EpisodeSpec(num_targets=0, max_context=0), "num_targets=0"),
+    ],
+)
+def test_bad_specs_name_the_field_and_the_fix(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        spec.validate()
+
+
+def test_synthetic_split_is_exactly_80_10_10():
+    pools = two_user_pools(num_pairs=20_000, seed=0)
+    assert {k: p.num_pairs for k, p in pools.items()} == {"train": 16_000, "val": 2_000, "test": 2_000}
+    x = np.asarray(pools["train"].option_a)
+    assert 0 <= x.min() and x.max() <= 1
