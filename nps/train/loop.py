@@ -25,6 +25,7 @@ from nps.data.episodes import EpisodeSpec, PairPool, sample_episodes
 from nps.errors import CheckpointError, ConfigError
 from nps.likelihood import choice_accuracy, choice_nll
 from nps.train.checkpoint import CheckpointStore
+from nps.train.mesh import batch_sharding, check_batch_divisible, replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,7 @@ def fit(
     progress: bool = True,
     description: str = "train",
     on_checkpoint: Callable[[int], None] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> FitResult:
     """Train ``model`` on episodes from ``train_pool``; keep the best validation NLL.
 
@@ -118,9 +120,13 @@ def fit(
     folder that holds checkpoints resumes from the newest readable one.
     ``run_config`` (JSON-ready) is stored with the checkpoints; resuming with a
     different one is refused (``steps`` may grow, to train longer).
+    With ``mesh`` (see ``nps.train.mesh``), each batch of tasks is split over the
+    mesh's batch axes and the parameters are replicated: data parallelism under jit.
     """
     config.validate()
     spec.validate()
+    if mesh is not None:
+        check_batch_divisible(mesh, config.batch_size)
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     optimizer = make_optimizer(config)
@@ -146,11 +152,15 @@ def fit(
             state, metadata = restored
             _check_same_run(metadata.get("fingerprint"), fingerprint, store.directory)
             history = list(metadata.get("history", []))
+    if mesh is not None:
+        state = jax.device_put(state, replicated(mesh))
 
     def train_step(state: TrainState, _):
         step_data_key = jax.random.fold_in(data_key, state.step)
         step_model_key = jax.random.fold_in(model_key, state.step)
         episodes = sample_episodes(step_data_key, train_pool, spec, config.batch_size)
+        if mesh is not None:
+            episodes = jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
         (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=1, has_aux=True)(
             graphdef, state.params, episodes, step_model_key
         )

@@ -1,0 +1,107 @@
+"""The `nps` command: one-line errors, --print-config, and resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nps.cli import main
+
+# A small but complete synthetic run: two models, three checkpoints each.
+SMALL = [
+    "--set", "models=btl,np_btl",
+    "--set", "num_pairs=2000",
+    "--set", "train.steps=90",
+    "--set", "train.eval_every=30",
+    "--set", "train.batch_size=16",
+    "--set", "train.val_tasks=64",
+    "--set", "eval.num_tasks=100",
+    "--set", "eval.context_sizes=0,1,5",
+    "--set", "btl.hidden_dim=32",
+    "--set", "np_btl.hidden_dim=32",
+    "--set", "np_btl.encoder.hidden_dim=32",
+    "--set", "np_btl.encoder.latent_dim=16",
+]
+
+
+def nps(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "nps.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["episodes.max_context=30"], "episodes.max_context=30 exceeds episodes.num_targets=20"),
+        (["episodes.num_targets=-3"], "episodes.num_targets=-3 must be at least 1"),
+        (["episodes.min_context=-1"], "cannot be negative"),
+        (["np_btl.encoder.aggregation=max"], "np_btl.encoder.aggregation='max' is unknown; use one of"),
+        (["models=gpt"], "models=('gpt',): choose from"),
+        (["train.stepz=3"], "unknown config field 'train.stepz'"),
+    ],
+)
+def test_bad_configs_give_one_line_errors(overrides, message, capsys, tmp_path):
+    args = ["reproduce", "synthetic", "--out", str(tmp_path)]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nps: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_unwritable_output_folder_is_a_one_line_error(capsys, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert main(["reproduce", "synthetic", "--out", str(blocked / "run"), *SMALL]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not writable" in err and "--out" in err and "\n" not in err
+
+
+def test_print_config_shows_the_resolved_fields(capsys):
+    assert main(["reproduce", "correlation", "--print-config", "--set", "train.steps=5"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["train"]["steps"] == 5 and config["train_rhos"] == [-1.0, -0.7, 0.0, 0.7]
+
+
+def test_corrupted_checkpoint_message_and_fallback(tmp_path):
+    out = tmp_path / "run"
+    assert nps("reproduce", "synthetic", "--out", str(out), "--quiet", *SMALL).returncode == 0
+    latest = out / "checkpoints" / "np_btl" / "90"
+    for path in latest.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00garbage")
+    rerun = nps("reproduce", "synthetic", "--out", str(out), "--quiet", *SMALL)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "checkpoint step 90" in rerun.stderr and "falling back to the previous step" in rerun.stderr
+
+
+def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
+    straight = nps("reproduce", "synthetic", "--out", str(tmp_path / "straight"), "--quiet", *SMALL)
+    assert straight.returncode == 0, straight.stderr
+    assert "wrote" in straight.stdout and "results.json" in straight.stdout
+
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "nps.cli", "reproduce", "synthetic", "--out", str(out),
+                                "--quiet", *SMALL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = out / "checkpoints" / "np_btl" / "30"
+    deadline = time.time() + 240
+    while not first_checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "results.json").exists()
+
+    resumed = nps("reproduce", "synthetic", "--out", str(out), "--quiet", *SMALL)
+    assert resumed.returncode == 0, resumed.stderr
+
+    def metrics(path: Path):
+        models = json.loads((path / "results.json").read_text())["models"]
+        return {name: (m["unseen_accuracy"], m["best_step"], m["best_val_nll"], m["history"]) for name, m in models.items()}
+
+    assert metrics(out) == metrics(tmp_path / "straight")

@@ -1,0 +1,95 @@
+"""The experiments end to end: small settings by default, the paper's settings under -m slow."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from nps.config import apply_overrides
+from nps.data.synthetic import bayes_error_single_pair, correlated_pools
+from nps.experiments.correlation import CorrelationConfig, conflicting_probe_pairs, run_correlation
+from nps.experiments.synthetic import SyntheticConfig, run_synthetic
+
+SMALL_MODEL = ["hidden_dim=32", "encoder.hidden_dim=32", "encoder.latent_dim=16"]
+SMALL_TRAIN = ["train.steps=150", "train.eval_every=50", "train.batch_size=32", "train.learning_rate=2e-3",
+               "train.val_tasks=128", "eval.num_tasks=300", "num_pairs=4000"]
+
+
+def test_bayes_error_closed_form():
+    assert bayes_error_single_pair(-1.0) == pytest.approx(0.0)
+    assert bayes_error_single_pair(0.0) == pytest.approx(0.25)
+    assert bayes_error_single_pair(0.7) == pytest.approx(0.25 + math.asin(0.7) / (2 * math.pi))
+    assert 100 * bayes_error_single_pair(-0.7) == pytest.approx(12.7, abs=0.05)
+
+
+@pytest.mark.parametrize("rho", [-1.0, -0.7, 0.0, 0.7])
+def test_correlated_pools_have_the_paper_conflict_rate(rho):
+    pool = correlated_pools(rho, num_pairs=20_000, seed=0)["train"]
+    a, b = np.asarray(pool.utility_a), np.asarray(pool.utility_b)
+    conflict = np.mean((a[:, 0] > b[:, 0]) != (a[:, 1] > b[:, 1]))
+    assert conflict == pytest.approx(0.5 - math.asin(rho) / math.pi, abs=0.015)
+    probe_a, probe_b = conflicting_probe_pairs(rho, 100, seed=1)
+    assert np.all((probe_a[:, 0] > probe_b[:, 0]) != (probe_a[:, 1] > probe_b[:, 1]))
+
+
+def test_small_synthetic_run_writes_results_and_plots(tmp_path):
+    overrides = SMALL_TRAIN + [f"{m}.{f}" for m in ("np_btl",) for f in SMALL_MODEL] + ["btl.hidden_dim=32",
+                                                                                       "dpl.hidden_dim=32"]
+    config = apply_overrides(SyntheticConfig(), overrides)
+    printed = []
+    run_synthetic(config, tmp_path, progress=False, echo=printed.append)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["experiment"] == "synthetic" and results["config"]["train"]["steps"] == 150
+    assert set(results["models"]) == {"btl", "dpl", "np_btl"}
+    for model in results["models"].values():
+        assert list(model["unseen_accuracy"]) == ["0", "1", "3", "5", "10"]
+        for by_user in model["unseen_accuracy"].values():
+            assert set(by_user) == {"z=0", "z=1", "all"}
+            assert 0 <= by_user["all"]["mean"] <= 1 and by_user["all"]["sem"] > 0
+            assert by_user["z=0"]["num_tasks"] + by_user["z=1"]["num_tasks"] == 300
+        assert model["wall_clock_seconds"] > 0
+    # Context-free models cannot adapt; NP-BTL does even when small and briefly trained.
+    btl = results["models"]["btl"]["unseen_accuracy"]
+    assert btl["0"]["all"]["mean"] == pytest.approx(btl["10"]["all"]["mean"], abs=0.03)
+    np_btl = results["models"]["np_btl"]["unseen_accuracy"]
+    assert np_btl["10"]["all"]["mean"] > np_btl["0"]["all"]["mean"] + 0.05
+    for plot in results["plots"]:
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "results.json" in printed[-1]
+
+
+def test_small_correlation_run_reports_errors_next_to_the_bayes_bound(tmp_path):
+    overrides = SMALL_TRAIN + [f"model.{f}" for f in SMALL_MODEL] + ["train_rhos=-1.0", "test_rhos=-1.0,0.0",
+                                                                     "z_error_tasks=400"]
+    config = apply_overrides(CorrelationConfig(), overrides)
+    results = run_correlation(config, tmp_path, progress=False, echo=lambda *_: None)
+    model = results["models"]["np_btl_rho-1.0"]
+    for metric in ("z_inference_error", "conflicting_pair_error"):
+        assert set(model[metric]) == {"-1.0", "0.0"}
+        assert model[metric]["0.0"]["bayes_optimal"] == pytest.approx(0.25)
+    # A non-conflicting context pair carries no information: the error at ρ = 0 is far above ρ = −1.
+    assert model["z_inference_error"]["0.0"]["mean"] > model["z_inference_error"]["-1.0"]["mean"] + 0.1
+    assert json.loads((tmp_path / "results.json").read_text())["experiment"] == "correlation"
+
+
+@pytest.mark.slow
+def test_paper_synthetic_bars(tmp_path):
+    """The issue's bars for `nps reproduce synthetic` with its defaults (about 90 s)."""
+    results = run_synthetic(SyntheticConfig(), tmp_path, progress=False, echo=lambda *_: None)
+    accuracy = {name: {int(n): v["all"]["mean"] for n, v in m["unseen_accuracy"].items()}
+                for name, m in results["models"].items()}
+    for floor, size in zip((0.85, 0.94, 0.975, 0.99), (1, 3, 5, 10)):
+        assert accuracy["np_btl"][size] >= floor
+    assert 0.73 <= accuracy["np_btl"][0] <= 0.78
+    for name in ("btl", "dpl"):
+        assert all(0.73 <= a <= 0.78 for a in accuracy[name].values())
+
+
+@pytest.mark.slow
+def test_paper_correlation_bars(tmp_path):
+    """The ρ_tr = −1 model is within 3 points of the Bayes error at every test ρ (a few minutes)."""
+    results = run_correlation(CorrelationConfig(), tmp_path, progress=False, echo=lambda *_: None)
+    errors = results["models"]["np_btl_rho-1.0"]["z_inference_error"]
+    for rho, error in errors.items():
+        assert abs(error["mean"] - error["bayes_optimal"]) <= 0.03, rho
