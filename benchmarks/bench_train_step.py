@@ -59,7 +59,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} {jax.default_backend()} device(s), "
           f"jax {jax.__version__}")
     pools, spec = two_user_pools(), EpisodeSpec()
-    config = TrainConfig(steps=args.steps, eval_every=args.steps // 3)
+    config = TrainConfig(steps=args.steps, eval_every=args.steps // 3, checkpoint_every=args.steps // 3)
     print(f"{'model':<8}{'nps it/s':>10}{'per-step it/s':>15}{'ratio':>8}")
     for kind, label in (("btl", "btl"), ("dpl", "dpl"), ("np", "np_btl")):
         result = fit(build_reward_model(1, RewardModelConfig(kind=kind), 0), pools["train"], pools["val"], spec,

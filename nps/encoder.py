@@ -27,12 +27,13 @@ AGGREGATIONS = ("mean", "sum", "attention")
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
-    """Context-encoder hyperparameters (defaults: the paper's synthetic model, App. C.1)."""
+    """Context-encoder hyperparameters (defaults: the paper's App. C; hidden and latent 256)."""
 
     hidden_dim: int = 256
     latent_dim: int = 256
     inner: str = "mlp"  # "linear" (UltraFeedback configs) or "mlp" (synthetic)
-    aggregation: str = "mean"  # "mean" (Eq. 5, App. C.1), "sum", or "attention" (self-attention then sum, App. C.2)
+    # "mean" (Eq. 5), "sum", or "attention": self-attention then sum (App. C.2 and the released configs).
+    aggregation: str = "attention"
     num_heads: int = 8
     attention_dropout: float = 0.1
     activation: str = "relu"
@@ -70,9 +71,7 @@ class MaskedSelfAttention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, dropout: float, *, rngs: nnx.Rngs):
         self.num_heads = num_heads
         self.dropout = dropout
-        self.query = nnx.Linear(dim, dim, rngs=rngs)
-        self.key = nnx.Linear(dim, dim, rngs=rngs)
-        self.value = nnx.Linear(dim, dim, rngs=rngs)
+        self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)  # one matmul for queries, keys and values
         self.out = nnx.Linear(dim, dim, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array, key: jax.Array | None) -> jax.Array:
@@ -82,7 +81,7 @@ class MaskedSelfAttention(nnx.Module):
         def heads(t):
             return t.reshape(*batch, length, self.num_heads, head_dim)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        q, k, v = (heads(t) for t in jnp.split(self.qkv(x), 3, axis=-1))
         logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(head_dim).astype(x.dtype)
         key_mask = mask[..., None, None, :]
         # finfo.min, not -inf: an all-padding row stays finite (its output is pooled away).

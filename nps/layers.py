@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from nps.errors import ConfigError
@@ -21,6 +22,16 @@ def activation_fn(name: str, field: str = "activation") -> Callable[[jax.Array],
     if name not in ACTIVATIONS:
         raise ConfigError(f"{field}={name!r} is unknown; use one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+def fan_in_uniform_bias(fan_in: int):
+    """Initialiser drawing biases from U(−1/√fan_in, 1/√fan_in)."""
+    bound = 1.0 / fan_in**0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 class MLP(nnx.Module):
@@ -40,13 +51,37 @@ class MLP(nnx.Module):
         layer_norm: bool = False,
         rngs: nnx.Rngs,
     ):
-        self.hidden = nnx.Linear(in_dim, hidden_dim, rngs=rngs)
+        # Biases ~ U(±1/√fan_in) rather than 0: with low-dimensional inputs (the synthetic tasks'
+        # scalar options) zero biases put every ReLU kink at the origin, and training must first
+        # move them to where the rewards bend.
+        self.hidden = nnx.Linear(in_dim, hidden_dim, bias_init=fan_in_uniform_bias(in_dim), rngs=rngs)
         self.norm = nnx.LayerNorm(hidden_dim, rngs=rngs) if layer_norm else None
         self.out = nnx.Linear(hidden_dim, out_dim, rngs=rngs)
         self.activation = activation_fn(activation)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = self.hidden(x)
+    def activate(self, pre_activation: jax.Array) -> jax.Array:
+        """[LayerNorm →] activation of the hidden layer's pre-activation."""
         if self.norm is not None:
-            hidden = self.norm(hidden)
-        return self.out(self.activation(hidden))
+            pre_activation = self.norm(pre_activation)
+        return self.activation(pre_activation)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """The hidden layer's output ``[..., hidden]``."""
+        return self.activate(self.hidden(x))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out(self.features(x))
+
+
+def compose_mlps(first: MLP, second: MLP, x: jax.Array, shift: jax.Array | float = 0.0) -> jax.Array:
+    """``second(first(x))``, with ``shift`` added to ``second``'s hidden pre-activation.
+
+    ``first.out`` and ``second.hidden`` are two linear maps in a row, so they are applied
+    as one: x·(W₁W₂) + (b₁W₂ + b₂). The function and its gradients are the same; the
+    product costs d·h·h once per call instead of rows·h·h per option row (a third of
+    NP-BTL's and half of BTL's FLOPs per training step).
+    """
+    w1, b1 = first.out.kernel[...], first.out.bias[...]
+    w2, b2 = second.hidden.kernel[...], second.hidden.bias[...]
+    pre_activation = first.features(x) @ (w1 @ w2) + (b1 @ w2 + b2) + shift
+    return second.out(second.activate(pre_activation))

@@ -18,6 +18,7 @@ SMALL = [
     "--set", "num_pairs=2000",
     "--set", "train.steps=90",
     "--set", "train.eval_every=30",
+    "--set", "train.checkpoint_every=30",
     "--set", "train.batch_size=16",
     "--set", "train.val_tasks=64",
     "--set", "eval.num_tasks=100",

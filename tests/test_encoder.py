@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from flax import nnx
 
 from nps.encoder import ContextEncoder, EncoderConfig
@@ -138,3 +140,18 @@ def test_bad_config_names_the_field(field, value, message):
     config = EncoderConfig(**{**SMALL, "aggregation": "attention", field: value})
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         config.validate()
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, C), min_size=B, max_size=B), seed=st.integers(0, 2**16))
+def test_any_permutation_of_real_and_padded_slots_gives_the_same_z(sizes, seed):
+    """Property: for any context sizes, shuffling all slots (real and padding alike) keeps z."""
+    encoder = _ATTENTION
+    chosen, rejected, mask = context(seed, tuple(sizes))
+    perm = jax.random.permutation(jax.random.key(seed), C)
+    np.testing.assert_allclose(
+        encoder(chosen, rejected, mask), encoder(chosen[:, perm], rejected[:, perm], mask[:, perm]), rtol=1e-4, atol=1e-5
+    )
+
+
+_ATTENTION = make(EncoderConfig(aggregation="attention", **SMALL))

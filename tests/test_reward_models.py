@@ -52,16 +52,30 @@ def test_np_btl_reward_depends_on_the_context(episodes):
     assert not np.allclose(model.predict_log_odds(empty), model.predict_log_odds(full))
 
 
-def test_split_decoder_equals_the_concatenated_mlp(episodes):
-    """r = MLP₂(e ‖ z) with the first layer split is the same function as on the concatenation."""
-    model = build_reward_model(1, config("np", decoder_norm="none"), 0)
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_np_reward_is_the_decoder_mlp_on_the_concatenation(episodes, layer_norm):
+    """r = MLP₂(MLP₁(y) ‖ z): the split first layer and the fused linear maps change no value."""
+    model = build_reward_model(1, config("np", decoder_layer_norm=layer_norm), 0)
     z = model.context_latent(episodes)
-    features = model.target_encoder(episodes.target_chosen)
+    features = model.target_encoder(episodes.target_chosen)  # the plain MLP₁, layer by layer
     concatenated = jnp.concatenate([features, jnp.broadcast_to(z[:, None], (*features.shape[:-1], z.shape[-1]))], -1)
-    kernel = jnp.concatenate([model.decoder_option.kernel[...], model.decoder_latent.kernel[...]], 0)
-    hidden = jax.nn.relu(concatenated @ kernel + model.decoder_option.bias[...])
-    expected = (hidden @ model.decoder_out.kernel[...] + model.decoder_out.bias[...])[..., 0]
+    kernel = jnp.concatenate([model.decoder.hidden.kernel[...], model.decoder_latent.kernel[...]], 0)
+    expected = model.decoder.out(model.decoder.activate(concatenated @ kernel + model.decoder.hidden.bias[...]))[..., 0]
     np.testing.assert_allclose(model.reward(episodes.target_chosen, z), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_btl_reward_is_the_plain_composition_and_so_are_its_gradients(episodes):
+    graphdef, params = nnx.split(build_reward_model(1, config("btl"), 0))
+
+    def fused(p):
+        return jnp.sum(nnx.merge(graphdef, p).reward(episodes.target_chosen) ** 2)
+
+    def plain(p):
+        model = nnx.merge(graphdef, p)
+        return jnp.sum(model.head(model.target_encoder(episodes.target_chosen))[..., 0] ** 2)
+
+    np.testing.assert_allclose(fused(params), plain(params), rtol=1e-5)
+    chex.assert_trees_all_close(jax.grad(fused)(params), jax.grad(plain)(params), rtol=1e-4, atol=1e-6)
 
 
 def test_variational_objective_is_nll_plus_kl_of_targets_from_context(episodes):
@@ -108,7 +122,6 @@ def test_gradients_are_finite_with_empty_contexts(episodes):
     "cfg, message",
     [
         (RewardModelConfig(kind="gp"), "kind='gp' is unknown"),
-        (RewardModelConfig(decoder_norm="batch"), "decoder_norm='batch'"),
         (RewardModelConfig(encoder=EncoderConfig(aggregation="max")), "model.encoder.aggregation='max'"),
         (RewardModelConfig(eval_latent_samples=0), "eval_latent_samples=0"),
     ],

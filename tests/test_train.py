@@ -15,7 +15,7 @@ from nps.train.loop import TrainConfig, fit
 
 SPEC = EpisodeSpec(num_targets=8, max_context=4)
 MODEL = RewardModelConfig(kind="np", hidden_dim=32, encoder=EncoderConfig(hidden_dim=32, latent_dim=16))
-TRAIN = TrainConfig(steps=60, batch_size=16, learning_rate=3e-3, eval_every=20, val_tasks=64)
+TRAIN = TrainConfig(steps=60, batch_size=16, learning_rate=3e-3, eval_every=20, checkpoint_every=20, val_tasks=64)
 
 
 @pytest.fixture(scope="module")

@@ -92,26 +92,30 @@ class EpisodeSpec:
             )
 
 
-def _subset_without_replacement(key: jax.Array, population: int, size: int) -> jax.Array:
-    """Uniform random ``size``-subset of range(population) (Floyd's algorithm, O(size²)).
+def _uniform_below(bits: jax.Array, n) -> jax.Array:
+    """Integers in [0, n) from uniform uint32 bits (modulo bias ≤ n / 2³², negligible here)."""
+    return (bits % jnp.asarray(n, jnp.uint32)).astype(jnp.int32)
 
-    Avoids a full O(N log N) permutation of the pool per task.
+
+def _subset_without_replacement(bits: jax.Array, population: int) -> jax.Array:
+    """Uniform random subset of range(population) of size ``len(bits)`` (Floyd's algorithm).
+
+    O(size²) work from ``size`` random words; avoids permuting the whole pool per task.
     """
-    keys = jax.random.split(key, size)
+    size = bits.shape[0]
 
     def pick(i, picks):
         top = population - size + i
-        candidate = jax.random.randint(keys[i], (), 0, top + 1)
+        candidate = _uniform_below(bits[i], top + 1)
         return picks.at[i].set(jnp.where(jnp.any(picks == candidate), top, candidate))
 
     return jax.lax.fori_loop(0, size, pick, jnp.full((size,), -1, jnp.int32))
 
 
-def _label(pool: PairPool, pair_index: jax.Array, user: jax.Array, key: jax.Array):
-    """Order each pair as (chosen, rejected) by the user's utility; ties broken by a coin."""
+def _label(pool: PairPool, pair_index: jax.Array, user: jax.Array, coin: jax.Array):
+    """Order each pair as (chosen, rejected) by the user's utility; ties broken by ``coin``."""
     utility_a = pool.utility_a[pair_index, user[:, None]]
     utility_b = pool.utility_b[pair_index, user[:, None]]
-    coin = jax.random.bernoulli(key, 0.5, utility_a.shape)
     a_wins = (utility_a > utility_b) | ((utility_a == utility_b) & coin)
     a, b = pool.option_a[pair_index], pool.option_b[pair_index]
     chosen = jnp.where(a_wins[..., None], a, b)
@@ -133,21 +137,21 @@ def sample_episodes(
     (evaluation): the same key with a larger size gives nested contexts over the
     same users and targets.
     """
-    key_user, key_pairs, key_ties, key_size, key_order = jax.random.split(key, 5)
     T, C = spec.num_targets, spec.max_context
-    user = jax.random.randint(key_user, (num_tasks,), 0, pool.num_user_types)
-    pair_index = jax.vmap(lambda k: _subset_without_replacement(k, pool.num_pairs, T))(
-        jax.random.split(key_pairs, num_tasks)
-    )
-    target_chosen, target_rejected = _label(pool, pair_index, user, key_ties)
+    # All randomness from one PRNG call: every separate call compiles its own generator.
+    bits = jax.random.bits(key, (num_tasks, 3 * T + 2), jnp.uint32)
+    pair_bits, tie_bits, order_bits = bits[:, :T], bits[:, T : 2 * T], bits[:, 2 * T : 3 * T]
+    user = _uniform_below(bits[:, 3 * T], pool.num_user_types)
+    pair_index = jax.vmap(_subset_without_replacement, in_axes=(0, None))(pair_bits, pool.num_pairs)
+    target_chosen, target_rejected = _label(pool, pair_index, user, (tie_bits & 1) == 1)
 
     if context_size is None:
-        size_shape = () if spec.shared_context_size else (num_tasks,)
-        context_size = jax.random.randint(key_size, size_shape, spec.min_context, spec.max_context + 1)
+        size_bits = bits[:1, 3 * T + 1] if spec.shared_context_size else bits[:, 3 * T + 1]
+        context_size = spec.min_context + _uniform_below(size_bits, spec.max_context - spec.min_context + 1)
     context_size = jnp.broadcast_to(jnp.asarray(context_size, jnp.int32), (num_tasks,))
 
     # A random order of target positions; the first N^C of them are the context.
-    order = jnp.argsort(jax.random.uniform(key_order, (num_tasks, T)), axis=-1)
+    order = jnp.argsort(order_bits, axis=-1)
     rank = jnp.argsort(order, axis=-1)  # rank[b, t]: where target t falls in the order
     context_slots = order[:, :C]
     take = jax.vmap(lambda x, i: x[i])

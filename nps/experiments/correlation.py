@@ -36,12 +36,14 @@ from nps.data.episodes import EpisodeSpec, PairPool, sample_episodes
 from nps.data.synthetic import bayes_error_single_pair, correlated_options, correlated_pools
 from nps.errors import ConfigError
 from nps.experiments.report import (
+    finish_run,
     format_accuracy_table,
     plot_accuracy_vs_context,
     prepare_output_dir,
-    write_results,
+    save_figure,
 )
 from nps.experiments.runner import EvalConfig, train_and_evaluate
+from nps.experiments.synthetic import SYNTHETIC_NP_BTL
 from nps.likelihood import choice_correct
 from nps.models.reward import RewardModelConfig
 from nps.train.evaluate import mean_and_sem
@@ -64,9 +66,9 @@ class CorrelationConfig:
     z_error_tasks: int = 10_000
     episodes: EpisodeSpec = EpisodeSpec()
     # 2,000 steps: at 1,000 the ρ_tr = −1 model is still 2.8 points above the Bayes error at ρ = −1.
-    train: TrainConfig = TrainConfig(steps=2000, eval_every=200)
+    train: TrainConfig = TrainConfig(steps=2000, checkpoint_every=200)
     eval: EvalConfig = EvalConfig()
-    model: RewardModelConfig = RewardModelConfig(kind="np")
+    model: RewardModelConfig = SYNTHETIC_NP_BTL
 
     def validate(self) -> None:
         if not self.train_rhos or any(not -1.0 <= r <= 1.0 for r in self.train_rhos):
@@ -175,10 +177,7 @@ def plot_z_error(models: dict[str, Any], test_rhos, path: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_correlation(
@@ -188,7 +187,7 @@ def run_correlation(
     start = time.perf_counter()
     out = prepare_output_dir(out, fresh)
     models = {}
-    for index, rho in enumerate(config.train_rhos):
+    for rho in config.train_rhos:
         name = f"np_btl_rho{rho:+.1f}"
         pools = correlated_pools(rho, config.num_pairs, config.seed)
         data_identity = {"name": "synthetic-correlated", "rho": rho, "num_pairs": config.num_pairs, "seed": config.seed}
@@ -209,17 +208,9 @@ def run_correlation(
         plot_accuracy_vs_context(models, USER_NAMES, out / "accuracy_vs_context.png",
                                  "correlated options (each model on its own ρ_tr)"),
     ]
-    results = {
-        "experiment": "correlation",
-        "config": config_to_dict(config),
-        "user_types": USER_NAMES,
-        "models": models,
-        "plots": [p.name for p in plots],
-        "wall_clock_seconds": time.perf_counter() - start,
-    }
-    path = write_results(out, results)
-    echo(format_accuracy_table(models, USER_NAMES))
-    for metric in ERROR_METRICS:
-        echo("\n" + format_error_table(models, config.test_rhos, metric))
-    echo(f"\nwrote {path}\nplots: {', '.join(str(p) for p in plots)}")
-    return results
+    tables = [format_accuracy_table(models, USER_NAMES)]
+    tables += [format_error_table(models, config.test_rhos, metric) for metric in ERROR_METRICS]
+    return finish_run(
+        out, start, echo, tables=tables, plots=plots,
+        experiment="correlation", config=config_to_dict(config), user_types=USER_NAMES, models=models,
+    )

@@ -50,6 +50,23 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def finish_run(out: Path, start: float, echo, *, tables: list[str], plots: list[Path], **results) -> dict[str, Any]:
+    """Write results.json (with plot names and total wall-clock), print the tables and the paths."""
+    results = results | {"plots": [p.name for p in plots], "wall_clock_seconds": time.perf_counter() - start}
+    path = write_results(out, results)
+    for table in tables:
+        echo(table + "\n")
+    echo(f"wrote {path}\nplots: {', '.join(str(p) for p in plots)}")
+    return results
+
+
 def format_accuracy_table(models: dict[str, dict[str, Any]], user_names: list[str]) -> str:
     """Rows: model × N^C; columns: unseen accuracy [%] per user type and overall (± s.e.)."""
     columns = [*user_names, "all"]
@@ -81,7 +98,4 @@ def plot_accuracy_vs_context(
     axes[0][0].set_ylabel("accuracy on unseen pairs [%]")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

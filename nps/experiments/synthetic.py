@@ -17,16 +17,20 @@ from nps.data.synthetic import two_user_pools, two_user_reward
 from nps.encoder import EncoderConfig
 from nps.errors import ConfigError
 from nps.experiments.report import (
+    finish_run,
     format_accuracy_table,
     plot_accuracy_vs_context,
     prepare_output_dir,
-    write_results,
+    save_figure,
 )
 from nps.experiments.runner import EvalConfig, train_and_evaluate
 from nps.models.reward import RewardModelConfig
 from nps.train.loop import TrainConfig
 
 USER_NAMES = ["z=0", "z=1"]
+# NP-BTL for the synthetic tasks: the released synthetic config (MLP inner map, self-attention, sum)
+# without attention dropout, which slowed learning within the 1,000 steps (docs/design.md).
+SYNTHETIC_NP_BTL = RewardModelConfig(kind="np", encoder=EncoderConfig(inner="mlp", attention_dropout=0.0))
 MODEL_NAMES = ("btl", "dpl", "np_btl", "np_btl_variational")
 
 
@@ -44,9 +48,12 @@ class SyntheticConfig:
     eval: EvalConfig = EvalConfig()
     btl: RewardModelConfig = RewardModelConfig(kind="btl")
     dpl: RewardModelConfig = RewardModelConfig(kind="dpl")
-    np_btl: RewardModelConfig = RewardModelConfig(kind="np")
-    np_btl_variational: RewardModelConfig = RewardModelConfig(
-        kind="np", encoder=EncoderConfig(stochastic=True), kl_weight=1.0, train_latent_samples=4
+    np_btl: RewardModelConfig = SYNTHETIC_NP_BTL
+    np_btl_variational: RewardModelConfig = dataclasses.replace(
+        SYNTHETIC_NP_BTL,
+        encoder=dataclasses.replace(SYNTHETIC_NP_BTL.encoder, stochastic=True),
+        kl_weight=1.0,
+        train_latent_samples=4,
     )
 
     def validate(self) -> None:
@@ -114,10 +121,7 @@ def plot_reward_curves(curves: dict[str, Any], grid: np.ndarray, threshold: floa
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("standardised reward")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_synthetic(
@@ -142,16 +146,9 @@ def run_synthetic(
         plot_reward_curves(_reward_curves(fits, pools, config.episodes, grid), grid, config.threshold,
                            out / "reward_curves.png"),
     ]
-    results = {
-        "experiment": "synthetic",
-        "config": config_to_dict(config),
-        "data": data_identity | {"split_sizes": {k: p.num_pairs for k, p in pools.items()}},
-        "user_types": USER_NAMES,
-        "models": models,
-        "plots": [p.name for p in plots],
-        "wall_clock_seconds": time.perf_counter() - start,
-    }
-    path = write_results(out, results)
-    echo(format_accuracy_table(models, USER_NAMES))
-    echo(f"\nwrote {path}\nplots: {', '.join(str(p) for p in plots)}")
-    return results
+    return finish_run(
+        out, start, echo, tables=[format_accuracy_table(models, USER_NAMES)], plots=plots,
+        experiment="synthetic", config=config_to_dict(config),
+        data=data_identity | {"split_sizes": {k: p.num_pairs for k, p in pools.items()}},
+        user_types=USER_NAMES, models=models,
+    )

@@ -24,7 +24,7 @@ from nps.data.episodes import Episodes
 from nps.encoder import ContextEncoder, EncoderConfig
 from nps.errors import ConfigError
 from nps.latent import MIN_STD, gaussian_kl
-from nps.layers import MLP, activation_fn
+from nps.layers import MLP, activation_fn, compose_mlps
 from nps.likelihood import (
     btl_log_odds,
     choice_accuracy,
@@ -43,9 +43,9 @@ class RewardModelConfig:
     kind: str = "np"
     hidden_dim: int = 256
     activation: str = "relu"
-    # Per-option LayerNorm on the decoder's hidden layer, standing in for the released code's
-    # BatchNorm without mixing users across the batch. "none" or "layer".
-    decoder_norm: str = "layer"
+    # NP-BTL: per-option LayerNorm in the decoder's hidden layer, standing in for the released
+    # code's BatchNorm there without mixing users across the batch.
+    decoder_layer_norm: bool = True
     encoder: EncoderConfig = EncoderConfig()
     # Variational NP-BTL only (encoder.stochastic = True):
     kl_weight: float = 1.0  # β in NLL + β·KL(q(z|T) ‖ q(z|C))
@@ -58,8 +58,6 @@ class RewardModelConfig:
         if self.hidden_dim < 1:
             raise ConfigError(f"{prefix}.hidden_dim={self.hidden_dim} must be a positive integer")
         activation_fn(self.activation, f"{prefix}.activation")
-        if self.decoder_norm not in ("none", "layer"):
-            raise ConfigError(f"{prefix}.decoder_norm={self.decoder_norm!r} is unknown; use 'none' or 'layer'")
         if self.kind == "np":
             self.encoder.validate(f"{prefix}.encoder")
         if self.kl_weight < 0:
@@ -83,7 +81,7 @@ class BTLReward(nnx.Module):
 
     def reward(self, options: jax.Array) -> jax.Array:
         """``[..., D] -> [...]``."""
-        return self.head(self.target_encoder(options))[..., 0]
+        return compose_mlps(self.target_encoder, self.head, options)[..., 0]
 
     def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
         return btl_log_odds(self.reward(episodes.target_chosen), self.reward(episodes.target_rejected))
@@ -103,7 +101,7 @@ class DPLReward(nnx.Module):
 
     def reward_distribution(self, options: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``[..., D] -> (mean [...], std [...])``."""
-        out = self.head(self.target_encoder(options))
+        out = compose_mlps(self.target_encoder, self.head, options)
         return out[..., 0], MIN_STD + jax.nn.softplus(out[..., 1])
 
     def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
@@ -133,11 +131,8 @@ class NPReward(nnx.Module):
         self.target_encoder = MLP(option_dim, h, h, config.activation, rngs=rngs)
         # The decoder MLP₂(e ‖ z) with its first layer split as W_e·e + W_z·z: the same
         # function, but the z half runs once per task instead of once per option.
-        self.decoder_option = nnx.Linear(h, h, rngs=rngs)
+        self.decoder = MLP(h, h, 1, config.activation, layer_norm=config.decoder_layer_norm, rngs=rngs)
         self.decoder_latent = nnx.Linear(config.encoder.latent_dim, h, use_bias=False, rngs=rngs)
-        self.decoder_norm = nnx.LayerNorm(h, rngs=rngs) if config.decoder_norm == "layer" else None
-        self.decoder_out = nnx.Linear(h, 1, rngs=rngs)
-        self.activation = activation_fn(config.activation)
 
     @property
     def stochastic(self) -> bool:
@@ -145,10 +140,8 @@ class NPReward(nnx.Module):
 
     def reward(self, options: jax.Array, z: jax.Array) -> jax.Array:
         """``options [..., N, D]``, ``z [..., d]`` -> rewards ``[..., N]``."""
-        hidden = self.decoder_option(self.target_encoder(options)) + self.decoder_latent(z)[..., None, :]
-        if self.decoder_norm is not None:
-            hidden = self.decoder_norm(hidden)
-        return self.decoder_out(self.activation(hidden))[..., 0]
+        shift = self.decoder_latent(z)[..., None, :]
+        return compose_mlps(self.target_encoder, self.decoder, options, shift)[..., 0]
 
     def encode(self, chosen, rejected, mask, key: jax.Array | None = None):
         """z ``[B, d]`` or q(z | pairs) for a batch of pair sets (see ``ContextEncoder``)."""
@@ -197,4 +190,10 @@ def build_reward_model(option_dim: int, config: RewardModelConfig, seed: int) ->
     """Construct the model named by ``config.kind`` with parameters drawn from ``seed``."""
     config.validate()
     cls = {"btl": BTLReward, "dpl": DPLReward, "np": NPReward}[config.kind]
-    return cls(option_dim, config, rngs=nnx.Rngs(seed))
+
+    def construct():
+        return cls(option_dim, config, rngs=nnx.Rngs(seed))
+
+    # Initialise under one jit: eagerly, every initialiser would compile its own tiny program.
+    graphdef, _ = nnx.split(nnx.eval_shape(construct))
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.split(construct())[1])())
