@@ -93,3 +93,7 @@ def test_paper_correlation_bars(tmp_path):
     errors = results["models"]["np_btl_rho-1.0"]["z_inference_error"]
     for rho, error in errors.items():
         assert abs(error["mean"] - error["bayes_optimal"]) <= 0.03, rho
+    # Less conflict in training identifies users worse (per-pair error on conflicting pairs).
+    pair = {m["train_rho"]: m["conflicting_pair_error"] for m in results["models"].values()}
+    for rho in ("-1.0", "-0.7"):
+        assert pair[0.7][rho]["mean"] > pair[-1.0][rho]["mean"] + 0.03
