@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +13,9 @@ import pytest
 
 from nps.cli import main
 
-# A small but complete synthetic run: two models, three checkpoints each.
+# A small but complete synthetic run: NP-BTL with three checkpoints.
 SMALL = [
-    "--set", "models=btl,np_btl",
+    "--set", "models=np_btl",
     "--set", "num_pairs=2000",
     "--set", "train.steps=90",
     "--set", "train.eval_every=30",
@@ -23,7 +24,6 @@ SMALL = [
     "--set", "train.val_tasks=64",
     "--set", "eval.num_tasks=100",
     "--set", "eval.context_sizes=0,1,5",
-    "--set", "btl.hidden_dim=32",
     "--set", "np_btl.hidden_dim=32",
     "--set", "np_btl.encoder.hidden_dim=32",
     "--set", "np_btl.encoder.latent_dim=16",
@@ -69,23 +69,34 @@ def test_print_config_shows_the_resolved_fields(capsys):
     assert config["train"]["steps"] == 5 and config["train_rhos"] == [-1.0, -0.7, 0.0, 0.7]
 
 
-def test_corrupted_checkpoint_message_and_fallback(tmp_path):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    run = nps("reproduce", "synthetic", "--out", str(out), "--quiet", *SMALL)
+    assert run.returncode == 0, run.stderr
+    assert "wrote" in run.stdout and "results.json" in run.stdout
+    return out
+
+
+def metrics(path: Path):
+    models = json.loads((path / "results.json").read_text())["models"]
+    return {name: (m["unseen_accuracy"], m["best_step"], m["best_val_nll"], m["history"]) for name, m in models.items()}
+
+
+def test_corrupted_checkpoint_message_and_fallback(finished_run, tmp_path):
     out = tmp_path / "run"
-    assert nps("reproduce", "synthetic", "--out", str(out), "--quiet", *SMALL).returncode == 0
-    latest = out / "checkpoints" / "np_btl" / "90"
-    for path in latest.rglob("*"):
+    shutil.copytree(finished_run, out)
+    for path in (out / "checkpoints" / "np_btl" / "90").rglob("*"):
         if path.is_file():
             path.write_bytes(b"\x00garbage")
     rerun = nps("reproduce", "synthetic", "--out", str(out), "--quiet", *SMALL)
     assert rerun.returncode == 0, rerun.stderr
-    assert "checkpoint step 90" in rerun.stderr and "falling back to the previous step" in rerun.stderr
+    warning = [line for line in rerun.stderr.splitlines() if "checkpoint step 90" in line]
+    assert len(warning) == 1 and warning[0].startswith("nps: warning: ") and "falling back to the previous step" in warning[0]
+    assert metrics(out) == metrics(finished_run)
 
 
-def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
-    straight = nps("reproduce", "synthetic", "--out", str(tmp_path / "straight"), "--quiet", *SMALL)
-    assert straight.returncode == 0, straight.stderr
-    assert "wrote" in straight.stdout and "results.json" in straight.stdout
-
+def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(finished_run, tmp_path):
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "nps.cli", "reproduce", "synthetic", "--out", str(out),
                                 "--quiet", *SMALL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -100,9 +111,4 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
 
     resumed = nps("reproduce", "synthetic", "--out", str(out), "--quiet", *SMALL)
     assert resumed.returncode == 0, resumed.stderr
-
-    def metrics(path: Path):
-        models = json.loads((path / "results.json").read_text())["models"]
-        return {name: (m["unseen_accuracy"], m["best_step"], m["best_val_nll"], m["history"]) for name, m in models.items()}
-
-    assert metrics(out) == metrics(tmp_path / "straight")
+    assert metrics(out) == metrics(finished_run)

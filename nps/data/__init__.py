@@ -1,0 +1,1 @@
+"""Data: preference-pair pools, episodes sampled inside jit, and the paper's synthetic tasks."""

@@ -1,0 +1,1 @@
+"""Training: ``fit`` (Optax, scanned jit steps, validation, Orbax checkpoints), evaluation, meshes."""
