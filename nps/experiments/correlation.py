@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from nps.config import config_to_dict
-from nps.data.episodes import EpisodeSpec, PairPool, sample_episodes
+from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.synthetic import bayes_error_single_pair, correlated_options, correlated_pools
 from nps.errors import ConfigError
 from nps.experiments.report import (

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nps.config import config_to_dict
-from nps.data.episodes import EpisodeSpec, Episodes, sample_episodes
+from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.synthetic import two_user_pools, two_user_reward
 from nps.encoder import EncoderConfig
 from nps.errors import ConfigError

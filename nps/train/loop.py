@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +119,6 @@ def fit(
     run_config: dict[str, Any] | None = None,
     progress: bool = True,
     description: str = "train",
-    on_checkpoint: Callable[[int], None] | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> FitResult:
     """Train ``model`` on episodes from ``train_pool``; keep the best validation NLL.
@@ -140,7 +139,7 @@ def fit(
     params = nnx.to_pure_dict(params)
     optimizer = make_optimizer(config)
     data_key, model_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
-    fingerprint = {k: v for k, v in (run_config or {}).items()} | {
+    fingerprint = dict(run_config or {}) | {
         "train": {k: v for k, v in config_to_dict(config).items() if k != "steps"},
         "episodes": config_to_dict(spec),
     }
@@ -230,8 +229,6 @@ def fit(
                 "sampler": {"seed": config.seed, "step": step},
             }
             store.save(step, state, metadata)
-            if on_checkpoint is not None:
-                on_checkpoint(step)
     bar.close()
     return FitResult(
         graphdef=graphdef,
