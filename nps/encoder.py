@@ -74,7 +74,8 @@ class MaskedSelfAttention(nnx.Module):
         self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)  # one matmul for queries, keys and values
         self.out = nnx.Linear(dim, dim, rngs=rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, key: jax.Array | None) -> jax.Array:
+    def mix(self, x: jax.Array, mask: jax.Array, key: jax.Array | None) -> jax.Array:
+        """Attention-weighted values before the output projection: ``[B, C, H] -> [B, C, H]``."""
         *batch, length, dim = x.shape
         head_dim = dim // self.num_heads
 
@@ -90,8 +91,21 @@ class MaskedSelfAttention(nnx.Module):
         if key is not None and self.dropout > 0.0:
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, weights.shape)
             weights = jnp.where(keep, weights / (1.0 - self.dropout), 0.0)
-        attended = jnp.einsum("...hqk,...khd->...qhd", weights, v).reshape(*batch, length, dim)
-        return self.out(attended)
+        return jnp.einsum("...hqk,...khd->...qhd", weights, v).reshape(*batch, length, dim)
+
+    def __call__(self, x: jax.Array, mask: jax.Array, key: jax.Array | None) -> jax.Array:
+        """Per-slot outputs ``[B, C, H]``."""
+        return self.out(self.mix(x, mask, key))
+
+    def pooled(self, x: jax.Array, mask: jax.Array, key: jax.Array | None) -> jax.Array:
+        """Σ over real slots of ``self(x)``: ``[B, C, H] -> [B, H]``.
+
+        The output projection is linear, so it is applied once to the pooled mix,
+        Σ_j (a_j W + b) = (Σ_j a_j) W + N·b, rather than to every slot.
+        """
+        mixed = jnp.sum(jnp.where(mask[..., None], self.mix(x, mask, key), 0.0), axis=-2)
+        count = jnp.sum(mask, axis=-1, keepdims=True).astype(x.dtype)
+        return mixed @ self.out.kernel[...] + count * self.out.bias[...]
 
 
 class ContextEncoder(nnx.Module):
@@ -135,9 +149,9 @@ class ContextEncoder(nnx.Module):
         pairs = jnp.where(mask[..., None], pairs, 0.0)
         h = self.inner(pairs)
         if self.attention is not None:
-            h = self.attention(h, mask, key)
-        h = jnp.where(mask[..., None], h, 0.0)
-        pooled = jnp.sum(h, axis=-2)
+            pooled = self.attention.pooled(h, mask, key)
+        else:
+            pooled = jnp.sum(jnp.where(mask[..., None], h, 0.0), axis=-2)
         if self.config.aggregation == "mean":
             pooled = pooled / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1).astype(h.dtype)
         out = self.outer(pooled)

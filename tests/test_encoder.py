@@ -155,3 +155,11 @@ def test_any_permutation_of_real_and_padded_slots_gives_the_same_z(sizes, seed):
 
 
 _ATTENTION = make(EncoderConfig(aggregation="attention", **SMALL))
+
+
+def test_attention_pooling_equals_summing_the_per_slot_outputs():
+    attention = _ATTENTION.attention
+    chosen, rejected, mask = context(sizes=(6, 2, 0))
+    h = jax.random.normal(jax.random.key(4), (B, C, SMALL["hidden_dim"]))
+    expected = jnp.sum(jnp.where(mask[..., None], attention(h, mask, None), 0.0), axis=-2)
+    np.testing.assert_allclose(attention.pooled(h, mask, None), expected, rtol=1e-5, atol=1e-5)
