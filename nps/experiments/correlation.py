@@ -43,13 +43,12 @@ from nps.experiments.report import (
     save_figure,
 )
 from nps.experiments.runner import EvalConfig, train_and_evaluate
-from nps.experiments.synthetic import SYNTHETIC_NP_BTL
+from nps.experiments.synthetic import SYNTHETIC_NP_BTL, USER_NAMES
 from nps.likelihood import choice_correct
 from nps.models.reward import RewardModelConfig
 from nps.train.evaluate import mean_and_sem
 from nps.train.loop import TrainConfig
 
-USER_NAMES = ["z=0", "z=1"]
 PAPER_RHOS = (-1.0, -0.7, 0.0, 0.7)
 
 
