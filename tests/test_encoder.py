@@ -26,6 +26,9 @@ def make(config):
     return ContextEncoder(D, config, rngs=nnx.Rngs(0))
 
 
+_ATTENTION = make(EncoderConfig(aggregation="attention", **SMALL))
+
+
 def context(seed=0, sizes=(6, 3, 0)):
     k1, k2 = jax.random.split(jax.random.key(seed))
     chosen = jax.random.normal(k1, (B, C, D))
@@ -153,8 +156,6 @@ def test_any_permutation_of_real_and_padded_slots_gives_the_same_z(sizes, seed):
         encoder(chosen, rejected, mask), encoder(chosen[:, perm], rejected[:, perm], mask[:, perm]), rtol=1e-4, atol=1e-5
     )
 
-
-_ATTENTION = make(EncoderConfig(aggregation="attention", **SMALL))
 
 
 def test_attention_pooling_equals_summing_the_per_slot_outputs():

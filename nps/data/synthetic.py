@@ -10,6 +10,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from nps.data.episodes import PairPool
+from nps.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -20,6 +21,12 @@ def two_user_reward(y: np.ndarray, user: int, threshold: float = 0.5) -> np.ndar
     prefers larger options (r = 2y) and user 1 smaller ones (r = 1 − y)."""
     above = 2.0 * y if user == 0 else 1.0 - y
     return np.where(y <= threshold, y, above)
+
+
+def check_num_pairs(num_pairs: int, field: str = "num_pairs") -> None:
+    """Every split of an 80/10/10 split needs at least one pair."""
+    if num_pairs < 10:
+        raise ConfigError(f"{field}={num_pairs} is too small to split 80/10/10; use at least 10")
 
 
 def split_pool(option_a, option_b, utility_a, utility_b, seed: int) -> dict[str, PairPool]:

@@ -33,7 +33,7 @@ from flax import nnx
 
 from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec, sample_episodes
-from nps.data.synthetic import bayes_error_single_pair, correlated_options, correlated_pools
+from nps.data.synthetic import bayes_error_single_pair, check_num_pairs, correlated_options, correlated_pools
 from nps.errors import ConfigError
 from nps.experiments.report import (
     finish_run,
@@ -80,8 +80,7 @@ class CorrelationConfig:
             raise ConfigError("num_probe_pairs must be ≥ 1 and z_error_tasks ≥ 2")
         if self.model.kind != "np":
             raise ConfigError(f"model.kind={self.model.kind!r}: this study needs an NP-BTL model ('np')")
-        if self.num_pairs < 10:
-            raise ConfigError(f"num_pairs={self.num_pairs} is too small to split 80/10/10; use at least 10")
+        check_num_pairs(self.num_pairs)
         self.episodes.validate()
         self.train.validate()
         self.eval.validate()

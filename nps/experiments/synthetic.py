@@ -13,7 +13,7 @@ import numpy as np
 
 from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec, sample_episodes
-from nps.data.synthetic import two_user_pools, two_user_reward
+from nps.data.synthetic import check_num_pairs, two_user_pools, two_user_reward
 from nps.encoder import EncoderConfig
 from nps.errors import ConfigError
 from nps.experiments.report import (
@@ -57,8 +57,7 @@ class SyntheticConfig:
     )
 
     def validate(self) -> None:
-        if self.num_pairs < 10:
-            raise ConfigError(f"num_pairs={self.num_pairs} is too small to split 80/10/10; use at least 10")
+        check_num_pairs(self.num_pairs)
         unknown = [m for m in self.models if m not in MODEL_NAMES]
         if unknown or not self.models:
             raise ConfigError(f"models={self.models}: choose from {list(MODEL_NAMES)}")
