@@ -15,15 +15,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from nps.errors import ConfigError
 
 BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def make_mesh(data: int | None = None, fsdp: int = 1) -> Mesh:
-    """A ("data", "fsdp") mesh over the visible devices; ``data`` defaults to all of them / fsdp."""
+def make_mesh(data: int | None = None, fsdp: int = 1, tensor: int = 1) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over the visible devices; ``data`` defaults to the rest.
+
+    Batches split over data × fsdp; decoder weights over fsdp (model dimension) and
+    tensor (heads, MLP width, vocabulary) — see ``nps.models.sharding``.
+    """
     devices = jax.devices()
-    data = len(devices) // fsdp if data is None else data
-    if data < 1 or fsdp < 1 or data * fsdp > len(devices):
-        raise ConfigError(f"mesh data={data} × fsdp={fsdp} does not fit the {len(devices)} visible devices")
-    return Mesh(np.asarray(devices[: data * fsdp]).reshape(data, fsdp), BATCH_AXES)
+    data = len(devices) // (fsdp * tensor) if data is None else data
+    if min(data, fsdp, tensor) < 1 or data * fsdp * tensor > len(devices):
+        raise ConfigError(
+            f"mesh data={data} × fsdp={fsdp} × tensor={tensor} does not fit the {len(devices)} visible devices"
+        )
+    shape = (data, fsdp, tensor)
+    return Mesh(np.asarray(devices[: data * fsdp * tensor]).reshape(shape), MESH_AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
