@@ -284,12 +284,12 @@ class Decoder(nnx.Module):
         self.final_norm = BaseParam(jnp.full(shapes["final_norm"], 0.0 if config.norm_weight_offset else 1.0, dtype))
         if not config.tie_word_embeddings:
             self.lm_head = BaseParam((0.02 * jax.random.normal(rngs.params(), shapes["lm_head"])).astype(dtype))
-        self.lora = LoRA(config, lora, rngs) if lora is not None else None
+        self.lora = nnx.data(LoRA(config, lora, rngs) if lora is not None else None)
 
     def add_lora(self, lora: LoRAConfig, *, rngs: nnx.Rngs, mesh=None) -> None:
         """Attach fresh adapters (B = 0, so the model's function is unchanged); replaces any present."""
         self.lora_config = lora
-        self.lora = LoRA(self.config, lora, rngs)
+        self.lora = nnx.data(LoRA(self.config, lora, rngs))
         if mesh is not None:
             from nps.models.sharding import shard_decoder
 

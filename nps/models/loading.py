@@ -173,6 +173,7 @@ class Pretrained:
     model: Decoder
     tokenizer: Any
     config: DecoderConfig
+    hf_config: dict[str, Any]
     identity: str
     weights_hash: str
 
@@ -192,7 +193,7 @@ def from_pretrained(
     mesh: place every weight with its partition spec over this mesh (default: one device).
     """
     directory = resolve_model_dir(path_or_id)
-    config, _ = read_config(directory)
+    config, hf_config = read_config(directory)
     tensors = checkpoint_tensors(directory)
     dtype = jnp.dtype(dtype)
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
@@ -213,6 +214,7 @@ def from_pretrained(
         model=model,
         tokenizer=load_tokenizer(directory, config) if tokenizer else None,
         config=config,
+        hf_config=hf_config,
         identity=str(path_or_id),
         weights_hash=digest.hexdigest(),
     )
@@ -266,3 +268,54 @@ def load_tokenizer(directory: Path, config: DecoderConfig):
             f"{config.vocab_size}; the tokenizer belongs to another model"
         )
     return tokenizer
+
+
+NUMPY_TO_SAFETENSORS = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, Any]], metadata: dict[str, str] | None = None) -> None:
+    """Write (name, array) pairs as one safetensors file, one tensor at a time, atomically.
+
+    The header is computed from shapes first, so no second copy of the tensors is
+    built; the file appears under its name only once complete.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, array in tensors:
+        dtype = np.dtype(array.dtype)
+        if dtype not in NUMPY_TO_SAFETENSORS:
+            raise NPSError(f"{path}: tensor {name!r} has dtype {dtype}, which safetensors cannot store here")
+        nbytes = int(np.prod(array.shape)) * dtype.itemsize
+        header[name] = {"dtype": NUMPY_TO_SAFETENSORS[dtype], "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for _, array in tensors:
+            f.write(memoryview(np.ascontiguousarray(np.asarray(array)).reshape(-1).view(np.uint8)))
+    os.replace(partial, path)
+
+
+def save_pretrained(model: Decoder, directory: str | os.PathLike, hf_config: dict[str, Any]) -> Path:
+    """Export the base weights (merge LoRA first to include it) as a Hugging Face checkpoint.
+
+    Writes ``config.json`` (``hf_config`` with the weights' dtype) and ``model.safetensors``
+    in transformers' names and layout, loadable by transformers and by ``from_pretrained``.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = []
+    for path, var in nnx.to_flat_state(nnx.state(model, BaseParam)):
+        name, value = str(path[-1]), var[...]
+        if name in ("embed", "final_norm", "lm_head"):
+            tensors.append((hf_name(name), value))
+        else:
+            tensors.extend((hf_name(name, layer), value[layer]) for layer in range(model.config.num_layers))
+    tensors.sort(key=lambda item: item[0])
+    write_safetensors(directory / SINGLE_FILE, tensors, metadata={"format": "pt"})
+    config = dict(hf_config, dtype=str(model.dtype))
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory

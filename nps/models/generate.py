@@ -1,0 +1,188 @@
+"""Batched, jit-compiled generation with a KV cache, and last-token text embeddings.
+
+``generate`` runs the whole decode loop inside one compiled ``lax.while_loop``
+(prefill, then one token per step into a preallocated cache), so Python is not
+in the loop; it stops early once every sequence has produced a stop token.
+Prompts are left-aligned (padding first) so that every sequence writes its next
+token into the same cache slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nps.errors import ConfigError
+from nps.models.decoder import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick each next token. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_tokens: tuple[int, ...] = ()
+    pad_token: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 is off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1] (1 is off)")
+
+
+class Generation(NamedTuple):
+    """tokens [B, N] (pad after the end), mask [B, N] of generated tokens, lengths [B]."""
+
+    tokens: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+
+
+def sample_next(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Next tokens [B] from logits [B, V] under ``sampling``."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    floor = jnp.finfo(jnp.float32).min
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, floor, logits)
+    if sampling.top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < sampling.top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, floor, logits)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+def left_align(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Move each row's real tokens to the end (padding first), keeping their order."""
+    mask = np.asarray(mask, bool)
+    order = np.argsort(mask, axis=1, kind="stable")  # False (padding) first
+    return np.take_along_axis(np.asarray(tokens), order, 1), np.take_along_axis(mask, order, 1)
+
+
+def generate(
+    model,
+    prompt_tokens,
+    prompt_mask=None,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
+    seed: int | jax.Array = 0,
+    z: jax.Array | None = None,
+) -> Generation:
+    """Continue prompts [B, P] (any padding) by up to ``sampling.max_new_tokens`` tokens.
+
+    model: a ``Decoder`` or a ``ConditionedDecoder`` (then z [B, d_z] steers each
+    example; z = None generates from the base). seed: an int or a PRNG key.
+    """
+    prompt_tokens = np.asarray(prompt_tokens)
+    if prompt_mask is None:
+        prompt_mask = np.ones(prompt_tokens.shape, bool)
+    tokens, mask = left_align(prompt_tokens, prompt_mask)
+    if not mask[:, -1].all():
+        raise ConfigError("every prompt needs at least one token (a row of prompt_mask is all False)")
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key, z, sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
+def _generate(graphdef, state, tokens, mask, key, z, sampling: SamplingConfig) -> Generation:
+    model = nnx.merge(graphdef, state)
+    decoder = getattr(model, "decoder", model)
+    film = model.modulation(z) if z is not None else None
+    batch, prompt_len = tokens.shape
+    steps = sampling.max_new_tokens
+    cache = KVCache.empty(decoder.config, batch, prompt_len + steps, decoder.dtype)
+    hidden, cache = decoder.hidden_states(tokens, mask, film=film, cache=cache, cache_index=0)
+    logits = decoder.logits(hidden[:, -1])
+    stop = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, _, done = carry
+        return (step < steps) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, logits, key, out, done = carry
+        key, sample_key = jax.random.split(key)
+        token = jnp.where(done, sampling.pad_token, sample_next(logits, sample_key, sampling)).astype(jnp.int32)
+        out = out.at[:, step].set(token)
+        live = ~done
+        done = done | jnp.isin(token, stop)
+        hidden, cache = decoder.hidden_states(
+            token[:, None], live[:, None], film=film, cache=cache, cache_index=prompt_len + step
+        )
+        return step + 1, cache, decoder.logits(hidden[:, -1]), key, out, done
+
+    out = jnp.full((batch, steps), sampling.pad_token, jnp.int32)
+    done = jnp.zeros((batch,), bool)
+    carry = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, logits, key, out, done))
+    out = carry[4]
+    # A token is generated if no stop token came strictly before it.
+    is_stop = jnp.isin(out, stop)
+    generated = (jnp.cumsum(is_stop, axis=1) - is_stop) == 0
+    generated = generated & (jnp.arange(steps) < carry[0])
+    return Generation(out, generated, jnp.sum(generated, axis=1))
+
+
+def embed(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int = 1024,
+) -> np.ndarray:
+    """Last-token final hidden states [N, D] (fp32) of ``texts``: the paper's option features.
+
+    Texts are tokenised as is (no template), truncated to ``max_length`` tokens,
+    sorted by length and right-padded to power-of-two buckets (few compilations,
+    little padding), then returned in the input order.
+    """
+    if max_length < 1:
+        raise ConfigError(f"max_length={max_length} must be at least 1")
+    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+    if any(len(ids) == 0 for ids in encoded):
+        empty = next(i for i, ids in enumerate(encoded) if len(ids) == 0)
+        raise ConfigError(f"texts[{empty}] is empty after tokenisation; embed needs at least one token")
+    graphdef, state = nnx.split(model)
+    order = np.argsort([len(ids) for ids in encoded], kind="stable")
+    out = np.zeros((len(encoded), model.config.hidden_size), np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        longest = max(len(encoded[i]) for i in rows)
+        width = min(max(16, 1 << (longest - 1).bit_length()), max(max_length, 16))
+        tokens = np.zeros((batch_size, width), np.int32)
+        mask = np.zeros((batch_size, width), bool)
+        for row, i in enumerate(rows):
+            tokens[row, : len(encoded[i])] = encoded[i]
+            mask[row, : len(encoded[i])] = True
+        mask[len(rows) :, 0] = True  # filler rows: one token, discarded
+        vectors = _last_token_states(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask))
+        out[rows] = np.asarray(vectors[: len(rows)], np.float32)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _last_token_states(graphdef, state, tokens, mask):
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model.hidden_states(tokens, mask)
+    last = jnp.sum(mask, axis=1) - 1
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
