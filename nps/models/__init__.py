@@ -7,7 +7,7 @@ generate with a KV cache and embed texts by their last-token hidden state.
 
 from nps.models.decoder import BaseParam, Decoder, DecoderConfig, KVCache, LoRAConfig
 from nps.models.film import FiLM, ConditionedDecoder
-from nps.models.generate import Generation, SamplingConfig, embed, generate
+from nps.models.generate import Generation, SamplingConfig, embed, generate, generate_text
 from nps.models.loading import CheckpointFormatError, Pretrained, from_pretrained
 from nps.models.reward import (
     BTLReward,
@@ -37,4 +37,5 @@ __all__ = [
     "embed",
     "from_pretrained",
     "generate",
+    "generate_text",
 ]

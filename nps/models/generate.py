@@ -142,6 +142,44 @@ def _generate(graphdef, state, tokens, mask, key, z, sampling: SamplingConfig) -
     return Generation(out, generated, jnp.sum(generated, axis=1))
 
 
+def generate_text(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    chat: bool = True,
+    sampling: SamplingConfig | None = None,
+    seed: int | jax.Array = 0,
+    z: jax.Array | None = None,
+) -> list[str]:
+    """Generate a reply to each prompt; ``chat`` wraps it as a user turn with the tokenizer's chat template.
+
+    Stops at the tokenizer's EOS token (and any ``sampling.stop_tokens``); the replies are
+    decoded without special tokens.
+    """
+    if chat:
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts
+        ]
+    # Tokenised unpadded (Llama 3's tokenizer has no pad token) and padded here; generate left-aligns.
+    encoded = tokenizer(list(prompts), add_special_tokens=not chat)["input_ids"]
+    width = max(len(ids) for ids in encoded)
+    tokens = np.zeros((len(encoded), width), np.int32)
+    mask = np.zeros((len(encoded), width), bool)
+    for row, ids in enumerate(encoded):
+        tokens[row, width - len(ids) :], mask[row, width - len(ids) :] = ids, True
+    sampling = sampling or SamplingConfig()
+    stops = set(sampling.stop_tokens)
+    if tokenizer.eos_token_id is not None:
+        stops.add(int(tokenizer.eos_token_id))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sampling.pad_token
+    sampling = dataclasses.replace(sampling, stop_tokens=tuple(sorted(stops)), pad_token=int(pad))
+    out = generate(model, tokens, mask, sampling=sampling, seed=seed, z=z)
+    tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+    return [tokenizer.decode(row[keep], skip_special_tokens=True) for row, keep in zip(tokens, mask)]
+
+
 def embed(
     model,
     tokenizer,

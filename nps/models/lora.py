@@ -34,7 +34,7 @@ def merge_lora(model: Decoder) -> None:
         a, b = getattr(model.lora, f"{name}_a")[...], getattr(model.lora, f"{name}_b")[...]
         base = getattr(model.blocks, name)
         delta = jnp.einsum("lor,lri->loi", b, a) * scale
-        base.value = (base[...].astype(jnp.float32) + delta).astype(base[...].dtype)
+        base[...] = (base[...].astype(jnp.float32) + delta).astype(base[...].dtype)
     model.lora, model.lora_config = nnx.data(None), None
 
 
@@ -98,4 +98,4 @@ def load_adapters(model: Decoder, directory: str | os.PathLike, *, base_weights_
                 f"{directory / ADAPTER_WEIGHTS}: tensor {name!r} has shape {list(tensors[name].shape)}, "
                 f"the model needs {list(var[...].shape)} (a different base architecture?)"
             )
-        var.value = jnp.asarray(read_tensor(tensors[name]).astype(np.float32))
+        var[...] = jnp.asarray(read_tensor(tensors[name]).astype(np.float32))

@@ -62,4 +62,4 @@ def shard_decoder(model, mesh: Mesh) -> None:
     from flax import nnx
 
     for path, var in nnx.to_flat_state(nnx.state(model)):
-        var.value = jax.device_put(var.value, param_sharding(str(path[-1]), var.value.shape, mesh))
+        var[...] = jax.device_put(var[...], param_sharding(str(path[-1]), var[...].shape, mesh))
