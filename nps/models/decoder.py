@@ -217,6 +217,11 @@ def hf_name(name: str, layer: int | None = None) -> str:
     return f"model.layers.{layer}.{module}.{proj}_proj.{'bias' if bias else 'weight'}"
 
 
+def _init_weight(rngs: nnx.Rngs, shape, dtype) -> jax.Array:
+    """N(0, 0.02²) drawn directly in ``dtype`` (no full-size fp32 temporary), as transformers initialises."""
+    return 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+
+
 class Blocks(nnx.Module):
     """The L blocks' weights, stacked on a leading layer axis."""
 
@@ -228,7 +233,7 @@ class Blocks(nnx.Module):
             elif name.endswith("bias"):
                 value = jnp.zeros(shape, dtype)
             else:
-                value = (0.02 * jax.random.normal(rngs.params(), shape)).astype(dtype)
+                value = _init_weight(rngs, shape, dtype)
             setattr(self, name, BaseParam(value))
 
 
@@ -278,12 +283,12 @@ class Decoder(nnx.Module):
         self.lora_config = lora
         self.dtype = jnp.dtype(dtype)
         shapes = base_shapes(config)
-        self.embed = BaseParam((0.02 * jax.random.normal(rngs.params(), shapes["embed"])).astype(dtype))
+        self.embed = BaseParam(_init_weight(rngs, shapes["embed"], dtype))
         block_shapes = {k: v for k, v in shapes.items() if k not in ("embed", "final_norm", "lm_head")}
         self.blocks = Blocks(block_shapes, config, dtype, rngs)
         self.final_norm = BaseParam(jnp.full(shapes["final_norm"], 0.0 if config.norm_weight_offset else 1.0, dtype))
         if not config.tie_word_embeddings:
-            self.lm_head = BaseParam((0.02 * jax.random.normal(rngs.params(), shapes["lm_head"])).astype(dtype))
+            self.lm_head = BaseParam(_init_weight(rngs, shapes["lm_head"], dtype))
         self.lora = nnx.data(LoRA(config, lora, rngs) if lora is not None else None)
 
     def add_lora(self, lora: LoRAConfig, *, rngs: nnx.Rngs, mesh=None) -> None:

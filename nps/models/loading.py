@@ -90,14 +90,17 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def read_tensor(info: TensorInfo) -> np.ndarray:
-    """One tensor as a fresh host array (no memory map)."""
-    buffer = np.empty(info.shape, info.dtype)
+def read_tensor(info: TensorInfo, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """One tensor (or rows [start, stop) of its first axis) as a fresh host array (no memory map)."""
+    start, stop = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
+    row_bytes = (info.stop - info.start) // max(info.shape[0], 1) if info.shape else info.stop - info.start
+    buffer = np.empty((stop - start, *info.shape[1:]) if info.shape else (), info.dtype)
     view = memoryview(buffer.reshape(-1).view(np.uint8))
+    offset = info.start + start * row_bytes
     with open(info.file, "rb", buffering=0) as f:
         done = 0
         while done < len(view):
-            got = os.preadv(f.fileno(), [view[done:]], info.start + done)
+            got = os.preadv(f.fileno(), [view[done:]], offset + done)
             if got == 0:
                 raise CheckpointFormatError(f"{info.file}: unexpected end of file while reading (truncated?)")
             done += got
@@ -220,24 +223,25 @@ def from_pretrained(
     )
 
 
+# Host memory used per read: tensors are copied in row chunks of at most this size.
+CHUNK_BYTES = 4 * 2**20
+
+
 def _load_param(name, shape, tensors, config, dtype, sharding, digest) -> jax.Array:
-    """One base weight in ``dtype`` and ``sharding``; per-block weights filled layer by layer in place."""
+    """One base weight in ``dtype`` and ``sharding``, written chunk by chunk into a preallocated array.
+
+    Per-block weights gather L checkpoint tensors (one per layer) into one stacked array.
+    """
+    target = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
     if name in ("embed", "final_norm", "lm_head"):
-        return jax.device_put(_read_checked(hf_name(name), shape, tensors, dtype, digest), sharding)
-    stacked = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+        return _copy_tensor(target, hf_name(name), shape, (), tensors, dtype, digest)
     for layer in range(config.num_layers):
-        block = _read_checked(hf_name(name, layer), shape[1:], tensors, dtype, digest)
-        stacked = _write_layer(stacked, layer, block)
-        del block
-    return stacked
+        target = _copy_tensor(target, hf_name(name, layer), shape[1:], (layer,), tensors, dtype, digest)
+    return target
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_layer(stacked: jax.Array, layer: jax.Array, value: jax.Array) -> jax.Array:
-    return stacked.at[layer].set(value)
-
-
-def _read_checked(hf: str, shape, tensors, dtype, digest) -> np.ndarray:
+def _copy_tensor(target, hf: str, shape, prefix, tensors, dtype, digest) -> jax.Array:
+    """Copy checkpoint tensor ``hf`` (checked against ``shape``) into ``target[prefix]``, in row chunks."""
     info = tensors.get(hf)
     if info is None:
         raise CheckpointFormatError(f"tensor {hf!r} is missing from the checkpoint; is this the right model directory?")
@@ -245,10 +249,21 @@ def _read_checked(hf: str, shape, tensors, dtype, digest) -> np.ndarray:
         raise CheckpointFormatError(
             f"{info.file}: tensor {hf!r} has shape {list(info.shape)} but config.json implies {list(shape)}"
         )
-    array = read_tensor(info)
     digest.update(f"{hf}|{info.dtype}|{info.shape}|".encode())
-    digest.update(memoryview(array.reshape(-1).view(np.uint8)))
-    return array if array.dtype == dtype else array.astype(dtype)
+    rows = shape[0]
+    step = max(1, CHUNK_BYTES // max(1, (info.stop - info.start) // rows))
+    for start in range(0, rows, step):
+        chunk = read_tensor(info, (start, min(start + step, rows)))
+        digest.update(memoryview(chunk.reshape(-1).view(np.uint8)))
+        index = jnp.asarray((*prefix, start) + (0,) * (len(shape) - 1), jnp.int32)
+        target = _write_chunk(target, index, chunk.astype(dtype, copy=False).reshape((1,) * len(prefix) + chunk.shape))
+    return target
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_chunk(target: jax.Array, index: jax.Array, chunk: jax.Array) -> jax.Array:
+    """target with ``chunk`` written at ``index`` (in place: the target's buffer is donated)."""
+    return jax.lax.dynamic_update_slice(target, chunk, tuple(index))
 
 
 def load_tokenizer(directory: Path, config: DecoderConfig):
