@@ -27,6 +27,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (tokens compared)")
+    parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args()
 
     import torch
@@ -51,7 +53,8 @@ def main() -> None:
         reference.save_pretrained(directory)
         model = from_pretrained(directory, tokenizer=False).model
 
-    sampling = SamplingConfig(max_new_tokens=new)
+    sampling = SamplingConfig(max_new_tokens=new, temperature=args.temperature, top_p=args.top_p)
+    greedy = args.temperature == 0.0
     start = time.perf_counter()
     jax.block_until_ready(generate(model, prompts, sampling=sampling).tokens)
     first = time.perf_counter() - start
@@ -71,7 +74,8 @@ def main() -> None:
                 attention_mask=torch.ones_like(inputs),
                 max_new_tokens=new,
                 min_new_tokens=new,
-                do_sample=False,
+                do_sample=not greedy,
+                **({} if greedy else {"temperature": args.temperature, "top_p": args.top_p, "top_k": None}),
                 eos_token_id=None,
                 pad_token_id=0,
             )
@@ -81,11 +85,13 @@ def main() -> None:
     ours_tps, theirs_tps = tokens / min(ours), tokens / min(theirs)
     print(
         f"model: Qwen2 {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}; "
-        f"batch {args.batch}, prompt {args.prompt}, {new} new tokens (greedy)"
+        f"batch {args.batch}, prompt {args.prompt}, {new} new tokens "
+        + ("(greedy)" if greedy else f"(temperature {args.temperature}, top-p {args.top_p})")
     )
     print(f"nps generate:           {ours_tps:9.1f} tokens/s  (first call incl. compilation {first:.2f} s)")
     print(f"transformers generate:  {theirs_tps:9.1f} tokens/s  (torch {torch.__version__}, {torch.get_num_threads()} threads)")
-    print(f"ratio nps / torch:      {ours_tps / theirs_tps:9.2f}x   greedy tokens identical: {agree:.1%}")
+    same = f"   greedy tokens identical: {agree:.1%}" if greedy else ""
+    print(f"ratio nps / torch:      {ours_tps / theirs_tps:9.2f}x{same}")
 
 
 if __name__ == "__main__":

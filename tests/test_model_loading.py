@@ -152,3 +152,14 @@ def test_loading_a_few_hundred_mb_peaks_below_1_3x_the_model():
     result = subprocess.run([sys.executable, script, "--max-ratio", "1.3"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "377 MiB on disk" in result.stdout, result.stdout
+
+
+def test_train_step_benchmark_runs_on_a_tiny_model():
+    """The GPU benchmark script stays runnable: its CPU smoke mode must finish and report a loss."""
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "bench_lm_train_step.py")
+    result = subprocess.run(
+        [sys.executable, script, "--tiny", "--batch", "2", "--seq", "32", "--steps", "1", "--loss-chunk", "16"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tokens/s" in result.stdout and "loss:" in result.stdout, result.stdout
