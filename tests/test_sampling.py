@@ -19,12 +19,12 @@ def kept_by_sorting(probs: np.ndarray, top_p: float) -> np.ndarray:
 @settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
-    vocab=st.integers(2, 64),
     scale=st.floats(0.05, 8.0),
     top_p=st.floats(0.01, 0.999),
     tied=st.booleans(),
 )
-def test_nucleus_threshold_keeps_exactly_the_sorted_prefix(seed, vocab, scale, top_p, tied):
+def test_nucleus_threshold_keeps_exactly_the_sorted_prefix(seed, scale, top_p, tied):
+    vocab = 48  # one shape: one compilation for every example
     logits = np.random.default_rng(seed).normal(size=(2, vocab)) * scale
     if tied:
         logits[:, : vocab // 2] = logits[:, :1]

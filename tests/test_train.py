@@ -1,5 +1,7 @@
 """Training loop: learning, best-checkpoint tracking, exact resume, corrupted checkpoints."""
 
+import dataclasses
+
 import chex
 import numpy as np
 import pytest
@@ -94,3 +96,14 @@ def test_bad_train_config_names_the_field(pools):
 def test_steps_per_second_is_measured_without_compilation(pools):
     result = run(pools)
     assert result.steps_per_second > 0 and np.isfinite(result.steps_per_second)
+
+
+def test_gradient_accumulation_gives_the_whole_batch_update(pools):
+    """Micro-batches are equal slices of the batch: the averaged gradient is the batch gradient."""
+    btl = RewardModelConfig(kind="btl", hidden_dim=32)  # no dropout: the model key is unused
+    train = dataclasses.replace(TRAIN, steps=20, eval_every=10, checkpoint_every=10, schedule="cosine", warmup_steps=5)
+    whole = run(pools, train=train, model=btl)
+    accumulated = run(pools, train=dataclasses.replace(train, grad_accum_steps=4), model=btl)
+    chex.assert_trees_all_close(whole.params, accumulated.params, atol=1e-6)
+    with pytest.raises(ConfigError, match="grad_accum_steps=3 must be a positive divisor"):
+        dataclasses.replace(train, grad_accum_steps=3).validate()

@@ -9,7 +9,7 @@ compiled model serve N^C = 0..max.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,27 @@ class PairPool(NamedTuple):
     @property
     def num_user_types(self) -> int:
         return self.utility_a.shape[-1]
+
+
+class OptionPairPool(NamedTuple):
+    """Pairs whose options are rows of a table: token sequences, features, reference log-probs.
+
+    pairs: a ``PairPool`` whose option_a / option_b are ``[N, 1]`` int32 row ids into ``options``.
+    options: any pytree of arrays with a leading axis M (one row per option).
+    ``sample_episodes`` samples ids as usual and then gathers the rows, so the episodes'
+    chosen/rejected fields hold ``options``-shaped pytrees with leading axes [B, C] / [B, T].
+    """
+
+    pairs: PairPool
+    options: Any
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pairs.num_pairs
+
+    @property
+    def num_user_types(self) -> int:
+        return self.pairs.num_user_types
 
 
 class Episodes(NamedTuple):
@@ -125,7 +146,7 @@ def _label(pool: PairPool, pair_index: jax.Array, user: jax.Array, coin: jax.Arr
 
 def sample_episodes(
     key: jax.Array,
-    pool: PairPool,
+    pool: PairPool | OptionPairPool,
     spec: EpisodeSpec,
     num_tasks: int,
     context_size: jax.Array | int | None = None,
@@ -135,8 +156,17 @@ def sample_episodes(
     Each task draws a user type uniformly, N^T distinct pairs, and N^C ~ U{min..max}
     context pairs among its targets. ``context_size`` fixes N^C for every task
     (evaluation): the same key with a larger size gives nested contexts over the
-    same users and targets.
+    same users and targets. For an ``OptionPairPool`` the options are its table's rows.
     """
+    if isinstance(pool, OptionPairPool):
+        episodes = sample_episodes(key, pool.pairs, spec, num_tasks, context_size)
+        rows = lambda ids: jax.tree.map(lambda table: table[ids[..., 0]], pool.options)  # noqa: E731
+        return episodes._replace(
+            context_chosen=rows(episodes.context_chosen),
+            context_rejected=rows(episodes.context_rejected),
+            target_chosen=rows(episodes.target_chosen),
+            target_rejected=rows(episodes.target_rejected),
+        )
     T, C = spec.num_targets, spec.max_context
     # All randomness from one PRNG call: every separate call compiles its own generator.
     bits = jax.random.bits(key, (num_tasks, 3 * T + 2), jnp.uint32)

@@ -44,14 +44,47 @@ def train_and_evaluate(
     data_identity: dict[str, Any],
     progress: bool = True,
 ) -> tuple[FitResult, dict[str, Any]]:
-    """Fit (resuming from ``out/checkpoints/<name>``) and evaluate; returns the results entry."""
+    """Build the reward model of ``model_config``, then ``fit_and_evaluate`` it."""
+    return fit_and_evaluate(
+        name,
+        build_reward_model(option_dim, model_config, seed=train.seed),
+        model_config.kind,
+        {"model": config_to_dict(model_config), "data": data_identity},
+        pools,
+        spec,
+        train,
+        evaluation,
+        out,
+        user_names,
+        progress=progress,
+    )
+
+
+def fit_and_evaluate(
+    name: str,
+    model,
+    kind: str,
+    run_config: dict[str, Any],
+    pools: dict[str, Any],
+    spec: EpisodeSpec,
+    train: TrainConfig,
+    evaluation: EvalConfig,
+    out: Path,
+    user_names: Sequence[str],
+    *,
+    progress: bool = True,
+) -> tuple[FitResult, dict[str, Any]]:
+    """Fit any ``fit``-able model (resuming from ``out/checkpoints/<name>``) and evaluate it.
+
+    ``run_config`` identifies the run (model, data, base LM); a checkpoint made under
+    another one is refused. Returns the fit and the model's results entry.
+    """
     if max(evaluation.context_sizes) > spec.num_targets:
         raise ConfigError(
             f"eval.context_sizes has N^C={max(evaluation.context_sizes)} > episodes.num_targets={spec.num_targets}; "
             "the context is a subset of the targets"
         )
     start = time.perf_counter()
-    model = build_reward_model(option_dim, model_config, seed=train.seed)
     result = fit(
         model,
         pools["train"],
@@ -59,7 +92,7 @@ def train_and_evaluate(
         spec,
         train,
         out / "checkpoints" / name,
-        run_config={"model": config_to_dict(model_config), "data": data_identity},
+        run_config=run_config,
         progress=progress,
         description=name,
     )
@@ -72,9 +105,10 @@ def train_and_evaluate(
         evaluation.context_sizes,
         evaluation.num_tasks,
         evaluation.seed,
+        frozen=result.frozen,
     )
     entry = {
-        "kind": model_config.kind,
+        "kind": kind,
         "unseen_accuracy": accuracy,
         "best_step": result.best_step,
         "best_val_nll": result.best_val_loss,

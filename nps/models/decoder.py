@@ -139,6 +139,49 @@ class DecoderConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
         )
 
+    def to_hf(self) -> dict[str, Any]:
+        """A transformers ``config.json`` dict for this architecture (inverse of ``from_hf``)."""
+        if self.model_type == "qwen2" and (not self.qkv_bias or self.o_bias):
+            raise ConfigError("qwen2 has q/k/v biases and no o bias; use model_type='llama' for other bias layouts")
+        if self.model_type == "gemma" and not (self.scale_embeddings and self.norm_weight_offset):
+            raise ConfigError("gemma scales embeddings and uses (1 + w) RMSNorm; set both fields or use 'llama'")
+        if self.model_type != "gemma" and (self.scale_embeddings or self.norm_weight_offset):
+            raise ConfigError(f"{self.model_type} has no embedding scale or (1 + w) RMSNorm; use model_type='gemma'")
+        if self.model_type != "qwen2" and self.qkv_bias != self.o_bias:
+            raise ConfigError(f"{self.model_type}'s attention_bias covers q, k, v and o together; set both alike")
+        rope: dict[str, Any] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type == "llama3":
+            rope |= {
+                "factor": self.rope_factor,
+                "low_freq_factor": self.rope_low_freq_factor,
+                "high_freq_factor": self.rope_high_freq_factor,
+                "original_max_position_embeddings": self.rope_original_max_positions,
+            }
+        hf = {
+            "model_type": self.model_type,
+            "architectures": [{"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM"}[
+                self.model_type
+            ]],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[self.activation],
+        }
+        if self.model_type == "llama":
+            hf |= {"attention_bias": self.qkv_bias, "mlp_bias": self.mlp_bias}
+        if self.model_type == "gemma":
+            hf |= {"hidden_activation": hf["hidden_act"], "attention_bias": self.qkv_bias}
+        return hf
+
     @property
     def num_params(self) -> int:
         """Parameters of the base model (LoRA excluded)."""

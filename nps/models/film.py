@@ -40,15 +40,21 @@ class ConditionedDecoder(nnx.Module):
     ``model(..., z=None, use_lora=False)``: the same weights, nothing copied.
     """
 
-    def __init__(self, decoder: Decoder, latent_dim: int):
+    def __init__(self, decoder: Decoder, latent_dim: int | None):
         self.decoder = decoder
         self.latent_dim = latent_dim
-        self.film = FiLM(latent_dim, decoder.config.num_layers, decoder.config.hidden_size)
+        film = None if latent_dim is None else FiLM(latent_dim, decoder.config.num_layers, decoder.config.hidden_size)
+        self.film = nnx.data(film)
 
     def modulation(self, z: jax.Array | None) -> tuple[jax.Array, jax.Array] | None:
-        """(γ, β) [B, L, D] in the decoder's dtype for per-example z [B, d_z], or None for z = None."""
+        """(γ, β) [B, L, D] in the decoder's dtype for per-example z [B, d_z], or None for z = None.
+
+        With ``latent_dim=None`` the decoder is unconditioned (standard DPO) and z must be None.
+        """
         if z is None:
             return None
+        if self.film is None:
+            raise ValueError("this decoder has no FiLM (latent_dim=None); pass z=None")
         gamma, beta = self.film(z.astype(jnp.float32))
         return gamma.astype(self.decoder.dtype), beta.astype(self.decoder.dtype)
 

@@ -221,18 +221,23 @@ def embed(
     if any(len(ids) == 0 for ids in encoded):
         empty = next(i for i, ids in enumerate(encoded) if len(ids) == 0)
         raise ConfigError(f"texts[{empty}] is empty after tokenisation; embed needs at least one token")
+    return embed_tokens(model, encoded, batch_size=batch_size)
+
+
+def embed_tokens(model, sequences: Sequence[Sequence[int]], *, batch_size: int = 16) -> np.ndarray:
+    """Last-token final hidden states [N, D] (fp32) of token sequences of any lengths (≥ 1)."""
     graphdef, state = nnx.split(model)
-    order = np.argsort([len(ids) for ids in encoded], kind="stable")
-    out = np.zeros((len(encoded), model.config.hidden_size), np.float32)
+    order = np.argsort([len(ids) for ids in sequences], kind="stable")
+    out = np.zeros((len(sequences), model.config.hidden_size), np.float32)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        longest = max(len(encoded[i]) for i in rows)
-        width = min(max(16, 1 << (longest - 1).bit_length()), max(max_length, 16))
+        longest = max(len(sequences[i]) for i in rows)
+        width = max(16, 1 << (longest - 1).bit_length())
         tokens = np.zeros((batch_size, width), np.int32)
         mask = np.zeros((batch_size, width), bool)
         for row, i in enumerate(rows):
-            tokens[row, : len(encoded[i])] = encoded[i]
-            mask[row, : len(encoded[i])] = True
+            tokens[row, : len(sequences[i])] = sequences[i]
+            mask[row, : len(sequences[i])] = True
         mask[len(rows) :, 0] = True  # filler rows: one token, discarded
         vectors = _last_token_states(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask))
         out[rows] = np.asarray(vectors[: len(rows)], np.float32)

@@ -32,9 +32,9 @@ def summarise_by_user(per_task: np.ndarray, user: np.ndarray, user_names: Sequen
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "num_tasks"))
-def _unseen_accuracy(graphdef, params, pool, key, context_size, *, spec, num_tasks):
+def _unseen_accuracy(graphdef, frozen, params, pool, key, context_size, *, spec, num_tasks):
     episodes = sample_episodes(key, pool, spec, num_tasks, context_size)
-    log_odds = nnx.merge(graphdef, params).predict_log_odds(episodes, jax.random.fold_in(key, 1))
+    log_odds = nnx.merge(graphdef, frozen, params).predict_log_odds(episodes, jax.random.fold_in(key, 1))
     return choice_accuracy(log_odds, episodes.unseen_mask), episodes.user
 
 
@@ -48,13 +48,16 @@ def evaluate_unseen_accuracy(
     num_tasks: int = 2000,
     seed: int = 0,
     batch_size: int = 500,
+    frozen: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Unseen-target accuracy (𝒟^T \\ 𝒟^C only) for each N^C in ``context_sizes``.
 
     Every N^C sees the same users and targets (the same keys), with nested
     contexts, so differences across N^C are not sampling noise. One compiled
-    function serves all N^C. Returns ``{str(N^C): summarise_by_user(...)}``.
+    function serves all N^C. ``frozen``: a ``FitResult.frozen`` (the base LM of a
+    policy). Returns ``{str(N^C): summarise_by_user(...)}``.
     """
+    frozen = {} if frozen is None else frozen
     if max(context_sizes) > spec.max_context:
         spec = dataclasses.replace(spec, max_context=max(context_sizes))
     spec.validate()
@@ -64,7 +67,7 @@ def evaluate_unseen_accuracy(
     for size in context_sizes:
         accuracy, user = zip(
             *(
-                _unseen_accuracy(graphdef, params, pool, k, jnp.int32(size), spec=spec, num_tasks=batch_size)
+                _unseen_accuracy(graphdef, frozen, params, pool, k, jnp.int32(size), spec=spec, num_tasks=batch_size)
                 for k in keys
             )
         )

@@ -24,6 +24,7 @@ from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec, PairPool, sample_episodes
 from nps.errors import CheckpointError, ConfigError
 from nps.likelihood import choice_accuracy, choice_nll
+from nps.models.decoder import BaseParam
 from nps.train.checkpoint import CheckpointStore
 from nps.train.mesh import batch_sharding, check_batch_divisible, replicated
 
@@ -40,6 +41,10 @@ class TrainConfig:
     weight_decay: float = 0.0  # adamw only
     grad_clip_norm: float = 0.0  # 0 disables clipping
     warmup_steps: int = 0
+    schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decays to 0 at `steps`)
+    # Split each batch into this many equal micro-batches and average their gradients: the
+    # same update as the whole batch, with one micro-batch's activations in memory.
+    grad_accum_steps: int = 1
     # Validate every eval_every steps and keep the best parameters (the released code validates
     # every 7 iterations); checkpoint every checkpoint_every steps (a multiple of eval_every).
     eval_every: int = 20
@@ -62,14 +67,24 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.optimizer={self.optimizer!r} is unknown; use 'adam' or 'adamw'")
         if self.warmup_steps < 0 or self.grad_clip_norm < 0 or self.weight_decay < 0:
             raise ConfigError(f"{prefix}: warmup_steps, grad_clip_norm and weight_decay cannot be negative")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"{prefix}.schedule={self.schedule!r} is unknown; use 'constant' or 'cosine'")
+        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"{prefix}.grad_accum_steps={self.grad_accum_steps} must be a positive divisor of "
+                f"{prefix}.batch_size={self.batch_size}"
+            )
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    schedule = (
-        optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
-        if config.warmup_steps
-        else config.learning_rate
-    )
+    if config.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1)
+        )
+    elif config.warmup_steps:
+        schedule = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+    else:
+        schedule = config.learning_rate
     if config.optimizer == "adamw":
         optimizer = optax.adamw(schedule, eps=config.adam_eps, weight_decay=config.weight_decay)
     else:
@@ -93,19 +108,20 @@ class TrainState(NamedTuple):
 @dataclasses.dataclass
 class FitResult:
     graphdef: Any
-    params: Any  # the best-by-validation parameters
+    params: Any  # the best-by-validation trainable parameters
     best_step: int
     best_val_loss: float
     history: list[dict[str, float]]
     train_seconds: float  # wall-clock of this invocation's training (compile included)
     steps_per_second: float  # compiled train-step throughput, compile excluded
+    frozen: Any = dataclasses.field(default_factory=dict)  # BaseParam weights (a pretrained LM); {} otherwise
 
     def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.params)
+        return nnx.merge(self.graphdef, self.frozen, self.params)
 
 
-def _episode_loss(graphdef, params, episodes, key):
-    return nnx.merge(graphdef, params).objective(episodes, key)
+def _episode_loss(graphdef, frozen, params, episodes, key):
+    return nnx.merge(graphdef, frozen, params).objective(episodes, key)
 
 
 def fit(
@@ -130,13 +146,17 @@ def fit(
     different one is refused (``steps`` may grow, to train longer).
     With ``mesh`` (see ``nps.train.mesh``), each batch of tasks is split over the
     mesh's batch axes and the parameters are replicated: data parallelism under jit.
+    A model's ``BaseParam`` weights (a pretrained decoder) are frozen: passed to every
+    step as they are placed (e.g. sharded by ``from_pretrained(mesh=...)``), never
+    updated nor checkpointed; put the base's identity in ``run_config`` so that a
+    checkpoint refuses another base.
     """
     config.validate()
     spec.validate()
     if mesh is not None:
         check_batch_divisible(mesh, config.batch_size)
-    graphdef, params = nnx.split(model)
-    params = nnx.to_pure_dict(params)
+    graphdef, frozen, params = nnx.split(model, BaseParam, ...)
+    frozen, params = nnx.to_pure_dict(frozen), nnx.to_pure_dict(params)
     optimizer = make_optimizer(config)
     data_key, model_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
     fingerprint = dict(run_config or {}) | {
@@ -163,29 +183,48 @@ def fit(
     if mesh is not None:
         state = jax.device_put(state, replicated(mesh))
 
-    def train_step(state: TrainState, _):
+    def loss_and_grads(frozen, params, episodes, model_key):
+        if mesh is not None:
+            episodes = jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
+        (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
+            graphdef, frozen, params, episodes, model_key
+        )
+        return loss, aux["accuracy"], grads
+
+    def train_step(frozen, state: TrainState):
         step_data_key = jax.random.fold_in(data_key, state.step)
         step_model_key = jax.random.fold_in(model_key, state.step)
         episodes = sample_episodes(step_data_key, train_pool, spec, config.batch_size)
-        if mesh is not None:
-            episodes = jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
-        (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=1, has_aux=True)(
-            graphdef, state.params, episodes, step_model_key
-        )
+        accumulate = config.grad_accum_steps
+        if accumulate == 1:
+            loss, accuracy, grads = loss_and_grads(frozen, state.params, episodes, step_model_key)
+        else:
+            # The batch's tasks in `accumulate` equal slices: the mean of their gradients is the
+            # whole batch's gradient, with one slice's activations in memory at a time.
+            slices = jax.tree.map(lambda x: x.reshape(accumulate, -1, *x.shape[1:]), episodes)
+
+            def micro_step(total, inputs):
+                index, micro = inputs
+                out = loss_and_grads(frozen, state.params, micro, jax.random.fold_in(step_model_key, index))
+                return jax.tree.map(jnp.add, total, out), None
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            total, _ = jax.lax.scan(micro_step, zeros, (jnp.arange(accumulate), slices))
+            loss, accuracy, grads = jax.tree.map(lambda x: x / accumulate, total)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return state, (loss, aux["accuracy"])
+        return state, (loss, accuracy)
 
-    @functools.partial(jax.jit, static_argnums=1)
-    def train_chunk(state: TrainState, length: int):
-        return jax.lax.scan(train_step, state, None, length=length)
+    @functools.partial(jax.jit, static_argnums=2)
+    def train_chunk(state: TrainState, frozen, length: int):
+        return jax.lax.scan(lambda s, _: train_step(frozen, s), state, None, length=length)
 
     val_episodes = jax.jit(sample_episodes, static_argnums=(2, 3))(val_key, val_pool, spec, config.val_tasks)
 
     @jax.jit
-    def validate(state: TrainState):
-        log_odds = nnx.merge(graphdef, state.params).predict_log_odds(val_episodes, jax.random.key(0))
+    def validate(state: TrainState, frozen):
+        log_odds = nnx.merge(graphdef, frozen, state.params).predict_log_odds(val_episodes, jax.random.key(0))
         val_loss = jnp.mean(choice_nll(log_odds, val_episodes.target_mask))
         val_accuracy = jnp.mean(choice_accuracy(log_odds, val_episodes.unseen_mask))
         improved = val_loss < state.best_val_loss
@@ -203,8 +242,8 @@ def fit(
     while step < config.steps:
         length = min(config.eval_every - step % config.eval_every, config.steps - step)
         chunk_start = time.perf_counter()
-        state, (losses, accuracies) = train_chunk(state, length)
-        state, val_loss, val_accuracy = validate(state)
+        state, (losses, accuracies) = train_chunk(state, frozen, length)
+        state, val_loss, val_accuracy = validate(state, frozen)
         val_loss = float(val_loss)  # syncs the device
         if length in compiled_lengths:  # no compilation in this chunk: time it
             compiled_seconds += time.perf_counter() - chunk_start
@@ -238,6 +277,7 @@ def fit(
         history=history,
         train_seconds=time.perf_counter() - start,
         steps_per_second=compiled_steps / compiled_seconds if compiled_seconds else float("nan"),
+        frozen=frozen,
     )
 
 

@@ -1,0 +1,162 @@
+"""NP-DPO: a policy π(y | x, 𝒟^C) steered by a user's context pairs (paper §3), and standard DPO.
+
+``SteerablePolicy`` = context encoder (option features of the context pairs -> z) +
+FiLM-conditioned decoder with LoRA. Its ``objective`` is conditional DPO (Eq. 24)
+averaged over each task's target pairs, against the unconditioned base as reference
+(the same weights with LoRA and FiLM off). ``kind="btl"`` is the BTL-DPO baseline:
+no encoder, no FiLM, plain DPO (Eq. 25). Both plug into ``nps.train.fit`` like the
+reward models: episodes come from an ``OptionPairPool`` whose table is ``PolicyOptions``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nps.data.episodes import Episodes
+from nps.dpo import dpo_log_odds, response_log_probs
+from nps.encoder import ContextEncoder, EncoderConfig
+from nps.errors import ConfigError
+from nps.likelihood import choice_accuracy, choice_nll
+from nps.models.decoder import Decoder, LoRAConfig
+from nps.models.film import ConditionedDecoder
+
+POLICY_KINDS = ("np", "btl")
+REFERENCE_MODES = ("precomputed", "on_the_fly")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyConfig:
+    """NP-DPO / DPO settings. The paper (2025 code): β 0.1 (v1: 0.05), LoRA r 128 / α 256 on q, v."""
+
+    kind: str = "np"  # "np" (NP-DPO) or "btl" (standard DPO)
+    beta: float = 0.1
+    encoder: EncoderConfig = EncoderConfig()
+    lora: LoRAConfig = LoRAConfig(rank=8, alpha=16.0)
+    # "precomputed": log π_ref read from the options table (computed once, see
+    # ``with_reference_log_probs``); "on_the_fly": a second, gradient-free forward per step.
+    reference: str = "precomputed"
+    logits_chunk: int = 128
+    remat: bool = False
+
+    def validate(self, prefix: str = "policy") -> None:
+        if self.kind not in POLICY_KINDS:
+            raise ConfigError(f"{prefix}.kind={self.kind!r} is unknown; use one of {list(POLICY_KINDS)}")
+        if self.reference not in REFERENCE_MODES:
+            raise ConfigError(f"{prefix}.reference={self.reference!r} is unknown; use one of {list(REFERENCE_MODES)}")
+        if self.beta <= 0:
+            raise ConfigError(f"{prefix}.beta={self.beta} must be positive")
+        if self.logits_chunk < 1:
+            raise ConfigError(f"{prefix}.logits_chunk={self.logits_chunk} must be at least 1")
+        self.encoder.validate(f"{prefix}.encoder")
+
+
+class PolicyOptions(NamedTuple):
+    """Responses as the policy reads them (any leading axes [...]).
+
+    tokens [..., L] int32: prompt then response, right-padded; token_mask [..., L] bool.
+    response_mask [..., L] bool: the response's tokens (scored by DPO).
+    features [..., E] float32: a frozen embedding of prompt + response (the encoder's input).
+    reference_log_prob [...] float32: log π_ref(response | prompt) (NaN until computed).
+    """
+
+    tokens: jax.Array
+    token_mask: jax.Array
+    response_mask: jax.Array
+    features: jax.Array
+    reference_log_prob: jax.Array
+
+
+def _flatten(tree, leading: int):
+    return jax.tree.map(lambda x: x.reshape((-1, *x.shape[leading:])), tree)
+
+
+class SteerablePolicy(nnx.Module):
+    """Context encoder + FiLM/LoRA decoder. Trainable: ``nnx.Param``; the base: ``BaseParam``."""
+
+    def __init__(self, decoder: Decoder, feature_dim: int, config: PolicyConfig, *, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        if decoder.lora is None:
+            decoder.add_lora(config.lora, rngs=rngs)
+        conditioned = config.kind == "np"
+        self.lm = ConditionedDecoder(decoder, config.encoder.latent_dim if conditioned else None)
+        self.encoder = nnx.data(ContextEncoder(feature_dim, config.encoder, rngs=rngs) if conditioned else None)
+
+    # -- the user's latent ------------------------------------------------------------------
+    def encode(self, chosen: jax.Array, rejected: jax.Array, mask: jax.Array, key=None) -> jax.Array | None:
+        """z [B, d] from context-pair features [B, C, E] (mask [B, C]); None for the BTL-DPO baseline."""
+        if self.encoder is None:
+            return None
+        return self.encoder(chosen, rejected, mask, key=key)
+
+    def encode_context(self, episodes: Episodes, key=None) -> jax.Array | None:
+        return self.encode(
+            episodes.context_chosen.features, episodes.context_rejected.features, episodes.context_mask, key
+        )
+
+    # -- log-probabilities ------------------------------------------------------------------
+    def log_probs(
+        self, options: PolicyOptions, z: jax.Array | None = None, *, use_lora: bool = True, dropout_key=None
+    ) -> jax.Array:
+        """log π(response | prompt, z) [N] for options with one leading axis N; z [N, d] or None."""
+        hidden, _ = self.lm.hidden_states(
+            options.tokens, options.token_mask, z=z, use_lora=use_lora, dropout_key=dropout_key,
+            remat=self.config.remat,
+        )
+        return response_log_probs(
+            self.lm.decoder.logits, hidden, options.tokens, options.response_mask, self.config.logits_chunk
+        )
+
+    def reference_log_probs(self, options: PolicyOptions) -> jax.Array:
+        """log π_ref [N]: the base (no LoRA, no FiLM) on the same weights; no gradient flows."""
+        return jax.lax.stop_gradient(self.log_probs(options, None, use_lora=False))
+
+    def target_log_odds(self, episodes: Episodes, z: jax.Array | None, dropout_key=None) -> jax.Array:
+        """DPO log-odds [B, T] that each target's chosen response beats its rejected one, given z [B, d]."""
+        batch, targets = episodes.target_mask.shape
+        # Chosen and rejected of every target in one forward pass: [B, T, 2, ...] -> [B·T·2, ...].
+        both = jax.tree.map(lambda c, r: jnp.stack([c, r], axis=2), episodes.target_chosen, episodes.target_rejected)
+        flat = _flatten(both, 3)
+        z_flat = None if z is None else jnp.repeat(z, targets * 2, axis=0)
+        policy = self.log_probs(flat, z_flat, dropout_key=dropout_key).reshape(batch, targets, 2)
+        if self.config.reference == "on_the_fly":
+            reference = self.reference_log_probs(flat).reshape(batch, targets, 2)
+        else:
+            reference = both.reference_log_prob
+        return dpo_log_odds(policy[..., 0], policy[..., 1], reference[..., 0], reference[..., 1], self.config.beta)
+
+    # -- the interface of nps.train.fit --------------------------------------------------------
+    def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
+        return self.target_log_odds(episodes, self.encode_context(episodes))
+
+    def objective(self, episodes: Episodes, key: jax.Array):
+        """Conditional DPO loss: mean over tasks of the mean −log σ(log-odds) over target pairs."""
+        encoder_key, dropout_key = jax.random.split(key)
+        z = self.encode_context(episodes, encoder_key)
+        lora_dropout = dropout_key if self.config.lora.dropout > 0 else None
+        log_odds = self.target_log_odds(episodes, z, lora_dropout)
+        loss = jnp.mean(choice_nll(log_odds, episodes.target_mask))
+        return loss, {"accuracy": jnp.mean(choice_accuracy(log_odds, episodes.unseen_mask))}
+
+
+def with_reference_log_probs(policy: SteerablePolicy, options: PolicyOptions, batch_size: int = 64) -> PolicyOptions:
+    """``options`` with ``reference_log_prob`` filled by the base model, computed once in batches."""
+    graphdef, state = nnx.split(policy)
+    count = options.tokens.shape[0]
+    pad = -count % batch_size
+    padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]), options)
+
+    @jax.jit
+    def batch_reference(state, batch):
+        return nnx.merge(graphdef, state).reference_log_probs(batch)
+
+    values = [
+        batch_reference(state, jax.tree.map(lambda x: x[start : start + batch_size], padded))
+        for start in range(0, count + pad, batch_size)
+    ]
+    return options._replace(reference_log_prob=jnp.concatenate(values)[:count])
