@@ -2,7 +2,9 @@
 
     nps reproduce synthetic   [--out DIR] [--set field=value ...] [--fresh] [--quiet]
     nps reproduce correlation [--out DIR] [--set field=value ...] [--fresh] [--quiet]
+    nps reproduce steering    [--out DIR] [--set field=value ...] [--fresh] [--quiet]
     nps reproduce synthetic --print-config     # the typed defaults, as JSON
+    nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
 
 A re-run with the same --out resumes each model from its last checkpoint.
 """
@@ -21,12 +23,17 @@ from nps.errors import NPSError
 def _experiments() -> dict[str, tuple[type, Callable]]:
     # Imported lazily so that `nps --help` answers without loading JAX.
     from nps.experiments.correlation import CorrelationConfig, run_correlation
+    from nps.experiments.steering import SteeringConfig, run_steering
     from nps.experiments.synthetic import SyntheticConfig, run_synthetic
 
-    return {"synthetic": (SyntheticConfig, run_synthetic), "correlation": (CorrelationConfig, run_correlation)}
+    return {
+        "synthetic": (SyntheticConfig, run_synthetic),
+        "correlation": (CorrelationConfig, run_correlation),
+        "steering": (SteeringConfig, run_steering),
+    }
 
 
-EXPERIMENTS = ("synthetic", "correlation")
+EXPERIMENTS = ("synthetic", "correlation", "steering")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +53,56 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     reproduce.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+    steer = commands.add_parser("generate", help="generate with a trained steerable policy, steered by a user")
+    steer.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
+    steer.add_argument("--model", default="np_dpo", help="which trained policy (default np_dpo)")
+    steer.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several)")
+    steer.add_argument("--context", help="the user's pairs: JSON lines of prompt/chosen/rejected (default: none)")
+    steer.add_argument("--toward", help="a second user's pairs: generate along the line from --context's z to theirs")
+    steer.add_argument("--points", type=int, default=5, help="points on the --toward line (default 5)")
+    steer.add_argument("--z-file", help="an explicit z: a JSON list of numbers (instead of --context)")
+    steer.add_argument("--samples", type=int, default=1, help="responses per prompt and z (default 1)")
+    steer.add_argument("--temperature", type=float, default=None, help="default: the run's sampling temperature")
+    steer.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _generate(args) -> None:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nps.data.profiles import read_pairs
+    from nps.errors import ConfigError
+    from nps.experiments.steering import SteeringRun
+
+    run = SteeringRun.load(args.run, args.model)
+    if args.z_file and (args.context or args.toward):
+        raise ConfigError("--z-file replaces --context/--toward; pass one or the other")
+    if args.z_file:
+        try:
+            z = jnp.asarray(json.loads(open(args.z_file).read()), jnp.float32)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{args.z_file}: not a JSON list of numbers ({exc})") from None
+        if z.shape != (run.config.policy.encoder.latent_dim,):
+            raise ConfigError(f"{args.z_file}: z has shape {list(z.shape)}; this policy needs "
+                              f"[{run.config.policy.encoder.latent_dim}]")
+        points = [("z from " + args.z_file, z)]
+    else:
+        z = run.encode_user(read_pairs(args.context) if args.context else [])
+        points = [(f"user of {args.context}" if args.context else "no context (N^C = 0)", z)]
+        if args.toward:
+            if z is None:
+                raise ConfigError(f"--toward needs a conditioned policy; {args.model} takes no user")
+            other = run.encode_user(read_pairs(args.toward))
+            points = [(f"w = {w:.2f} toward {args.toward}", (1 - w) * z + w * other)
+                      for w in np.linspace(0.0, 1.0, max(args.points, 2))]
+    for label, z in points:
+        print(f"# {label}")
+        for sample in range(args.samples):
+            replies = run.generate(args.prompt, z, seed=args.seed + sample, temperature=args.temperature)
+            for prompt, reply in zip(args.prompt, replies):
+                print(f"{prompt} => {reply}")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -59,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from nps.config import apply_overrides, config_to_dict
 
+        if args.command == "generate":
+            _generate(args)
+            return 0
         config_cls, run = _experiments()[args.experiment]
         config = apply_overrides(config_cls(), args.overrides)
         config.validate()

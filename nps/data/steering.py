@@ -21,6 +21,8 @@ import dataclasses
 
 import numpy as np
 
+from nps.errors import ConfigError
+
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "Assistant:"]
 TOPICS = [
@@ -121,3 +123,31 @@ def conflicting(rewards_a: np.ndarray, rewards_b: np.ndarray) -> np.ndarray:
     first = np.sign(rewards_a[:, 0] - rewards_b[:, 0])
     second = np.sign(rewards_a[:, 1] - rewards_b[:, 1])
     return (first != 0) & (second != 0) & (first != second)
+
+
+def encode_words(text: str, field: str = "text") -> list[int]:
+    """Token ids of whitespace-separated words of the language (an unknown word is an error)."""
+    index = {w: i for i, w in enumerate(vocabulary())}
+    unknown = [w for w in text.split() if w not in index]
+    if unknown:
+        raise ConfigError(
+            f"{field}: {unknown[0]!r} is not a word of the steering language; use topics ({', '.join(TOPICS[:4])}, ...) "
+            f"and words such as {', '.join(DETAILED[:3] + CAUTIOUS[:3] + NEUTRAL[:2])}"
+        )
+    return [index[w] for w in text.split()]
+
+
+def option_tokens(prompt: str, response: str, field: str = "pair") -> list[int]:
+    """<bos> prompt Assistant: response <eos>, as the policy and the encoder read options."""
+    return [BOS, *encode_words(prompt, f"{field}.prompt"), SEP, *encode_words(response, f"{field}.response"), EOS]
+
+
+def decode_response(ids) -> str:
+    """Words up to (not including) <eos>."""
+    words = vocabulary()
+    out = []
+    for token in ids:
+        if token in (EOS, PAD):
+            break
+        out.append(words[token])
+    return " ".join(out)

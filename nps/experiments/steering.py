@@ -335,3 +335,80 @@ def run_steering(
         experiment="steering", config=config_to_dict(config), data=data_identity, base=base_identity,
         user_types=USER_NAMES, models=models, win_rates=rates, continuum=continuum,
     )
+
+
+# -- using a trained run: encode a user once, then generate or score ------------------------------
+@dataclasses.dataclass
+class SteeringRun:
+    """A policy trained by ``run_steering``, loaded for use (the `nps generate` backend).
+
+    ``encode_user`` turns a user's pairs into z once; ``generate`` and ``log_prob`` then
+    serve any number of prompts for that user (or for an explicit or interpolated z).
+    """
+
+    policy: SteerablePolicy
+    base: Decoder
+    config: SteeringConfig
+    model_name: str
+
+    @classmethod
+    def load(cls, run_dir: str | Path, model: str = "np_dpo") -> SteeringRun:
+        from nps.config import config_from_dict
+        from nps.train.loop import load_trained
+
+        run_dir = Path(run_dir)
+        results_path = run_dir / "results.json"
+        if not results_path.exists():
+            raise ConfigError(f"{results_path}: missing; run `nps reproduce steering --out {run_dir}` first")
+        results = json.loads(results_path.read_text())
+        if results.get("experiment") != "steering":
+            raise ConfigError(f"{results_path}: a {results.get('experiment')!r} run, not a steering run")
+        config = config_from_dict(SteeringConfig, results["config"])
+        if model not in config.models:
+            raise ConfigError(f"--model {model!r} was not trained in {run_dir}; trained: {', '.join(config.models)}")
+        base_dir = run_dir / "checkpoints" / BASE_DIR
+        base = from_pretrained(base_dir, tokenizer=False)
+        kind = "np" if model == "np_dpo" else "btl"
+        policy = load_trained(
+            build_policy(base_dir, kind, config), run_dir / "checkpoints" / model, config.train,
+            run_config={"base": {"path": BASE_DIR, "weights_hash": base.weights_hash}},
+        )
+        return cls(policy, base.model, config, model)
+
+    def encode_user(self, pairs: list[dict[str, str]]) -> jax.Array | None:
+        """z [d] from a user's pairs ({"prompt", "chosen", "rejected"}; may be empty); None if unconditioned."""
+        if self.policy.encoder is None:
+            return None
+        chosen = [two_styles.option_tokens(p["prompt"], p["chosen"], f"pairs[{i}]") for i, p in enumerate(pairs)]
+        rejected = [two_styles.option_tokens(p["prompt"], p["rejected"], f"pairs[{i}]") for i, p in enumerate(pairs)]
+        capacity = max(len(pairs), 1)  # an empty context is a mask over one unused slot
+        features = np.zeros((2, capacity, self.config.decoder.hidden_size), np.float32)
+        if pairs:
+            features[:, : len(pairs)] = embed_tokens(self.base, chosen + rejected).reshape(2, len(pairs), -1)
+        mask = jnp.arange(capacity)[None] < len(pairs)
+        return self.policy.encode(jnp.asarray(features[:1]), jnp.asarray(features[1:]), mask)[0]
+
+    def generate(
+        self, prompts: list[str], z: jax.Array | None = None, *, seed: int = 0, temperature: float | None = None
+    ) -> list[str]:
+        """One sampled response per prompt, steered by z [d] (None: the policy without a user)."""
+        ids = [[two_styles.BOS, *two_styles.encode_words(p, "prompt"), two_styles.SEP] for p in prompts]
+        width = max(len(i) for i in ids)
+        tokens = np.zeros((len(ids), width), np.int32)
+        mask = np.zeros((len(ids), width), bool)
+        for row, seq in enumerate(ids):
+            tokens[row, width - len(seq) :], mask[row, width - len(seq) :] = seq, True
+        config = self.config if temperature is None else dataclasses.replace(self.config, temperature=temperature)
+        batch_z = None if z is None else jnp.broadcast_to(z, (len(ids), z.shape[-1]))
+        sampling = SamplingConfig(max_new_tokens=config.language.max_response, temperature=config.temperature,
+                                  stop_tokens=(two_styles.EOS,), pad_token=two_styles.PAD)
+        out = generate(self.policy.lm, tokens, mask, sampling=sampling, seed=seed, z=batch_z)
+        return [two_styles.decode_response(row) for row in np.asarray(out.tokens)]
+
+    def log_prob(self, prompt: str, response: str, z: jax.Array | None = None) -> float:
+        """log π(response | prompt, z) under the steered policy."""
+        ids = np.asarray([two_styles.option_tokens(prompt, response)], np.int32)
+        response_mask = np.arange(ids.shape[1]) > len(two_styles.encode_words(prompt)) + 1
+        options = PolicyOptions(jnp.asarray(ids), jnp.ones(ids.shape, bool), jnp.asarray(response_mask[None]),
+                                jnp.zeros((1, 1)), jnp.zeros((1,)))
+        return float(self.policy.log_probs(options, None if z is None else z[None])[0])

@@ -164,14 +164,7 @@ def fit(
         "episodes": config_to_dict(spec),
     }
 
-    state = TrainState(
-        step=jnp.asarray(0, jnp.int32),
-        params=params,
-        opt_state=jax.jit(optimizer.init)(params),
-        best_params=params,
-        best_val_loss=jnp.asarray(jnp.inf, jnp.float32),
-        best_step=jnp.asarray(0, jnp.int32),
-    )
+    state = _initial_state(params, optimizer)
     history: list[dict[str, float]] = []
     store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
     if store is not None:
@@ -279,6 +272,37 @@ def fit(
         steps_per_second=compiled_steps / compiled_seconds if compiled_seconds else float("nan"),
         frozen=frozen,
     )
+
+
+def _initial_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        opt_state=jax.jit(optimizer.init)(params),
+        best_params=params,
+        best_val_loss=jnp.asarray(jnp.inf, jnp.float32),
+        best_step=jnp.asarray(0, jnp.int32),
+    )
+
+
+def load_trained(
+    model: nnx.Module, checkpoint_dir: str | Path, config: TrainConfig, run_config: dict[str, Any] | None = None
+) -> nnx.Module:
+    """``model`` with the best-by-validation parameters that ``fit`` checkpointed in ``checkpoint_dir``.
+
+    ``run_config``, when given, must match the one the run was trained with (e.g. the
+    base LM's weights hash): adapters are never loaded onto another base.
+    """
+    graphdef, frozen, params = nnx.split(model, BaseParam, ...)
+    template = _initial_state(nnx.to_pure_dict(params), make_optimizer(config))
+    restored = CheckpointStore(checkpoint_dir).restore_latest(template)
+    if restored is None:
+        raise CheckpointError(f"{checkpoint_dir}: no checkpoint to load; train the model first")
+    state, metadata = restored
+    if run_config is not None:
+        saved = {key: (metadata.get("fingerprint") or {}).get(key) for key in run_config}
+        _check_same_run(saved, run_config, Path(checkpoint_dir))
+    return nnx.merge(graphdef, frozen, state.best_params)
 
 
 def _diff(saved: Any, current: Any, path: str = "") -> str | None:
