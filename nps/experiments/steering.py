@@ -183,8 +183,15 @@ def preference_pools(base, config: SteeringConfig) -> tuple[dict[str, PairPool],
 
 
 def single_user(pool: PairPool, user: int) -> PairPool:
-    """The same pairs labelled by one user only (an oracle's training data)."""
-    return pool._replace(utility_a=pool.utility_a[:, user : user + 1], utility_b=pool.utility_b[:, user : user + 1])
+    """The same pairs labelled by one user only (an oracle's training data).
+
+    Every user column becomes ``user``'s, so the pool keeps its shapes and an oracle's
+    training compiles once for all users (and shares the mixed baseline's compilation).
+    """
+    def only(utility):
+        return jnp.broadcast_to(utility[:, user : user + 1], utility.shape)
+
+    return pool._replace(utility_a=only(pool.utility_a), utility_b=only(pool.utility_b))
 
 
 # -- stage 3: policies -----------------------------------------------------------------------------

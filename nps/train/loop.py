@@ -157,14 +157,13 @@ def fit(
         check_batch_divisible(mesh, config.batch_size)
     graphdef, frozen, params = nnx.split(model, BaseParam, ...)
     frozen, params = nnx.to_pure_dict(frozen), nnx.to_pure_dict(params)
-    optimizer = make_optimizer(config)
     data_key, model_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
     fingerprint = dict(run_config or {}) | {
         "train": {k: v for k, v in config_to_dict(config).items() if k != "steps"},
         "episodes": config_to_dict(spec),
     }
 
-    state = _initial_state(params, optimizer)
+    state = _initial_state(params, make_optimizer(config))
     history: list[dict[str, float]] = []
     store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
     if store is not None:
@@ -176,58 +175,8 @@ def fit(
     if mesh is not None:
         state = jax.device_put(state, replicated(mesh))
 
-    def loss_and_grads(frozen, params, episodes, model_key):
-        if mesh is not None:
-            episodes = jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
-        (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
-            graphdef, frozen, params, episodes, model_key
-        )
-        return loss, aux["accuracy"], grads
-
-    def train_step(frozen, state: TrainState):
-        step_data_key = jax.random.fold_in(data_key, state.step)
-        step_model_key = jax.random.fold_in(model_key, state.step)
-        episodes = sample_episodes(step_data_key, train_pool, spec, config.batch_size)
-        accumulate = config.grad_accum_steps
-        if accumulate == 1:
-            loss, accuracy, grads = loss_and_grads(frozen, state.params, episodes, step_model_key)
-        else:
-            # The batch's tasks in `accumulate` equal slices: the mean of their gradients is the
-            # whole batch's gradient, with one slice's activations in memory at a time.
-            slices = jax.tree.map(lambda x: x.reshape(accumulate, -1, *x.shape[1:]), episodes)
-
-            def micro_step(total, inputs):
-                index, micro = inputs
-                out = loss_and_grads(frozen, state.params, micro, jax.random.fold_in(step_model_key, index))
-                return jax.tree.map(jnp.add, total, out), None
-
-            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-            total, _ = jax.lax.scan(micro_step, zeros, (jnp.arange(accumulate), slices))
-            loss, accuracy, grads = jax.tree.map(lambda x: x / accumulate, total)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        state = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return state, (loss, accuracy)
-
-    @functools.partial(jax.jit, static_argnums=2)
-    def train_chunk(state: TrainState, frozen, length: int):
-        return jax.lax.scan(lambda s, _: train_step(frozen, s), state, None, length=length)
-
-    val_episodes = jax.jit(sample_episodes, static_argnums=(2, 3))(val_key, val_pool, spec, config.val_tasks)
-
-    @jax.jit
-    def validate(state: TrainState, frozen):
-        log_odds = nnx.merge(graphdef, frozen, state.params).predict_log_odds(val_episodes, jax.random.key(0))
-        val_loss = jnp.mean(choice_nll(log_odds, val_episodes.target_mask))
-        val_accuracy = jnp.mean(choice_accuracy(log_odds, val_episodes.unseen_mask))
-        improved = val_loss < state.best_val_loss
-        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(improved, a, b), new, old)  # noqa: E731
-        state = state._replace(
-            best_params=pick(state.params, state.best_params),
-            best_val_loss=jnp.where(improved, val_loss, state.best_val_loss),
-            best_step=jnp.where(improved, state.step, state.best_step),
-        )
-        return state, val_loss, val_accuracy
+    val_episodes = _sample_validation(val_key, val_pool, spec, config.val_tasks)
+    static = {"graphdef": graphdef, "spec": spec, "config": config, "mesh": mesh}
 
     start, step = time.perf_counter(), int(state.step)
     compiled_seconds, compiled_steps, compiled_lengths = 0.0, 0, set()
@@ -235,8 +184,8 @@ def fit(
     while step < config.steps:
         length = min(config.eval_every - step % config.eval_every, config.steps - step)
         chunk_start = time.perf_counter()
-        state, (losses, accuracies) = train_chunk(state, frozen, length)
-        state, val_loss, val_accuracy = validate(state, frozen)
+        state, (losses, accuracies) = _train_chunk(state, frozen, train_pool, data_key, model_key, length=length, **static)
+        state, val_loss, val_accuracy = _validate(state, frozen, val_episodes, graphdef=graphdef)
         val_loss = float(val_loss)  # syncs the device
         if length in compiled_lengths:  # no compilation in this chunk: time it
             compiled_seconds += time.perf_counter() - chunk_start
@@ -272,6 +221,71 @@ def fit(
         steps_per_second=compiled_steps / compiled_seconds if compiled_seconds else float("nan"),
         frozen=frozen,
     )
+
+
+# The step functions live at module level and take the pools as arguments (not closures), so
+# their compilations are cached across ``fit`` calls: models of the same structure and shapes
+# (several seeds, the BTL-DPO oracles) compile once.
+def _loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh):
+    if mesh is not None:
+        episodes = jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
+    (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
+        graphdef, frozen, params, episodes, model_key
+    )
+    return loss, aux["accuracy"], grads
+
+
+def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphdef, spec, config, mesh):
+    step_data_key = jax.random.fold_in(data_key, state.step)
+    step_model_key = jax.random.fold_in(model_key, state.step)
+    episodes = sample_episodes(step_data_key, pool, spec, config.batch_size)
+    accumulate = config.grad_accum_steps
+    if accumulate == 1:
+        loss, accuracy, grads = _loss_and_grads(frozen, state.params, episodes, step_model_key, graphdef, mesh)
+    else:
+        # The batch's tasks in `accumulate` equal slices: the mean of their gradients is the
+        # whole batch's gradient, with one slice's activations in memory at a time.
+        slices = jax.tree.map(lambda x: x.reshape(accumulate, -1, *x.shape[1:]), episodes)
+
+        def micro_step(total, inputs):
+            index, micro = inputs
+            key = jax.random.fold_in(step_model_key, index)
+            return jax.tree.map(jnp.add, total, _loss_and_grads(frozen, state.params, micro, key, graphdef, mesh)), None
+
+        zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+        total, _ = jax.lax.scan(micro_step, zeros, (jnp.arange(accumulate), slices))
+        loss, accuracy, grads = jax.tree.map(lambda x: x / accumulate, total)
+    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), (loss, accuracy)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "config", "mesh", "length"))
+def _train_chunk(state, frozen, pool, data_key, model_key, *, graphdef, spec, config, mesh, length):
+    """``length`` training steps as one compiled scan."""
+    step = functools.partial(_train_step, graphdef=graphdef, spec=spec, config=config, mesh=mesh)
+    return jax.lax.scan(lambda s, _: step(s, frozen, pool, data_key, model_key), state, None, length=length)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _sample_validation(key, pool, spec, num_tasks):
+    return sample_episodes(key, pool, spec, num_tasks)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _validate(state: TrainState, frozen, val_episodes, *, graphdef):
+    """Validation NLL and unseen accuracy; keeps the best parameters so far."""
+    log_odds = nnx.merge(graphdef, frozen, state.params).predict_log_odds(val_episodes, jax.random.key(0))
+    val_loss = jnp.mean(choice_nll(log_odds, val_episodes.target_mask))
+    val_accuracy = jnp.mean(choice_accuracy(log_odds, val_episodes.unseen_mask))
+    improved = val_loss < state.best_val_loss
+    pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(improved, a, b), new, old)  # noqa: E731
+    state = state._replace(
+        best_params=pick(state.params, state.best_params),
+        best_val_loss=jnp.where(improved, val_loss, state.best_val_loss),
+        best_step=jnp.where(improved, state.step, state.best_step),
+    )
+    return state, val_loss, val_accuracy
 
 
 def _initial_state(params, optimizer: optax.GradientTransformation) -> TrainState:

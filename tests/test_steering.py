@@ -1,0 +1,136 @@
+"""The steering experiment end to end on small settings, `nps generate`, and the language's ground truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from nbclient import NotebookClient
+
+from nps.cli import main
+from nps.config import apply_overrides
+from nps.data import steering as two_styles
+from nps.errors import ConfigError
+from nps.experiments.steering import SteeringConfig, SteeringRun, base_model, run_steering
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "steering.ipynb"
+
+
+def test_rewards_and_conflicts_follow_the_word_counts():
+    detail, cautious, neutral = two_styles.DETAILED_IDS, two_styles.CAUTIOUS_IDS, two_styles.NEUTRAL_IDS
+    eos, pad = two_styles.EOS, two_styles.PAD
+    responses = np.asarray([
+        [detail[0], detail[1], cautious[0], eos, pad, detail[2]],  # words after <eos> do not count
+        [cautious[0], cautious[1], neutral[0], eos, pad, pad],
+    ])
+    np.testing.assert_array_equal(two_styles.user_rewards(responses), [[2, 1], [0, 2]])
+    np.testing.assert_allclose(two_styles.detail_share(responses), [2 / 3, 0.0])
+    assert two_styles.conflicting(two_styles.user_rewards(responses[:1]), two_styles.user_rewards(responses[1:]))[0]
+    same = two_styles.user_rewards(responses[:1])
+    assert not two_styles.conflicting(same, same)[0]
+
+
+def test_corpus_is_well_formed():
+    spec = two_styles.LanguageSpec()
+    tokens, mask = two_styles.sample_corpus(np.random.default_rng(0), 200, spec)
+    assert tokens.shape == (200, spec.sequence_length)
+    assert (tokens[:, 0] == two_styles.BOS).all() and (tokens[:, 3] == two_styles.SEP).all()
+    assert (np.sum(tokens == two_styles.EOS, axis=1) == 1).all()
+    lengths = np.argmax(tokens == two_styles.EOS, axis=1) - two_styles.PROMPT_LENGTH
+    assert lengths.min() >= spec.min_words and lengths.max() <= spec.min_words + spec.extra_words
+    np.testing.assert_array_equal(mask, tokens != two_styles.PAD)
+
+
+def test_unknown_words_are_named():
+    with pytest.raises(ConfigError, match="pair.prompt: 'quantum' is not a word of the steering language"):
+        two_styles.option_tokens("quantum physics", "example")
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """notebooks/steering.ipynb, executed top to bottom: it runs the experiment on small settings."""
+    folder = tmp_path_factory.mktemp("notebook")
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert sum(o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs) == 3
+    return folder / "steering-run", printed
+
+
+def test_small_run_writes_results_plots_and_adapts(small_run):
+    out, printed = small_run
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["experiment"] == "steering" and set(saved["models"]) == set(SteeringConfig().models)
+    for plot in saved["plots"]:
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert saved["data"]["split_sizes"]["train"] > 0.75 * saved["data"]["conflicting_pairs"]
+    accuracy = saved["models"]["np_dpo"]["unseen_accuracy"]
+    assert accuracy["3"]["all"]["mean"] > accuracy["0"]["all"]["mean"] + 0.1  # the context steers
+    mixed = saved["models"]["btl_dpo_mixed"]["unseen_accuracy"]
+    assert mixed["0"]["all"]["mean"] == pytest.approx(mixed["3"]["all"]["mean"], abs=0.05)
+    for user in ("detail", "caution"):
+        oracle = saved["models"][f"oracle_{user}"]["unseen_accuracy"]["0"][user]["mean"]
+        assert oracle > 0.8, (user, oracle)
+    assert set(saved["win_rates"]["np_dpo"]) == {"0", "3"} and set(saved["win_rates"]["oracle_detail"]) == {"0"}
+    assert len(saved["continuum"]["detail_share"]) == 3
+    assert "win vs base" in printed and "caution user:" in printed
+
+
+def test_generate_command_and_python_api(small_run, tmp_path, capsys):
+    out, _ = small_run
+    detail = tmp_path / "detail.jsonl"
+    detail.write_text("\n".join(json.dumps(p) for p in [
+        {"prompt": "physics music", "chosen": "example step detail further", "rejected": "perhaps unsure caveat"},
+        {"prompt": "cooking law", "chosen": "first then finally", "rejected": "might possibly verify"},
+    ]))
+    caution = tmp_path / "caution.jsonl"
+    caution.write_text(json.dumps({"prompt": "chess travel", "chosen": "perhaps caveat", "rejected": "example step"}))
+    assert main(["generate", "--run", str(out), "--prompt", "physics music", "--prompt", "chess law",
+                 "--context", str(detail), "--toward", str(caution), "--points", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("# w = ") for line in lines) == 3
+    assert sum(" => " in line for line in lines) == 6
+
+    run = SteeringRun.load(out)
+    z = run.encode_user([json.loads(line) for line in detail.read_text().splitlines()])
+    assert z.shape == (SteeringConfig().policy.encoder.latent_dim,)
+    empty = run.encode_user([])
+    assert np.isfinite(np.asarray(empty)).all() and np.abs(np.asarray(z - empty)).max() > 0
+    replies = run.generate(["physics music", "chess law"], z, seed=1)
+    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
+    assert np.isfinite(run.log_prob("physics music", "example step", z))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "physics", "chosen": "example"}\n')
+    assert main(["generate", "--run", str(out), "--prompt", "physics music", "--context", str(bad)]) == 2
+    assert f"{bad}:1: field 'rejected' is missing" in capsys.readouterr().err
+    assert main(["generate", "--run", str(tmp_path), "--prompt", "physics music"]) == 2
+    assert "run `nps reproduce steering" in capsys.readouterr().err
+
+
+def test_rerun_reuses_the_pretrained_base(small_run):
+    out, _ = small_run
+    printed = []
+    base_model(apply_overrides(SteeringConfig(), []), out, printed.append)
+    assert printed == []  # no second pretraining
+
+
+@pytest.mark.slow
+def test_default_steering_run_meets_the_bars(tmp_path):
+    results = run_steering(SteeringConfig(), tmp_path, progress=False, echo=lambda *_: None)
+    assert results["wall_clock_seconds"] < 15 * 60
+    accuracy = {name: model["unseen_accuracy"] for name, model in results["models"].items()}
+    rates = results["win_rates"]
+    for user in ("detail", "caution"):
+        oracle = accuracy[f"oracle_{user}"]["10"][user]["mean"]
+        assert accuracy["np_dpo"]["10"][user]["mean"] >= oracle - 0.05
+        assert rates["np_dpo"]["10"][user]["mean"] >= rates[f"oracle_{user}"]["0"][user]["mean"] - 0.10
+        assert rates["np_dpo"]["10"][user]["mean"] > rates["np_dpo"]["0"][user]["mean"] + 0.2
+    assert abs(accuracy["np_dpo"]["0"]["all"]["mean"] - accuracy["btl_dpo_mixed"]["0"]["all"]["mean"]) < 0.1
+    shares = [s["mean"] for s in results["continuum"]["detail_share"]]
+    assert all(a > b for a, b in zip(shares, shares[1:])), shares
