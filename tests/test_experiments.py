@@ -33,32 +33,6 @@ def test_correlated_pools_have_the_paper_conflict_rate(rho):
     assert np.all((probe_a[:, 0] > probe_b[:, 0]) != (probe_a[:, 1] > probe_b[:, 1]))
 
 
-def test_small_synthetic_run_writes_results_and_plots(tmp_path):
-    overrides = SMALL_TRAIN + [f"{m}.{f}" for m in ("np_btl",) for f in SMALL_MODEL] + ["btl.hidden_dim=32",
-                                                                                       "dpl.hidden_dim=32"]
-    config = apply_overrides(SyntheticConfig(), overrides)
-    printed = []
-    run_synthetic(config, tmp_path, progress=False, echo=printed.append)
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["experiment"] == "synthetic" and results["config"]["train"]["steps"] == 150
-    assert set(results["models"]) == {"btl", "dpl", "np_btl"}
-    for model in results["models"].values():
-        assert list(model["unseen_accuracy"]) == ["0", "1", "3", "5", "10"]
-        for by_user in model["unseen_accuracy"].values():
-            assert set(by_user) == {"z=0", "z=1", "all"}
-            assert 0 <= by_user["all"]["mean"] <= 1 and by_user["all"]["sem"] > 0
-            assert by_user["z=0"]["num_tasks"] + by_user["z=1"]["num_tasks"] == 300
-        assert model["wall_clock_seconds"] > 0
-    # Context-free models cannot adapt; NP-BTL does even when small and briefly trained.
-    btl = results["models"]["btl"]["unseen_accuracy"]
-    assert btl["0"]["all"]["mean"] == pytest.approx(btl["10"]["all"]["mean"], abs=0.03)
-    np_btl = results["models"]["np_btl"]["unseen_accuracy"]
-    assert np_btl["10"]["all"]["mean"] > np_btl["0"]["all"]["mean"] + 0.05
-    for plot in results["plots"]:
-        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "results.json" in printed[-1]
-
-
 def test_small_correlation_run_reports_errors_next_to_the_bayes_bound(tmp_path):
     overrides = SMALL_TRAIN + [f"model.{f}" for f in SMALL_MODEL] + ["train_rhos=-1.0", "test_rhos=-1.0,0.0",
                                                                      "z_error_tasks=400"]
