@@ -269,14 +269,14 @@ def plot_win_rates(rates: dict[str, Any], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, len(USER_NAMES), figsize=(8.4, 3.4), sharey=True)
     for ax, user in zip(axes, USER_NAMES):
-        for name, by_size in rates.items():
+        for index, (name, by_size) in enumerate(rates.items()):
             sizes = [int(s) for s in by_size]
             means = [100 * v[user]["mean"] for v in by_size.values()]
             sems = [100 * v[user]["sem"] for v in by_size.values()]
             if len(sizes) == 1:  # unconditioned policies: a level across N^C
-                ax.axhline(means[0], linestyle="--", label=name, color="C1" if "mixed" in name else None)
+                ax.axhline(means[0], linestyle="--", label=name, color=f"C{index}")
             else:
-                ax.errorbar(sizes, means, yerr=sems, marker="o", capsize=3, label=name)
+                ax.errorbar(sizes, means, yerr=sems, marker="o", capsize=3, label=name, color=f"C{index}")
         ax.set_title(f"{user} users")
         ax.set_xlabel("context pairs $N^C$")
         ax.grid(alpha=0.3)

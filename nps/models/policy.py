@@ -40,7 +40,7 @@ class PolicyConfig:
     # "precomputed": log π_ref read from the options table (computed once, see
     # ``with_reference_log_probs``); "on_the_fly": a second, gradient-free forward per step.
     reference: str = "precomputed"
-    logits_chunk: int = 128
+    logits_chunk: int = 32  # sequence positions per LM-head chunk: B·32·V fp32 logits at a time
     remat: bool = False
 
     def validate(self, prefix: str = "policy") -> None:
