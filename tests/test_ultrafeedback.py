@@ -95,3 +95,17 @@ def test_bad_input_is_named(tmp_path):
         read_ultrafeedback(broken)
     with pytest.raises(ConfigError, match="attributes \\['helpfullness'\\] are not UltraFeedback's"):
         read_ultrafeedback(broken, ("helpfullness",))
+
+
+def test_pair_pool_utilities_reproduce_the_choices(release):
+    from nps.data.ultrafeedback import to_pair_pool
+
+    completions, _ = read_ultrafeedback(release, HHT)
+    pairs = hh_pairs(completions, 0.5)
+    features = np.arange(len(completions.responses), dtype=np.float32)[:, None].repeat(3, 1)
+    pool = to_pair_pool(pairs, completions, features, ("helpfulness", "honesty"))
+    first_better = (np.asarray(pool.utility_a) > np.asarray(pool.utility_b)).astype(float)
+    np.testing.assert_array_equal(first_better, pairs.choice)
+    np.testing.assert_array_equal(np.asarray(pool.option_a)[:, 0], pairs.first)
+    with pytest.raises(ConfigError, match="embed every completion"):
+        to_pair_pool(pairs, completions, features[:3], ("helpfulness", "honesty"))

@@ -242,3 +242,25 @@ def hht_pairs(completions: Completions, seed: int = 42) -> Pairs:
     three = without_ties(Pairs(pairs.first, pairs.second, pairs.choice[:, columns]))
     kept = three.take(np.flatnonzero(conflicting(three.choice)))
     return kept.take(np.random.default_rng(seed).permutation(len(kept)))
+
+
+def to_pair_pool(pairs: Pairs, completions: Completions, features: np.ndarray, attributes: tuple[str, ...]):
+    """A ``PairPool`` for the reward models: option features [N, D] per completion, and each
+    attribute's rating as that user type's utility (the sampler's choices reproduce ``pairs.choice``)."""
+    import jax.numpy as jnp
+
+    from nps.data.episodes import PairPool
+
+    if features.shape[0] != len(completions.responses):
+        raise ConfigError(
+            f"features have {features.shape[0]} rows but there are {len(completions.responses)} completions; "
+            "embed every completion (in file order)"
+        )
+    columns = [completions.attributes.index(a) for a in attributes]
+    ratings = completions.ratings[:, columns].astype(np.float32)
+    return PairPool(
+        option_a=jnp.asarray(features[pairs.first]),
+        option_b=jnp.asarray(features[pairs.second]),
+        utility_a=jnp.asarray(ratings[pairs.first]),
+        utility_b=jnp.asarray(ratings[pairs.second]),
+    )

@@ -1,0 +1,104 @@
+"""Frozen-LM embeddings of many texts, computed once, stored as they finish, resumed after a kill.
+
+The paper's option features are a frozen LLM's last-token hidden state of
+"Human: {prompt}\\n\\nAssistant: {response}" (with real newlines; the released code wrote a
+literal backslash-n). A cache folder holds ``manifest.json`` (the model's identity and
+weights hash, a hash of the texts, the sizes) and one ``chunk-NNNNN.npy`` per
+``chunk_size`` texts, each written atomically. Re-running skips the chunks on disk, so a
+killed run loses at most one chunk; a cache made by another model or for other texts
+is refused with the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from nps.errors import ConfigError
+
+MANIFEST = "manifest.json"
+
+
+def option_text(prompt: str, response: str) -> str:
+    """The paper's embedding template, with real newlines."""
+    return f"Human: {prompt}\n\nAssistant: {response}"
+
+
+def texts_hash(texts: Sequence[str]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for text in texts:
+        encoded = text.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+    return digest.hexdigest()
+
+
+def _chunk_path(directory: Path, index: int) -> Path:
+    return directory / f"chunk-{index:05d}.npy"
+
+
+def cached_embeddings(
+    texts: Sequence[str],
+    directory: str | Path,
+    embed_fn: Callable[[Sequence[str]], np.ndarray],
+    *,
+    model_identity: str,
+    weights_hash: str,
+    dim: int,
+    chunk_size: int = 1024,
+    lengths: Sequence[int] | None = None,
+    max_length: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Embeddings [N, dim] (fp32) of ``texts``, computed chunk by chunk with ``embed_fn`` and cached.
+
+    ``lengths`` (token counts) with ``max_length`` record how many texts were truncated.
+    ``progress(done_chunks, total_chunks)`` is called after each chunk.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "model": model_identity,
+        "weights_hash": weights_hash,
+        "texts_hash": texts_hash(texts),
+        "num_texts": len(texts),
+        "dim": dim,
+        "chunk_size": chunk_size,
+        "max_length": max_length,
+        "truncated": None if lengths is None or max_length is None else int(np.sum(np.asarray(lengths) > max_length)),
+    }
+    path = directory / MANIFEST
+    if path.exists():
+        saved = json.loads(path.read_text())
+        for field in ("weights_hash", "texts_hash", "num_texts", "dim", "chunk_size"):
+            if saved.get(field) != manifest[field]:
+                raise ConfigError(
+                    f"{path}: {field} is {saved.get(field)!r} but this run has {manifest[field]!r}; "
+                    "these embeddings belong to another model or other texts: use another folder or delete this one"
+                )
+    else:
+        tmp = path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, path)
+    chunks = -(-len(texts) // chunk_size)
+    for index in range(chunks):
+        target = _chunk_path(directory, index)
+        rows = min(chunk_size, len(texts) - index * chunk_size)
+        if target.exists() and np.load(target, mmap_mode="r").shape == (rows, dim):
+            continue
+        vectors = np.asarray(embed_fn(texts[index * chunk_size : index * chunk_size + rows]), np.float32)
+        if vectors.shape != (rows, dim):
+            raise ConfigError(f"the embedding function returned shape {vectors.shape}, expected {(rows, dim)}")
+        tmp = target.with_suffix(".partial.npy")
+        np.save(tmp, vectors)
+        os.replace(tmp, target)
+        if progress is not None:
+            progress(index + 1, chunks)
+    if not chunks:
+        return np.zeros((0, dim), np.float32)
+    return np.concatenate([np.load(_chunk_path(directory, i)) for i in range(chunks)])
