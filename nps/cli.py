@@ -3,6 +3,7 @@
     nps reproduce synthetic   [--out DIR] [--set field=value ...] [--fresh] [--quiet]
     nps reproduce correlation [--out DIR] [--set field=value ...] [--fresh] [--quiet]
     nps reproduce steering    [--out DIR] [--set field=value ...] [--fresh] [--quiet]
+    nps reproduce hh-dpo --model MODEL_DIR --data ULTRAFEEDBACK.jsonl [--set field=value ...]
     nps reproduce synthetic --print-config     # the typed defaults, as JSON
     nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
 
@@ -23,6 +24,7 @@ from nps.errors import NPSError
 def _experiments() -> dict[str, tuple[type, Callable]]:
     # Imported lazily so that `nps --help` answers without loading JAX.
     from nps.experiments.correlation import CorrelationConfig, run_correlation
+    from nps.experiments.hh_dpo import HHDPOConfig, run_hh_dpo
     from nps.experiments.steering import SteeringConfig, run_steering
     from nps.experiments.synthetic import SyntheticConfig, run_synthetic
 
@@ -30,10 +32,11 @@ def _experiments() -> dict[str, tuple[type, Callable]]:
         "synthetic": (SyntheticConfig, run_synthetic),
         "correlation": (CorrelationConfig, run_correlation),
         "steering": (SteeringConfig, run_steering),
+        "hh-dpo": (HHDPOConfig, run_hh_dpo),
     }
 
 
-EXPERIMENTS = ("synthetic", "correlation", "steering")
+EXPERIMENTS = ("synthetic", "correlation", "steering", "hh-dpo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="override a config field, e.g. --set train.steps=200 --set eval.context_sizes=0,1,10",
     )
+    reproduce.add_argument("--model", help="hh-dpo: the policy's base model directory (same as --set model=...)")
+    reproduce.add_argument("--data", help="hh-dpo: UltraFeedback's train file (same as --set data=...)")
     reproduce.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     reproduce.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
             return 0
         config_cls, run = _experiments()[args.experiment]
-        config = apply_overrides(config_cls(), args.overrides)
+        paths = [f"{name}={value}" for name, value in (("model", args.model), ("data", args.data)) if value]
+        config = apply_overrides(config_cls(), paths + args.overrides)
         config.validate()
         if args.print_config:
             print(json.dumps(config_to_dict(config), indent=2))

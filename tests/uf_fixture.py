@@ -48,3 +48,29 @@ def write_parquet(path: Path) -> Path:
 
     parquet.write_table(pa.Table.from_pylist(records()), path)
     return path
+
+
+WORDS = ["the", "answer", "is", "helpful", "honest", "maybe", "clearly", "because", "fox", "dog", "step", "first"]
+
+
+def random_records(num_prompts: int, seed: int = 0, answers: int = 4) -> list[dict]:
+    """Records with random 1–5 ratings and short random texts (for end-to-end runs)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for p in range(num_prompts):
+        completions = []
+        for a in range(answers):
+            ratings = (rng.randint(1, 5), rng.randint(1, 5), rng.randint(1, 5))
+            item = completion(a, ratings)
+            item["response"] = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+            completions.append(item)
+        out.append({"source": "fixture", "instruction": f"question {p}: " + " ".join(rng.choice(WORDS) for _ in range(4)),
+                    "models": [], "completions": completions})
+    return out
+
+
+def write_random_jsonl(path: Path, num_prompts: int, seed: int = 0) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in random_records(num_prompts, seed)) + "\n")
+    return path

@@ -73,16 +73,20 @@ def fit_and_evaluate(
     user_names: Sequence[str],
     *,
     progress: bool = True,
+    eval_spec: EpisodeSpec | None = None,
 ) -> tuple[FitResult, dict[str, Any]]:
     """Fit any ``fit``-able model (resuming from ``out/checkpoints/<name>``) and evaluate it.
 
     ``run_config`` identifies the run (model, data, base LM); a checkpoint made under
-    another one is refused. Returns the fit and the model's results entry.
+    another one is refused. ``eval_spec``: test tasks' shape when it differs from
+    training's (e.g. N^T = 13 at test for DPO trained with N^T = 9). Returns the fit
+    and the model's results entry.
     """
-    if max(evaluation.context_sizes) > spec.num_targets:
+    eval_spec = eval_spec or spec
+    if max(evaluation.context_sizes) > eval_spec.num_targets:
         raise ConfigError(
-            f"eval.context_sizes has N^C={max(evaluation.context_sizes)} > episodes.num_targets={spec.num_targets}; "
-            "the context is a subset of the targets"
+            f"eval.context_sizes has N^C={max(evaluation.context_sizes)} > the test tasks' "
+            f"num_targets={eval_spec.num_targets}; the context is a subset of the targets"
         )
     start = time.perf_counter()
     result = fit(
@@ -100,7 +104,7 @@ def fit_and_evaluate(
         result.graphdef,
         result.params,
         pools["test"],
-        spec,
+        eval_spec,
         user_names,
         evaluation.context_sizes,
         evaluation.num_tasks,

@@ -1,0 +1,58 @@
+"""The paper's UltraFeedback NP-DPO configuration, end to end on a tiny random Qwen2 and a fixture file."""
+
+import json
+
+import numpy as np
+import pytest
+from tiny_lm import write_nps_model
+from uf_fixture import write_random_jsonl
+
+from nps.cli import main
+from nps.experiments.hh_dpo import tokenise_targets
+from nps.models import from_pretrained
+
+SMALL = [
+    "dtype=float32", "max_length=48", "policy.encoder.hidden_dim=16", "policy.encoder.latent_dim=8",
+    "policy.lora.rank=2", "policy.lora.alpha=4", "episodes.num_targets=4", "episodes.max_context=2",
+    "eval_num_targets=5", "eval.context_sizes=0,1,3", "eval.num_tasks=8", "train.steps=4", "train.eval_every=2",
+    "train.checkpoint_every=2", "train.val_tasks=4", "train.batch_size=2", "reference_batch_size=64",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("qwen")
+    write_nps_model(directory, "qwen2", seed=4)
+    return directory
+
+
+def test_targets_start_after_the_templated_prompt(model_dir):
+    tokenizer = from_pretrained(model_dir).tokenizer
+    tokens, token_mask, response_mask, truncated = tokenise_targets(
+        tokenizer, ["what is a fox?", "hi"], ["a fox is a dog", "hello " * 40], max_length=40)
+    head = tokenizer.apply_chat_template([{"role": "user", "content": "what is a fox?"}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert tokenizer.decode(tokens[0][token_mask[0] & ~response_mask[0]]) == head
+    assert tokenizer.decode(tokens[0][response_mask[0]]).startswith("a fox is a dog<|im_end|>")
+    assert truncated == 1 and token_mask[1].all()
+
+
+def test_hh_dpo_runs_end_to_end_from_local_paths(model_dir, tmp_path, capsys):
+    data = write_random_jsonl(tmp_path / "ultrafeedback.jsonl", num_prompts=80)
+    out = tmp_path / "run"
+    args = ["reproduce", "hh-dpo", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet"]
+    for item in SMALL:
+        args += ["--set", item]
+    assert main(args) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "80 of 80 prompts kept" in printed and "HH pairs: train" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["experiment"] == "hh-dpo" and set(results["models"]) == {"np_dpo", "btl_dpo_mixed"}
+    sizes = results["data"]["split_sizes"]
+    assert sizes["train"] == int(0.8 * sum(sizes.values()))
+    for model in results["models"].values():
+        assert set(model["unseen_accuracy"]) == {"0", "1", "3"}
+        assert np.isfinite(model["best_val_nll"])
+    assert results["base"]["weights_hash"] and (out / "embeddings" / "manifest.json").exists()
+    assert main(["reproduce", "hh-dpo", "--out", str(out)]) == 2
+    assert "needs --model" in capsys.readouterr().err
