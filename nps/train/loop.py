@@ -174,6 +174,8 @@ def fit(
             history = list(metadata.get("history", []))
     if mesh is not None:
         state = jax.device_put(state, replicated(mesh))
+        # The pools are step arguments: every device holds them (tasks are gathered in-jit).
+        train_pool, val_pool = jax.device_put((train_pool, val_pool), replicated(mesh))
 
     val_episodes = _sample_validation(val_key, val_pool, spec, config.val_tasks)
     static = {"graphdef": graphdef, "spec": spec, "config": config, "mesh": mesh}
