@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -35,6 +36,7 @@ from nps.experiments.runner import EvalConfig, fit_and_evaluate
 from nps.models import LoRAConfig, embed, from_pretrained
 from nps.models.policy import PolicyConfig, PolicyOptions, SteerablePolicy, with_reference_log_probs
 from nps.train.loop import TrainConfig
+from nps.train.mesh import make_mesh
 
 USER_NAMES = ["helpfulness", "honesty"]
 MODEL_NAMES = ("np_dpo", "btl_dpo_mixed")
@@ -53,6 +55,10 @@ class HHDPOConfig:
     embed_max_length: int = 1024
     embed_batch_size: int = 16
     reference_batch_size: int = 16
+    # With several devices: the base is sharded over fsdp × tensor, tasks over data × fsdp
+    # (data = the devices left over); LoRA, FiLM and the encoder are replicated.
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
     models: tuple[str, ...] = MODEL_NAMES
     policy: PolicyConfig = PolicyConfig(
         beta=0.05,
@@ -152,7 +158,8 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
 
     features = embed_options(config, [option_text(p, r) for p, r in zip(prompts, responses)], out / "embeddings")
 
-    base = from_pretrained(config.model, dtype=jnp.dtype(config.dtype))
+    mesh = make_mesh(fsdp=config.mesh_fsdp, tensor=config.mesh_tensor) if jax.device_count() > 1 else None
+    base = from_pretrained(config.model, dtype=jnp.dtype(config.dtype), mesh=mesh)
     tokens, token_mask, response_mask, truncated = tokenise_targets(base.tokenizer, prompts, responses,
                                                                     config.max_length)
     options = PolicyOptions(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(response_mask),
@@ -182,12 +189,12 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
     for name in config.models:
         kind = "np" if name == "np_dpo" else "btl"
         policy_config = dataclasses.replace(config.policy, kind=kind)
-        decoder = from_pretrained(config.model, dtype=jnp.dtype(config.dtype), tokenizer=False).model
+        decoder = from_pretrained(config.model, dtype=jnp.dtype(config.dtype), tokenizer=False, mesh=mesh).model
         policy = SteerablePolicy(decoder, features.shape[1], policy_config, rngs=nnx.Rngs(config.train.seed))
         run_config = {"policy": config_to_dict(policy_config), "data": data_identity, "base": base_identity}
         _, models[name] = fit_and_evaluate(
             name, policy, kind, run_config, pools, config.episodes, config.train, config.eval, out, USER_NAMES,
-            progress=progress, eval_spec=eval_spec,
+            progress=progress, eval_spec=eval_spec, mesh=mesh,
         )
     plots = [plot_accuracy_vs_context(models, USER_NAMES, out / "accuracy_vs_context.png",
                                       "UltraFeedback HH: implicit-reward accuracy")]

@@ -74,6 +74,7 @@ def fit_and_evaluate(
     *,
     progress: bool = True,
     eval_spec: EpisodeSpec | None = None,
+    mesh=None,
 ) -> tuple[FitResult, dict[str, Any]]:
     """Fit any ``fit``-able model (resuming from ``out/checkpoints/<name>``) and evaluate it.
 
@@ -99,6 +100,7 @@ def fit_and_evaluate(
         run_config=run_config,
         progress=progress,
         description=name,
+        mesh=mesh,
     )
     accuracy = evaluate_unseen_accuracy(
         result.graphdef,
