@@ -4,22 +4,15 @@
 """
 
 import json
-from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
-
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "synthetic.ipynb"
+from notebook_runner import execute_notebook
 
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("notebook")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-    return folder / "synthetic-run", outputs
+    return folder / "synthetic-run", execute_notebook("synthetic.ipynb", folder)
 
 
 def test_synthetic_notebook_executes(synthetic_run):

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
-from nbclient import NotebookClient
+from notebook_runner import execute_notebook
 
 from nps.cli import main
 from nps.config import apply_overrides
 from nps.data import steering as two_styles
 from nps.errors import ConfigError
 from nps.experiments.steering import SteeringConfig, SteeringRun, base_model, run_steering
-
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "steering.ipynb"
 
 
 def test_rewards_and_conflicts_follow_the_word_counts():
@@ -53,9 +49,7 @@ def test_unknown_words_are_named():
 def small_run(tmp_path_factory):
     """notebooks/steering.ipynb, executed top to bottom: it runs the experiment on small settings."""
     folder = tmp_path_factory.mktemp("notebook")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(folder)}}).execute()
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    outputs = execute_notebook("steering.ipynb", folder)
     assert not [o for o in outputs if o.output_type == "error"]
     printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert sum(o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs) == 3

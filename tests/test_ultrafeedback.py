@@ -5,13 +5,11 @@ import pytest
 from uf_fixture import write_jsonl, write_parquet
 
 from nps.data.ultrafeedback import (
-    Pairs,
     all_pairs,
     hh_pairs,
     hht_pairs,
     read_ultrafeedback,
     split_pairs,
-    with_conflict_rate,
 )
 from nps.errors import ConfigError
 
@@ -83,7 +81,6 @@ def test_splits_are_exact_and_by_prompt_keeps_prompts_apart():
     assert [len(by_prompt[s]) for s in ("train", "val", "test")] == [200 * 6, 25 * 6, 25 * 6]
     prompts = {s: set(prompt_index[p.first]) for s, p in by_prompt.items()}
     assert not (prompts["train"] & prompts["val"]) and not (prompts["train"] & prompts["test"])
-    assert isinstance(with_conflict_rate(Pairs(pairs.first, pairs.second, pairs.choice), 1.0, 0), Pairs)
 
 
 def test_bad_input_is_named(tmp_path):

@@ -164,10 +164,10 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
                                                                     config.max_length)
     options = PolicyOptions(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(response_mask),
                             jnp.asarray(features), jnp.full((len(used),), jnp.nan, jnp.float32))
+    # One copy of the base weights serves the reference and every policy; each policy gets fresh adapters.
     reference = SteerablePolicy(base.model, features.shape[1], dataclasses.replace(config.policy, kind="btl"),
                                 rngs=nnx.Rngs(0))
     options = with_reference_log_probs(reference, options, batch_size=config.reference_batch_size)
-    del reference
     ratings = completions.ratings.astype(np.float32)
     pools = {
         name: OptionPairPool(
@@ -189,8 +189,8 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
     for name in config.models:
         kind = "np" if name == "np_dpo" else "btl"
         policy_config = dataclasses.replace(config.policy, kind=kind)
-        decoder = from_pretrained(config.model, dtype=jnp.dtype(config.dtype), tokenizer=False, mesh=mesh).model
-        policy = SteerablePolicy(decoder, features.shape[1], policy_config, rngs=nnx.Rngs(config.train.seed))
+        base.model.add_lora(policy_config.lora, rngs=nnx.Rngs(config.train.seed), mesh=mesh)
+        policy = SteerablePolicy(base.model, features.shape[1], policy_config, rngs=nnx.Rngs(config.train.seed))
         run_config = {"policy": config_to_dict(policy_config), "data": data_identity, "base": base_identity}
         _, models[name] = fit_and_evaluate(
             name, policy, kind, run_config, pools, config.episodes, config.train, config.eval, out, USER_NAMES,
