@@ -4,6 +4,8 @@
     nps reproduce correlation [--out DIR] [--set field=value ...] [--fresh] [--quiet]
     nps reproduce steering    [--out DIR] [--set field=value ...] [--fresh] [--quiet]
     nps reproduce hh-dpo --model MODEL_DIR --data ULTRAFEEDBACK.jsonl [--set field=value ...]
+    nps reproduce hh|hht|conflict|continuum --model EMBEDDER_DIR --data ULTRAFEEDBACK.jsonl|PREPARED_DIR
+    nps prepare hh|hht --data ULTRAFEEDBACK.jsonl [--out DIR] [--conflict-rate R] [--split-by pair|prompt] [--seed S]
     nps reproduce synthetic --print-config     # the typed defaults, as JSON
     nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
 
@@ -27,16 +29,29 @@ def _experiments() -> dict[str, tuple[type, Callable]]:
     from nps.experiments.hh_dpo import HHDPOConfig, run_hh_dpo
     from nps.experiments.steering import SteeringConfig, run_steering
     from nps.experiments.synthetic import SyntheticConfig, run_synthetic
+    from nps.experiments.ultrafeedback import (
+        ConflictConfig,
+        ContinuumConfig,
+        UFRewardConfig,
+        hht_defaults,
+        run_conflict,
+        run_continuum,
+        run_uf_rewards,
+    )
 
     return {
         "synthetic": (SyntheticConfig, run_synthetic),
         "correlation": (CorrelationConfig, run_correlation),
         "steering": (SteeringConfig, run_steering),
         "hh-dpo": (HHDPOConfig, run_hh_dpo),
+        "hh": (UFRewardConfig, run_uf_rewards),
+        "hht": (hht_defaults, run_uf_rewards),
+        "conflict": (ConflictConfig, run_conflict),
+        "continuum": (ContinuumConfig, run_continuum),
     }
 
 
-EXPERIMENTS = ("synthetic", "correlation", "steering", "hh-dpo")
+EXPERIMENTS = ("synthetic", "correlation", "steering", "hh-dpo", "hh", "hht", "conflict", "continuum")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="override a config field, e.g. --set train.steps=200 --set eval.context_sizes=0,1,10",
     )
-    reproduce.add_argument("--model", help="hh-dpo: the policy's base model directory (same as --set model=...)")
-    reproduce.add_argument("--data", help="hh-dpo: UltraFeedback's train file (same as --set data=...)")
+    reproduce.add_argument("--model", help="UltraFeedback experiments: hh-dpo's policy base, or the others' embedder "
+                           "(a model directory; same as --set model=...)")
+    reproduce.add_argument("--data", help="UltraFeedback experiments: the train file or a prepared dataset folder "
+                           "(same as --set data=...)")
     reproduce.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     reproduce.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+    prepare = commands.add_parser("prepare", help="write UltraFeedback's HH or HHT pairs as a versioned dataset")
+    prepare.add_argument("recipe", choices=("hh", "hht"))
+    prepare.add_argument("--data", required=True, help="UltraFeedback's train split: JSON lines or parquet")
+    prepare.add_argument("--out", default="datasets", help="folder for the dataset (default: datasets)")
+    prepare.add_argument("--conflict-rate", type=float, default=1.0, help="HH: share of conflicting pairs (1.0)")
+    prepare.add_argument("--split-by", choices=("pair", "prompt"), default="pair",
+                         help="pair (the paper: prompts may be shared across splits) or prompt")
+    prepare.add_argument("--seed", type=int, default=42, help="the split's seed (the paper's: 42)")
 
     steer = commands.add_parser("generate", help="generate with a trained steerable policy, steered by a user")
     steer.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
@@ -122,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "generate":
             _generate(args)
+            return 0
+        if args.command == "prepare":
+            from nps.data.prepared import BuildParameters, prepare_preferences
+
+            prepare_preferences(args.data, args.out,
+                                BuildParameters(args.recipe, args.conflict_rate, args.split_by, args.seed))
             return 0
         config_cls, run = _experiments()[args.experiment]
         paths = [f"{name}={value}" for name, value in (("model", args.model), ("data", args.data)) if value]

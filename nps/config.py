@@ -13,6 +13,13 @@ from nps.errors import ConfigError
 C = TypeVar("C")
 
 
+def check_models(models: tuple[str, ...], allowed: tuple[str, ...], field: str = "models") -> None:
+    """A non-empty selection of known model names, or an error that lists them."""
+    unknown = [m for m in models if m not in allowed]
+    if unknown or not models:
+        raise ConfigError(f"{field}={models}: choose from {list(allowed)}")
+
+
 def config_to_dict(config) -> dict[str, Any]:
     """JSON-ready dict of a (nested) config dataclass; tuples become lists."""
     return json.loads(json.dumps(dataclasses.asdict(config)))

@@ -108,3 +108,57 @@ def test_synthetic_split_is_exactly_80_10_10():
     assert {k: p.num_pairs for k, p in pools.items()} == {"train": 16_000, "val": 2_000, "test": 2_000}
     x = np.asarray(pools["train"].option_a)
     assert 0 <= x.min() and x.max() <= 1
+
+
+def test_continuum_users_weigh_the_user_types_utilities():
+    rng = np.random.default_rng(0)
+    utility_a, utility_b = rng.normal(size=(300, 3)).astype(np.float32), rng.normal(size=(300, 3)).astype(np.float32)
+    # Options are pair ids, so each sampled pair can be looked up.
+    ids = jnp.arange(300, dtype=jnp.float32)[:, None]
+    pool = PairPool(ids, ids + 1000, jnp.asarray(utility_a), jnp.asarray(utility_b))
+    spec = EpisodeSpec(num_targets=6, max_context=3, user_prior="dirichlet", dirichlet_concentration=0.5)
+    ep = sample_episodes(jax.random.key(4), pool, spec, 2000)
+    w = np.asarray(ep.user_weights)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(ep.user), w.argmax(-1))
+    # Dirichlet(0.5): E[w_k] = 1/3 and Var = (1/3)(2/3)/(1.5 + 1) = 0.0889.
+    np.testing.assert_allclose(w.mean(0), 1 / 3, atol=0.02)
+    np.testing.assert_allclose(w.var(0), (2 / 9) / 2.5, rtol=0.1)
+    chosen = np.asarray(ep.target_chosen)[..., 0]
+    rejected = np.asarray(ep.target_rejected)[..., 0]
+    pair = np.where(chosen < 1000, chosen, rejected).astype(int)
+    a_chosen = chosen < 1000
+    score_a = np.einsum("btk,bk->bt", utility_a[pair], w)
+    score_b = np.einsum("btk,bk->bt", utility_b[pair], w)
+    assert np.all(np.where(a_chosen, score_a >= score_b - 1e-6, score_b >= score_a - 1e-6))
+
+
+def test_given_user_weights_fix_the_users(pool):
+    weights = jax.nn.one_hot(jnp.arange(64) % 2, 2)
+    ep = sample_episodes(jax.random.key(5), pool, SPEC, 64, 3, user_weights=weights)
+    np.testing.assert_array_equal(np.asarray(ep.user), np.arange(64) % 2)
+    # One-hot weights label exactly as a drawn user type does.
+    drawn = sample(pool, key=5, size=3)
+    again = sample_episodes(jax.random.key(5), pool, SPEC, 64, 3, user_weights=drawn.user_weights)
+    chex.assert_trees_all_equal(drawn, again)
+
+
+def test_a_pool_smaller_than_a_task_is_refused(pool):
+    small = jax.tree.map(lambda x: x[:7], pool)
+    with pytest.raises(ConfigError, match="a pool of 7 pairs cannot give a task 8 distinct target pairs"):
+        sample(small)
+
+
+def test_grain_episode_batches_match_the_sampler_by_index(pool):
+    from nps.data.episodes import episode_batches
+
+    dataset = episode_batches(pool, SPEC, 16, seed=3)
+    chex.assert_trees_all_equal(dataset[5], jax.tree.map(np.asarray, sample_episodes(
+        jax.random.fold_in(jax.random.key(3), 5), pool, SPEC, 16)))
+    iterator = iter(dataset.to_iter_dataset())
+    next(iterator)
+    state = iterator.get_state()
+    expected = next(iterator)
+    resumed = iter(dataset.to_iter_dataset())
+    resumed.set_state(state)
+    chex.assert_trees_all_equal(next(resumed), expected)

@@ -8,6 +8,7 @@ from tiny_lm import write_nps_model
 from uf_fixture import write_random_jsonl
 
 from nps.cli import main
+from nps.data.prepared import load_preferences
 from nps.experiments.hh_dpo import tokenise_targets
 from nps.models import from_pretrained
 
@@ -38,21 +39,27 @@ def test_targets_start_after_the_templated_prompt(model_dir):
 
 
 def test_hh_dpo_runs_end_to_end_from_local_paths(model_dir, tmp_path, capsys):
-    data = write_random_jsonl(tmp_path / "ultrafeedback.jsonl", num_prompts=80)
+    # The prepared dataset (the raw file's path is exercised by tests/test_uf_rewards.py).
+    release = write_random_jsonl(tmp_path / "ultrafeedback.jsonl", num_prompts=80)
+    assert main(["prepare", "hh", "--data", str(release), "--out", str(tmp_path / "datasets")]) == 0
+    assert "80 of 80 prompts kept" in capsys.readouterr().out
+    data = load_preferences(tmp_path / "datasets")
     out = tmp_path / "run"
-    args = ["reproduce", "hh-dpo", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--quiet"]
+    args = ["reproduce", "hh-dpo", "--model", str(model_dir), "--data", str(data.directory), "--out", str(out),
+            "--quiet"]
     for item in SMALL:
         args += ["--set", item]
     assert main(args) == 0, capsys.readouterr().err
-    printed = capsys.readouterr().out
-    assert "80 of 80 prompts kept" in printed and "HH pairs: train" in printed
+    capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
     assert results["experiment"] == "hh-dpo" and set(results["models"]) == {"np_dpo", "btl_dpo_mixed"}
     sizes = results["data"]["split_sizes"]
     assert sizes["train"] == int(0.8 * sum(sizes.values()))
+    assert results["data"]["content_hash"] == data.content_hash
     for model in results["models"].values():
         assert set(model["unseen_accuracy"]) == {"0", "1", "3"}
         assert np.isfinite(model["best_val_nll"])
-    assert results["base"]["weights_hash"] and (out / "embeddings" / "manifest.json").exists()
+    assert results["base"]["weights_hash"] and (data.directory / "embeddings" / f"{model_dir.name}-float32"
+                                                 / "manifest.json").exists()
     assert main(["reproduce", "hh-dpo", "--out", str(out)]) == 2
     assert "needs --model" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """UltraFeedback reading and pair recipes against counts worked out by hand on tests/uf_fixture.py."""
 
+import jax
 import numpy as np
 import pytest
 from uf_fixture import write_jsonl, write_parquet
@@ -95,14 +96,21 @@ def test_bad_input_is_named(tmp_path):
 
 
 def test_pair_pool_utilities_reproduce_the_choices(release):
-    from nps.data.ultrafeedback import to_pair_pool
+    from nps.data.episodes import EpisodeSpec, sample_episodes
+    from nps.data.ultrafeedback import option_pair_pool
 
     completions, _ = read_ultrafeedback(release, HHT)
     pairs = hh_pairs(completions, 0.5)
     features = np.arange(len(completions.responses), dtype=np.float32)[:, None].repeat(3, 1)
-    pool = to_pair_pool(pairs, completions, features, ("helpfulness", "honesty"))
-    first_better = (np.asarray(pool.utility_a) > np.asarray(pool.utility_b)).astype(float)
+    pool = option_pair_pool(pairs, completions.ratings[:, :2], features)
+    first_better = (np.asarray(pool.pairs.utility_a) > np.asarray(pool.pairs.utility_b)).astype(float)
     np.testing.assert_array_equal(first_better, pairs.choice)
-    np.testing.assert_array_equal(np.asarray(pool.option_a)[:, 0], pairs.first)
-    with pytest.raises(ConfigError, match="embed every completion"):
-        to_pair_pool(pairs, completions, features[:3], ("helpfulness", "honesty"))
+    np.testing.assert_array_equal(np.asarray(pool.pairs.option_a)[:, 0], pairs.first)
+    # Sampled episodes gather the option rows: the chosen option is the one the user type rates higher.
+    episodes = sample_episodes(jax.random.key(0), pool, EpisodeSpec(num_targets=4, max_context=2), 16)
+    chosen = np.asarray(episodes.target_chosen)[..., 0].astype(int)
+    rejected = np.asarray(episodes.target_rejected)[..., 0].astype(int)
+    user = np.asarray(episodes.user)[:, None]
+    assert np.all(completions.ratings[chosen, user] > completions.ratings[rejected, user])
+    with pytest.raises(ConfigError, match="the option table has 3 rows but there are 11 rated options"):
+        option_pair_pool(pairs, completions.ratings[:, :2], features[:3])

@@ -102,3 +102,59 @@ def cached_embeddings(
     if not chunks:
         return np.zeros((0, dim), np.float32)
     return np.concatenate([np.load(_chunk_path(directory, i)) for i in range(chunks)])
+
+
+def embed_options_cached(
+    model: str,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    directory: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    max_length: int = 1024,
+    batch_size: int = 16,
+    echo: Callable[[str], None] = print,
+) -> tuple[np.ndarray, dict]:
+    """The paper's option features: ``model``'s last-token state of each ``option_text``, cached.
+
+    The cache lives in ``directory/<model folder name>-<dtype>`` (a run with another model gets
+    its own folder; one with the same name but other weights is refused by the manifest).
+    Returns features [M, D] and a record of the embedder: identity, weights hash, dimension,
+    how many options were truncated to ``max_length`` tokens, and the throughput of this call.
+    """
+    import time
+
+    import jax.numpy as jnp
+
+    from nps.models import embed, from_pretrained
+
+    texts = [option_text(p, r) for p, r in zip(prompts, responses)]
+    embedder = from_pretrained(model, dtype=jnp.dtype(dtype))
+    lengths = [len(ids) for ids in embedder.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    folder = Path(directory) / f"{Path(str(model).rstrip('/')).name}-{dtype}"
+    computed = []
+
+    def embed_chunk(chunk):
+        computed.append(len(chunk))
+        return embed(embedder.model, embedder.tokenizer, chunk, batch_size=batch_size, max_length=max_length)
+
+    start = time.perf_counter()
+    features = cached_embeddings(
+        texts, folder, embed_chunk, model_identity=embedder.identity, weights_hash=embedder.weights_hash,
+        dim=embedder.config.hidden_size, lengths=lengths, max_length=max_length,
+        progress=lambda done, total: echo(f"embedded chunk {done}/{total} into {folder}"),
+    )
+    seconds = time.perf_counter() - start
+    record = {
+        "model": embedder.identity, "weights_hash": embedder.weights_hash, "dtype": dtype,
+        "dim": embedder.config.hidden_size, "num_options": len(texts), "max_length": max_length,
+        "truncated": int(np.sum(np.asarray(lengths) > max_length)), "cache": str(folder),
+        "embedded_now": sum(computed),
+        "options_per_second": sum(computed) / seconds if computed else None,
+    }
+    return features, record
+
+
+def embedder_identity(record: dict) -> dict:
+    """The parts of an ``embed_options_cached`` record that identify the features (not this call's timing)."""
+    return {key: record[key] for key in ("model", "weights_hash", "dtype", "dim", "max_length")}

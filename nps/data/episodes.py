@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nps.errors import ConfigError
 
@@ -59,13 +60,29 @@ class OptionPairPool(NamedTuple):
         return self.pairs.num_user_types
 
 
+def single_user(pool: PairPool | OptionPairPool, user: int) -> PairPool | OptionPairPool:
+    """The same pairs labelled by one user type only (an oracle's training data).
+
+    Every user column becomes ``user``'s, so the pool keeps its shapes and an oracle's
+    training compiles once for all users (and shares the mixed baseline's compilation).
+    """
+    if isinstance(pool, OptionPairPool):
+        return pool._replace(pairs=single_user(pool.pairs, user))
+
+    def only(utility):
+        return jnp.broadcast_to(utility[:, user : user + 1], utility.shape)
+
+    return pool._replace(utility_a=only(pool.utility_a), utility_b=only(pool.utility_b))
+
+
 class Episodes(NamedTuple):
     """A batch of B tasks; context capacity C, N^T = T targets, options ``[..., D]``.
 
     context_chosen, context_rejected: ``[B, C, D]``; context_mask ``[B, C]`` bool.
     target_chosen, target_rejected: ``[B, T, D]``; target_mask ``[B, T]`` bool.
     target_in_context: ``[B, T]`` bool, True for targets that are also context pairs.
-    user: ``[B]`` int, the task's user type z*.
+    user: ``[B]`` int, the task's user type z* (for a continuum user: the attribute with the largest weight).
+    user_weights: ``[B, K]`` the user's weight on each user type's utility (one-hot for a user type).
     """
 
     context_chosen: jax.Array
@@ -76,6 +93,7 @@ class Episodes(NamedTuple):
     target_mask: jax.Array
     target_in_context: jax.Array
     user: jax.Array
+    user_weights: jax.Array
 
     @property
     def unseen_mask(self) -> jax.Array:
@@ -92,6 +110,10 @@ class EpisodeSpec:
     max_context: int = 10
     # The paper draws one N^C per batch ("all tasks in a batch share the same N^C").
     shared_context_size: bool = True
+    # "types": each task is one of the K user types, uniformly. "dirichlet": a continuum user
+    # whose utility is w · (the K utilities), w ~ Dirichlet(concentration · 1) (paper App. D.2).
+    user_prior: str = "types"
+    dirichlet_concentration: float = 0.5
 
     def validate(self, prefix: str = "episodes") -> None:
         if self.num_targets < 1:
@@ -101,6 +123,10 @@ class EpisodeSpec:
                 f"{prefix}.min_context={self.min_context}, {prefix}.max_context={self.max_context}: "
                 "context sizes cannot be negative"
             )
+        if self.user_prior not in ("types", "dirichlet"):
+            raise ConfigError(f"{prefix}.user_prior={self.user_prior!r} is unknown; use 'types' or 'dirichlet'")
+        if self.dirichlet_concentration <= 0:
+            raise ConfigError(f"{prefix}.dirichlet_concentration={self.dirichlet_concentration} must be positive")
         if self.min_context > self.max_context:
             raise ConfigError(
                 f"{prefix}.min_context={self.min_context} exceeds {prefix}.max_context={self.max_context}; "
@@ -133,10 +159,14 @@ def _subset_without_replacement(bits: jax.Array, population: int) -> jax.Array:
     return jax.lax.fori_loop(0, size, pick, jnp.full((size,), -1, jnp.int32))
 
 
-def _label(pool: PairPool, pair_index: jax.Array, user: jax.Array, coin: jax.Array):
-    """Order each pair as (chosen, rejected) by the user's utility; ties broken by ``coin``."""
-    utility_a = pool.utility_a[pair_index, user[:, None]]
-    utility_b = pool.utility_b[pair_index, user[:, None]]
+def _label(pool: PairPool, pair_index: jax.Array, user_weights: jax.Array, coin: jax.Array):
+    """Order each pair as (chosen, rejected) by the user's utility w · u; ties broken by ``coin``.
+
+    For a one-hot w this is exactly the user type's utility (x·1 + y·0 = x in floating point;
+    an elementwise product and sum, not a matmul, which accelerators may round to bf16/tf32).
+    """
+    utility_a = jnp.sum(pool.utility_a[pair_index] * user_weights[:, None, :], axis=-1)
+    utility_b = jnp.sum(pool.utility_b[pair_index] * user_weights[:, None, :], axis=-1)
     a_wins = (utility_a > utility_b) | ((utility_a == utility_b) & coin)
     a, b = pool.option_a[pair_index], pool.option_b[pair_index]
     chosen = jnp.where(a_wins[..., None], a, b)
@@ -150,16 +180,19 @@ def sample_episodes(
     spec: EpisodeSpec,
     num_tasks: int,
     context_size: jax.Array | int | None = None,
+    user_weights: jax.Array | None = None,
 ) -> Episodes:
     """Sample ``num_tasks`` tasks from ``pool`` (jit-friendly; shapes depend only on ``spec``).
 
     Each task draws a user type uniformly, N^T distinct pairs, and N^C ~ U{min..max}
     context pairs among its targets. ``context_size`` fixes N^C for every task
     (evaluation): the same key with a larger size gives nested contexts over the
-    same users and targets. For an ``OptionPairPool`` the options are its table's rows.
+    same users and targets. ``user_weights`` [num_tasks, K] fixes the users (e.g. to pair
+    context and target episodes drawn from different pools). For an ``OptionPairPool`` the
+    options are its table's rows.
     """
     if isinstance(pool, OptionPairPool):
-        episodes = sample_episodes(key, pool.pairs, spec, num_tasks, context_size)
+        episodes = sample_episodes(key, pool.pairs, spec, num_tasks, context_size, user_weights)
         rows = lambda ids: jax.tree.map(lambda table: table[ids[..., 0]], pool.options)  # noqa: E731
         return episodes._replace(
             context_chosen=rows(episodes.context_chosen),
@@ -168,12 +201,21 @@ def sample_episodes(
             target_rejected=rows(episodes.target_rejected),
         )
     T, C = spec.num_targets, spec.max_context
+    if pool.num_pairs < T:
+        raise ConfigError(f"a pool of {pool.num_pairs} pairs cannot give a task {T} distinct target pairs; "
+                          "use more data or lower episodes.num_targets")
     # All randomness from one PRNG call: every separate call compiles its own generator.
     bits = jax.random.bits(key, (num_tasks, 3 * T + 2), jnp.uint32)
     pair_bits, tie_bits, order_bits = bits[:, :T], bits[:, T : 2 * T], bits[:, 2 * T : 3 * T]
-    user = _uniform_below(bits[:, 3 * T], pool.num_user_types)
+    K = pool.num_user_types
+    if user_weights is None and spec.user_prior == "dirichlet":
+        concentration = jnp.full((K,), spec.dirichlet_concentration, jnp.float32)
+        user_weights = jax.random.dirichlet(jax.random.fold_in(key, 1), concentration, (num_tasks,))
+    elif user_weights is None:
+        user_weights = jax.nn.one_hot(_uniform_below(bits[:, 3 * T], K), K, dtype=pool.utility_a.dtype)
+    user_weights = jnp.asarray(user_weights, pool.utility_a.dtype)
     pair_index = jax.vmap(_subset_without_replacement, in_axes=(0, None))(pair_bits, pool.num_pairs)
-    target_chosen, target_rejected = _label(pool, pair_index, user, (tie_bits & 1) == 1)
+    target_chosen, target_rejected = _label(pool, pair_index, user_weights, (tie_bits & 1) == 1)
 
     if context_size is None:
         size_bits = bits[:1, 3 * T + 1] if spec.shared_context_size else bits[:, 3 * T + 1]
@@ -193,5 +235,24 @@ def sample_episodes(
         target_rejected=target_rejected,
         target_mask=jnp.ones((num_tasks, T), bool),
         target_in_context=rank < context_size[:, None],
-        user=user,
+        user=jnp.argmax(user_weights, axis=-1).astype(jnp.int32),
+        user_weights=user_weights,
+    )
+
+
+def episode_batches(pool: PairPool | OptionPairPool, spec: EpisodeSpec, num_tasks: int, seed: int = 0):
+    """A Grain ``MapDataset`` of episode batches for host-side input pipelines.
+
+    Element i is ``sample_episodes(fold_in(key(seed), i), pool, spec, num_tasks)`` as numpy
+    arrays: fixed shapes, reproducible by index (so a Grain iterator's checkpoint resumes the
+    stream exactly), and ready for Grain's prefetching and sharding. nps's own ``fit`` samples
+    the same episodes inside its jitted step instead, with no host round trip.
+    """
+    import grain
+
+    spec.validate()
+    draw = jax.jit(lambda key: sample_episodes(key, pool, spec, num_tasks))
+    key = jax.random.key(seed)
+    return grain.MapDataset.range(2**31 - 1).map(
+        lambda index: jax.tree.map(np.asarray, draw(jax.random.fold_in(key, index)))
     )

@@ -244,23 +244,34 @@ def hht_pairs(completions: Completions, seed: int = 42) -> Pairs:
     return kept.take(np.random.default_rng(seed).permutation(len(kept)))
 
 
-def to_pair_pool(pairs: Pairs, completions: Completions, features: np.ndarray, attributes: tuple[str, ...]):
-    """A ``PairPool`` for the reward models: option features [N, D] per completion, and each
-    attribute's rating as that user type's utility (the sampler's choices reproduce ``pairs.choice``)."""
+def option_pair_pool(pairs: Pairs, ratings: np.ndarray, options: Any):
+    """An ``OptionPairPool`` over a table of options (features [M, D], or token arrays for a policy):
+    ``pairs``' first/second are row ids into the table, and each attribute's rating [M, A] is that
+    user type's utility (the sampler's choices reproduce ``pairs.choice``)."""
     import jax.numpy as jnp
 
-    from nps.data.episodes import PairPool
+    from nps.data.episodes import OptionPairPool, PairPool
 
-    if features.shape[0] != len(completions.responses):
-        raise ConfigError(
-            f"features have {features.shape[0]} rows but there are {len(completions.responses)} completions; "
-            "embed every completion (in file order)"
-        )
-    columns = [completions.attributes.index(a) for a in attributes]
-    ratings = completions.ratings[:, columns].astype(np.float32)
-    return PairPool(
-        option_a=jnp.asarray(features[pairs.first]),
-        option_b=jnp.asarray(features[pairs.second]),
-        utility_a=jnp.asarray(ratings[pairs.first]),
-        utility_b=jnp.asarray(ratings[pairs.second]),
+    rows = _table_rows(options)
+    if ratings.shape[0] != rows:
+        raise ConfigError(f"the option table has {rows} rows but there are {ratings.shape[0]} rated options; "
+                          "build features for every option, in order")
+    ratings = np.asarray(ratings, np.float32)
+    return OptionPairPool(
+        PairPool(
+            option_a=jnp.asarray(pairs.first[:, None], jnp.int32),
+            option_b=jnp.asarray(pairs.second[:, None], jnp.int32),
+            utility_a=jnp.asarray(ratings[pairs.first]),
+            utility_b=jnp.asarray(ratings[pairs.second]),
+        ),
+        options,
     )
+
+
+def _table_rows(tree: Any) -> int:
+    import jax
+
+    sizes = {leaf.shape[0] for leaf in jax.tree.leaves(tree)}
+    if len(sizes) != 1:
+        raise ConfigError(f"the option table's arrays have different numbers of rows: {sorted(sizes)}")
+    return sizes.pop()

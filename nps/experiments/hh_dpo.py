@@ -25,15 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.config import config_to_dict
-from nps.data.embedding_cache import cached_embeddings, option_text
-from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool
-from nps.data.ultrafeedback import hh_pairs, read_ultrafeedback, split_pairs
+from nps.config import check_models, config_to_dict
+from nps.data.embedding_cache import embed_options_cached, embedder_identity, option_text
+from nps.data.episodes import EpisodeSpec
+from nps.data.prepared import BuildParameters, prepared_or_prepare
+from nps.data.ultrafeedback import option_pair_pool
 from nps.encoder import EncoderConfig
 from nps.errors import ConfigError
 from nps.experiments.report import finish_run, format_accuracy_table, plot_accuracy_vs_context, prepare_output_dir
 from nps.experiments.runner import EvalConfig, fit_and_evaluate
-from nps.models import LoRAConfig, embed, from_pretrained
+from nps.models import LoRAConfig, from_pretrained
 from nps.models.policy import PolicyConfig, PolicyOptions, SteerablePolicy, with_reference_log_probs
 from nps.train.loop import TrainConfig
 from nps.train.mesh import make_mesh
@@ -45,7 +46,7 @@ MODEL_NAMES = ("np_dpo", "btl_dpo_mixed")
 @dataclasses.dataclass(frozen=True)
 class HHDPOConfig:
     model: str = ""  # the policy's base: a local Qwen2/Llama/Gemma directory (or a hub id where reachable)
-    data: str = ""  # UltraFeedback's train split: JSON lines or parquet
+    data: str = ""  # UltraFeedback's train split (JSON lines or parquet) or a dataset from `nps prepare hh`
     embedder: str = ""  # the frozen model for context features (paper: Llama-3-8B); "" = the policy's base
     dtype: str = "bfloat16"  # base weights (LoRA, FiLM, encoder stay fp32)
     conflict_rate: float = 1.0
@@ -78,9 +79,7 @@ class HHDPOConfig:
             raise ConfigError("hh-dpo needs --model (a model directory) and --data (UltraFeedback's train file)")
         if self.dtype not in ("bfloat16", "float32"):
             raise ConfigError(f"dtype={self.dtype!r} must be 'bfloat16' or 'float32'")
-        unknown = [m for m in self.models if m not in MODEL_NAMES]
-        if unknown or not self.models:
-            raise ConfigError(f"models={self.models}: choose from {list(MODEL_NAMES)}")
+        check_models(self.models, MODEL_NAMES)
         if self.max_length < 8:
             raise ConfigError(f"max_length={self.max_length} is too short for a prompt and a response")
         self.policy.validate()
@@ -121,67 +120,36 @@ def tokenise_targets(tokenizer, prompts: list[str], responses: list[str], max_le
     return tokens, token_mask, response_mask, truncated
 
 
-def embed_options(config: HHDPOConfig, texts: list[str], directory: Path) -> np.ndarray:
-    """Context features [M, D]: the embedder's last-token states, cached in ``directory`` (resumable)."""
-    embedder = from_pretrained(config.embedder or config.model, dtype=jnp.dtype(config.dtype))
-    return cached_embeddings(
-        texts,
-        directory,
-        lambda batch: embed(embedder.model, embedder.tokenizer, batch, batch_size=config.embed_batch_size,
-                            max_length=config.embed_max_length),
-        model_identity=embedder.identity, weights_hash=embedder.weights_hash, dim=embedder.config.hidden_size,
-    )
-
-
 def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
                echo=print) -> dict[str, Any]:
     config.validate()
     start = time.perf_counter()
     out = prepare_output_dir(out, fresh)
-    completions, report = read_ultrafeedback(config.data, tuple(USER_NAMES))
-    echo(f"read {config.data}: {report.summary()}")
-    pairs = hh_pairs(completions, config.conflict_rate, config.seed)
-    splits = split_pairs(pairs, completions, config.seed, by=config.split_by)
-    echo("HH pairs: " + ", ".join(f"{name} {len(part)}" for name, part in splits.items()))
+    data = prepared_or_prepare(config.data, out / "dataset",
+                               BuildParameters("hh", config.conflict_rate, config.split_by, config.seed), echo)
+    splits = data.splits
     needed = {"train": config.episodes.num_targets, "val": config.episodes.num_targets, "test": config.eval_num_targets}
     for name, count in needed.items():
         if len(splits[name]) < count:
             raise ConfigError(f"the {name} split has {len(splits[name])} pairs, fewer than a task's {count} targets; "
                               "use more data or fewer targets")
-
-    # Only completions that appear in a pair are tokenised, embedded and scored.
-    used = np.unique(np.concatenate([pairs.first, pairs.second]))
-    row_of = np.full(len(completions.responses), -1, np.int64)
-    row_of[used] = np.arange(len(used))
-    prompts = [completions.prompts[completions.prompt_index[i]] for i in used]
-    responses = [completions.responses[i] for i in used]
-
-    features = embed_options(config, [option_text(p, r) for p, r in zip(prompts, responses)], out / "embeddings")
+    prompts, responses = data.option_prompts(), data.options.responses
+    features, embedder = embed_options_cached(
+        config.embedder or config.model, prompts, responses, data.directory / "embeddings", dtype=config.dtype,
+        max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo)
 
     mesh = make_mesh(fsdp=config.mesh_fsdp, tensor=config.mesh_tensor) if jax.device_count() > 1 else None
     base = from_pretrained(config.model, dtype=jnp.dtype(config.dtype), mesh=mesh)
     tokens, token_mask, response_mask, truncated = tokenise_targets(base.tokenizer, prompts, responses,
                                                                     config.max_length)
     options = PolicyOptions(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(response_mask),
-                            jnp.asarray(features), jnp.full((len(used),), jnp.nan, jnp.float32))
+                            jnp.asarray(features), jnp.full((len(responses),), jnp.nan, jnp.float32))
     # One copy of the base weights serves the reference and every policy; each policy gets fresh adapters.
     reference = SteerablePolicy(base.model, features.shape[1], dataclasses.replace(config.policy, kind="btl"),
                                 rngs=nnx.Rngs(0))
     options = with_reference_log_probs(reference, options, batch_size=config.reference_batch_size)
-    ratings = completions.ratings.astype(np.float32)
-    pools = {
-        name: OptionPairPool(
-            PairPool(jnp.asarray(row_of[part.first][:, None], jnp.int32), jnp.asarray(row_of[part.second][:, None], jnp.int32),
-                     jnp.asarray(ratings[part.first]), jnp.asarray(ratings[part.second])),
-            options,
-        )
-        for name, part in splits.items()
-    }
-    data_identity = {
-        "name": "ultrafeedback-hh", "file": str(config.data), "conflict_rate": config.conflict_rate,
-        "seed": config.seed, "split_by": config.split_by, "read": dataclasses.asdict(report),
-        "split_sizes": {k: len(v) for k, v in splits.items()}, "truncated_targets": truncated,
-    }
+    pools = {name: option_pair_pool(part, data.options.ratings, options) for name, part in splits.items()}
+    data_identity = data.identity() | {"truncated_targets": truncated, "embedder": embedder_identity(embedder)}
     base_identity = {"path": base.identity, "weights_hash": base.weights_hash}
     eval_spec = dataclasses.replace(config.episodes, num_targets=config.eval_num_targets,
                                     max_context=max(config.eval.context_sizes))
@@ -200,5 +168,5 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
                                       "UltraFeedback HH: implicit-reward accuracy")]
     return finish_run(
         out, start, echo, tables=[format_accuracy_table(models, USER_NAMES)], plots=plots, experiment="hh-dpo",
-        config=config_to_dict(config), data=data_identity, base=base_identity, user_types=USER_NAMES, models=models,
+        config=config_to_dict(config), data=data_identity, embedder=embedder, base=base_identity, user_types=USER_NAMES, models=models,
     )

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.config import config_to_dict
+from nps.config import check_models, config_to_dict
 from nps.data import steering as two_styles
-from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool, sample_episodes
+from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool, sample_episodes, single_user
 from nps.encoder import EncoderConfig
 from nps.errors import ConfigError
 from nps.experiments.report import (
@@ -88,9 +88,7 @@ class SteeringConfig:
     continuum_points: int = 5
 
     def validate(self) -> None:
-        unknown = [m for m in self.models if m not in MODEL_NAMES]
-        if unknown or not self.models:
-            raise ConfigError(f"models={self.models}: choose from {list(MODEL_NAMES)}")
+        check_models(self.models, MODEL_NAMES)
         self.episodes.validate()
         self.train.validate()
         self.eval.validate()
@@ -180,18 +178,6 @@ def preference_pools(base, config: SteeringConfig) -> tuple[dict[str, PairPool],
         "split_sizes": {k: v.num_pairs for k, v in pools.items()},
     }
     return pools, options, identity
-
-
-def single_user(pool: PairPool, user: int) -> PairPool:
-    """The same pairs labelled by one user only (an oracle's training data).
-
-    Every user column becomes ``user``'s, so the pool keeps its shapes and an oracle's
-    training compiles once for all users (and shares the mixed baseline's compilation).
-    """
-    def only(utility):
-        return jnp.broadcast_to(utility[:, user : user + 1], utility.shape)
-
-    return pool._replace(utility_a=only(pool.utility_a), utility_b=only(pool.utility_b))
 
 
 # -- stage 3: policies -----------------------------------------------------------------------------

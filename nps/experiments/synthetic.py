@@ -11,11 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nps.config import config_to_dict
+from nps.config import check_models, config_to_dict
 from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.synthetic import check_num_pairs, two_user_pools, two_user_reward
 from nps.encoder import EncoderConfig
-from nps.errors import ConfigError
 from nps.experiments.report import (
     finish_run,
     format_accuracy_table,
@@ -58,9 +57,7 @@ class SyntheticConfig:
 
     def validate(self) -> None:
         check_num_pairs(self.num_pairs)
-        unknown = [m for m in self.models if m not in MODEL_NAMES]
-        if unknown or not self.models:
-            raise ConfigError(f"models={self.models}: choose from {list(MODEL_NAMES)}")
+        check_models(self.models, MODEL_NAMES)
         self.episodes.validate()
         self.train.validate()
         self.eval.validate()
