@@ -8,6 +8,8 @@
     nps prepare hh|hht --data ULTRAFEEDBACK.jsonl [--out DIR] [--conflict-rate R] [--split-by pair|prompt] [--seed S]
     nps reproduce synthetic --print-config     # the typed defaults, as JSON
     nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
+    nps collect --candidates CANDIDATES.jsonl --profile ME.jsonl [--choices FILE] [--limit N]
+    nps compare RUN_A RUN_B [--tolerance 0.02] [--sigmas 2] [--markdown REPORT.md] [--allow-different-data]
 
 A re-run with the same --out resumes each model from its last checkpoint.
 """
@@ -25,6 +27,7 @@ from nps.errors import NPSError
 
 def _experiments() -> dict[str, tuple[type, Callable]]:
     # Imported lazily so that `nps --help` answers without loading JAX.
+    from nps.experiments.active import ActiveConfig, run_active
     from nps.experiments.correlation import CorrelationConfig, run_correlation
     from nps.experiments.hh_dpo import HHDPOConfig, run_hh_dpo
     from nps.experiments.steering import SteeringConfig, run_steering
@@ -48,10 +51,11 @@ def _experiments() -> dict[str, tuple[type, Callable]]:
         "hht": (hht_defaults, run_uf_rewards),
         "conflict": (ConflictConfig, run_conflict),
         "continuum": (ContinuumConfig, run_continuum),
+        "active": (ActiveConfig, run_active),
     }
 
 
-EXPERIMENTS = ("synthetic", "correlation", "steering", "hh-dpo", "hh", "hht", "conflict", "continuum")
+EXPERIMENTS = ("synthetic", "correlation", "steering", "hh-dpo", "hh", "hht", "conflict", "continuum", "active")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,7 +100,43 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--samples", type=int, default=1, help="responses per prompt and z (default 1)")
     steer.add_argument("--temperature", type=float, default=None, help="default: the run's sampling temperature")
     steer.add_argument("--seed", type=int, default=0)
+    gather = commands.add_parser("collect", help="ask a user to choose between pairs of responses; write a profile")
+    gather.add_argument("--candidates", required=True, help='JSON lines of {"prompt": ..., "responses": [a, b]}')
+    gather.add_argument("--profile", required=True, help="the user's profile (JSON lines; resumed if it exists)")
+    gather.add_argument("--choices", help="scripted answers, one per line (1, 2 or s), instead of asking")
+    gather.add_argument("--limit", type=int, default=None, help="ask at most this many pairs now")
+    gather.add_argument("--seed", type=int, default=0, help="seed of the order in which the two responses are shown")
+
+    diff = commands.add_parser("compare", help="line up two runs' metrics; exit 1 if B regressed")
+    diff.add_argument("run_a", help="the reference run folder (or its results.json)")
+    diff.add_argument("run_b", help="the new run")
+    diff.add_argument("--tolerance", type=float, default=0.02, help="ignore changes smaller than this (0.02)")
+    diff.add_argument("--sigmas", type=float, default=2.0, help="and changes within this many standard errors (2)")
+    diff.add_argument("--markdown", help="also write the comparison as a Markdown file")
+    diff.add_argument("--allow-different-data", action="store_true", help="compare runs on different datasets")
     return parser
+
+
+def _collect(args) -> None:
+    from nps.data.profiles import ask_in_terminal, choices_from_file, collect
+
+    chooser = choices_from_file(args.choices) if args.choices else ask_in_terminal
+    records = collect(args.candidates, args.profile, chooser, limit=args.limit, seed=args.seed)
+    skipped = sum(r.get("choice") == "skip" for r in records)
+    print(f"{args.profile}: {len(records) - skipped} answered, {skipped} skipped")
+
+
+def _compare(args) -> int:
+    from pathlib import Path
+
+    from nps.experiments.compare import compare_runs, format_markdown, format_text
+
+    comparison = compare_runs(args.run_a, args.run_b, tolerance=args.tolerance, sigmas=args.sigmas,
+                              allow_different_data=args.allow_different_data)
+    print(format_text(comparison))
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(comparison))
+    return 1 if comparison.regressions else 0
 
 
 def _generate(args) -> None:
@@ -149,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             _generate(args)
             return 0
+        if args.command == "collect":
+            _collect(args)
+            return 0
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "prepare":
             from nps.data.prepared import BuildParameters, prepare_preferences
 

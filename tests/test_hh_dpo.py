@@ -52,7 +52,8 @@ def test_hh_dpo_runs_end_to_end_from_local_paths(model_dir, tmp_path, capsys):
     assert main(args) == 0, capsys.readouterr().err
     capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
-    assert results["experiment"] == "hh-dpo" and set(results["models"]) == {"np_dpo", "btl_dpo_mixed"}
+    assert results["experiment"] == "hh-dpo"
+    assert set(results["models"]) == {"np_dpo", "btl_dpo_mixed", "btl_dpo_helpfulness", "btl_dpo_honesty"}
     sizes = results["data"]["split_sizes"]
     assert sizes["train"] == int(0.8 * sum(sizes.values()))
     assert results["data"]["content_hash"] == data.content_hash

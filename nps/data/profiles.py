@@ -1,32 +1,185 @@
-"""A user's context as a file: JSON lines of {"prompt", "chosen", "rejected"} (extra fields allowed)."""
+"""User profiles: a user's choices as JSON lines, collected from a candidate set and read as context.
+
+A **candidate set** is JSON lines of ``{"prompt": ..., "responses": [first, second]}``; its
+BLAKE2b hash identifies it. A **profile** is JSON lines, one per answered candidate::
+
+    {"prompt", "chosen", "rejected", "time", "candidates": <hash>, "candidate": <line index>}
+
+and, for a skipped candidate, ``{"prompt", "choice": "skip", "time", "candidates", "candidate"}``
+(kept so that a resumed session does not ask it again; readers ignore it). Every command that
+takes a user's context reads a profile with ``read_pairs``; hand-written files need only
+prompt/chosen/rejected.
+
+``collect`` asks the candidates in order (or in the order a ``next_candidate`` callback picks,
+e.g. the most informative pair first), shows the two responses in a seeded random order so
+that position cannot bias the choice, and appends each answer to the profile at once (flushed
+and fsynced): an interrupted session keeps every answer, and running it again resumes.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import random
+import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 from nps.errors import ConfigError
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+CHOICES = ("first", "second", "skip")
 
 
-def read_pairs(path: str | Path) -> list[dict[str, str]]:
-    """Every pair in a JSONL file, in order; a bad line is reported by file, line and field."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such file (expected JSON lines of prompt/chosen/rejected)")
-    pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+def _json_lines(path: Path, what: str) -> list[tuple[int, dict]]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError as exc:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg}); one pair per line") from None
+            raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg}); {what}") from None
         if not isinstance(record, dict):
-            raise ConfigError(f"{path}:{number}: expected an object with {', '.join(PAIR_FIELDS)}")
-        for field in PAIR_FIELDS:
-            if not isinstance(record.get(field), str):
-                raise ConfigError(f"{path}:{number}: field {field!r} is missing or not a string")
-        pairs.append({field: record[field] for field in PAIR_FIELDS})
+            raise ConfigError(f"{path}:{number}: expected a JSON object; {what}")
+        records.append((number, record))
+    return records
+
+
+def read_candidates(path: str | Path) -> tuple[list[dict], str]:
+    """The candidate pairs ``[{"prompt", "responses": [a, b]}]`` of a file, and the set's hash."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file (expected JSON lines of prompt and two responses)")
+    candidates = []
+    for number, record in _json_lines(path, 'one {"prompt": ..., "responses": [a, b]} per line'):
+        responses = record.get("responses")
+        if not isinstance(record.get("prompt"), str) or not (
+                isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
+            raise ConfigError(f"{path}:{number}: needs a 'prompt' string and 'responses', a list of two strings")
+        candidates.append({"prompt": record["prompt"], "responses": list(responses)})
+    if not candidates:
+        raise ConfigError(f"{path}: no candidate pairs; add JSON lines of prompt and two responses")
+    return candidates, candidates_hash(candidates)
+
+
+def candidates_hash(candidates: Sequence[dict]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for candidate in candidates:
+        for text in (candidate["prompt"], *candidate["responses"]):
+            encoded = text.encode("utf-8")
+            digest.update(len(encoded).to_bytes(8, "little") + encoded)
+    return digest.hexdigest()
+
+
+def read_profile(path: str | Path, candidates: str | None = None) -> list[dict]:
+    """Every record of a profile (answers and skips), checked; ``candidates``: the hash the
+    profile must come from (a profile of another candidate set is refused)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such profile (expected JSON lines of prompt/chosen/rejected)")
+    records = []
+    for number, record in _json_lines(path, "one answer per line"):
+        if record.get("choice") != "skip":
+            for field in PAIR_FIELDS:
+                if not isinstance(record.get(field), str):
+                    raise ConfigError(f"{path}:{number}: field {field!r} is missing or not a string")
+        if candidates is not None and record.get("candidates") != candidates:
+            raise ConfigError(
+                f"{path}:{number}: this answer comes from candidate set {record.get('candidates')!r}, not "
+                f"{candidates!r}; use a new profile for these candidates"
+            )
+        records.append(record)
+    return records
+
+
+def read_pairs(path: str | Path, *, allow_empty: bool = True) -> list[dict[str, str]]:
+    """A user's context: the answered pairs of a profile, in order, as prompt/chosen/rejected."""
+    pairs = [{f: r[f] for f in PAIR_FIELDS} for r in read_profile(path) if r.get("choice") != "skip"]
+    if not pairs and not allow_empty:
+        raise ConfigError(f"{path}: the profile has no answered pairs; collect some with `nps collect`")
     return pairs
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def collect(
+    candidates_path: str | Path,
+    profile_path: str | Path,
+    choose: Callable[[str, str, str], str],
+    *,
+    next_candidate: Callable[[list[dict], list[dict], set[int]], int | None] | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Ask ``choose(prompt, first, second) -> "first" | "second" | "skip" | "quit"`` about each
+    candidate not yet in the profile, appending each answer at once. ``next_candidate(candidates,
+    answered records, asked indices)`` picks the next index (None: stop); default: file order.
+    ``limit``: at most this many questions in this session. Returns the profile's records."""
+    candidates, digest = read_candidates(candidates_path)
+    profile_path = Path(profile_path)
+    records = read_profile(profile_path, digest) if profile_path.exists() else []
+    asked = {int(r["candidate"]) for r in records if "candidate" in r}
+    questions = 0
+    while limit is None or questions < limit:
+        if next_candidate is None:
+            index = next((i for i in range(len(candidates)) if i not in asked), None)
+        else:
+            index = next_candidate(candidates, [r for r in records if r.get("choice") != "skip"], asked)
+        if index is None or index in asked:
+            break
+        candidate = candidates[index]
+        # Seeded per candidate: the same candidate is always shown in the same order.
+        swap = random.Random(f"{seed}:{index}").random() < 0.5
+        shown = candidate["responses"][::-1] if swap else candidate["responses"]
+        answer = choose(candidate["prompt"], shown[0], shown[1])
+        if answer == "quit":
+            break
+        if answer not in CHOICES:
+            raise ConfigError(f"choice {answer!r} for candidate {index}: answer one of first, second, skip (or quit)")
+        record = {"prompt": candidate["prompt"]}
+        if answer == "skip":
+            record["choice"] = "skip"
+        else:
+            chosen = shown[0] if answer == "first" else shown[1]
+            record |= {"chosen": chosen, "rejected": shown[1] if answer == "first" else shown[0]}
+        record |= {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "candidates": digest, "candidate": index}
+        _append(profile_path, record)
+        records.append(record)
+        asked.add(index)
+        questions += 1
+    return records
+
+
+def choices_from_file(path: str | Path) -> Callable[[str, str, str], str]:
+    """A scripted user: one answer per line (1 / 2 / s, or first / second / skip); "quit" when done."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file of choices (one of 1, 2, s per line)")
+    aliases = {"1": "first", "2": "second", "s": "skip", "first": "first", "second": "second", "skip": "skip"}
+    answers = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            if line.strip().lower() not in aliases:
+                raise ConfigError(f"{path}:{number}: {line.strip()!r} is not a choice; use 1, 2 or s")
+            answers.append(aliases[line.strip().lower()])
+    remaining = iter(answers)
+    return lambda prompt, first, second: next(remaining, "quit")
+
+
+def ask_in_terminal(prompt: str, first: str, second: str) -> str:
+    """The interactive chooser: shows the prompt and both responses, reads 1 / 2 / s / q."""
+    print(f"\n=== prompt ===\n{prompt}\n\n--- [1] ---\n{first}\n\n--- [2] ---\n{second}\n")
+    while True:
+        try:
+            answer = input("Which response do you prefer? [1/2, s = skip, q = quit] ").strip().lower()
+        except EOFError:
+            return "quit"
+        if answer in ("1", "2", "s", "q"):
+            return {"1": "first", "2": "second", "s": "skip", "q": "quit"}[answer]

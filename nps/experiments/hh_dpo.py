@@ -10,7 +10,7 @@ a frozen LLM's last-token state (the paper: Llama-3-8B; default here: the policy
 base), HH pairs at conflict rate 1.0 split 80/10/10 by pair. The pipeline: read →
 pairs → tokenise targets with the chat template (response start from the templated
 prompt) → embed options (cached, resumable) → precompute reference log-probs → train
-NP-DPO and BTL-DPO (mixed) → implicit-reward accuracy vs N^C per user type.
+NP-DPO, BTL-DPO (mixed) and one BTL-DPO oracle per user type → implicit-reward accuracy vs N^C per user.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from flax import nnx
 
 from nps.config import check_models, config_to_dict
 from nps.data.embedding_cache import embed_options_cached, embedder_identity, option_text
-from nps.data.episodes import EpisodeSpec
+from nps.data.episodes import EpisodeSpec, single_user
 from nps.data.prepared import BuildParameters, prepared_or_prepare
 from nps.data.ultrafeedback import option_pair_pool
 from nps.encoder import EncoderConfig
@@ -40,7 +40,7 @@ from nps.train.loop import TrainConfig
 from nps.train.mesh import make_mesh
 
 USER_NAMES = ["helpfulness", "honesty"]
-MODEL_NAMES = ("np_dpo", "btl_dpo_mixed")
+MODEL_NAMES = ("np_dpo", "btl_dpo_mixed", "btl_dpo_oracles")  # oracles: one BTL-DPO per user type's labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,14 +154,22 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
     eval_spec = dataclasses.replace(config.episodes, num_targets=config.eval_num_targets,
                                     max_context=max(config.eval.context_sizes))
     models = {}
+    jobs = []  # (name, training pools, whose labels it trains on); every policy is tested on both users
     for name in config.models:
+        if name == "btl_dpo_oracles":
+            jobs += [(f"btl_dpo_{user}", {s: p if s == "test" else single_user(p, k) for s, p in pools.items()}, user)
+                     for k, user in enumerate(USER_NAMES)]
+        else:
+            jobs.append((name, pools, "all"))
+    for name, job_pools, labels in jobs:
         kind = "np" if name == "np_dpo" else "btl"
         policy_config = dataclasses.replace(config.policy, kind=kind)
         base.model.add_lora(policy_config.lora, rngs=nnx.Rngs(config.train.seed), mesh=mesh)
         policy = SteerablePolicy(base.model, features.shape[1], policy_config, rngs=nnx.Rngs(config.train.seed))
-        run_config = {"policy": config_to_dict(policy_config), "data": data_identity, "base": base_identity}
+        run_config = {"policy": config_to_dict(policy_config), "data": data_identity | {"labels": labels},
+                      "base": base_identity}
         _, models[name] = fit_and_evaluate(
-            name, policy, kind, run_config, pools, config.episodes, config.train, config.eval, out, USER_NAMES,
+            name, policy, kind, run_config, job_pools, config.episodes, config.train, config.eval, out, USER_NAMES,
             progress=progress, eval_spec=eval_spec, mesh=mesh,
         )
     plots = [plot_accuracy_vs_context(models, USER_NAMES, out / "accuracy_vs_context.png",

@@ -1,0 +1,157 @@
+"""`nps compare RUN_A RUN_B`: every metric of two runs side by side, and the regressions.
+
+A metric is any ``{"mean", "sem"}`` entry of a model in results.json (accuracy per N^C and user
+type, win rates, z-inference errors, the conflict study's and the continuum's tables, ...),
+named by its path, e.g. ``np_btl/unseen_accuracy/10/honesty``. For each metric in both runs the
+difference B − A has the standard error √(sem_A² + sem_B²). A difference is a regression when
+the metric got worse (lower for accuracies and win rates; higher for errors and NLLs) by more
+than ``tolerance`` *and* by more than ``sigmas`` standard errors: the first ignores changes too
+small to matter, the second changes that sampling noise explains. Runs trained on different
+data (content hash, or the data record for generated data) are refused unless allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+from nps.errors import ConfigError
+
+LOWER_IS_BETTER = ("error", "nll", "loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricDiff:
+    name: str
+    a: dict[str, float]
+    b: dict[str, float]
+    difference: float  # b − a
+    sem: float  # of the difference
+    lower_is_better: bool
+    regression: bool
+
+    @property
+    def sigmas(self) -> float:
+        return self.difference / self.sem if self.sem > 0 else math.copysign(math.inf, self.difference or 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    run_a: Path
+    run_b: Path
+    experiment: str
+    diffs: list[MetricDiff]
+    only_in_a: list[str]
+    only_in_b: list[str]
+    tolerance: float
+    sigmas: float
+    data_note: str
+
+    @property
+    def regressions(self) -> list[MetricDiff]:
+        return [d for d in self.diffs if d.regression]
+
+
+def read_results(run: str | Path) -> tuple[Path, dict[str, Any]]:
+    """results.json of a run folder (or the file itself), checked to be an nps results file."""
+    path = Path(run)
+    path = path / "results.json" if path.is_dir() else path
+    if not path.exists():
+        raise ConfigError(f"{path}: no results.json; pass a run folder written by `nps reproduce`")
+    try:
+        results = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); the run may not have finished") from None
+    if not isinstance(results, dict) or "models" not in results or "experiment" not in results:
+        raise ConfigError(f"{path}: no 'experiment' and 'models' fields; is this an nps results.json?")
+    return path, results
+
+
+def metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{path: {"mean", "sem", "num_tasks"?}} for every mean/sem entry under each model (not its history)."""
+    found: dict[str, dict[str, float]] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if "mean" in node and "sem" in node:
+                found[path] = node
+                return
+            for key, value in node.items():
+                if key != "history":
+                    walk(value, f"{path}/{key}")
+
+    for model, entry in results["models"].items():
+        walk(entry, model)
+    return found
+
+
+def _data_identity(results: dict[str, Any]) -> Any:
+    data = results.get("data") or {}
+    return data.get("content_hash") or {k: v for k, v in data.items() if k != "split_sizes"} or None
+
+
+def _lower_is_better(name: str) -> bool:
+    return any(word in name.lower() for word in LOWER_IS_BETTER)
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, *, tolerance: float = 0.02, sigmas: float = 2.0,
+                 allow_different_data: bool = False) -> Comparison:
+    path_a, a = read_results(run_a)
+    path_b, b = read_results(run_b)
+    if a["experiment"] != b["experiment"]:
+        raise ConfigError(f"{path_a} is a {a['experiment']!r} run and {path_b} a {b['experiment']!r} run; "
+                          "compare runs of the same experiment")
+    data_a, data_b = _data_identity(a), _data_identity(b)
+    note = "same data" if data_a == data_b else f"different data: {data_a} vs {data_b}"
+    if data_a != data_b and not allow_different_data:
+        raise ConfigError(f"{path_a} and {path_b} were trained on different data ({data_a} vs {data_b}); "
+                          "pass --allow-different-data to compare them anyway")
+    metrics_a, metrics_b = metrics(a), metrics(b)
+    diffs = []
+    for name in (n for n in metrics_a if n in metrics_b):
+        ma, mb = metrics_a[name], metrics_b[name]
+        difference = mb["mean"] - ma["mean"]
+        sem = math.sqrt(sum(s**2 for s in (ma["sem"], mb["sem"]) if s == s))  # NaN sem (one task) counts 0
+        lower = _lower_is_better(name)
+        worse = difference if lower else -difference
+        diffs.append(MetricDiff(name, ma, mb, difference, sem, lower,
+                                regression=worse > tolerance and worse > sigmas * sem))
+    return Comparison(path_a, path_b, a["experiment"], diffs, sorted(set(metrics_a) - set(metrics_b)),
+                      sorted(set(metrics_b) - set(metrics_a)), tolerance, sigmas, note)
+
+
+def _rows(comparison: Comparison) -> Iterator[list[str]]:
+    for d in comparison.diffs:
+        yield [d.name, f"{d.a['mean']:.4f} ± {d.a['sem']:.4f}", f"{d.b['mean']:.4f} ± {d.b['sem']:.4f}",
+               f"{d.difference:+.4f} ± {d.sem:.4f}", f"{d.sigmas:+.1f}", "REGRESSION" if d.regression else ""]
+
+
+HEADER = ["metric", "A", "B", "B − A", "σ", ""]
+
+
+def format_text(comparison: Comparison) -> str:
+    rows = [HEADER, *_rows(comparison)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join([*lines, "", _summary(comparison)])
+
+
+def format_markdown(comparison: Comparison) -> str:
+    lines = [f"# nps compare: {comparison.experiment}", "", f"- A: `{comparison.run_a}`", f"- B: `{comparison.run_b}`",
+             f"- {comparison.data_note}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(comparison)]
+    return "\n".join([*lines, "", _summary(comparison), ""])
+
+
+def _summary(comparison: Comparison) -> str:
+    parts = [f"{len(comparison.diffs)} metrics compared ({comparison.data_note}); "
+             f"{len(comparison.regressions)} regressions (worse by > {comparison.tolerance:g} and "
+             f"> {comparison.sigmas:g} standard errors)"]
+    for label, names in (("only in A", comparison.only_in_a), ("only in B", comparison.only_in_b)):
+        if names:
+            parts.append(f"{label}: {', '.join(names)}")
+    return "\n".join(parts)
