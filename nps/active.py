@@ -21,10 +21,50 @@ on the answered pairs, as at any N^C, and scored on the user's unseen pairs.
 
 from __future__ import annotations
 
+import functools
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from nps.data.episodes import EpisodeSpec, PairPool, sample_episodes
+from nps.data.episodes import Episodes, EpisodeSpec, PairPool, sample_episodes
+from nps.likelihood import choice_accuracy
+
+
+class PairSet(NamedTuple):
+    """M pairs of options, any option pytree with leading axis M (features [M, D], or a policy's
+    ``PolicyOptions``), and each user's choice: first_chosen [U, M] True where user u prefers a."""
+
+    option_a: Any
+    option_b: Any
+    first_chosen: jax.Array
+
+
+def _rows(tree: Any, index: jax.Array) -> Any:
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def _ordered(first: jax.Array, a: Any, b: Any) -> tuple[Any, Any]:
+    """(chosen, rejected) from options a, b and a [...] bool of "a is chosen" (broadcast over option dims)."""
+    def pick(x, y, take_x):
+        return jnp.where(take_x.reshape(take_x.shape + (1,) * (x.ndim - take_x.ndim)), x, y)
+
+    return (jax.tree.map(lambda x, y: pick(x, y, first), a, b),
+            jax.tree.map(lambda x, y: pick(x, y, ~first), a, b))
+
+
+def _episodes(context_a, context_b, context_first, context_mask, pairs: PairSet) -> Episodes:
+    """Tasks [U]: the answered pairs as context, every pair of ``pairs`` as an unseen target."""
+    num_users, num_targets = pairs.first_chosen.shape
+    broadcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_users, *x.shape)), tree)  # noqa: E731
+    context_chosen, context_rejected = _ordered(context_first, context_a, context_b)
+    target_chosen, target_rejected = _ordered(pairs.first_chosen, broadcast(pairs.option_a), broadcast(pairs.option_b))
+    users = jnp.zeros((num_users,), jnp.int32)
+    return Episodes(context_chosen, context_rejected, context_mask, target_chosen, target_rejected,
+                    jnp.ones((num_users, num_targets), bool), jnp.zeros((num_users, num_targets), bool), users,
+                    jnp.ones((num_users, 1)))
 
 
 def particle_latents(model, pool: PairPool, spec: EpisodeSpec, num_particles: int, context_size: int,
@@ -36,9 +76,14 @@ def particle_latents(model, pool: PairPool, spec: EpisodeSpec, num_particles: in
     return model.context_latent(episodes)
 
 
-def particle_choice_probabilities(model, z: jax.Array, option_a: jax.Array, option_b: jax.Array) -> jax.Array:
-    """p(a ≻ b | z_j) [P, M] for particles z [P, d] and M candidate pairs of options [M, D]."""
-    return jax.nn.sigmoid(model.reward(option_a, z) - model.reward(option_b, z))
+def particle_choice_probabilities(model, z: jax.Array, option_a: Any, option_b: Any) -> jax.Array:
+    """p(a ≻ b | z_j) [P, M] for particles z [P, d] and M candidate pairs (option pytrees, leading M)."""
+    num_particles = z.shape[0]
+    broadcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_particles, *x.shape)), tree)  # noqa: E731
+    num_pairs = jax.tree.leaves(option_a)[0].shape[0]
+    targets = Episodes(None, None, None, broadcast(option_a), broadcast(option_b),
+                       jnp.ones((num_particles, num_pairs), bool), None, None, None)
+    return jax.nn.sigmoid(model.target_log_odds(targets, z))
 
 
 def _entropy(p: jax.Array) -> jax.Array:
@@ -66,3 +111,64 @@ def most_informative(log_weights: jax.Array, probabilities: jax.Array, already_a
     """The candidate id [U] with the largest EIG among those not yet asked (``already_asked`` [U, M] bool)."""
     gain = expected_information_gain(log_weights, probabilities)
     return jnp.argmax(jnp.where(already_asked, -jnp.inf, gain), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _accuracy(graphdef, state, context_ids, context_first, context_mask, candidates: PairSet, evaluation: PairSet):
+    context_a, context_b = _rows(candidates.option_a, context_ids), _rows(candidates.option_b, context_ids)
+    episodes = _episodes(context_a, context_b, context_first, context_mask, evaluation)
+    log_odds = nnx.merge(graphdef, state).predict_log_odds(episodes, jax.random.key(0))
+    return choice_accuracy(log_odds, episodes.unseen_mask)
+
+
+def answer_curves(model, candidates: PairSet, evaluation: PairSet, particles: jax.Array, strategy: str,
+                  max_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Simulated users answer ``max_pairs`` candidates one at a time, chosen at ``"random"`` or by
+    ``"active"`` (EIG over ``particles``); after each answer the model, conditioned on every
+    answered pair, is scored on the users' choices on ``evaluation``.
+
+    Returns accuracy [U, max_pairs + 1] (after 0..max_pairs answers) and the asked ids [U, max_pairs].
+    """
+    if strategy not in ("random", "active"):
+        raise ValueError(f"strategy={strategy!r}: use 'random' or 'active'")
+    graphdef, state = nnx.split(model)
+    num_users, num_candidates = candidates.first_chosen.shape
+    probabilities = jax.jit(particle_choice_probabilities)(model, particles, candidates.option_a, candidates.option_b)
+    random_order = jax.vmap(lambda k: jax.random.permutation(k, num_candidates))(
+        jax.random.split(jax.random.key(seed), num_users))
+    users = jnp.arange(num_users)
+    context_ids = jnp.zeros((num_users, max_pairs), jnp.int32)
+    context_first = jnp.zeros((num_users, max_pairs), bool)
+    context_mask = jnp.zeros((num_users, max_pairs), bool)
+    log_weights = jnp.zeros((num_users, particles.shape[0]))
+    asked_mask = jnp.zeros((num_users, num_candidates), bool)
+    accuracy, asked = [], []
+    for n in range(max_pairs + 1):
+        accuracy.append(np.asarray(_accuracy(graphdef, state, context_ids, context_first, context_mask, candidates,
+                                             evaluation)))
+        if n == max_pairs:
+            break
+        index = random_order[:, n] if strategy == "random" else most_informative(log_weights, probabilities,
+                                                                                  asked_mask)
+        first = candidates.first_chosen[users, index]
+        context_ids = context_ids.at[:, n].set(index)
+        context_first = context_first.at[:, n].set(first)
+        context_mask = context_mask.at[:, n].set(True)
+        log_weights = update_log_weights(log_weights, probabilities, index, first)
+        asked_mask = asked_mask.at[users, index].set(True)
+        asked.append(np.asarray(index))
+    return np.stack(accuracy, axis=1), np.stack(asked, axis=1)
+
+
+def pairs_needed(accuracy: np.ndarray, target: float) -> np.ndarray:
+    """Per user [U]: the first number of answers whose accuracy ≥ target (max_pairs + 1 if never)."""
+    reached = accuracy >= target
+    return np.where(reached.any(axis=1), reached.argmax(axis=1), accuracy.shape[1])
+
+
+def user_choices(pool: PairPool, user_weights: jax.Array) -> jax.Array:
+    """[U, M] True where each user (weights [U, K] over the pool's user types) prefers option a."""
+    def utility(u):  # elementwise, not a matmul an accelerator could round
+        return jnp.sum(user_weights[:, None, :] * u[None], axis=-1)
+
+    return utility(pool.utility_a) >= utility(pool.utility_b)

@@ -9,6 +9,7 @@
     nps reproduce synthetic --print-config     # the typed defaults, as JSON
     nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
     nps collect --candidates CANDIDATES.jsonl --profile ME.jsonl [--choices FILE] [--limit N]
+    nps ab --run RUN --profile USER_TYPE=PROFILE.jsonl ... --prompts PROMPTS.txt [--baseline base|RUN[:MODEL]]
     nps compare RUN_A RUN_B [--tolerance 0.02] [--sigmas 2] [--markdown REPORT.md] [--allow-different-data]
 
 A re-run with the same --out resumes each model from its last checkpoint.
@@ -107,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     gather.add_argument("--limit", type=int, default=None, help="ask at most this many pairs now")
     gather.add_argument("--seed", type=int, default=0, help="seed of the order in which the two responses are shown")
 
+    ab = commands.add_parser("ab", help="personalised vs baseline generations per user profile, scored per user")
+    ab.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
+    ab.add_argument("--model", default="np_dpo", help="the personalised policy (default np_dpo)")
+    ab.add_argument("--profile", action="append", default=[], metavar="USER_TYPE=PATH",
+                    help="a user's profile and the user type whose reward scores it (repeat)")
+    ab.add_argument("--prompts", required=True, help="one prompt per line")
+    ab.add_argument("--baseline", default="base", help="'base' (the unconditioned base) or RUN_DIR[:MODEL]")
+    ab.add_argument("--samples", type=int, default=4, help="responses per prompt (default 4)")
+    ab.add_argument("--seed", type=int, default=0)
+    ab.add_argument("--out", default="ab", help="folder for ab.json, ab.md and ab.png (default: ab)")
+
     diff = commands.add_parser("compare", help="line up two runs' metrics; exit 1 if B regressed")
     diff.add_argument("run_a", help="the reference run folder (or its results.json)")
     diff.add_argument("run_b", help="the new run")
@@ -194,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "compare":
             return _compare(args)
+        if args.command == "ab":
+            from nps.experiments.ab import format_markdown, parse_profiles, run_ab
+
+            report = run_ab(args.run, parse_profiles(args.profile), args.prompts, args.out, model=args.model,
+                            baseline=args.baseline, samples=args.samples, seed=args.seed)
+            print(format_markdown(report) + f"\nwrote {args.out}/ab.json, ab.md, ab.png")
+            return 0
         if args.command == "prepare":
             from nps.data.prepared import BuildParameters, prepare_preferences
 

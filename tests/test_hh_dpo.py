@@ -17,6 +17,7 @@ SMALL = [
     "policy.lora.rank=2", "policy.lora.alpha=4", "episodes.num_targets=4", "episodes.max_context=2",
     "eval_num_targets=5", "eval.context_sizes=0,1,3", "eval.num_tasks=8", "train.steps=4", "train.eval_every=2",
     "train.checkpoint_every=2", "train.val_tasks=4", "train.batch_size=2", "reference_batch_size=64",
+    "models=np_dpo,btl_dpo_oracles",
 ]
 
 
@@ -53,7 +54,7 @@ def test_hh_dpo_runs_end_to_end_from_local_paths(model_dir, tmp_path, capsys):
     capsys.readouterr()
     results = json.loads((out / "results.json").read_text())
     assert results["experiment"] == "hh-dpo"
-    assert set(results["models"]) == {"np_dpo", "btl_dpo_mixed", "btl_dpo_helpfulness", "btl_dpo_honesty"}
+    assert set(results["models"]) == {"np_dpo", "btl_dpo_helpfulness", "btl_dpo_honesty"}
     sizes = results["data"]["split_sizes"]
     assert sizes["train"] == int(0.8 * sum(sizes.values()))
     assert results["data"]["content_hash"] == data.content_hash

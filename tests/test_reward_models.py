@@ -88,7 +88,7 @@ def test_variational_objective_is_nll_plus_kl_of_targets_from_context(episodes):
     q_c = model.encode_context(episodes, key_context)
     q_t = model.encode(episodes.target_chosen, episodes.target_rejected, episodes.target_mask, key_targets)
     z = q_t.sample(key_z, 3)
-    nll = jnp.mean(jnp.stack([choice_nll(model._target_log_odds(episodes, zs), episodes.target_mask) for zs in z]), 0)
+    nll = jnp.mean(jnp.stack([choice_nll(model.target_log_odds(episodes, zs), episodes.target_mask) for zs in z]), 0)
     kl = gaussian_kl(q_t, q_c)  # KL(q(z|T) ‖ q(z|C)), the NP direction
     expected = jnp.mean(nll + 0.7 * kl / SPEC.num_targets)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)

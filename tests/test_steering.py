@@ -128,3 +128,34 @@ def test_default_steering_run_meets_the_bars(tmp_path):
     assert abs(accuracy["np_dpo"]["0"]["all"]["mean"] - accuracy["btl_dpo_mixed"]["0"]["all"]["mean"]) < 0.1
     shares = [s["mean"] for s in results["continuum"]["detail_share"]]
     assert all(a > b for a, b in zip(shares, shares[1:])), shares
+
+
+def test_ab_report_is_reproducible_and_a_policy_ties_with_itself(small_run, tmp_path, capsys):
+    out, _ = small_run
+    detail = tmp_path / "alice.jsonl"
+    detail.write_text("\n".join(json.dumps(p) for p in [
+        {"prompt": "physics music", "chosen": "example step detail further", "rejected": "perhaps unsure caveat"},
+        {"prompt": "cooking law", "chosen": "first then finally", "rejected": "might possibly verify"},
+    ]))
+    caution = tmp_path / "bob.jsonl"
+    caution.write_text(json.dumps({"prompt": "chess travel", "chosen": "perhaps caveat", "rejected": "example step"}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("physics music\nchess law\nbiology poetry\n")
+    args = ["ab", "--run", str(out), "--profile", f"detail={detail}", "--profile", f"caution={caution}",
+            "--prompts", str(prompts), "--samples", "4"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
+    assert "| detail | 1 |" in capsys.readouterr().out
+    report = json.loads((tmp_path / "a" / "ab.json").read_text())
+    assert set(report["by_user_type"]) == {"detail", "caution"}
+    assert report["by_user_type"]["detail"]["win_rate"]["num_tasks"] == 12
+    assert report["by_profile"][0]["profile_sha256"] and (tmp_path / "a" / "ab.png").exists()
+    # The same inputs give the same numbers.
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    again = json.loads((tmp_path / "b" / "ab.json").read_text())
+    assert again["by_user_type"] == report["by_user_type"]
+    # Against itself (same policy, profile and seeds) every generation ties: a win rate of exactly ½.
+    assert main([*args, "--out", str(tmp_path / "c"), "--baseline", f"{out}:np_dpo"]) == 0
+    itself = json.loads((tmp_path / "c" / "ab.json").read_text())["by_user_type"]
+    assert all(entry["win_rate"]["mean"] == 0.5 and entry["win_rate"]["sem"] == 0.0 for entry in itself.values())
+    assert main(["ab", "--run", str(out), "--profile", f"honest={detail}", "--prompts", str(prompts)]) == 2
+    assert "write USER_TYPE=PATH with USER_TYPE one of ['detail', 'caution']" in capsys.readouterr().err

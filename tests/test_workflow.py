@@ -139,3 +139,28 @@ def test_compare_command_exits_non_zero_on_a_regression_and_refuses_other_data(t
     assert main(["compare", str(base), str(other)]) == 2
     assert "trained on different data" in capsys.readouterr().err
     assert main(["compare", str(base), str(other), "--allow-different-data"]) == 0
+
+
+def test_pairs_needed_is_the_first_answer_count_at_the_target():
+    from nps.active import pairs_needed
+
+    accuracy = np.array([[0.5, 0.9, 0.96, 0.99], [0.5, 0.7, 0.8, 0.9], [0.97, 0.5, 0.5, 0.5]])
+    np.testing.assert_array_equal(pairs_needed(accuracy, 0.95), [2, 4, 0])  # 4 = never within 3 answers
+
+
+def test_active_choice_needs_fewer_answers_than_random_on_the_synthetic_task(tmp_path, capsys):
+    settings = ["tasks=synthetic", "synthetic_train.steps=150", "synthetic_train.eval_every=50",
+                "synthetic_train.checkpoint_every=50", "eval.num_tasks=50", "eval.context_sizes=0,1",
+                "num_users=40", "num_candidates=50", "num_eval_pairs=100", "num_particles=64", "max_pairs=6",
+                "reference_pairs=4"]
+    args = ["reproduce", "active", "--out", str(tmp_path), "--quiet"]
+    for item in settings:
+        args += ["--set", item]
+    assert main(args) == 0, capsys.readouterr().err
+    task = json.loads((tmp_path / "results.json").read_text())["tasks"]["synthetic"]
+    needed = task["pairs_needed"]
+    # One conflicting pair identifies a synthetic user; random choice finds one only half the time.
+    assert needed["active"]["mean"] < needed["random"]["mean"]
+    curves = task["accuracy_vs_pairs"]
+    assert curves["active"][0] == curves["random"][0]  # before any answer both are the same model and users
+    assert len(curves["active"]) == 7 and (tmp_path / "accuracy_vs_answered_pairs.png").exists()

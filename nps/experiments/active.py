@@ -1,21 +1,22 @@
 """`nps reproduce active`: how many answered pairs a new user needs, asked actively vs at random.
 
-For each task (the synthetic two-user task, and the correlated-option task at ρ = 0.7, where only
-a quarter of the pairs conflict), an NP-BTL model is trained as in its experiment. Then simulated
-test users (half of each user type) answer pairs from a shared pool of candidate pairs, one at a
-time, chosen either at random or by expected information gain over plausible users
-(``nps.active``). After every answer the model is conditioned on all answered pairs and scored
-on that user's choices on separate evaluation pairs. A user *reaches the target* at the first
-number of answers whose accuracy is at least ``target_fraction`` × the model's mean accuracy
-after ``reference_pairs`` random answers (the issue's "95 % of the 10-random-pair accuracy");
-users who never reach it within ``max_pairs`` count as ``max_pairs + 1``. Reported: pairs needed,
-mean ± standard error over users, per strategy, and accuracy vs answered pairs.
+Three tasks: the synthetic two-user task, the correlated-option task at ρ = 0.7 (only a quarter
+of the pairs conflict), each with NP-BTL trained as in its experiment; and the steering task's
+NP-DPO policy (its implicit reward; trained by `nps reproduce steering`, or reused from
+``steering_run``). Simulated test users (half of each user type) answer pairs from a shared pool
+of candidate pairs, one at a time, chosen either at random or by expected information gain over
+plausible users (``nps.active``). After every answer the model is conditioned on all answered
+pairs and scored on that user's choices on separate evaluation pairs (disjoint from the
+candidates). A user *reaches the target* at the first number of answers whose accuracy is at
+least ``target_fraction`` × the model's mean accuracy after ``reference_pairs`` random answers
+(the issue's "95 % of the 10-random-pair accuracy"); users who never reach it within
+``max_pairs`` count as ``max_pairs + 1``. Reported per task: pairs needed, mean ± standard error
+over users, per strategy, their ratio, and accuracy vs answered pairs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -23,22 +24,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from nps.active import most_informative, particle_choice_probabilities, particle_latents, update_log_weights
+from nps.active import PairSet, answer_curves, pairs_needed, particle_latents, user_choices
 from nps.config import config_to_dict
-from nps.data.episodes import Episodes, EpisodeSpec, PairPool
+from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool
 from nps.data.synthetic import correlated_pools, two_user_pools
 from nps.errors import ConfigError
 from nps.experiments.report import finish_run, prepare_output_dir, save_figure
 from nps.experiments.runner import EvalConfig, train_and_evaluate
+from nps.experiments.steering import SteeringConfig, SteeringRun, preference_pools, run_steering
 from nps.experiments.synthetic import SYNTHETIC_NP_BTL
-from nps.likelihood import choice_accuracy
+from nps.models.policy import with_reference_log_probs
 from nps.models.reward import RewardModelConfig
 from nps.train.evaluate import mean_and_sem
 from nps.train.loop import TrainConfig
 
-TASKS = ("synthetic", "correlation")
+TASKS = ("synthetic", "correlation", "steering")
 STRATEGIES = ("random", "active")
 
 
@@ -48,15 +49,17 @@ class ActiveConfig:
     correlation_rho: float = 0.7
     num_pairs: int = 20_000
     data_seed: int = 0
-    num_users: int = 400  # test users, half of each user type
-    num_candidates: int = 200  # the pool a user is asked from (test split)
-    num_eval_pairs: int = 200  # each user's unseen pairs (test split, disjoint from the candidates)
+    num_users: int = 400  # test users per task, half of each user type
+    steering_users: int = 100  # the policy scores every evaluation response: fewer users there
+    num_candidates: int = 200  # the pool a user is asked from (test split; at most half of it)
+    num_eval_pairs: int = 200  # each user's unseen pairs (the rest of the test split, up to this many)
     max_pairs: int = 20
     num_particles: int = 512
     particle_context: int = 10
     reference_pairs: int = 10
     target_fraction: float = 0.95
     seed: int = 0
+    steering_run: str = ""  # a `nps reproduce steering` folder; "" trains one under <out>/steering
     episodes: EpisodeSpec = EpisodeSpec()
     model: RewardModelConfig = SYNTHETIC_NP_BTL
     synthetic_train: TrainConfig = TrainConfig()
@@ -71,8 +74,9 @@ class ActiveConfig:
             raise ConfigError("model.kind must be 'np': choosing pairs needs a context-conditioned model")
         if not 0 < self.reference_pairs <= self.max_pairs:
             raise ConfigError(f"reference_pairs={self.reference_pairs} must be in 1..max_pairs={self.max_pairs}")
-        if self.num_users < 4 or self.num_users % 2:
-            raise ConfigError(f"num_users={self.num_users} must be an even number ≥ 4 (half per user type)")
+        for name in ("num_users", "steering_users"):
+            if getattr(self, name) < 4 or getattr(self, name) % 2:
+                raise ConfigError(f"{name}={getattr(self, name)} must be an even number ≥ 4 (half per user type)")
         if self.num_candidates < self.max_pairs:
             raise ConfigError(f"num_candidates={self.num_candidates} must be at least max_pairs={self.max_pairs}")
         if not 0 < self.target_fraction <= 1:
@@ -84,80 +88,54 @@ class ActiveConfig:
         self.model.validate("model")
 
 
-def _take(pool: PairPool, index: np.ndarray) -> PairPool:
-    return PairPool(*(x[index] for x in pool))
+def _pair_sets(test: PairPool, options: Any, config: ActiveConfig, num_users: int) -> tuple[PairSet, PairSet]:
+    """Candidates and evaluation pairs from a test split, labelled by users of alternating types.
+
+    ``options``: the option table when the pool's options are row ids, else None (features)."""
+    count = test.num_pairs
+    num_candidates = min(config.num_candidates, count // 2)
+    if num_candidates < config.max_pairs:
+        raise ConfigError(f"the test split has {count} pairs: too few for {config.max_pairs} questions and "
+                          "separate evaluation pairs; lower max_pairs")
+    order = np.random.default_rng(config.seed).permutation(count)
+    parts = order[:num_candidates], order[num_candidates : num_candidates + config.num_eval_pairs]
+    user_weights = jax.nn.one_hot(jnp.arange(num_users) % 2, 2)
+    sets = []
+    for index in parts:
+        pool = PairPool(*(x[index] for x in test))
+        a, b = pool.option_a, pool.option_b
+        if options is not None:
+            a, b = (jax.tree.map(lambda t, ids=ids: t[ids[:, 0]], options) for ids in (a, b))
+        sets.append(PairSet(a, b, user_choices(pool, user_weights)))
+    return sets[0], sets[1]
 
 
-def _label(pool: PairPool, user_weights: jax.Array) -> jax.Array:
-    """[U, M] True where each user prefers option a of each pair (ties: option a)."""
-    return (user_weights @ pool.utility_a.T) >= (user_weights @ pool.utility_b.T)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _accuracy(graphdef, params, chosen, rejected, mask, evaluation: PairPool, eval_first: jax.Array,
-              user_weights: jax.Array):
-    """Accuracy [U] on the evaluation pairs of the model conditioned on each user's answered pairs."""
-    num_users = user_weights.shape[0]
-    a = jnp.broadcast_to(evaluation.option_a, (num_users, *evaluation.option_a.shape))
-    b = jnp.broadcast_to(evaluation.option_b, (num_users, *evaluation.option_b.shape))
-    target_chosen = jnp.where(eval_first[..., None], a, b)
-    target_rejected = jnp.where(eval_first[..., None], b, a)
-    episodes = Episodes(chosen, rejected, mask, target_chosen, target_rejected, jnp.ones(eval_first.shape, bool),
-                        jnp.zeros(eval_first.shape, bool), jnp.argmax(user_weights, -1), user_weights)
-    log_odds = nnx.merge(graphdef, params).predict_log_odds(episodes, jax.random.key(0))
-    return choice_accuracy(log_odds, episodes.unseen_mask)
-
-
-def answer_curves(fit, candidates: PairPool, evaluation: PairPool, user_weights: jax.Array, particles: jax.Array,
-                  strategy: str, max_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Accuracy [U, max_pairs + 1] after 0..max_pairs answers, and the asked candidate ids [U, max_pairs]."""
-    model = fit.model()
-    num_users, num_candidates = user_weights.shape[0], candidates.num_pairs
-    probabilities = particle_choice_probabilities(model, particles, candidates.option_a, candidates.option_b)
-    first_chosen = _label(candidates, user_weights)
-    eval_first = _label(evaluation, user_weights)
-    random_order = jax.vmap(lambda k: jax.random.permutation(k, num_candidates))(
-        jax.random.split(jax.random.key(seed), num_users))
-    dim = candidates.option_a.shape[-1]
-    chosen = jnp.zeros((num_users, max_pairs, dim))
-    rejected = jnp.zeros((num_users, max_pairs, dim))
-    mask = jnp.zeros((num_users, max_pairs), bool)
-    log_weights = jnp.zeros((num_users, particles.shape[0]))
-    asked_mask = jnp.zeros((num_users, num_candidates), bool)
-    users = jnp.arange(num_users)
-    accuracy, asked = [], []
-    for n in range(max_pairs + 1):
-        accuracy.append(_accuracy(fit.graphdef, fit.params, chosen, rejected, mask, evaluation, eval_first,
-                                  user_weights))
-        if n == max_pairs:
-            break
-        index = random_order[:, n] if strategy == "random" else most_informative(log_weights, probabilities,
-                                                                                  asked_mask)
-        first = first_chosen[users, index]
-        a, b = candidates.option_a[index], candidates.option_b[index]
-        chosen = chosen.at[:, n].set(jnp.where(first[:, None], a, b))
-        rejected = rejected.at[:, n].set(jnp.where(first[:, None], b, a))
-        mask = mask.at[:, n].set(True)
-        log_weights = update_log_weights(log_weights, probabilities, index, first)
-        asked_mask = asked_mask.at[users, index].set(True)
-        asked.append(index)
-    return np.stack([np.asarray(x) for x in accuracy], axis=1), np.stack([np.asarray(x) for x in asked], axis=1)
-
-
-def pairs_needed(accuracy: np.ndarray, target: float) -> np.ndarray:
-    """Per user [U]: the first number of answers whose accuracy ≥ target (max_pairs + 1 if never)."""
-    reached = accuracy >= target
-    return np.where(reached.any(axis=1), reached.argmax(axis=1), accuracy.shape[1])
-
-
-def _task_pools(task: str, config: ActiveConfig) -> tuple[dict[str, PairPool], dict[str, Any]]:
+def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
+    """(model, its results entry or None, candidates, evaluation, population pool for the particles)."""
+    if task == "steering":
+        directory = Path(config.steering_run) if config.steering_run else out / "steering"
+        if not (directory / "results.json").exists():
+            echo(f"training the steering policies under {directory} (nps reproduce steering)")
+            run_steering(SteeringConfig(), directory, progress=progress, echo=echo)
+        run = SteeringRun.load(directory)
+        pools, options, _ = preference_pools(run.base, run.config)
+        options = with_reference_log_probs(run.policy, options, batch_size=1024)
+        candidates, evaluation = _pair_sets(pools["test"], options, config, config.steering_users)
+        return run.policy, None, candidates, evaluation, OptionPairPool(pools["val"], options)
     if task == "synthetic":
-        return two_user_pools(config.num_pairs, config.data_seed), {"name": "synthetic-two-user",
-                                                                    "num_pairs": config.num_pairs,
-                                                                    "seed": config.data_seed, "threshold": 0.5}
-    return correlated_pools(config.correlation_rho, config.num_pairs, config.data_seed), {
-        "name": "synthetic-correlated", "rho": config.correlation_rho, "num_pairs": config.num_pairs,
-        "seed": config.data_seed}
+        pools = two_user_pools(config.num_pairs, config.data_seed)
+        identity = {"name": "synthetic-two-user", "num_pairs": config.num_pairs, "seed": config.data_seed,
+                    "threshold": 0.5}
+    else:
+        pools = correlated_pools(config.correlation_rho, config.num_pairs, config.data_seed)
+        identity = {"name": "synthetic-correlated", "rho": config.correlation_rho, "num_pairs": config.num_pairs,
+                    "seed": config.data_seed}
+    train = config.synthetic_train if task == "synthetic" else config.correlation_train
+    fit, entry = train_and_evaluate(
+        f"np_btl_{task}", config.model, pools["train"].option_a.shape[-1], pools, config.episodes, train, config.eval,
+        out, ["z=0", "z=1"], data_identity=identity, progress=progress)
+    candidates, evaluation = _pair_sets(pools["test"], None, config, config.num_users)
+    return fit.model(), entry, candidates, evaluation, pools["val"]
 
 
 def run_active(config: ActiveConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
@@ -167,25 +145,22 @@ def run_active(config: ActiveConfig, out: str | Path, *, fresh: bool = False, pr
     out = prepare_output_dir(out, fresh)
     tasks, models = {}, {}
     for task in config.tasks:
-        pools, identity = _task_pools(task, config)
-        train = config.synthetic_train if task == "synthetic" else config.correlation_train
-        option_dim = pools["train"].option_a.shape[-1]
-        fit, models[f"np_btl_{task}"] = train_and_evaluate(
-            f"np_btl_{task}", config.model, option_dim, pools, config.episodes, train, config.eval, out,
-            ["z=0", "z=1"], data_identity=identity, progress=progress)
-        order = np.random.default_rng(config.seed).permutation(pools["test"].num_pairs)
-        candidates = _take(pools["test"], order[: config.num_candidates])
-        evaluation = _take(pools["test"], order[config.num_candidates : config.num_candidates + config.num_eval_pairs])
-        user_weights = jax.nn.one_hot(jnp.arange(config.num_users) % 2, 2)
-        particles = particle_latents(fit.model(), pools["val"], config.episodes, config.num_particles,
+        model, entry, candidates, evaluation, population = _task(task, config, out, progress, echo)
+        if entry is not None:
+            models[f"np_btl_{task}"] = entry
+        particles = particle_latents(model, population, config.episodes, config.num_particles,
                                      config.particle_context, config.seed)
-        curves = {s: answer_curves(fit, candidates, evaluation, user_weights, particles, s, config.max_pairs,
-                                   config.seed + 1)[0] for s in STRATEGIES}
-        target = config.target_fraction * float(curves["random"][:, config.reference_pairs].mean())
+        curves = {s: answer_curves(model, candidates, evaluation, particles, s, config.max_pairs, config.seed + 1)[0]
+                  for s in STRATEGIES}
+        reference = float(curves["random"][:, config.reference_pairs].mean())
+        target = config.target_fraction * reference
         needed = {s: pairs_needed(curves[s], target) for s in STRATEGIES}
         tasks[task] = {
             "target_accuracy": target,
-            "reference_accuracy": float(curves["random"][:, config.reference_pairs].mean()),
+            "reference_accuracy": reference,
+            "num_users": int(candidates.first_chosen.shape[0]),
+            "num_candidates": int(candidates.first_chosen.shape[1]),
+            "num_eval_pairs": int(evaluation.first_chosen.shape[1]),
             "pairs_needed": {s: mean_and_sem(needed[s]) | {"never_reached": int(np.sum(needed[s] > config.max_pairs))}
                              for s in STRATEGIES},
             "ratio_active_to_random": float(needed["active"].mean() / needed["random"].mean()),

@@ -382,9 +382,11 @@ class SteeringRun:
         return self.policy.encode(jnp.asarray(features[:1]), jnp.asarray(features[1:]), mask)[0]
 
     def generate(
-        self, prompts: list[str], z: jax.Array | None = None, *, seed: int = 0, temperature: float | None = None
+        self, prompts: list[str], z: jax.Array | None = None, *, seed: int = 0, temperature: float | None = None,
+        base: bool = False,
     ) -> list[str]:
-        """One sampled response per prompt, steered by z [d] (None: the policy without a user)."""
+        """One sampled response per prompt, steered by z [d] (None: the policy without a user);
+        ``base``: the pretrained base instead (no adapters, no user)."""
         ids = [[two_styles.BOS, *two_styles.encode_words(p, "prompt"), two_styles.SEP] for p in prompts]
         width = max(len(i) for i in ids)
         tokens = np.zeros((len(ids), width), np.int32)
@@ -395,7 +397,10 @@ class SteeringRun:
         batch_z = None if z is None else jnp.broadcast_to(z, (len(ids), z.shape[-1]))
         sampling = SamplingConfig(max_new_tokens=config.language.max_response, temperature=config.temperature,
                                   stop_tokens=(two_styles.EOS,), pad_token=two_styles.PAD)
-        out = generate(self.policy.lm, tokens, mask, sampling=sampling, seed=seed, z=batch_z)
+        if base:
+            out = generate(self.base, tokens, mask, sampling=sampling, seed=seed)
+        else:
+            out = generate(self.policy.lm, tokens, mask, sampling=sampling, seed=seed, z=batch_z)
         return [two_styles.decode_response(row) for row in np.asarray(out.tokens)]
 
     def log_prob(self, prompt: str, response: str, z: jax.Array | None = None) -> float:

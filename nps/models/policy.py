@@ -99,6 +99,10 @@ class SteerablePolicy(nnx.Module):
             episodes.context_chosen.features, episodes.context_rejected.features, episodes.context_mask, key
         )
 
+    def context_latent(self, episodes: Episodes) -> jax.Array | None:
+        """A point z per task [B, d] (the encoder is deterministic here)."""
+        return self.encode_context(episodes)
+
     # -- log-probabilities ------------------------------------------------------------------
     def log_probs(
         self, options: PolicyOptions, z: jax.Array | None = None, *, use_lora: bool = True, dropout_key=None

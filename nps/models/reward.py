@@ -155,29 +155,30 @@ class NPReward(nnx.Module):
         encoded = self.encode_context(episodes)
         return encoded.mean if self.stochastic else encoded
 
-    def _target_log_odds(self, episodes: Episodes, z: jax.Array) -> jax.Array:
+    def target_log_odds(self, episodes: Episodes, z: jax.Array) -> jax.Array:
+        """Log-odds [B, T] that each target's chosen option wins for the user with latent z [B, d]."""
         return btl_log_odds(self.reward(episodes.target_chosen, z), self.reward(episodes.target_rejected, z))
 
     def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
         if not self.stochastic:
-            return self._target_log_odds(episodes, self.encode_context(episodes))
+            return self.target_log_odds(episodes, self.encode_context(episodes))
         q_context = self.encode_context(episodes)
         key = jax.random.key(0) if key is None else key
         z = q_context.sample(key, self.config.eval_latent_samples)  # [S, B, d]
-        sample_log_odds = jax.vmap(lambda zs: self._target_log_odds(episodes, zs))(z)
+        sample_log_odds = jax.vmap(lambda zs: self.target_log_odds(episodes, zs))(z)
         return posterior_predictive_log_odds(sample_log_odds, axis=0)
 
     def objective(self, episodes: Episodes, key: jax.Array):
         key_context, key_targets, key_z = jax.random.split(key, 3)
         if not self.stochastic:
-            log_odds = self._target_log_odds(episodes, self.encode_context(episodes, key_context))
+            log_odds = self.target_log_odds(episodes, self.encode_context(episodes, key_context))
             return jnp.mean(choice_nll(log_odds, episodes.target_mask)), _accuracy_aux(log_odds, episodes)
         q_context = self.encode_context(episodes, key_context)
         q_targets = self.encode(
             episodes.target_chosen, episodes.target_rejected, episodes.target_mask, key_targets
         )
         z = q_targets.sample(key_z, self.config.train_latent_samples)
-        sample_log_odds = jax.vmap(lambda zs: self._target_log_odds(episodes, zs))(z)  # [S, B, T]
+        sample_log_odds = jax.vmap(lambda zs: self.target_log_odds(episodes, zs))(z)  # [S, B, T]
         nll = jnp.mean(jax.vmap(lambda m: choice_nll(m, episodes.target_mask))(sample_log_odds), axis=0)
         num_targets = jnp.maximum(jnp.sum(episodes.target_mask, axis=-1), 1)
         kl = gaussian_kl(q_targets, q_context)

@@ -1,0 +1,155 @@
+"""`nps ab`: a personalised policy against a baseline, for a set of user profiles, scored per user.
+
+    nps ab --run runs/steering --profile detail=alice.jsonl --profile caution=bob.jsonl \\
+        --prompts prompts.txt [--baseline base | --baseline RUN_DIR[:MODEL]] [--samples 4] [--out ab]
+
+For every profile the personalised policy is conditioned on the profile's pairs (z from its
+context encoder) and generates ``samples`` responses per prompt; the baseline generates for the
+same prompts and seeds: the unconditioned base model, or another run's policy (conditioned on
+the same profile when it takes a user). Both are scored by the profile's user type's reward (the
+steering language's per-user oracle), and a generation wins when it scores higher (a tie counts
+½). Reported per user type and per profile: win rate, mean ± standard error over generations,
+and both mean rewards; written as ab.json (with the hashes of every input, so the numbers can be
+reproduced), ab.md and ab.png.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nps.data import steering as two_styles
+from nps.data.profiles import read_pairs
+from nps.errors import ConfigError
+from nps.experiments.report import save_figure
+from nps.experiments.steering import SteeringRun, win_rate
+from nps.train.evaluate import mean_and_sem
+
+
+def parse_profiles(items: list[str]) -> list[tuple[str, Path]]:
+    """``USER_TYPE=PATH`` arguments; the user type names the reward that scores this user."""
+    profiles = []
+    for item in items:
+        user_type, sep, path = item.partition("=")
+        if not sep or user_type not in two_styles.USER_NAMES:
+            raise ConfigError(f"--profile {item!r}: write USER_TYPE=PATH with USER_TYPE one of "
+                              f"{list(two_styles.USER_NAMES)} (the reward that scores this user)")
+        profiles.append((user_type, Path(path)))
+    if not profiles:
+        raise ConfigError("pass at least one --profile USER_TYPE=PATH")
+    return profiles
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file (one prompt per line)")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"{path}: no prompts; write one per line")
+    for number, prompt in enumerate(prompts, start=1):
+        two_styles.encode_words(prompt, f"{path}:{number}")
+    return prompts
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _user_reward(responses: list[str], user_type: str) -> np.ndarray:
+    ids = np.full((len(responses), two_styles.LanguageSpec().sequence_length + 1), two_styles.PAD, np.int64)
+    for row, response in enumerate(responses):
+        words = two_styles.encode_words(response, "response") + [two_styles.EOS]
+        ids[row, : len(words)] = words
+    return two_styles.user_rewards(ids)[:, two_styles.USER_NAMES.index(user_type)]
+
+
+def _baseline(spec: str) -> tuple[str, SteeringRun | None]:
+    if spec == "base":
+        return "base", None
+    run_dir, _, model = spec.partition(":")
+    return spec, SteeringRun.load(run_dir, model or "np_dpo")
+
+
+def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: str | Path, out: str | Path, *,
+           model: str = "np_dpo", baseline: str = "base", samples: int = 4, seed: int = 0) -> dict[str, Any]:
+    if samples < 1:
+        raise ConfigError(f"--samples {samples} must be at least 1")
+    prompts = read_prompts(prompts_path)
+    run = SteeringRun.load(run_dir, model)
+    baseline_name, baseline_run = _baseline(baseline)
+    asked = prompts * samples
+    per_profile, wins_by_type, rewards_by_type = [], {}, {}
+    for user_type, path in profiles:
+        pairs = read_pairs(path, allow_empty=False)
+        personalised = run.generate(asked, run.encode_user(pairs), seed=seed)
+        if baseline_run is None:
+            reference = run.generate(asked, seed=seed, base=True)
+        else:
+            reference = baseline_run.generate(asked, baseline_run.encode_user(pairs), seed=seed)
+        ours, theirs = _user_reward(personalised, user_type), _user_reward(reference, user_type)
+        wins = (ours > theirs) + 0.5 * (ours == theirs)
+        wins_by_type.setdefault(user_type, []).append(wins)
+        rewards_by_type.setdefault(user_type, []).append(np.stack([ours, theirs]))
+        per_profile.append({"user_type": user_type, "profile": str(path), "profile_sha256": _sha256(path),
+                            "context_pairs": len(pairs), "win_rate": win_rate(ours, theirs),
+                            "mean_reward": {"personalised": float(ours.mean()), "baseline": float(theirs.mean())},
+                            "example": {"prompt": asked[0], "personalised": personalised[0], "baseline": reference[0]}})
+    by_type = {}
+    for user_type, wins in wins_by_type.items():
+        rewards = np.concatenate(rewards_by_type[user_type], axis=1)
+        by_type[user_type] = {"win_rate": mean_and_sem(np.concatenate(wins).astype(np.float64)),
+                              "profiles": len(wins),
+                              "mean_reward": {"personalised": float(rewards[0].mean()),
+                                              "baseline": float(rewards[1].mean())}}
+    report = {
+        "inputs": {"run": str(Path(run_dir).absolute()), "model": model, "baseline": baseline_name,
+                   "prompts": str(prompts_path), "prompts_sha256": _sha256(Path(prompts_path)),
+                   "samples_per_prompt": samples, "seed": seed, "scorer": "per-user oracle reward"},
+        "by_user_type": by_type,
+        "by_profile": per_profile,
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ab.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "ab.md").write_text(format_markdown(report))
+    plot_ab(report, out / "ab.png")
+    return report
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    inputs = report["inputs"]
+    lines = [f"# A/B: `{inputs['model']}` personalised vs `{inputs['baseline']}`", "",
+             f"Run `{inputs['run']}`; {inputs['samples_per_prompt']} samples per prompt of `{inputs['prompts']}`, "
+             f"seed {inputs['seed']}; scored by each user type's reward (a tie counts ½).", "",
+             "| user type | profiles | win rate | mean reward: personalised | mean reward: baseline |",
+             "|---|---|---|---|---|"]
+    for user_type, entry in report["by_user_type"].items():
+        rate = entry["win_rate"]
+        lines.append(f"| {user_type} | {entry['profiles']} | {100 * rate['mean']:.1f} ± {100 * rate['sem']:.1f} % "
+                     f"(n = {rate['num_tasks']}) | {entry['mean_reward']['personalised']:.2f} | "
+                     f"{entry['mean_reward']['baseline']:.2f} |")
+    lines += ["", "| profile | user type | context pairs | win rate |", "|---|---|---|---|"]
+    for entry in report["by_profile"]:
+        rate = entry["win_rate"]
+        lines.append(f"| `{entry['profile']}` | {entry['user_type']} | {entry['context_pairs']} | "
+                     f"{100 * rate['mean']:.1f} ± {100 * rate['sem']:.1f} % |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ab(report: dict[str, Any], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    names = list(report["by_user_type"])
+    rates = [report["by_user_type"][n]["win_rate"] for n in names]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.2))
+    ax.bar(names, [100 * r["mean"] for r in rates], yerr=[100 * r["sem"] for r in rates], capsize=4)
+    ax.axhline(50, color="grey", linestyle="--")
+    ax.set_ylabel(f"win rate vs {report['inputs']['baseline']} [%]")
+    ax.set_ylim(0, 100)
+    ax.set_title("personalised vs baseline")
+    return save_figure(fig, path)
