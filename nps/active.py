@@ -107,10 +107,20 @@ def update_log_weights(log_weights: jax.Array, probabilities: jax.Array, asked: 
     return log_weights + jnp.where(first_chosen[:, None], jnp.log(p), jnp.log1p(-p))
 
 
-def most_informative(log_weights: jax.Array, probabilities: jax.Array, already_asked: jax.Array) -> jax.Array:
-    """The candidate id [U] with the largest EIG among those not yet asked (``already_asked`` [U, M] bool)."""
-    gain = expected_information_gain(log_weights, probabilities)
-    return jnp.argmax(jnp.where(already_asked, -jnp.inf, gain), axis=-1)
+def most_informative(log_weights: jax.Array, probabilities: jax.Array, already_asked: jax.Array,
+                     fallback: jax.Array | None = None, min_gain: float = 1e-3) -> jax.Array:
+    """The candidate id [U] with the largest EIG among those not yet asked (``already_asked`` [U, M]).
+
+    Once no candidate is informative any more (largest EIG < ``min_gain`` nats: the plausible users
+    all agree) the rule has nothing to choose by, and its argmax would pick the pairs every user
+    ranks alike, a context a model may never have been trained on. Then ``fallback`` [U] (e.g. a
+    random unasked candidate) is asked instead; without one, the argmax stands.
+    """
+    gain = jnp.where(already_asked, -jnp.inf, expected_information_gain(log_weights, probabilities))
+    best = jnp.argmax(gain, axis=-1)
+    if fallback is None:
+        return best
+    return jnp.where(jnp.max(gain, axis=-1) >= min_gain, best, fallback)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -127,6 +137,7 @@ def answer_curves(model, candidates: PairSet, evaluation: PairSet, particles: ja
     ``"active"`` (EIG over ``particles``); after each answer the model, conditioned on every
     answered pair, is scored on the users' choices on ``evaluation``.
 
+    Active choice falls back to the random order once no candidate is informative (``most_informative``).
     Returns accuracy [U, max_pairs + 1] (after 0..max_pairs answers) and the asked ids [U, max_pairs].
     """
     if strategy not in ("random", "active"):
@@ -148,8 +159,11 @@ def answer_curves(model, candidates: PairSet, evaluation: PairSet, particles: ja
                                              evaluation)))
         if n == max_pairs:
             break
-        index = random_order[:, n] if strategy == "random" else most_informative(log_weights, probabilities,
-                                                                                  asked_mask)
+        # The next candidate of each user's random order that has not been asked yet.
+        unasked_in_order = ~jnp.take_along_axis(asked_mask, random_order, axis=1)
+        random_next = jnp.take_along_axis(random_order, jnp.argmax(unasked_in_order, axis=1)[:, None], axis=1)[:, 0]
+        index = random_next if strategy == "random" else most_informative(log_weights, probabilities, asked_mask,
+                                                                           fallback=random_next)
         first = candidates.first_chosen[users, index]
         context_ids = context_ids.at[:, n].set(index)
         context_first = context_first.at[:, n].set(first)

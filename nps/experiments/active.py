@@ -118,7 +118,8 @@ def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
             echo(f"training the steering policies under {directory} (nps reproduce steering)")
             run_steering(SteeringConfig(), directory, progress=progress, echo=echo)
         run = SteeringRun.load(directory)
-        pools, options, _ = preference_pools(run.base, run.config)
+        # Candidates as sampling produces them: conflicting pairs and pairs both users rank alike.
+        pools, options, _ = preference_pools(run.base, run.config, conflicting_only=False)
         options = with_reference_log_probs(run.policy, options, batch_size=1024)
         candidates, evaluation = _pair_sets(pools["test"], options, config, config.steering_users)
         return run.policy, None, candidates, evaluation, OptionPairPool(pools["val"], options)

@@ -143,14 +143,18 @@ def sample_responses(model, prompts: np.ndarray, config: SteeringConfig, seed: i
     return np.asarray(generate(model, prompts, sampling=sampling, seed=seed, z=z).tokens)
 
 
-def preference_pools(base, config: SteeringConfig) -> tuple[dict[str, PairPool], PolicyOptions, dict[str, Any]]:
-    """Pairs of base samples that the users rank oppositely, split 80/10/10, and their options table."""
+def preference_pools(base, config: SteeringConfig, conflicting_only: bool = True
+                     ) -> tuple[dict[str, PairPool], PolicyOptions, dict[str, Any]]:
+    """Pairs of base samples that the users rank oppositely (or, with ``conflicting_only=False``,
+    every pair that neither user ties, as sampling produces them), split 80/10/10, and their options."""
     rng = np.random.default_rng(config.seed + 1)
     prompts = two_styles.sample_prompts(rng, config.num_prompts)
     first = sample_responses(base, prompts, config, config.seed + 2)
     second = sample_responses(base, prompts, config, config.seed + 3)
     rewards_a, rewards_b = two_styles.user_rewards(first), two_styles.user_rewards(second)
     keep = two_styles.conflicting(rewards_a, rewards_b)
+    if not conflicting_only:
+        keep = np.all(rewards_a != rewards_b, axis=1)
     count = int(keep.sum())
     if count < 50:
         raise ConfigError(f"only {count} conflicting pairs; raise num_prompts (now {config.num_prompts})")
