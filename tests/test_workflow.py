@@ -164,3 +164,14 @@ def test_active_choice_needs_fewer_answers_than_random_on_the_synthetic_task(tmp
     curves = task["accuracy_vs_pairs"]
     assert curves["active"][0] == curves["random"][0]  # before any answer both are the same model and users
     assert len(curves["active"]) == 7 and (tmp_path / "accuracy_vs_answered_pairs.png").exists()
+
+
+def test_collect_in_a_terminal_reads_keys_and_quits_keeping_answers(tmp_path, monkeypatch, capsys):
+    from nps.data.profiles import ask_in_terminal
+
+    candidates = write_candidates(tmp_path / "candidates.jsonl", 3)
+    keys = iter(["x", "2", "q"])  # an invalid key is asked again
+    monkeypatch.setattr("builtins.input", lambda prompt: next(keys))
+    records = collect(candidates, tmp_path / "me.jsonl", ask_in_terminal)
+    assert len(records) == 1 and "=== prompt ===\nq0" in capsys.readouterr().out
+    assert len(read_pairs(tmp_path / "me.jsonl")) == 1
