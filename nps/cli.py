@@ -10,6 +10,7 @@
     nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
     nps collect --candidates CANDIDATES.jsonl --profile ME.jsonl [--choices FILE] [--limit N]
     nps ab --run RUN --profile USER_TYPE=PROFILE.jsonl ... --prompts PROMPTS.txt [--baseline base|RUN[:MODEL]]
+           [--scorer oracle|np_btl]
     nps compare RUN_A RUN_B [--tolerance 0.02] [--sigmas 2] [--markdown REPORT.md] [--allow-different-data]
 
 A re-run with the same --out resumes each model from its last checkpoint.
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--baseline", default="base", help="'base' (the unconditioned base) or RUN_DIR[:MODEL]")
     ab.add_argument("--samples", type=int, default=4, help="responses per prompt (default 4)")
     ab.add_argument("--seed", type=int, default=0)
+    ab.add_argument("--scorer", choices=("oracle", "np_btl"), default="oracle",
+                    help="oracle: each user type's true reward; np_btl: NP-BTL conditioned on the profile")
+    ab.add_argument("--scorer-steps", type=int, default=1000, help="np_btl scorer's training steps (once per run)")
     ab.add_argument("--out", default="ab", help="folder for ab.json, ab.md and ab.png (default: ab)")
 
     diff = commands.add_parser("compare", help="line up two runs' metrics; exit 1 if B regressed")
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             from nps.experiments.ab import format_markdown, parse_profiles, run_ab
 
             report = run_ab(args.run, parse_profiles(args.profile), args.prompts, args.out, model=args.model,
-                            baseline=args.baseline, samples=args.samples, seed=args.seed)
+                            baseline=args.baseline, samples=args.samples, seed=args.seed, scorer=args.scorer,
+                            scorer_steps=args.scorer_steps)
             print(format_markdown(report) + f"\nwrote {args.out}/ab.json, ab.md, ab.png")
             return 0
         if args.command == "prepare":

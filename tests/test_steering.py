@@ -159,3 +159,11 @@ def test_ab_report_is_reproducible_and_a_policy_ties_with_itself(small_run, tmp_
     assert all(entry["win_rate"]["mean"] == 0.5 and entry["win_rate"]["sem"] == 0.0 for entry in itself.values())
     assert main(["ab", "--run", str(out), "--profile", f"honest={detail}", "--prompts", str(prompts)]) == 2
     assert "write USER_TYPE=PATH with USER_TYPE one of ['detail', 'caution']" in capsys.readouterr().err
+
+    # The learned scorer: NP-BTL conditioned on each profile (trained once into the run's checkpoints).
+    assert main([*args, "--out", str(tmp_path / "d"), "--scorer", "np_btl", "--scorer-steps", "40"]) == 0
+    learned = json.loads((tmp_path / "d" / "ab.json").read_text())
+    assert learned["inputs"]["scorer"] == "NP-BTL conditioned on the profile"
+    assert set(learned["scorer_unseen_accuracy"]["0"]) == {"detail", "caution", "all"}
+    assert all(0.0 <= entry["win_rate"]["mean"] <= 1.0 for entry in learned["by_user_type"].values())
+    assert (out / "checkpoints" / "np_btl_reward").exists()

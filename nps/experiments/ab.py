@@ -6,9 +6,11 @@
 For every profile the personalised policy is conditioned on the profile's pairs (z from its
 context encoder) and generates ``samples`` responses per prompt; the baseline generates for the
 same prompts and seeds: the unconditioned base model, or another run's policy (conditioned on
-the same profile when it takes a user). Both are scored by the profile's user type's reward (the
-steering language's per-user oracle), and a generation wins when it scores higher (a tie counts
-½). Reported per user type and per profile: win rate, mean ± standard error over generations,
+the same profile when it takes a user). Both are scored by a reward model: ``--scorer oracle``,
+the profile's user type's true reward (the steering language's per-user oracle), or ``--scorer
+np_btl``, an NP-BTL reward model conditioned on the profile's own pairs (trained once on the run's
+preference pairs and kept in its checkpoints; its unseen-pair accuracy is in the report). A
+generation wins when it scores higher (a tie counts ½). Reported per user type and per profile: win rate, mean ± standard error over generations,
 and both mean rewards; written as ab.json (with the hashes of every input, so the numbers can be
 reproduced), ab.md and ab.png.
 """
@@ -23,11 +25,16 @@ from typing import Any
 import numpy as np
 
 from nps.data import steering as two_styles
+from nps.data.episodes import EpisodeSpec, OptionPairPool
 from nps.data.profiles import read_pairs
+from nps.encoder import EncoderConfig
 from nps.errors import ConfigError
 from nps.experiments.report import save_figure
-from nps.experiments.steering import SteeringRun, win_rate
+from nps.experiments.runner import EvalConfig, train_and_evaluate
+from nps.experiments.steering import SteeringRun, preference_pools, win_rate
+from nps.models.reward import RewardModelConfig
 from nps.train.evaluate import mean_and_sem
+from nps.train.loop import TrainConfig
 
 
 def parse_profiles(items: list[str]) -> list[tuple[str, Path]]:
@@ -60,6 +67,26 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
+    """An NP-BTL reward model on the run's preference pairs (features: the base's option states),
+    trained once into ``run_dir/checkpoints/np_btl_reward`` (resumed after); returns
+    ``score(pairs, prompts, responses) -> rewards [N]`` for the user of ``pairs`` and its results."""
+    pools, options, identity = preference_pools(run.base, run.config)
+    feature_pools = {split: OptionPairPool(pool, options.features) for split, pool in pools.items()}
+    config = RewardModelConfig(kind="np", encoder=EncoderConfig(inner="linear", attention_dropout=0.0))
+    fit, entry = train_and_evaluate(
+        "np_btl_reward", config, options.features.shape[1], feature_pools, EpisodeSpec(),
+        TrainConfig(steps=steps, eval_every=min(50, steps), checkpoint_every=min(50, steps)),
+        EvalConfig(num_tasks=500), run_dir, list(two_styles.USER_NAMES), data_identity=identity, progress=False)
+    model = fit.model()
+
+    def score(pairs, prompts, responses):
+        z = model.encode(*run.pair_features(pairs))
+        return np.asarray(model.reward(run.response_features(prompts, responses)[None], z)[0])
+
+    return score, entry
+
+
 def _user_reward(responses: list[str], user_type: str) -> np.ndarray:
     ids = np.full((len(responses), two_styles.LanguageSpec().sequence_length + 1), two_styles.PAD, np.int64)
     for row, response in enumerate(responses):
@@ -76,12 +103,18 @@ def _baseline(spec: str) -> tuple[str, SteeringRun | None]:
 
 
 def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: str | Path, out: str | Path, *,
-           model: str = "np_dpo", baseline: str = "base", samples: int = 4, seed: int = 0) -> dict[str, Any]:
+           model: str = "np_dpo", baseline: str = "base", samples: int = 4, seed: int = 0, scorer: str = "oracle",
+           scorer_steps: int = 1000) -> dict[str, Any]:
     if samples < 1:
         raise ConfigError(f"--samples {samples} must be at least 1")
+    if scorer not in ("oracle", "np_btl"):
+        raise ConfigError(f"--scorer {scorer!r}: use 'oracle' or 'np_btl'")
     prompts = read_prompts(prompts_path)
     run = SteeringRun.load(run_dir, model)
     baseline_name, baseline_run = _baseline(baseline)
+    scorer_entry = None
+    if scorer == "np_btl":
+        score_np_btl, scorer_entry = np_btl_scorer(run, Path(run_dir), scorer_steps)
     asked = prompts * samples
     per_profile, wins_by_type, rewards_by_type = [], {}, {}
     for user_type, path in profiles:
@@ -91,7 +124,10 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
             reference = run.generate(asked, seed=seed, base=True)
         else:
             reference = baseline_run.generate(asked, baseline_run.encode_user(pairs), seed=seed)
-        ours, theirs = _user_reward(personalised, user_type), _user_reward(reference, user_type)
+        if scorer == "oracle":
+            ours, theirs = _user_reward(personalised, user_type), _user_reward(reference, user_type)
+        else:
+            ours, theirs = (score_np_btl(pairs, asked, responses) for responses in (personalised, reference))
         wins = (ours > theirs) + 0.5 * (ours == theirs)
         wins_by_type.setdefault(user_type, []).append(wins)
         rewards_by_type.setdefault(user_type, []).append(np.stack([ours, theirs]))
@@ -109,7 +145,9 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
     report = {
         "inputs": {"run": str(Path(run_dir).absolute()), "model": model, "baseline": baseline_name,
                    "prompts": str(prompts_path), "prompts_sha256": _sha256(Path(prompts_path)),
-                   "samples_per_prompt": samples, "seed": seed, "scorer": "per-user oracle reward"},
+                   "samples_per_prompt": samples, "seed": seed,
+                   "scorer": "per-user oracle reward" if scorer == "oracle" else "NP-BTL conditioned on the profile"},
+        "scorer_unseen_accuracy": None if scorer_entry is None else scorer_entry["unseen_accuracy"],
         "by_user_type": by_type,
         "by_profile": per_profile,
     }
@@ -125,7 +163,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     inputs = report["inputs"]
     lines = [f"# A/B: `{inputs['model']}` personalised vs `{inputs['baseline']}`", "",
              f"Run `{inputs['run']}`; {inputs['samples_per_prompt']} samples per prompt of `{inputs['prompts']}`, "
-             f"seed {inputs['seed']}; scored by each user type's reward (a tie counts ½).", "",
+             f"seed {inputs['seed']}; scored by {inputs['scorer']} (a tie counts ½).", "",
              "| user type | profiles | win rate | mean reward: personalised | mean reward: baseline |",
              "|---|---|---|---|---|"]
     for user_type, entry in report["by_user_type"].items():

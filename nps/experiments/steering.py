@@ -372,18 +372,28 @@ class SteeringRun:
         )
         return cls(policy, base.model, config, model)
 
-    def encode_user(self, pairs: list[dict[str, str]]) -> jax.Array | None:
-        """z [d] from a user's pairs ({"prompt", "chosen", "rejected"}; may be empty); None if unconditioned."""
-        if self.policy.encoder is None:
-            return None
+    def pair_features(self, pairs: list[dict[str, str]]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """A context of one user: chosen and rejected features [1, C, E] (the base's last-token
+        states, as the encoders read options) and the mask [1, C]; C ≥ 1 (an empty context is a
+        mask over one unused slot)."""
         chosen = [two_styles.option_tokens(p["prompt"], p["chosen"], f"pairs[{i}]") for i, p in enumerate(pairs)]
         rejected = [two_styles.option_tokens(p["prompt"], p["rejected"], f"pairs[{i}]") for i, p in enumerate(pairs)]
-        capacity = max(len(pairs), 1)  # an empty context is a mask over one unused slot
+        capacity = max(len(pairs), 1)
         features = np.zeros((2, capacity, self.config.decoder.hidden_size), np.float32)
         if pairs:
             features[:, : len(pairs)] = embed_tokens(self.base, chosen + rejected).reshape(2, len(pairs), -1)
         mask = jnp.arange(capacity)[None] < len(pairs)
-        return self.policy.encode(jnp.asarray(features[:1]), jnp.asarray(features[1:]), mask)[0]
+        return jnp.asarray(features[:1]), jnp.asarray(features[1:]), mask
+
+    def response_features(self, prompts: list[str], responses: list[str]) -> jax.Array:
+        """Features [N, E] of prompt + response options (the base's last-token states)."""
+        return jnp.asarray(embed_tokens(self.base, [two_styles.option_tokens(p, r) for p, r in zip(prompts, responses)]))
+
+    def encode_user(self, pairs: list[dict[str, str]]) -> jax.Array | None:
+        """z [d] from a user's pairs ({"prompt", "chosen", "rejected"}; may be empty); None if unconditioned."""
+        if self.policy.encoder is None:
+            return None
+        return self.policy.encode(*self.pair_features(pairs))[0]
 
     def generate(
         self, prompts: list[str], z: jax.Array | None = None, *, seed: int = 0, temperature: float | None = None,
