@@ -186,3 +186,24 @@ def user_choices(pool: PairPool, user_weights: jax.Array) -> jax.Array:
         return jnp.sum(user_weights[:, None, :] * u[None], axis=-1)
 
     return utility(pool.utility_a) >= utility(pool.utility_b)
+
+
+def informative_chooser(model, particles: jax.Array, option_a: Any, option_b: Any):
+    """A ``next_candidate`` for ``nps.data.profiles.collect``: after the answers so far, the unasked
+    candidate with the largest EIG (file order once none is informative, or None when all were asked).
+    ``option_a`` / ``option_b``: the model's options of each candidate's two responses, in file order."""
+    probabilities = jax.jit(particle_choice_probabilities)(model, particles, option_a, option_b)
+
+    def next_candidate(candidates: list[dict], answered: list[dict], asked: set[int]) -> int | None:
+        unasked = [i for i in range(len(candidates)) if i not in asked]
+        if not unasked:
+            return None
+        log_weights = jnp.zeros((1, particles.shape[0]))
+        for record in answered:
+            index = int(record["candidate"])
+            first = record["chosen"] == candidates[index]["responses"][0]
+            log_weights = update_log_weights(log_weights, probabilities, jnp.array([index]), jnp.array([first]))
+        asked_mask = jnp.zeros((1, len(candidates)), bool).at[0, jnp.array(sorted(asked), int)].set(True)
+        return int(most_informative(log_weights, probabilities, asked_mask, jnp.array([unasked[0]]))[0])
+
+    return next_candidate

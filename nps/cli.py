@@ -8,7 +8,7 @@
     nps prepare hh|hht --data ULTRAFEEDBACK.jsonl [--out DIR] [--conflict-rate R] [--split-by pair|prompt] [--seed S]
     nps reproduce synthetic --print-config     # the typed defaults, as JSON
     nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
-    nps collect --candidates CANDIDATES.jsonl --profile ME.jsonl [--choices FILE] [--limit N]
+    nps collect --candidates CANDIDATES.jsonl --profile ME.jsonl [--choices FILE] [--limit N] [--active RUN]
     nps ab --run RUN --profile USER_TYPE=PROFILE.jsonl ... --prompts PROMPTS.txt [--baseline base|RUN[:MODEL]]
            [--scorer oracle|np_btl]
     nps compare RUN_A RUN_B [--tolerance 0.02] [--sigmas 2] [--markdown REPORT.md] [--allow-different-data]
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     gather.add_argument("--choices", help="scripted answers, one per line (1, 2 or s), instead of asking")
     gather.add_argument("--limit", type=int, default=None, help="ask at most this many pairs now")
     gather.add_argument("--seed", type=int, default=0, help="seed of the order in which the two responses are shown")
+    gather.add_argument("--active", metavar="RUN", help="ask the most informative pair first, judged by a trained "
+                        "`nps reproduce steering` run's NP-DPO policy (default: file order)")
 
     ab = commands.add_parser("ab", help="personalised vs baseline generations per user profile, scored per user")
     ab.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
@@ -137,7 +139,23 @@ def _collect(args) -> None:
     from nps.data.profiles import ask_in_terminal, choices_from_file, collect
 
     chooser = choices_from_file(args.choices) if args.choices else ask_in_terminal
-    records = collect(args.candidates, args.profile, chooser, limit=args.limit, seed=args.seed)
+    order = None
+    if args.active:
+        from nps.active import informative_chooser
+        from nps.data.profiles import read_candidates
+        from nps.experiments.steering import SteeringRun
+
+        run = SteeringRun.load(args.active)
+        candidates, _ = read_candidates(args.candidates)
+        import jax
+
+        prompts = [c["prompt"] for c in candidates]
+        # Both responses of every candidate in one table, so that they share one padded width.
+        both = run.options(prompts * 2, [c["responses"][0] for c in candidates] + [c["responses"][1] for c in candidates])
+        first, second = (jax.tree.map(lambda x, s=s: x[s], both) for s in (slice(0, len(prompts)),
+                                                                           slice(len(prompts), None)))
+        order = informative_chooser(run.policy, run.particles(), first, second)
+    records = collect(args.candidates, args.profile, chooser, next_candidate=order, limit=args.limit, seed=args.seed)
     skipped = sum(r.get("choice") == "skip" for r in records)
     print(f"{args.profile}: {len(records) - skipped} answered, {skipped} skipped")
 

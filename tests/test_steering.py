@@ -167,3 +167,23 @@ def test_ab_report_is_reproducible_and_a_policy_ties_with_itself(small_run, tmp_
     assert set(learned["scorer_unseen_accuracy"]["0"]) == {"detail", "caution", "all"}
     assert all(0.0 <= entry["win_rate"]["mean"] <= 1.0 for entry in learned["by_user_type"].values())
     assert (out / "checkpoints" / "np_btl_reward").exists()
+
+
+def test_collect_asks_a_pair_that_separates_the_users_first(small_run, tmp_path, capsys):
+    from nps.data.profiles import read_profile
+
+    out, _ = small_run
+    # Two pairs every user ranks alike (no cautious words in either), then two on which they disagree.
+    candidates = [
+        {"prompt": "physics music", "responses": ["example step", "example step detail further"]},
+        {"prompt": "cooking law", "responses": ["first then", "first then finally also"]},
+        {"prompt": "chess travel", "responses": ["example step detail", "perhaps unsure caveat"]},
+        {"prompt": "biology poetry", "responses": ["might possibly verify", "first then finally"]},
+    ]
+    path = tmp_path / "candidates.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in candidates) + "\n")
+    (tmp_path / "choices.txt").write_text("1\n")
+    profile = tmp_path / "me.jsonl"
+    assert main(["collect", "--candidates", str(path), "--profile", str(profile), "--choices",
+                 str(tmp_path / "choices.txt"), "--active", str(out)]) == 0, capsys.readouterr().err
+    assert [r["candidate"] for r in read_profile(profile)][0] in (2, 3)

@@ -389,6 +389,29 @@ class SteeringRun:
         """Features [N, E] of prompt + response options (the base's last-token states)."""
         return jnp.asarray(embed_tokens(self.base, [two_styles.option_tokens(p, r) for p, r in zip(prompts, responses)]))
 
+    def particles(self, count: int = 256, context_size: int = 10, seed: int = 0) -> jax.Array:
+        """z [count, d] of plausible users: the policy's latents for tasks of the run's validation pairs."""
+        from nps.active import particle_latents
+
+        pools, options, _ = preference_pools(self.base, self.config)
+        return particle_latents(self.policy, OptionPairPool(pools["val"], options), self.config.episodes, count,
+                                context_size, seed)
+
+    def options(self, prompts: list[str], responses: list[str]) -> PolicyOptions:
+        """Prompt + response options [N] as the policy scores them: tokens, masks, the encoder's
+        features and the reference log-probabilities."""
+        ids = [two_styles.option_tokens(p, r, f"options[{i}]") for i, (p, r) in enumerate(zip(prompts, responses))]
+        width = max(len(row) for row in ids)
+        tokens = np.full((len(ids), width), two_styles.PAD, np.int32)
+        token_mask = np.zeros((len(ids), width), bool)
+        response_mask = np.zeros((len(ids), width), bool)
+        for row, (prompt, sequence) in enumerate(zip(prompts, ids)):
+            tokens[row, : len(sequence)], token_mask[row, : len(sequence)] = sequence, True
+            response_mask[row, len(two_styles.encode_words(prompt)) + 2 : len(sequence)] = True  # after <bos> … SEP
+        options = PolicyOptions(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(response_mask),
+                                self.response_features(prompts, responses), jnp.zeros((len(ids),), jnp.float32))
+        return with_reference_log_probs(self.policy, options)
+
     def encode_user(self, pairs: list[dict[str, str]]) -> jax.Array | None:
         """z [d] from a user's pairs ({"prompt", "chosen", "rejected"}; may be empty); None if unconditioned."""
         if self.policy.encoder is None:
@@ -419,8 +442,4 @@ class SteeringRun:
 
     def log_prob(self, prompt: str, response: str, z: jax.Array | None = None) -> float:
         """log π(response | prompt, z) under the steered policy."""
-        ids = np.asarray([two_styles.option_tokens(prompt, response)], np.int32)
-        response_mask = np.arange(ids.shape[1]) > len(two_styles.encode_words(prompt)) + 1
-        options = PolicyOptions(jnp.asarray(ids), jnp.ones(ids.shape, bool), jnp.asarray(response_mask[None]),
-                                jnp.zeros((1, 1)), jnp.zeros((1,)))
-        return float(self.policy.log_probs(options, None if z is None else z[None])[0])
+        return float(self.policy.log_probs(self.options([prompt], [response]), None if z is None else z[None])[0])
