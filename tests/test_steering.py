@@ -75,15 +75,21 @@ def test_small_run_writes_results_plots_and_adapts(small_run):
     assert "win vs base" in printed and "caution user:" in printed
 
 
-def test_generate_command_and_python_api(small_run, tmp_path, capsys):
-    out, _ = small_run
-    detail = tmp_path / "detail.jsonl"
+def write_profiles(folder):
+    """A detail-preferring user's two pairs, and a caution-preferring user's one."""
+    detail = folder / "detail.jsonl"
     detail.write_text("\n".join(json.dumps(p) for p in [
         {"prompt": "physics music", "chosen": "example step detail further", "rejected": "perhaps unsure caveat"},
         {"prompt": "cooking law", "chosen": "first then finally", "rejected": "might possibly verify"},
     ]))
-    caution = tmp_path / "caution.jsonl"
+    caution = folder / "caution.jsonl"
     caution.write_text(json.dumps({"prompt": "chess travel", "chosen": "perhaps caveat", "rejected": "example step"}))
+    return detail, caution
+
+
+def test_generate_command_and_python_api(small_run, tmp_path, capsys):
+    out, _ = small_run
+    detail, caution = write_profiles(tmp_path)
     assert main(["generate", "--run", str(out), "--prompt", "physics music", "--prompt", "chess law",
                  "--context", str(detail), "--toward", str(caution), "--points", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -132,13 +138,7 @@ def test_default_steering_run_meets_the_bars(tmp_path):
 
 def test_ab_report_is_reproducible_and_a_policy_ties_with_itself(small_run, tmp_path, capsys):
     out, _ = small_run
-    detail = tmp_path / "alice.jsonl"
-    detail.write_text("\n".join(json.dumps(p) for p in [
-        {"prompt": "physics music", "chosen": "example step detail further", "rejected": "perhaps unsure caveat"},
-        {"prompt": "cooking law", "chosen": "first then finally", "rejected": "might possibly verify"},
-    ]))
-    caution = tmp_path / "bob.jsonl"
-    caution.write_text(json.dumps({"prompt": "chess travel", "chosen": "perhaps caveat", "rejected": "example step"}))
+    detail, caution = write_profiles(tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("physics music\nchess law\nbiology poetry\n")
     args = ["ab", "--run", str(out), "--profile", f"detail={detail}", "--profile", f"caution={caution}",
