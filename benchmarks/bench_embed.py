@@ -59,7 +59,8 @@ def main() -> None:
     rng = np.random.default_rng(1)
     sequences = [rng.integers(1, config.vocab_size, n).tolist() for n in sizes]
     print(f"{jax.devices()[0].device_kind}: {args.options} options, mean {sizes.mean():.0f} tokens "
-          f"(max {sizes.max()}), batch {args.batch}, {config.num_layers} layers × {config.hidden_size}, {dtype.__name__}")
+          f"(max {sizes.max()}), batch {args.batch}, {config.num_layers} layers × {config.hidden_size}, "
+          f"{dtype.__name__}")
 
     with tempfile.TemporaryDirectory() as directory:
         if args.no_baseline:

@@ -151,7 +151,8 @@ def _collect(args) -> None:
 
         prompts = [c["prompt"] for c in candidates]
         # Both responses of every candidate in one table, so that they share one padded width.
-        both = run.options(prompts * 2, [c["responses"][0] for c in candidates] + [c["responses"][1] for c in candidates])
+        responses = [c["responses"][0] for c in candidates] + [c["responses"][1] for c in candidates]
+        both = run.options(prompts * 2, responses)
         first, second = (jax.tree.map(lambda x, s=s: x[s], both) for s in (slice(0, len(prompts)),
                                                                            slice(len(prompts), None)))
         order = informative_chooser(run.policy, run.particles(), first, second)

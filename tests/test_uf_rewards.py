@@ -33,7 +33,8 @@ def inputs(tmp_path_factory):
 
 def reproduce(experiment, inputs, out, data=None, extra=()):
     model, release = inputs
-    args = ["reproduce", experiment, "--model", str(model), "--data", str(data or release), "--out", str(out), "--quiet"]
+    args = ["reproduce", experiment, "--model", str(model), "--data", str(data or release), "--out", str(out),
+            "--quiet"]
     for item in [*SMALL, *extra]:
         args += ["--set", item]
     return main(args)
@@ -82,13 +83,12 @@ def test_conflict_study_contexts_are_disjoint_from_conflicting_targets():
 
 def test_reproduce_hh_end_to_end_and_resume_from_the_prepared_folder(inputs, tmp_path, capsys):
     out = tmp_path / "hh"
-    assert reproduce("hh", inputs, out, extra=["pca_context_sizes=1,3",
-                                               "models=btl_mixed,btl_oracles,np_btl,np_btl_variational"]) == 0, \
-        capsys.readouterr().err
+    # (The variational NP-BTL is the same code path with another model config; tests/test_train.py trains it.)
+    assert reproduce("hh", inputs, out, extra=["pca_context_sizes=1,3"]) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "100 of 100 prompts kept" in printed and "options/s" in printed
     results = json.loads((out / "results.json").read_text())
-    assert set(results["models"]) == {"btl_mixed", "btl_helpfulness", "btl_honesty", "np_btl", "np_btl_variational"}
+    assert set(results["models"]) == {"btl_mixed", "btl_helpfulness", "btl_honesty", "np_btl"}
     data = load_preferences(out / "dataset")
     assert results["data"]["content_hash"] == data.content_hash
     assert results["embedder"]["num_options"] == len(data.options.responses) and results["embedder"]["dim"] == 64
@@ -98,8 +98,7 @@ def test_reproduce_hh_end_to_end_and_resume_from_the_prepared_folder(inputs, tmp
         assert np.isfinite(model["best_val_nll"])
         metadata = json.loads(next((out / "checkpoints" / name).glob("*/metadata/metadata")).read_text())
         assert metadata["fingerprint"]["data"]["content_hash"] == data.content_hash
-    assert {p for p in results["plots"]} == {"accuracy_vs_context.png", "np_btl_z_pca.png",
-                                             "np_btl_variational_z_pca.png"}
+    assert set(results["plots"]) == {"accuracy_vs_context.png", "np_btl_z_pca.png"}
     # A run on the prepared folder has the same data identity: it reuses the embeddings and the checkpoint.
     assert reproduce("hh", inputs, out, data=data.directory, extra=["pca_context_sizes=1,3", "models=np_btl"]) == 0
     again = json.loads((out / "results.json").read_text())
@@ -108,8 +107,8 @@ def test_reproduce_hh_end_to_end_and_resume_from_the_prepared_folder(inputs, tmp
 
 
 def test_reproduce_conflict_and_continuum(inputs, tmp_path, capsys):
-    assert reproduce("conflict", inputs, tmp_path / "conflict", extra=["train_rates=1.0,0.5", "episodes.num_targets=4"]) == 0, \
-        capsys.readouterr().err
+    extra = ["train_rates=0.5", "episodes.num_targets=4"]
+    assert reproduce("conflict", inputs, tmp_path / "conflict", extra=extra) == 0, capsys.readouterr().err
     results = json.loads((tmp_path / "conflict" / "results.json").read_text())
     assert results["data"]["build"]["conflict_rate"] == 0.5
     for model in results["models"].values():

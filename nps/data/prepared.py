@@ -199,8 +199,8 @@ def prepare_preferences(
     splits = split_pairs(pairs, completions, build.seed, by=build.split_by)
     empty = [name for name in SPLITS if not len(splits[name])]
     if empty:
-        raise ConfigError(f"{source}: the {' and '.join(empty)} split would be empty ({len(pairs)} {build.recipe.upper()} "
-                          "pairs in all); prepare from more of UltraFeedback")
+        raise ConfigError(f"{source}: the {' and '.join(empty)} split would be empty ({len(pairs)} "
+                          f"{build.recipe.upper()} pairs in all); prepare from more of UltraFeedback")
     records = {name: _split_records(completions, splits[name]) for name in SPLITS}
     metadata = {
         "build": dataclasses.asdict(build),

@@ -10,9 +10,9 @@ the same profile when it takes a user). Both are scored by a reward model: ``--s
 the profile's user type's true reward (the steering language's per-user oracle), or ``--scorer
 np_btl``, an NP-BTL reward model conditioned on the profile's own pairs (trained once on the run's
 preference pairs and kept in its checkpoints; its unseen-pair accuracy is in the report). A
-generation wins when it scores higher (a tie counts ½). Reported per user type and per profile: win rate, mean ± standard error over generations,
-and both mean rewards; written as ab.json (with the hashes of every input, so the numbers can be
-reproduced), ab.md and ab.png.
+generation wins when it scores higher (a tie counts ½). Reported per user type and per profile:
+the win rate, mean ± standard error over generations, and both mean rewards; written as ab.json
+(with the hashes of every input, so the numbers can be reproduced), ab.md and ab.png.
 """
 
 from __future__ import annotations

@@ -176,5 +176,6 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
                                       "UltraFeedback HH: implicit-reward accuracy")]
     return finish_run(
         out, start, echo, tables=[format_accuracy_table(models, USER_NAMES)], plots=plots, experiment="hh-dpo",
-        config=config_to_dict(config), data=data_identity, embedder=embedder, base=base_identity, user_types=USER_NAMES, models=models,
+        config=config_to_dict(config), data=data_identity, embedder=embedder, base=base_identity,
+        user_types=USER_NAMES, models=models,
     )

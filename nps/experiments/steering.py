@@ -387,7 +387,8 @@ class SteeringRun:
 
     def response_features(self, prompts: list[str], responses: list[str]) -> jax.Array:
         """Features [N, E] of prompt + response options (the base's last-token states)."""
-        return jnp.asarray(embed_tokens(self.base, [two_styles.option_tokens(p, r) for p, r in zip(prompts, responses)]))
+        options = [two_styles.option_tokens(p, r) for p, r in zip(prompts, responses)]
+        return jnp.asarray(embed_tokens(self.base, options))
 
     def particles(self, count: int = 256, context_size: int = 10, seed: int = 0) -> jax.Array:
         """z [count, d] of plausible users: the policy's latents for tasks of the run's validation pairs."""
