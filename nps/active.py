@@ -21,6 +21,7 @@ on the answered pairs, as at any N^C, and scored on the user's unseen pairs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.data.episodes import Episodes, EpisodeSpec, PairPool, sample_episodes
+from nps.data.episodes import Episodes, EpisodeSpec, PairPool, order_pairs, sample_episodes, user_utility
 from nps.likelihood import choice_accuracy
 
 
@@ -46,32 +47,24 @@ def _rows(tree: Any, index: jax.Array) -> Any:
     return jax.tree.map(lambda x: x[index], tree)
 
 
-def _ordered(first: jax.Array, a: Any, b: Any) -> tuple[Any, Any]:
-    """(chosen, rejected) from options a, b and a [...] bool of "a is chosen" (broadcast over option dims)."""
-    def pick(x, y, take_x):
-        return jnp.where(take_x.reshape(take_x.shape + (1,) * (x.ndim - take_x.ndim)), x, y)
-
-    return (jax.tree.map(lambda x, y: pick(x, y, first), a, b),
-            jax.tree.map(lambda x, y: pick(x, y, ~first), a, b))
-
-
 def _episodes(context_a, context_b, context_first, context_mask, pairs: PairSet) -> Episodes:
     """Tasks [U]: the answered pairs as context, every pair of ``pairs`` as an unseen target."""
     num_users, num_targets = pairs.first_chosen.shape
     broadcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_users, *x.shape)), tree)  # noqa: E731
-    context_chosen, context_rejected = _ordered(context_first, context_a, context_b)
-    target_chosen, target_rejected = _ordered(pairs.first_chosen, broadcast(pairs.option_a), broadcast(pairs.option_b))
-    users = jnp.zeros((num_users,), jnp.int32)
+    context_chosen, context_rejected = order_pairs(context_first, context_a, context_b)
+    target_chosen, target_rejected = order_pairs(pairs.first_chosen, broadcast(pairs.option_a),
+                                                 broadcast(pairs.option_b))
+    # The users' identities are not needed to predict their choices: placeholders.
     return Episodes(context_chosen, context_rejected, context_mask, target_chosen, target_rejected,
-                    jnp.ones((num_users, num_targets), bool), jnp.zeros((num_users, num_targets), bool), users,
-                    jnp.ones((num_users, 1)))
+                    jnp.ones((num_users, num_targets), bool), jnp.zeros((num_users, num_targets), bool),
+                    jnp.zeros((num_users,), jnp.int32), jnp.ones((num_users, 1)))
 
 
 def particle_latents(model, pool: PairPool, spec: EpisodeSpec, num_particles: int, context_size: int,
                      seed: int = 0) -> jax.Array:
     """z [P, d] of ``num_particles`` population tasks from ``pool`` with ``context_size`` context pairs."""
-    spec = EpisodeSpec(num_targets=max(spec.num_targets, context_size), max_context=context_size,
-                       user_prior=spec.user_prior, dirichlet_concentration=spec.dirichlet_concentration)
+    spec = dataclasses.replace(spec, num_targets=max(spec.num_targets, context_size), min_context=0,
+                               max_context=context_size)
     episodes = sample_episodes(jax.random.key(seed), pool, spec, num_particles, context_size)
     return model.context_latent(episodes)
 
@@ -155,8 +148,7 @@ def answer_curves(model, candidates: PairSet, evaluation: PairSet, particles: ja
     asked_mask = jnp.zeros((num_users, num_candidates), bool)
     accuracy, asked = [], []
     for n in range(max_pairs + 1):
-        accuracy.append(np.asarray(_accuracy(graphdef, state, context_ids, context_first, context_mask, candidates,
-                                             evaluation)))
+        accuracy.append(_accuracy(graphdef, state, context_ids, context_first, context_mask, candidates, evaluation))
         if n == max_pairs:
             break
         # The next candidate of each user's random order that has not been asked yet.
@@ -170,8 +162,8 @@ def answer_curves(model, candidates: PairSet, evaluation: PairSet, particles: ja
         context_mask = context_mask.at[:, n].set(True)
         log_weights = update_log_weights(log_weights, probabilities, index, first)
         asked_mask = asked_mask.at[users, index].set(True)
-        asked.append(np.asarray(index))
-    return np.stack(accuracy, axis=1), np.stack(asked, axis=1)
+        asked.append(index)
+    return np.asarray(jnp.stack(accuracy, axis=1)), np.asarray(jnp.stack(asked, axis=1))
 
 
 def pairs_needed(accuracy: np.ndarray, target: float) -> np.ndarray:
@@ -182,10 +174,7 @@ def pairs_needed(accuracy: np.ndarray, target: float) -> np.ndarray:
 
 def user_choices(pool: PairPool, user_weights: jax.Array) -> jax.Array:
     """[U, M] True where each user (weights [U, K] over the pool's user types) prefers option a."""
-    def utility(u):  # elementwise, not a matmul an accelerator could round
-        return jnp.sum(user_weights[:, None, :] * u[None], axis=-1)
-
-    return utility(pool.utility_a) >= utility(pool.utility_b)
+    return user_utility(pool.utility_a, user_weights) >= user_utility(pool.utility_b, user_weights)
 
 
 def informative_chooser(model, particles: jax.Array, option_a: Any, option_b: Any):

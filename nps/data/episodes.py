@@ -75,6 +75,11 @@ def single_user(pool: PairPool | OptionPairPool, user: int) -> PairPool | Option
     return pool._replace(utility_a=only(pool.utility_a), utility_b=only(pool.utility_b))
 
 
+def oracle_pools(pools: dict[str, Any], user: int) -> dict[str, Any]:
+    """An oracle's splits: train and val labelled by ``user`` alone, test by every user type."""
+    return {split: pool if split == "test" else single_user(pool, user) for split, pool in pools.items()}
+
+
 class Episodes(NamedTuple):
     """A batch of B tasks; context capacity C, N^T = T targets, options ``[..., D]``.
 
@@ -159,19 +164,30 @@ def _subset_without_replacement(bits: jax.Array, population: int) -> jax.Array:
     return jax.lax.fori_loop(0, size, pick, jnp.full((size,), -1, jnp.int32))
 
 
-def _label(pool: PairPool, pair_index: jax.Array, user_weights: jax.Array, coin: jax.Array):
-    """Order each pair as (chosen, rejected) by the user's utility w · u; ties broken by ``coin``.
+def user_utility(utility: jax.Array, user_weights: jax.Array) -> jax.Array:
+    """w · u per user: utilities [U, M, K] or [M, K] (shared by all users), weights [U, K] -> [U, M].
 
     For a one-hot w this is exactly the user type's utility (x·1 + y·0 = x in floating point;
     an elementwise product and sum, not a matmul, which accelerators may round to bf16/tf32).
     """
-    utility_a = jnp.sum(pool.utility_a[pair_index] * user_weights[:, None, :], axis=-1)
-    utility_b = jnp.sum(pool.utility_b[pair_index] * user_weights[:, None, :], axis=-1)
+    return jnp.sum(utility * user_weights[:, None, :], axis=-1)
+
+
+def order_pairs(a_chosen: jax.Array, option_a: Any, option_b: Any) -> tuple[Any, Any]:
+    """(chosen, rejected) option pytrees from ``a_chosen`` [...] (broadcast over each leaf's option dims)."""
+    def pick(x, y, take_x):
+        return jnp.where(take_x.reshape(take_x.shape + (1,) * (x.ndim - take_x.ndim)), x, y)
+
+    return (jax.tree.map(lambda x, y: pick(x, y, a_chosen), option_a, option_b),
+            jax.tree.map(lambda x, y: pick(x, y, ~a_chosen), option_a, option_b))
+
+
+def _label(pool: PairPool, pair_index: jax.Array, user_weights: jax.Array, coin: jax.Array):
+    """Order each pair as (chosen, rejected) by the user's utility w · u; ties broken by ``coin``."""
+    utility_a = user_utility(pool.utility_a[pair_index], user_weights)
+    utility_b = user_utility(pool.utility_b[pair_index], user_weights)
     a_wins = (utility_a > utility_b) | ((utility_a == utility_b) & coin)
-    a, b = pool.option_a[pair_index], pool.option_b[pair_index]
-    chosen = jnp.where(a_wins[..., None], a, b)
-    rejected = jnp.where(a_wins[..., None], b, a)
-    return chosen, rejected
+    return order_pairs(a_wins, pool.option_a[pair_index], pool.option_b[pair_index])
 
 
 def sample_episodes(

@@ -93,6 +93,13 @@ class PreferenceData:
             "split_sizes": {name: len(pairs) for name, pairs in self.splits.items()},
         }
 
+    def require_pairs(self, needed: dict[str, int]) -> None:
+        """Each split holds at least ``needed[split]`` pairs (a task's distinct targets), or an error naming it."""
+        for split, count in needed.items():
+            if len(self.splits[split]) < count:
+                raise ConfigError(f"the {split} split has {len(self.splits[split])} pairs, fewer than a task's "
+                                  f"{count} targets; use more data or fewer targets (episodes.num_targets)")
+
     def option_prompts(self) -> list[str]:
         return [self.options.prompts[i] for i in self.options.prompt_index]
 

@@ -50,6 +50,11 @@ def two_user_pools(num_pairs: int = 20_000, seed: int = 0, threshold: float = 0.
     return split_pool(options[:, :1], options[:, 1:], utility[:, 0], utility[:, 1], seed + 1)
 
 
+def two_user_identity(num_pairs: int, seed: int, threshold: float = 0.5) -> dict:
+    """What checkpoints and results record about ``two_user_pools(num_pairs, seed, threshold)``."""
+    return {"name": "synthetic-two-user", "num_pairs": num_pairs, "seed": seed, "threshold": threshold}
+
+
 def correlated_options(rng: np.random.Generator, num: int, rho: float) -> np.ndarray:
     """Options [h0, h1] ~ N(0, [[1, ρ], [ρ, 1]]), valid for |ρ| = 1 too.  ``-> [num, 2]``."""
     h0 = rng.standard_normal(num)
@@ -62,6 +67,11 @@ def correlated_pools(rho: float, num_pairs: int = 20_000, seed: int = 0) -> dict
     rng = np.random.default_rng(seed)
     a, b = correlated_options(rng, num_pairs, rho), correlated_options(rng, num_pairs, rho)
     return split_pool(a, b, a, b, seed + 1)
+
+
+def correlated_identity(rho: float, num_pairs: int, seed: int) -> dict:
+    """What checkpoints and results record about ``correlated_pools(rho, num_pairs, seed)``."""
+    return {"name": "synthetic-correlated", "rho": rho, "num_pairs": num_pairs, "seed": seed}
 
 
 def bayes_error_single_pair(rho: float) -> float:

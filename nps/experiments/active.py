@@ -28,7 +28,7 @@ import numpy as np
 from nps.active import PairSet, answer_curves, pairs_needed, particle_latents, user_choices
 from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool
-from nps.data.synthetic import correlated_pools, two_user_pools
+from nps.data.synthetic import correlated_identity, correlated_pools, two_user_identity, two_user_pools
 from nps.errors import ConfigError
 from nps.experiments.report import finish_run, prepare_output_dir, save_figure
 from nps.experiments.runner import EvalConfig, train_and_evaluate
@@ -125,12 +125,10 @@ def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
         return run.policy, None, candidates, evaluation, OptionPairPool(pools["val"], options)
     if task == "synthetic":
         pools = two_user_pools(config.num_pairs, config.data_seed)
-        identity = {"name": "synthetic-two-user", "num_pairs": config.num_pairs, "seed": config.data_seed,
-                    "threshold": 0.5}
+        identity = two_user_identity(config.num_pairs, config.data_seed)
     else:
         pools = correlated_pools(config.correlation_rho, config.num_pairs, config.data_seed)
-        identity = {"name": "synthetic-correlated", "rho": config.correlation_rho, "num_pairs": config.num_pairs,
-                    "seed": config.data_seed}
+        identity = correlated_identity(config.correlation_rho, config.num_pairs, config.data_seed)
     train = config.synthetic_train if task == "synthetic" else config.correlation_train
     fit, entry = train_and_evaluate(
         f"np_btl_{task}", config.model, pools["train"].option_a.shape[-1], pools, config.episodes, train, config.eval,

@@ -33,7 +33,13 @@ from flax import nnx
 
 from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec, sample_episodes
-from nps.data.synthetic import bayes_error_single_pair, check_num_pairs, correlated_options, correlated_pools
+from nps.data.synthetic import (
+    bayes_error_single_pair,
+    check_num_pairs,
+    correlated_identity,
+    correlated_options,
+    correlated_pools,
+)
 from nps.errors import ConfigError
 from nps.experiments.report import (
     finish_run,
@@ -188,7 +194,7 @@ def run_correlation(
     for rho in config.train_rhos:
         name = f"np_btl_rho{rho:+.1f}"
         pools = correlated_pools(rho, config.num_pairs, config.seed)
-        data_identity = {"name": "synthetic-correlated", "rho": rho, "num_pairs": config.num_pairs, "seed": config.seed}
+        data_identity = correlated_identity(rho, config.num_pairs, config.seed)
         fit_result, entry = train_and_evaluate(
             name, config.model, 2, pools, config.episodes, config.train, config.eval, out, USER_NAMES,
             data_identity=data_identity, progress=progress,

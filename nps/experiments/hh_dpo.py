@@ -27,7 +27,7 @@ from flax import nnx
 
 from nps.config import check_models, config_to_dict
 from nps.data.embedding_cache import embed_options_cached, embedder_identity, option_text
-from nps.data.episodes import EpisodeSpec, single_user
+from nps.data.episodes import EpisodeSpec, oracle_pools
 from nps.data.prepared import BuildParameters, prepared_or_prepare
 from nps.data.ultrafeedback import option_pair_pool
 from nps.encoder import EncoderConfig
@@ -128,11 +128,8 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
     data = prepared_or_prepare(config.data, out / "dataset",
                                BuildParameters("hh", config.conflict_rate, config.split_by, config.seed), echo)
     splits = data.splits
-    needed = {"train": config.episodes.num_targets, "val": config.episodes.num_targets, "test": config.eval_num_targets}
-    for name, count in needed.items():
-        if len(splits[name]) < count:
-            raise ConfigError(f"the {name} split has {len(splits[name])} pairs, fewer than a task's {count} targets; "
-                              "use more data or fewer targets")
+    data.require_pairs({"train": config.episodes.num_targets, "val": config.episodes.num_targets,
+                        "test": config.eval_num_targets})
     prompts, responses = data.option_prompts(), data.options.responses
     features, embedder = embed_options_cached(
         config.embedder or config.model, prompts, responses, data.directory / "embeddings", dtype=config.dtype,
@@ -157,8 +154,7 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
     jobs = []  # (name, training pools, whose labels it trains on); every policy is tested on both users
     for name in config.models:
         if name == "btl_dpo_oracles":
-            jobs += [(f"btl_dpo_{user}", {s: p if s == "test" else single_user(p, k) for s, p in pools.items()}, user)
-                     for k, user in enumerate(USER_NAMES)]
+            jobs += [(f"btl_dpo_{user}", oracle_pools(pools, k), user) for k, user in enumerate(USER_NAMES)]
         else:
             jobs.append((name, pools, "all"))
     for name, job_pools, labels in jobs:

@@ -32,7 +32,7 @@ from flax import nnx
 
 from nps.config import check_models, config_to_dict
 from nps.data import steering as two_styles
-from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool, sample_episodes, single_user
+from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool, oracle_pools, sample_episodes, single_user
 from nps.encoder import EncoderConfig
 from nps.errors import ConfigError
 from nps.experiments.report import (
@@ -307,11 +307,9 @@ def run_steering(
     for name in config.models:
         kind = "np" if name == "np_dpo" else "btl"
         user = USER_NAMES.index(name.removeprefix("oracle_")) if name.startswith("oracle_") else None
-        train_pools = {
-            split: OptionPairPool(pool if user is None else single_user(pool, user), options)
-            for split, pool in pools.items()
-        }
-        train_pools["test"] = OptionPairPool(pools["test"], options)  # every model is scored on both users
+        train_pools = {split: OptionPairPool(pool, options) for split, pool in pools.items()}
+        if user is not None:  # an oracle: trained on its user's labels, scored on both users
+            train_pools = oracle_pools(train_pools, user)
         run_config = {"policy": config_to_dict(dataclasses.replace(config.policy, kind=kind)), "data": data_identity,
                       "base": base_identity, "trained_on_user": user}
         fitted, models[name] = fit_and_evaluate(

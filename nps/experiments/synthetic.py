@@ -13,7 +13,7 @@ import numpy as np
 
 from nps.config import check_models, config_to_dict
 from nps.data.episodes import EpisodeSpec, sample_episodes
-from nps.data.synthetic import check_num_pairs, two_user_pools, two_user_reward
+from nps.data.synthetic import check_num_pairs, two_user_identity, two_user_pools, two_user_reward
 from nps.encoder import EncoderConfig
 from nps.experiments.report import (
     finish_run,
@@ -128,8 +128,7 @@ def run_synthetic(
     start = time.perf_counter()
     out = prepare_output_dir(out, fresh)
     pools = two_user_pools(config.num_pairs, config.seed, config.threshold)
-    data_identity = {"name": "synthetic-two-user", "num_pairs": config.num_pairs, "seed": config.seed,
-                     "threshold": config.threshold}
+    data_identity = two_user_identity(config.num_pairs, config.seed, config.threshold)
     models, fits = {}, {}
     for name in config.models:
         fits[name], models[name] = train_and_evaluate(

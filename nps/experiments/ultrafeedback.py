@@ -27,7 +27,7 @@ import numpy as np
 
 from nps.config import check_models, config_to_dict
 from nps.data.embedding_cache import embed_options_cached, embedder_identity
-from nps.data.episodes import Episodes, EpisodeSpec, OptionPairPool, sample_episodes, single_user
+from nps.data.episodes import Episodes, EpisodeSpec, OptionPairPool, oracle_pools, sample_episodes
 from nps.data.prepared import BuildParameters, PreferenceData, prepared_or_prepare
 from nps.data.ultrafeedback import conflicting, option_pair_pool, with_conflict_rate
 from nps.encoder import EncoderConfig
@@ -186,10 +186,7 @@ def start_run(config: UFInputs, out: str | Path, fresh: bool, echo) -> UFRun:
     start = time.perf_counter()
     out = prepare_output_dir(out, fresh)
     data = prepared_or_prepare(config.data, out / "dataset", config.build(), echo)
-    for split, pairs in data.splits.items():
-        if len(pairs) < config.episodes.num_targets:
-            raise ConfigError(f"the {split} split has {len(pairs)} pairs, fewer than a task's "
-                              f"{config.episodes.num_targets} targets; use more data or lower episodes.num_targets")
+    data.require_pairs({split: config.episodes.num_targets for split in data.splits})
     features, embedder = embed_options_cached(
         config.model, data.option_prompts(), data.options.responses, data.directory / "embeddings",
         dtype=config.dtype, max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo)
@@ -213,8 +210,7 @@ def run_uf_rewards(config: UFRewardConfig, out: str | Path, *, fresh: bool = Fal
     jobs = []  # (name, model config, training pools, whose labels it trains on)
     for name in config.models:
         if name == "btl_oracles":
-            jobs += [(f"btl_{user}", config.btl, {s: p if s == "test" else single_user(p, k) for s, p in pools.items()},
-                      user) for k, user in enumerate(users)]
+            jobs += [(f"btl_{user}", config.btl, oracle_pools(pools, k), user) for k, user in enumerate(users)]
         else:
             jobs.append((name, config.btl if name == "btl_mixed" else getattr(config, name), pools, "all"))
     models, fits = {}, {}
