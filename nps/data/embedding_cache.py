@@ -11,7 +11,6 @@ is refused with the fix.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from nps.errors import ConfigError
+from nps.files import texts_digest
 
 MANIFEST = "manifest.json"
 
@@ -27,15 +27,6 @@ MANIFEST = "manifest.json"
 def option_text(prompt: str, response: str) -> str:
     """The paper's embedding template, with real newlines."""
     return f"Human: {prompt}\n\nAssistant: {response}"
-
-
-def texts_hash(texts: Sequence[str]) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for text in texts:
-        encoded = text.encode("utf-8")
-        digest.update(len(encoded).to_bytes(8, "little"))
-        digest.update(encoded)
-    return digest.hexdigest()
 
 
 def _chunk_path(directory: Path, index: int) -> Path:
@@ -65,7 +56,7 @@ def cached_embeddings(
     manifest = {
         "model": model_identity,
         "weights_hash": weights_hash,
-        "texts_hash": texts_hash(texts),
+        "texts_hash": texts_digest(texts),
         "num_texts": len(texts),
         "dim": dim,
         "chunk_size": chunk_size,

@@ -26,6 +26,7 @@ import numpy as np
 
 from nps.data.ultrafeedback import Completions, Pairs, hh_pairs, hht_pairs, read_ultrafeedback, split_pairs
 from nps.errors import ConfigError
+from nps.files import file_sha256
 
 DATASET_NAME = "ultrafeedback_preferences"
 DATASET_VERSION = "1.0.0"
@@ -102,14 +103,6 @@ class PreferenceData:
 
     def option_prompts(self) -> list[str]:
         return [self.options.prompts[i] for i in self.options.prompt_index]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _content_hash(records: dict[str, dict[str, np.ndarray | list]]) -> str:

@@ -18,15 +18,14 @@ and fsynced): an interrupted session keeps every answer, and running it again re
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 from nps.errors import ConfigError
+from nps.files import append_json_line, texts_digest
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 CHOICES = ("first", "second", "skip")
@@ -65,12 +64,8 @@ def read_candidates(path: str | Path) -> tuple[list[dict], str]:
 
 
 def candidates_hash(candidates: Sequence[dict]) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    for candidate in candidates:
-        for text in (candidate["prompt"], *candidate["responses"]):
-            encoded = text.encode("utf-8")
-            digest.update(len(encoded).to_bytes(8, "little") + encoded)
-    return digest.hexdigest()
+    """The candidate set's identity: a digest of every prompt and response, in order."""
+    return texts_digest(text for c in candidates for text in (c["prompt"], *c["responses"]))
 
 
 def read_profile(path: str | Path, candidates: str | None = None) -> list[dict]:
@@ -100,13 +95,6 @@ def read_pairs(path: str | Path, *, allow_empty: bool = True) -> list[dict[str, 
     if not pairs and not allow_empty:
         raise ConfigError(f"{path}: the profile has no answered pairs; collect some with `nps collect`")
     return pairs
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def collect(
@@ -150,7 +138,7 @@ def collect(
             chosen = shown[0] if answer == "first" else shown[1]
             record |= {"chosen": chosen, "rejected": shown[1] if answer == "first" else shown[0]}
         record |= {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "candidates": digest, "candidate": index}
-        _append(profile_path, record)
+        append_json_line(profile_path, record)
         records.append(record)
         asked.add(index)
         questions += 1

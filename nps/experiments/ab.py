@@ -17,7 +17,6 @@ the win rate, mean ± standard error over generations, and both mean rewards; wr
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from nps.data.episodes import EpisodeSpec, OptionPairPool
 from nps.data.profiles import read_pairs
 from nps.encoder import EncoderConfig
 from nps.errors import ConfigError
+from nps.files import file_sha256
 from nps.experiments.report import save_figure
 from nps.experiments.runner import EvalConfig, train_and_evaluate
 from nps.experiments.steering import SteeringRun, preference_pools, win_rate
@@ -61,10 +61,6 @@ def read_prompts(path: str | Path) -> list[str]:
     for number, prompt in enumerate(prompts, start=1):
         two_styles.encode_words(prompt, f"{path}:{number}")
     return prompts
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
@@ -131,7 +127,7 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
         wins = (ours > theirs) + 0.5 * (ours == theirs)
         wins_by_type.setdefault(user_type, []).append(wins)
         rewards_by_type.setdefault(user_type, []).append(np.stack([ours, theirs]))
-        per_profile.append({"user_type": user_type, "profile": str(path), "profile_sha256": _sha256(path),
+        per_profile.append({"user_type": user_type, "profile": str(path), "profile_sha256": file_sha256(path),
                             "context_pairs": len(pairs), "win_rate": win_rate(ours, theirs),
                             "mean_reward": {"personalised": float(ours.mean()), "baseline": float(theirs.mean())},
                             "example": {"prompt": asked[0], "personalised": personalised[0], "baseline": reference[0]}})
@@ -144,7 +140,7 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
                                               "baseline": float(rewards[1].mean())}}
     report = {
         "inputs": {"run": str(Path(run_dir).absolute()), "model": model, "baseline": baseline_name,
-                   "prompts": str(prompts_path), "prompts_sha256": _sha256(Path(prompts_path)),
+                   "prompts": str(prompts_path), "prompts_sha256": file_sha256(Path(prompts_path)),
                    "samples_per_prompt": samples, "seed": seed,
                    "scorer": "per-user oracle reward" if scorer == "oracle" else "NP-BTL conditioned on the profile"},
         "scorer_unseen_accuracy": None if scorer_entry is None else scorer_entry["unseen_accuracy"],

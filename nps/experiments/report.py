@@ -5,8 +5,6 @@ The schema of results.json is documented in docs/results.md.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from nps.errors import OutputDirError  # noqa: E402
+from nps.files import atomic_save_figure, atomic_write_json  # noqa: E402
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -43,16 +42,12 @@ def prepare_output_dir(out: str | Path, fresh: bool = False) -> Path:
 def write_results(out: Path, results: dict[str, Any]) -> Path:
     """Write ``out/results.json`` atomically (a temp file renamed into place)."""
     results = {"schema_version": RESULTS_SCHEMA_VERSION, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")} | results
-    path = out / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(out / "results.json", results)
 
 
 def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

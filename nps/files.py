@@ -1,0 +1,155 @@
+"""Files that nps writes and reads: atomic writes, exclusive locks, digests, JSON lines.
+
+One home for the rules every writer follows (docs/design.md, "Checkpoints and files"):
+
+- a result, plot or manifest appears under its name only when complete (written to a
+  temporary name in the same folder, fsynced, then renamed);
+- a folder or file that a process writes for a while (an ``--out``, a profile, a prepared
+  dataset, the app's store) is held by an exclusive ``flock``; a second writer gets one line
+  naming the holder's pid, never a half-mixed file;
+- digests of texts are length-prefixed BLAKE2b (no two lists of texts share one), of files SHA-256;
+- an appended JSON line is flushed and fsynced before the caller moves on, and a file whose
+  last line lost its newline (a killed writer) is repaired before anything is glued to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from nps.errors import NPSError
+
+LOCK_NAME = ".nps.lock"
+
+
+class LockedError(NPSError):
+    """Another process holds the lock of a folder or file that this one would write."""
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some file systems do not open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, value: Any) -> Path:
+    return atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """``fig.savefig`` into a temporary file, renamed into place (a kill never leaves a 0-byte PNG)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **savefig_kwargs)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: str | Path, what: str | None = None) -> Iterator[Path]:
+    """Hold an exclusive lock on ``target`` (a folder: ``<folder>/.nps.lock``; a file: ``<file>.lock``).
+
+    A second process asking for the same lock fails at once with ``LockedError`` naming the
+    holder's pid; the lock is released when the block ends or the process dies (``flock``).
+    ``what`` describes the target in the message (default: its path).
+    """
+    target = Path(target)
+    lock_path = target / LOCK_NAME if target.is_dir() else target.with_name(target.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise LockedError(
+                f"{what or target} is in use by another nps process (pid {holder}); wait for it to finish, "
+                "or use another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def texts_digest(texts: Iterable[str]) -> str:
+    """BLAKE2b-128 over texts, each prefixed by its UTF-8 length (so ["ab", "c"] ≠ ["a", "bc"])."""
+    digest = hashlib.blake2b(digest_size=16)
+    for text in texts:
+        encoded = text.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little") + encoded)
+    return digest.hexdigest()
+
+
+def append_json_line(path: str | Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line, flushed and fsynced before returning.
+
+    If the file's last byte is not a newline (a writer was killed mid-line), a newline is
+    written first, so the new record never joins the broken one.
+    """
+    line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    with open(path, "ab+") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
