@@ -27,8 +27,10 @@ from flax import nnx
 
 from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool, sample_episodes
 from nps.encoder import EncoderConfig
-from nps.models import BaseParam, Decoder, DecoderConfig, LoRAConfig
-from nps.models.policy import PolicyConfig, PolicyOptions, SteerablePolicy
+from nps.layers import BaseParam
+from nps.lm import Decoder, DecoderConfig, LoRAConfig
+from nps.data.pairs import PolicyOptions
+from nps.models.policy import PolicyConfig, SteerablePolicy
 
 QWEN_1P5B = DecoderConfig(
     model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,

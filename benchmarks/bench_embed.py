@@ -42,8 +42,8 @@ def main() -> None:
 
     import jax.numpy as jnp
 
-    from nps.models import Decoder, DecoderConfig
-    from nps.models.generate import embed_tokens
+    from nps.lm import Decoder, DecoderConfig
+    from nps.lm.generate import embed_tokens
 
     if args.llama3_8b:
         config = DecoderConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -71,7 +71,7 @@ def main() -> None:
             import torch
             import transformers
 
-            from nps.models import from_pretrained
+            from nps.lm import from_pretrained
 
             torch.manual_seed(0)
             reference = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config.to_hf())).eval()

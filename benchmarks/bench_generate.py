@@ -34,7 +34,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from nps.models import SamplingConfig, from_pretrained, generate
+    from nps.lm import SamplingConfig, from_pretrained, generate
 
     config = transformers.Qwen2Config(
         vocab_size=args.vocab,

@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nps.models import BaseParam, Decoder, DecoderConfig, LoRAConfig
-from nps.models.decoder import projection_shapes
+from nps.layers import BaseParam
+from nps.lm import Decoder, DecoderConfig, LoRAConfig
+from nps.lm.decoder import projection_shapes
 
 QWEN25_1P5B = DecoderConfig(
     model_type="qwen2",

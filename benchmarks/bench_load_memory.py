@@ -21,8 +21,8 @@ WRITE = textwrap.dedent(
     """
     import sys, jax.numpy as jnp
     from flax import nnx
-    from nps.models import Decoder, DecoderConfig
-    from nps.models.loading import save_pretrained
+    from nps.lm import Decoder, DecoderConfig
+    from nps.lm.loading import save_pretrained
     directory, hidden, layers, vocab, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     hf = dict(model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
               num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
@@ -35,7 +35,8 @@ LOAD = textwrap.dedent(
     """
     import sys, jax, jax.numpy as jnp
     from flax import nnx
-    from nps.models import BaseParam, from_pretrained
+    from nps.layers import BaseParam
+    from nps.lm import from_pretrained
 
     def status(field):
         for line in open("/proc/self/status"):

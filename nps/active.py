@@ -21,7 +21,6 @@ on the answered pairs, as at any N^C, and scored on the user's unseen pairs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -61,11 +60,9 @@ def _episodes(context_a, context_b, context_first, context_mask, pairs: PairSet)
 
 
 def particle_latents(model, pool: PairPool, spec: EpisodeSpec, num_particles: int, context_size: int,
-                     seed: int = 0) -> jax.Array:
+                     key: jax.Array) -> jax.Array:
     """z [P, d] of ``num_particles`` population tasks from ``pool`` with ``context_size`` context pairs."""
-    spec = dataclasses.replace(spec, num_targets=max(spec.num_targets, context_size), min_context=0,
-                               max_context=context_size)
-    episodes = sample_episodes(jax.random.key(seed), pool, spec, num_particles, context_size)
+    episodes = sample_episodes(key, pool, spec.for_context(context_size), num_particles, context_size)
     return model.context_latent(episodes)
 
 
@@ -116,54 +113,62 @@ def most_informative(log_weights: jax.Array, probabilities: jax.Array, already_a
     return jnp.where(jnp.max(gain, axis=-1) >= min_gain, best, fallback)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _accuracy(graphdef, state, context_ids, context_first, context_mask, candidates: PairSet, evaluation: PairSet):
+def _accuracy(model, context_ids, context_first, context_mask, candidates: PairSet, evaluation: PairSet, key):
+    """Each user's accuracy [U] on ``evaluation`` with the answered candidates as context."""
     context_a, context_b = _rows(candidates.option_a, context_ids), _rows(candidates.option_b, context_ids)
     episodes = _episodes(context_a, context_b, context_first, context_mask, evaluation)
-    log_odds = nnx.merge(graphdef, state).predict_log_odds(episodes, jax.random.key(0))
-    return choice_accuracy(log_odds, episodes.unseen_mask)
+    return choice_accuracy(model.predict_log_odds(episodes, key), episodes.unseen_mask)
 
 
 def answer_curves(model, candidates: PairSet, evaluation: PairSet, particles: jax.Array, strategy: str,
-                  max_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+                  max_pairs: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """Simulated users answer ``max_pairs`` candidates one at a time, chosen at ``"random"`` or by
     ``"active"`` (EIG over ``particles``); after each answer the model, conditioned on every
     answered pair, is scored on the users' choices on ``evaluation``.
 
     Active choice falls back to the random order once no candidate is informative (``most_informative``).
-    Returns accuracy [U, max_pairs + 1] (after 0..max_pairs answers) and the asked ids [U, max_pairs].
+    Returns accuracy [U, max_pairs + 1] (after 0..max_pairs answers) and the asked ids [U, max_pairs];
+    the whole simulation is one compiled scan, and the host reads its result once.
     """
     if strategy not in ("random", "active"):
         raise ValueError(f"strategy={strategy!r}: use 'random' or 'active'")
     graphdef, state = nnx.split(model)
+    accuracy, asked = _answer_curves(graphdef, state, candidates, evaluation, particles, key, strategy=strategy,
+                                     max_pairs=max_pairs)
+    return jax.device_get((accuracy, asked))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_pairs"))
+def _answer_curves(graphdef, state, candidates: PairSet, evaluation: PairSet, particles, key, *, strategy: str,
+                   max_pairs: int):
+    model = nnx.merge(graphdef, state)
     num_users, num_candidates = candidates.first_chosen.shape
-    probabilities = jax.jit(particle_choice_probabilities)(model, particles, candidates.option_a, candidates.option_b)
+    order_key, model_key = jax.random.split(key)
+    probabilities = particle_choice_probabilities(model, particles, candidates.option_a, candidates.option_b)
     random_order = jax.vmap(lambda k: jax.random.permutation(k, num_candidates))(
-        jax.random.split(jax.random.key(seed), num_users))
+        jax.random.split(order_key, num_users))
     users = jnp.arange(num_users)
-    context_ids = jnp.zeros((num_users, max_pairs), jnp.int32)
-    context_first = jnp.zeros((num_users, max_pairs), bool)
-    context_mask = jnp.zeros((num_users, max_pairs), bool)
-    log_weights = jnp.zeros((num_users, particles.shape[0]))
-    asked_mask = jnp.zeros((num_users, num_candidates), bool)
-    accuracy, asked = [], []
-    for n in range(max_pairs + 1):
-        accuracy.append(_accuracy(graphdef, state, context_ids, context_first, context_mask, candidates, evaluation))
-        if n == max_pairs:
-            break
+
+    def answer(carry, n):
+        context_ids, context_first, context_mask, log_weights, asked_mask = carry
+        accuracy = _accuracy(model, context_ids, context_first, context_mask, candidates, evaluation, model_key)
         # The next candidate of each user's random order that has not been asked yet.
         unasked_in_order = ~jnp.take_along_axis(asked_mask, random_order, axis=1)
         random_next = jnp.take_along_axis(random_order, jnp.argmax(unasked_in_order, axis=1)[:, None], axis=1)[:, 0]
         index = random_next if strategy == "random" else most_informative(log_weights, probabilities, asked_mask,
                                                                            fallback=random_next)
         first = candidates.first_chosen[users, index]
-        context_ids = context_ids.at[:, n].set(index)
-        context_first = context_first.at[:, n].set(first)
-        context_mask = context_mask.at[:, n].set(True)
-        log_weights = update_log_weights(log_weights, probabilities, index, first)
-        asked_mask = asked_mask.at[users, index].set(True)
-        asked.append(index)
-    return np.asarray(jnp.stack(accuracy, axis=1)), np.asarray(jnp.stack(asked, axis=1))
+        carry = (context_ids.at[:, n].set(index), context_first.at[:, n].set(first),
+                 context_mask.at[:, n].set(True), update_log_weights(log_weights, probabilities, index, first),
+                 asked_mask.at[users, index].set(True))
+        return carry, (accuracy, index)
+
+    start = (jnp.zeros((num_users, max_pairs), jnp.int32), jnp.zeros((num_users, max_pairs), bool),
+             jnp.zeros((num_users, max_pairs), bool), jnp.zeros((num_users, particles.shape[0])),
+             jnp.zeros((num_users, num_candidates), bool))
+    final, (accuracy, asked) = jax.lax.scan(answer, start, jnp.arange(max_pairs))
+    last = _accuracy(model, *final[:3], candidates, evaluation, model_key)
+    return jnp.concatenate([accuracy, last[None]]).T, asked.T
 
 
 def pairs_needed(accuracy: np.ndarray, target: float) -> np.ndarray:

@@ -22,49 +22,17 @@ import argparse
 import json
 import sys
 import warnings
-from typing import Callable
 
 from nps.errors import NPSError
-
-
-def _experiments() -> dict[str, tuple[type, Callable]]:
-    # Imported lazily so that `nps --help` answers without loading JAX.
-    from nps.experiments.active import ActiveConfig, run_active
-    from nps.experiments.correlation import CorrelationConfig, run_correlation
-    from nps.experiments.hh_dpo import HHDPOConfig, run_hh_dpo
-    from nps.experiments.steering import SteeringConfig, run_steering
-    from nps.experiments.synthetic import SyntheticConfig, run_synthetic
-    from nps.experiments.ultrafeedback import (
-        ConflictConfig,
-        ContinuumConfig,
-        UFRewardConfig,
-        hht_defaults,
-        run_conflict,
-        run_continuum,
-        run_uf_rewards,
-    )
-
-    return {
-        "synthetic": (SyntheticConfig, run_synthetic),
-        "correlation": (CorrelationConfig, run_correlation),
-        "steering": (SteeringConfig, run_steering),
-        "hh-dpo": (HHDPOConfig, run_hh_dpo),
-        "hh": (UFRewardConfig, run_uf_rewards),
-        "hht": (hht_defaults, run_uf_rewards),
-        "conflict": (ConflictConfig, run_conflict),
-        "continuum": (ContinuumConfig, run_continuum),
-        "active": (ActiveConfig, run_active),
-    }
-
-
-EXPERIMENTS = ("synthetic", "correlation", "steering", "hh-dpo", "hh", "hht", "conflict", "continuum", "active")
+from nps.experiments import EXPERIMENTS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nps", description="Few-shot steerable alignment with neural processes.")
     commands = parser.add_subparsers(dest="command", required=True)
     reproduce = commands.add_parser("reproduce", help="run one of the paper's experiments")
-    reproduce.add_argument("experiment", choices=EXPERIMENTS)
+    reproduce.add_argument("experiment", choices=list(EXPERIMENTS),
+                           help="; ".join(f"{name}: {e.summary}" for name, e in EXPERIMENTS.items()))
     reproduce.add_argument("--out", default=None, help="output folder (default: runs/<experiment>)")
     reproduce.add_argument(
         "--set",
@@ -143,19 +111,11 @@ def _collect(args) -> None:
     if args.active:
         from nps.active import informative_chooser
         from nps.data.profiles import read_candidates
-        from nps.experiments.steering import SteeringRun
+        from nps.serve.steering import SteeringRun
 
         run = SteeringRun.load(args.active)
         candidates, _ = read_candidates(args.candidates)
-        import jax
-
-        prompts = [c["prompt"] for c in candidates]
-        # Both responses of every candidate in one table, so that they share one padded width.
-        responses = [c["responses"][0] for c in candidates] + [c["responses"][1] for c in candidates]
-        both = run.options(prompts * 2, responses)
-        first, second = (jax.tree.map(lambda x, s=s: x[s], both) for s in (slice(0, len(prompts)),
-                                                                           slice(len(prompts), None)))
-        order = informative_chooser(run.policy, run.particles(), first, second)
+        order = informative_chooser(run.policy, run.particles(), *run.candidate_options(candidates))
     records = collect(args.candidates, args.profile, chooser, next_candidate=order, limit=args.limit, seed=args.seed)
     skipped = sum(r.get("choice") == "skip" for r in records)
     print(f"{args.profile}: {len(records) - skipped} answered, {skipped} skipped")
@@ -164,7 +124,7 @@ def _collect(args) -> None:
 def _compare(args) -> int:
     from pathlib import Path
 
-    from nps.experiments.compare import compare_runs, format_markdown, format_text
+    from nps.workflow.compare import compare_runs, format_markdown, format_text
 
     comparison = compare_runs(args.run_a, args.run_b, tolerance=args.tolerance, sigmas=args.sigmas,
                               allow_different_data=args.allow_different_data)
@@ -180,7 +140,8 @@ def _generate(args) -> None:
 
     from nps.data.profiles import read_pairs
     from nps.errors import ConfigError
-    from nps.experiments.steering import SteeringRun
+    from nps.latent import interpolate
+    from nps.serve.steering import SteeringRun
 
     run = SteeringRun.load(args.run, args.model)
     if args.z_file and (args.context or args.toward):
@@ -190,9 +151,9 @@ def _generate(args) -> None:
             z = jnp.asarray(json.loads(open(args.z_file).read()), jnp.float32)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{args.z_file}: not a JSON list of numbers ({exc})") from None
-        if z.shape != (run.config.policy.encoder.latent_dim,):
-            raise ConfigError(f"{args.z_file}: z has shape {list(z.shape)}; this policy needs "
-                              f"[{run.config.policy.encoder.latent_dim}]")
+        latent_dim = run.policy.config.encoder.latent_dim
+        if z.shape != (latent_dim,):
+            raise ConfigError(f"{args.z_file}: z has shape {list(z.shape)}; this policy needs [{latent_dim}]")
         points = [("z from " + args.z_file, z)]
     else:
         z = run.encode_user(read_pairs(args.context) if args.context else [])
@@ -200,9 +161,9 @@ def _generate(args) -> None:
         if args.toward:
             if z is None:
                 raise ConfigError(f"--toward needs a conditioned policy; {args.model} takes no user")
-            other = run.encode_user(read_pairs(args.toward))
-            points = [(f"w = {w:.2f} toward {args.toward}", (1 - w) * z + w * other)
-                      for w in np.linspace(0.0, 1.0, max(args.points, 2))]
+            weights = np.linspace(0.0, 1.0, max(args.points, 2))
+            line = interpolate(z, run.encode_user(read_pairs(args.toward)), weights)
+            points = [(f"w = {w:.2f} toward {args.toward}", point) for w, point in zip(weights, line)]
     for label, z in points:
         print(f"# {label}")
         for sample in range(args.samples):
@@ -230,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return _compare(args)
         if args.command == "ab":
-            from nps.experiments.ab import format_markdown, parse_profiles, run_ab
+            from nps.workflow.ab import format_markdown, parse_profiles, run_ab
 
             report = run_ab(args.run, parse_profiles(args.profile), args.prompts, args.out, model=args.model,
                             baseline=args.baseline, samples=args.samples, seed=args.seed, scorer=args.scorer,
@@ -243,10 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             prepare_preferences(args.data, args.out,
                                 BuildParameters(args.recipe, args.conflict_rate, args.split_by, args.seed))
             return 0
-        config_cls, run = _experiments()[args.experiment]
+        defaults, run = EXPERIMENTS[args.experiment].load()
         paths = [f"{name}={value}" for name, value in (("model", args.model), ("data", args.data)) if value]
-        config = apply_overrides(config_cls(), paths + args.overrides)
-        config.validate()
+        config = apply_overrides(defaults(), paths + args.overrides)
         if args.print_config:
             print(json.dumps(config_to_dict(config), indent=2))
             return 0

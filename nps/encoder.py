@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nps.errors import ConfigError
+from nps.config import check_positive
+from nps.errors import invalid
 from nps.latent import DiagonalGaussian
 from nps.layers import MLP, activation_fn
 
@@ -42,23 +43,17 @@ class EncoderConfig:
     layer_norm: bool = True
     stochastic: bool = False  # False: deterministic z (the paper); True: q(z|C) = N(μ, diag σ²)
 
-    def validate(self, prefix: str = "encoder") -> None:
+    def __post_init__(self):
         if self.inner not in INNER_MAPS:
-            raise ConfigError(f"{prefix}.inner={self.inner!r} is unknown; use one of {list(INNER_MAPS)}")
+            raise invalid("inner", self.inner, f"is unknown; use one of {list(INNER_MAPS)}")
         if self.aggregation not in AGGREGATIONS:
-            raise ConfigError(
-                f"{prefix}.aggregation={self.aggregation!r} is unknown; use one of {list(AGGREGATIONS)}"
-            )
-        for name in ("hidden_dim", "latent_dim", "num_heads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be a positive integer")
+            raise invalid("aggregation", self.aggregation, f"is unknown; use one of {list(AGGREGATIONS)}")
+        check_positive(self, "hidden_dim", "latent_dim", "num_heads")
         if self.aggregation == "attention" and self.hidden_dim % self.num_heads:
-            raise ConfigError(
-                f"{prefix}.hidden_dim={self.hidden_dim} must be divisible by {prefix}.num_heads={self.num_heads}"
-            )
+            raise invalid("hidden_dim", self.hidden_dim, f"must be divisible by num_heads={self.num_heads}")
         if not 0.0 <= self.attention_dropout < 1.0:
-            raise ConfigError(f"{prefix}.attention_dropout={self.attention_dropout} must be in [0, 1)")
-        activation_fn(self.activation, f"{prefix}.activation")
+            raise invalid("attention_dropout", self.attention_dropout, "must be in [0, 1)")
+        activation_fn(self.activation)
 
 
 class MaskedSelfAttention(nnx.Module):
@@ -112,7 +107,6 @@ class ContextEncoder(nnx.Module):
     """Deep-set encoder of preference pairs (paper Eq. 5 and App. C.2.1, Eq. 21)."""
 
     def __init__(self, option_dim: int, config: EncoderConfig, *, rngs: nnx.Rngs):
-        config.validate()
         self.config = config
         pair_dim, hidden = 2 * option_dim, config.hidden_dim
         if config.inner == "linear":

@@ -36,3 +36,9 @@ def gaussian_kl(q: DiagonalGaussian, p: DiagonalGaussian) -> jax.Array:
     variance_ratio = jnp.square(q.std / p.std)
     mean_term = jnp.square((q.mean - p.mean) / p.std)
     return 0.5 * jnp.sum(variance_ratio + mean_term - 1.0 - jnp.log(variance_ratio), axis=-1)
+
+
+def interpolate(z_from: jax.Array, z_to: jax.Array, weights) -> jax.Array:
+    """Points (1 − w)·z_from + w·z_to on the line between two users' latents: [d], [d], [W] -> [W, d]."""
+    weights = jnp.asarray(weights, z_from.dtype)[:, None]
+    return (1.0 - weights) * z_from + weights * z_to

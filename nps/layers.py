@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nps.errors import ConfigError
+from nps.errors import invalid
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,  # the released code
@@ -20,8 +20,16 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 def activation_fn(name: str, field: str = "activation") -> Callable[[jax.Array], jax.Array]:
     if name not in ACTIVATIONS:
-        raise ConfigError(f"{field}={name!r} is unknown; use one of {sorted(ACTIVATIONS)}")
+        raise invalid(field, name, f"is unknown; use one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+class BaseParam(nnx.Variable):
+    """A pretrained (frozen) weight: an ``nnx.Variable`` that is not an ``nnx.Param``.
+
+    Everything trainable in nps is an ``nnx.Param`` (LoRA, FiLM, encoders, reward heads), so
+    ``nnx.split(model, BaseParam, ...)`` separates what an optimiser may update from the base.
+    """
 
 
 def fan_in_uniform_bias(fan_in: int):

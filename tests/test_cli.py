@@ -37,11 +37,11 @@ def nps(*args, **kwargs):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["episodes.max_context=30"], "episodes.max_context=30 exceeds episodes.num_targets=20"),
-        (["episodes.num_targets=-3"], "episodes.num_targets=-3 must be at least 1"),
+        (["episodes.max_context=30"], "episodes.max_context=30 exceeds num_targets=20"),
+        (["episodes.num_targets=-3"], "episodes.num_targets=-3 must be a positive integer"),
         (["episodes.min_context=-1"], "cannot be negative"),
         (["np_btl.encoder.aggregation=max"], "np_btl.encoder.aggregation='max' is unknown; use one of"),
-        (["models=gpt"], "models=('gpt',): choose from"),
+        (["models=gpt"], "models=('gpt',) must choose from"),
         (["train.stepz=3"], "unknown config field 'train.stepz'"),
     ],
 )

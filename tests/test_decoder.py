@@ -10,19 +10,13 @@ import pytest
 from flax import nnx
 from tiny_lm import FAMILIES, padded_batch, write_nps_model, write_torch_model
 
-from nps.models import (
-    BaseParam,
-    ConditionedDecoder,
-    LoRAConfig,
-    SamplingConfig,
-    embed,
-    from_pretrained,
-    generate,
-    generate_text,
-)
-from nps.models.decoder import DecoderConfig, rope_frequencies
-from nps.models.loading import save_pretrained
-from nps.models.lora import load_adapters, merge_lora, save_adapters
+from nps.layers import BaseParam
+from nps.models import ConditionedDecoder
+
+from nps.lm import LoRAConfig, SamplingConfig, embed, from_pretrained, generate, generate_text
+from nps.lm.decoder import DecoderConfig, rope_frequencies
+from nps.lm.loading import save_pretrained
+from nps.lm.lora import load_adapters, merge_lora, save_adapters
 
 torch = pytest.importorskip("torch", reason="parity tests need the parity extra (torch==2.13.0)")
 TOLERANCE = 1e-4
@@ -183,7 +177,7 @@ def test_merge_export_and_adapter_round_trip(qwen, tmp_path):
 
 
 def test_adapters_refuse_another_base(qwen, tmp_path):
-    from nps.models.loading import CheckpointFormatError
+    from nps.lm.loading import CheckpointFormatError
 
     pretrained = from_pretrained(qwen, tokenizer=False, lora=LoRAConfig(rank=2))
     save_adapters(pretrained.model, tmp_path / "a", base_identity="qwen", base_weights_hash=pretrained.weights_hash)

@@ -14,8 +14,10 @@ from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool, sample_epis
 from nps.dpo import response_log_probs
 from nps.encoder import EncoderConfig
 from nps.errors import CheckpointError
-from nps.models import BaseParam, Decoder, DecoderConfig, LoRAConfig
-from nps.models.policy import PolicyConfig, PolicyOptions, SteerablePolicy, with_reference_log_probs
+from nps.layers import BaseParam
+from nps.lm import Decoder, DecoderConfig, LoRAConfig
+from nps.data.pairs import PolicyOptions
+from nps.models.policy import PolicyConfig, SteerablePolicy, with_reference_log_probs
 from nps.train.loop import TrainConfig, fit, load_trained
 
 DECODER = DecoderConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -163,7 +165,7 @@ from tiny_lm import write_nps_model
 from test_dpo import make_pool, POLICY, SPEC
 from flax import nnx
 from nps.data.episodes import OptionPairPool
-from nps.models import from_pretrained
+from nps.lm import from_pretrained
 from nps.models.policy import SteerablePolicy, with_reference_log_probs
 from nps.train.loop import TrainConfig, fit
 from nps.train.mesh import make_mesh

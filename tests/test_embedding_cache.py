@@ -6,7 +6,7 @@ from tiny_lm import write_nps_model
 
 from nps.data.embedding_cache import cached_embeddings, option_text
 from nps.errors import ConfigError
-from nps.models import embed, from_pretrained
+from nps.lm import embed, from_pretrained
 
 
 def test_template_has_real_newlines():

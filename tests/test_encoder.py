@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from flax import nnx
 
+from nps.config import config_from_dict
 from nps.encoder import ContextEncoder, EncoderConfig
 from nps.errors import ConfigError
 from nps.latent import DiagonalGaussian
@@ -140,9 +141,8 @@ def test_choice_order_matters():
     ],
 )
 def test_bad_config_names_the_field(field, value, message):
-    config = EncoderConfig(**{**SMALL, "aggregation": "attention", field: value})
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        config.validate()
+        config_from_dict(EncoderConfig, {**SMALL, "aggregation": "attention", field: value}, "encoder")
 
 
 @settings(max_examples=25, deadline=None)

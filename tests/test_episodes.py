@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nps.config import config_from_dict
 from nps.data.episodes import EpisodeSpec, PairPool, sample_episodes
 from nps.data.synthetic import two_user_pools, two_user_reward
 from nps.errors import ConfigError
@@ -90,17 +91,17 @@ def test_user_types_are_balanced(pool):
 
 
 @pytest.mark.parametrize(
-    "spec, message",
+    "fields, message",
     [
-        (EpisodeSpec(num_targets=5, max_context=10), "max_context=10 exceeds episodes.num_targets=5"),
-        (EpisodeSpec(min_context=-1), "cannot be negative"),
-        (EpisodeSpec(min_context=4, max_context=3), "min_context=4 exceeds"),
-        (EpisodeSpec(num_targets=0, max_context=0), "num_targets=0"),
+        ({"num_targets": 5, "max_context": 10}, "episodes.max_context=10 exceeds num_targets=5: .* raise num_targets"),
+        ({"min_context": -1}, "episodes.min_context=-1 cannot be negative"),
+        ({"min_context": 4, "max_context": 3}, "episodes.min_context=4 exceeds max_context=3; lower min_context"),
+        ({"num_targets": 0, "max_context": 0}, "episodes.num_targets=0 must be a positive integer"),
     ],
 )
-def test_bad_specs_name_the_field_and_the_fix(spec, message):
+def test_bad_specs_name_the_field_and_the_fix(fields, message):
     with pytest.raises(ConfigError, match=message):
-        spec.validate()
+        config_from_dict(EpisodeSpec, fields, "episodes")
 
 
 def test_synthetic_split_is_exactly_80_10_10():

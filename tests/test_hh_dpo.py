@@ -9,8 +9,8 @@ from uf_fixture import write_random_jsonl
 
 from nps.cli import main
 from nps.data.prepared import load_preferences
-from nps.experiments.hh_dpo import tokenise_targets
-from nps.models import from_pretrained
+from nps.lm.text import tokenise_chat
+from nps.lm import from_pretrained
 
 SMALL = [
     "dtype=float32", "max_length=48", "policy.encoder.hidden_dim=16", "policy.encoder.latent_dim=8",
@@ -30,7 +30,7 @@ def model_dir(tmp_path_factory):
 
 def test_targets_start_after_the_templated_prompt(model_dir):
     tokenizer = from_pretrained(model_dir).tokenizer
-    tokens, token_mask, response_mask, truncated = tokenise_targets(
+    tokens, token_mask, response_mask, truncated = tokenise_chat(
         tokenizer, ["what is a fox?", "hi"], ["a fox is a dog", "hello " * 40], max_length=40)
     head = tokenizer.apply_chat_template([{"role": "user", "content": "what is a fox?"}], add_generation_prompt=True,
                                          tokenize=False)

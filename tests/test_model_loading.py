@@ -14,8 +14,8 @@ import pytest
 from tiny_lm import padded_batch, write_nps_model, write_tokenizer
 
 from nps.errors import ConfigError
-from nps.models import CheckpointFormatError, from_pretrained
-from nps.models.loading import INDEX_FILE, SINGLE_FILE, read_safetensors_header, read_tensor, write_safetensors
+from nps.lm import CheckpointFormatError, from_pretrained
+from nps.lm.loading import INDEX_FILE, SINGLE_FILE, read_safetensors_header, read_tensor, write_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     import sys, jax, jax.numpy as jnp, numpy as np
     sys.path.insert(0, "tests")
     from tiny_lm import padded_batch
-    from nps.models import LoRAConfig, SamplingConfig, from_pretrained, generate
+    from nps.lm import LoRAConfig, SamplingConfig, from_pretrained, generate
     from nps.train.mesh import make_mesh
 
     assert jax.device_count() == 8, jax.devices()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nps.config import config_from_dict
 from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.synthetic import two_user_pools
 from nps.encoder import EncoderConfig
@@ -119,13 +120,13 @@ def test_gradients_are_finite_with_empty_contexts(episodes):
 
 
 @pytest.mark.parametrize(
-    "cfg, message",
+    "fields, message",
     [
-        (RewardModelConfig(kind="gp"), "kind='gp' is unknown"),
-        (RewardModelConfig(encoder=EncoderConfig(aggregation="max")), "model.encoder.aggregation='max'"),
-        (RewardModelConfig(eval_latent_samples=0), "eval_latent_samples=0"),
+        ({"kind": "gp"}, "model.kind='gp' is unknown"),
+        ({"encoder": {"aggregation": "max"}}, "model.encoder.aggregation='max' is unknown"),
+        ({"eval_latent_samples": 0}, "model.eval_latent_samples=0 must be a positive integer"),
     ],
 )
-def test_bad_model_config_names_the_field(cfg, message):
+def test_bad_model_config_names_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
-        cfg.validate()
+        config_from_dict(RewardModelConfig, fields, "model")

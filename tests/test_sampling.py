@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nps.errors import ConfigError
-from nps.models.generate import SamplingConfig, left_align, nucleus_threshold, sample_next
+from nps.lm.generate import SamplingConfig, left_align, nucleus_threshold, sample_next
 
 
 def kept_by_sorting(probs: np.ndarray, top_p: float) -> np.ndarray:

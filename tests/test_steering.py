@@ -11,8 +11,10 @@ from notebook_runner import execute_notebook
 from nps.cli import main
 from nps.config import apply_overrides
 from nps.data import steering as two_styles
+from nps.data.pairs import choices, conflicting
 from nps.errors import ConfigError
-from nps.experiments.steering import SteeringConfig, SteeringRun, base_model, run_steering
+from nps.experiments.steering import SteeringConfig, base_model, run_steering
+from nps.serve.steering import SteeringRun
 
 
 def test_rewards_and_conflicts_follow_the_word_counts():
@@ -24,9 +26,9 @@ def test_rewards_and_conflicts_follow_the_word_counts():
     ])
     np.testing.assert_array_equal(two_styles.user_rewards(responses), [[2, 1], [0, 2]])
     np.testing.assert_allclose(two_styles.detail_share(responses), [2 / 3, 0.0])
-    assert two_styles.conflicting(two_styles.user_rewards(responses[:1]), two_styles.user_rewards(responses[1:]))[0]
-    same = two_styles.user_rewards(responses[:1])
-    assert not two_styles.conflicting(same, same)[0]
+    first, second = two_styles.user_rewards(responses[:1]), two_styles.user_rewards(responses[1:])
+    assert conflicting(choices(first, second))[0]
+    assert not conflicting(choices(first, first))[0]
 
 
 def test_corpus_is_well_formed():

@@ -12,7 +12,7 @@ from nps.active import expected_information_gain, most_informative, update_log_w
 from nps.cli import main
 from nps.data.profiles import collect, read_candidates, read_pairs, read_profile
 from nps.errors import ConfigError
-from nps.experiments.compare import compare_runs
+from nps.workflow.compare import compare_runs
 
 
 # -- collect ---------------------------------------------------------------------------------------

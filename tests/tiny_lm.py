@@ -95,8 +95,8 @@ def write_nps_model(directory: Path, family: str = "qwen2", seed: int = 0, dtype
     import jax.numpy as jnp
     from flax import nnx
 
-    from nps.models import Decoder, DecoderConfig
-    from nps.models.loading import save_pretrained
+    from nps.lm import Decoder, DecoderConfig
+    from nps.lm.loading import save_pretrained
 
     hf = hf_config(family, **overrides).to_dict()
     model = Decoder(DecoderConfig.from_hf(hf), dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))

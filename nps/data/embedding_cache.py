@@ -20,13 +20,9 @@ import numpy as np
 
 from nps.errors import ConfigError
 from nps.files import texts_digest
+from nps.lm.text import option_text
 
 MANIFEST = "manifest.json"
-
-
-def option_text(prompt: str, response: str) -> str:
-    """The paper's embedding template, with real newlines."""
-    return f"Human: {prompt}\n\nAssistant: {response}"
 
 
 def _chunk_path(directory: Path, index: int) -> Path:
@@ -117,7 +113,7 @@ def embed_options_cached(
 
     import jax.numpy as jnp
 
-    from nps.models import embed, from_pretrained
+    from nps.lm import embed, from_pretrained
 
     texts = [option_text(p, r) for p, r in zip(prompts, responses)]
     embedder = from_pretrained(model, dtype=jnp.dtype(dtype))

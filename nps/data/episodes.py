@@ -9,75 +9,15 @@ compiled model serve N^C = 0..max.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nps.errors import ConfigError
-
-
-class PairPool(NamedTuple):
-    """A split of option pairs with each user type's utility for both options.
-
-    option_a, option_b: ``[N, D]`` option features.
-    utility_a, utility_b: ``[N, K]`` utility of each option for each of K user types.
-    """
-
-    option_a: jax.Array
-    option_b: jax.Array
-    utility_a: jax.Array
-    utility_b: jax.Array
-
-    @property
-    def num_pairs(self) -> int:
-        return self.option_a.shape[0]
-
-    @property
-    def num_user_types(self) -> int:
-        return self.utility_a.shape[-1]
-
-
-class OptionPairPool(NamedTuple):
-    """Pairs whose options are rows of a table: token sequences, features, reference log-probs.
-
-    pairs: a ``PairPool`` whose option_a / option_b are ``[N, 1]`` int32 row ids into ``options``.
-    options: any pytree of arrays with a leading axis M (one row per option).
-    ``sample_episodes`` samples ids as usual and then gathers the rows, so the episodes'
-    chosen/rejected fields hold ``options``-shaped pytrees with leading axes [B, C] / [B, T].
-    """
-
-    pairs: PairPool
-    options: Any
-
-    @property
-    def num_pairs(self) -> int:
-        return self.pairs.num_pairs
-
-    @property
-    def num_user_types(self) -> int:
-        return self.pairs.num_user_types
-
-
-def single_user(pool: PairPool | OptionPairPool, user: int) -> PairPool | OptionPairPool:
-    """The same pairs labelled by one user type only (an oracle's training data).
-
-    Every user column becomes ``user``'s, so the pool keeps its shapes and an oracle's
-    training compiles once for all users (and shares the mixed baseline's compilation).
-    """
-    if isinstance(pool, OptionPairPool):
-        return pool._replace(pairs=single_user(pool.pairs, user))
-
-    def only(utility):
-        return jnp.broadcast_to(utility[:, user : user + 1], utility.shape)
-
-    return pool._replace(utility_a=only(pool.utility_a), utility_b=only(pool.utility_b))
-
-
-def oracle_pools(pools: dict[str, Any], user: int) -> dict[str, Any]:
-    """An oracle's splits: train and val labelled by ``user`` alone, test by every user type."""
-    return {split: pool if split == "test" else single_user(pool, user) for split, pool in pools.items()}
+from nps.data.pairs import OptionPairPool, PairPool, order_pairs, user_utility
+from nps.config import check_positive
+from nps.errors import ConfigError, invalid
 
 
 class Episodes(NamedTuple):
@@ -120,28 +60,25 @@ class EpisodeSpec:
     user_prior: str = "types"
     dirichlet_concentration: float = 0.5
 
-    def validate(self, prefix: str = "episodes") -> None:
-        if self.num_targets < 1:
-            raise ConfigError(f"{prefix}.num_targets={self.num_targets} must be at least 1")
-        if self.min_context < 0 or self.max_context < 0:
-            raise ConfigError(
-                f"{prefix}.min_context={self.min_context}, {prefix}.max_context={self.max_context}: "
-                "context sizes cannot be negative"
-            )
+    def __post_init__(self):
+        check_positive(self, "num_targets")
+        for name in ("min_context", "max_context"):
+            if getattr(self, name) < 0:
+                raise invalid(name, getattr(self, name), "cannot be negative")
         if self.user_prior not in ("types", "dirichlet"):
-            raise ConfigError(f"{prefix}.user_prior={self.user_prior!r} is unknown; use 'types' or 'dirichlet'")
+            raise invalid("user_prior", self.user_prior, "is unknown; use 'types' or 'dirichlet'")
         if self.dirichlet_concentration <= 0:
-            raise ConfigError(f"{prefix}.dirichlet_concentration={self.dirichlet_concentration} must be positive")
+            raise invalid("dirichlet_concentration", self.dirichlet_concentration, "must be positive")
         if self.min_context > self.max_context:
-            raise ConfigError(
-                f"{prefix}.min_context={self.min_context} exceeds {prefix}.max_context={self.max_context}; "
-                "lower min_context"
-            )
+            raise invalid("min_context", self.min_context, f"exceeds max_context={self.max_context}; lower min_context")
         if self.max_context > self.num_targets:
-            raise ConfigError(
-                f"{prefix}.max_context={self.max_context} exceeds {prefix}.num_targets={self.num_targets}: "
-                "the context is a subset of the targets; raise num_targets or lower max_context"
-            )
+            raise invalid("max_context", self.max_context, f"exceeds num_targets={self.num_targets}: the context is "
+                          "a subset of the targets; raise num_targets or lower max_context")
+
+    def for_context(self, context_size: int) -> EpisodeSpec:
+        """This spec with room for ``context_size`` context pairs (capacity and N^T raised where needed)."""
+        return dataclasses.replace(self, num_targets=max(self.num_targets, context_size),
+                                   max_context=max(self.max_context, context_size))
 
 
 def _uniform_below(bits: jax.Array, n) -> jax.Array:
@@ -162,24 +99,6 @@ def _subset_without_replacement(bits: jax.Array, population: int) -> jax.Array:
         return picks.at[i].set(jnp.where(jnp.any(picks == candidate), top, candidate))
 
     return jax.lax.fori_loop(0, size, pick, jnp.full((size,), -1, jnp.int32))
-
-
-def user_utility(utility: jax.Array, user_weights: jax.Array) -> jax.Array:
-    """w · u per user: utilities [U, M, K] or [M, K] (shared by all users), weights [U, K] -> [U, M].
-
-    For a one-hot w this is exactly the user type's utility (x·1 + y·0 = x in floating point;
-    an elementwise product and sum, not a matmul, which accelerators may round to bf16/tf32).
-    """
-    return jnp.sum(utility * user_weights[:, None, :], axis=-1)
-
-
-def order_pairs(a_chosen: jax.Array, option_a: Any, option_b: Any) -> tuple[Any, Any]:
-    """(chosen, rejected) option pytrees from ``a_chosen`` [...] (broadcast over each leaf's option dims)."""
-    def pick(x, y, take_x):
-        return jnp.where(take_x.reshape(take_x.shape + (1,) * (x.ndim - take_x.ndim)), x, y)
-
-    return (jax.tree.map(lambda x, y: pick(x, y, a_chosen), option_a, option_b),
-            jax.tree.map(lambda x, y: pick(x, y, ~a_chosen), option_a, option_b))
 
 
 def _label(pool: PairPool, pair_index: jax.Array, user_weights: jax.Array, coin: jax.Array):
@@ -256,6 +175,23 @@ def sample_episodes(
     )
 
 
+# sample_episodes as one compiled program per (spec, num_tasks); the pool is an argument, never a constant.
+sample_episodes_compiled = jax.jit(sample_episodes, static_argnums=(2, 3))
+
+
+def sample_with_separate_contexts(key, pools, spec: EpisodeSpec, num_tasks: int, context_size) -> Episodes:
+    """Tasks whose targets come from ``pools[0]`` and whose N^C context pairs come from ``pools[1]``
+    (labelled by the same users; the conflict-rate study, Fig. 5); nested in N^C for the same key,
+    as ``sample_episodes``."""
+    targets_pool, contexts_pool = pools
+    targets = sample_episodes(key, targets_pool, spec, num_tasks, 0)
+    context_spec = dataclasses.replace(spec, num_targets=spec.max_context, min_context=0)
+    contexts = sample_episodes(jax.random.fold_in(key, 2), contexts_pool, context_spec, num_tasks, context_size,
+                               user_weights=targets.user_weights)
+    return targets._replace(context_chosen=contexts.context_chosen, context_rejected=contexts.context_rejected,
+                            context_mask=contexts.context_mask)
+
+
 def episode_batches(pool: PairPool | OptionPairPool, spec: EpisodeSpec, num_tasks: int, seed: int = 0):
     """A Grain ``MapDataset`` of episode batches for host-side input pipelines.
 
@@ -266,9 +202,8 @@ def episode_batches(pool: PairPool | OptionPairPool, spec: EpisodeSpec, num_task
     """
     import grain
 
-    spec.validate()
-    draw = jax.jit(lambda key: sample_episodes(key, pool, spec, num_tasks))
     key = jax.random.key(seed)
     return grain.MapDataset.range(2**31 - 1).map(
-        lambda index: jax.tree.map(np.asarray, draw(jax.random.fold_in(key, index)))
+        lambda index: jax.tree.map(
+            np.asarray, sample_episodes_compiled(jax.random.fold_in(key, index), pool, spec, num_tasks))
     )

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from nps.data.pairs import choices
 from nps.data.ultrafeedback import Completions, Pairs, hh_pairs, hht_pairs, read_ultrafeedback, split_pairs
 from nps.errors import ConfigError
 from nps.files import file_sha256
@@ -297,11 +298,10 @@ def _as_preference_data(columns, metadata, directory: Path) -> PreferenceData:
     )
     splits = {}
     for split, c in columns.items():
-        a, b = c["ratings_a"], c["ratings_b"]
         splits[split] = Pairs(
             first=np.searchsorted(option_ids, c["option_a_id"]),
             second=np.searchsorted(option_ids, c["option_b_id"]),
-            choice=np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5)),
+            choice=choices(c["ratings_a"], c["ratings_b"]),
         )
     return PreferenceData(options=options, splits=splits, metadata=metadata, directory=directory)
 

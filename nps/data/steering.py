@@ -18,10 +18,18 @@ serves gets half of them wrong.
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
+from nps.data.pairs import PairPool, PolicyOptions, choices, conflicting, split_indices
 from nps.errors import ConfigError
+from nps.files import atomic_write_bytes
+from nps.lm.generate import SamplingConfig, embed_tokens, generate
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "Assistant:"]
@@ -118,13 +126,6 @@ def detail_share(responses: np.ndarray) -> np.ndarray:
     return np.where(total > 0, counts[..., 0] / np.maximum(total, 1), 0.5)
 
 
-def conflicting(rewards_a: np.ndarray, rewards_b: np.ndarray) -> np.ndarray:
-    """Pairs the two users strictly rank in opposite orders: [N] bool from rewards [N, 2]."""
-    first = np.sign(rewards_a[:, 0] - rewards_b[:, 0])
-    second = np.sign(rewards_a[:, 1] - rewards_b[:, 1])
-    return (first != 0) & (second != 0) & (first != second)
-
-
 def encode_words(text: str, field: str = "text") -> list[int]:
     """Token ids of whitespace-separated words of the language (an unknown word is an error)."""
     index = {w: i for i, w in enumerate(vocabulary())}
@@ -142,6 +143,15 @@ def option_tokens(prompt: str, response: str, field: str = "pair") -> list[int]:
     return [BOS, *encode_words(prompt, f"{field}.prompt"), SEP, *encode_words(response, f"{field}.response"), EOS]
 
 
+def response_tokens(responses: Sequence[str], spec: LanguageSpec = LanguageSpec()) -> np.ndarray:
+    """Responses as token rows [N, max_response + 1] (words, <eos>, padding): what the rewards read."""
+    rows = np.full((len(responses), spec.max_response + 1), PAD, np.int64)
+    for row, response in enumerate(responses):
+        words = encode_words(response, f"responses[{row}]")[: spec.max_response] + [EOS]
+        rows[row, : len(words)] = words
+    return rows
+
+
 def decode_response(ids) -> str:
     """Words up to (not including) <eos>."""
     words = vocabulary()
@@ -151,3 +161,121 @@ def decode_response(ids) -> str:
             break
         out.append(words[token])
     return " ".join(out)
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer over the language's vocabulary, so the base works with text tools."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(vocabulary())}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>")
+    fast.save_pretrained(str(directory))
+
+
+# -- preference pairs sampled from a base model ---------------------------------------------------
+def sampling(spec: LanguageSpec, temperature: float) -> SamplingConfig:
+    """How responses of the language are sampled: up to its longest response, stopping at <eos>."""
+    return SamplingConfig(max_new_tokens=spec.max_response, temperature=temperature, stop_tokens=(EOS,),
+                          pad_token=PAD)
+
+
+def sample_responses(model, prompts: np.ndarray, spec: LanguageSpec, temperature: float, seed: int,
+                     z=None) -> np.ndarray:
+    """Responses [N, R] (<eos> then padding) of ``model`` (a decoder, or a conditioned one with z [N, d])."""
+    return np.asarray(generate(model, prompts, sampling=sampling(spec, temperature), seed=seed, z=z).tokens)
+
+
+class PreferencePairs(NamedTuple):
+    """Pairs of a base model's responses that neither user ties, as a steering run stores them.
+
+    options: ``PolicyOptions`` of 2N rows, the first responses of the N pairs then the second ones.
+    rewards: [2N, 2] each user's reward of each row. conflicting: [N] True where the users rank the
+    pair oppositely. splits: pair ids per split, ``{"conflicting": {train, val, test}, "all": {...}}``
+    (80/10/10 of the conflicting pairs, the training data; and of all pairs, as sampling produces
+    them). identity: what checkpoints and results record about the conflicting pairs.
+    """
+
+    options: PolicyOptions
+    rewards: np.ndarray
+    conflicting: np.ndarray
+    splits: dict[str, dict[str, np.ndarray]]
+    identity: dict[str, Any]
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.conflicting)
+
+    def pools(self, which: str = "conflicting") -> dict[str, PairPool]:
+        """Train / val / test ``PairPool``s of row ids into ``options`` (use with ``OptionPairPool``)."""
+        pools = {}
+        for split, ids in self.splits[which].items():
+            pools[split] = PairPool(
+                option_a=jnp.asarray(ids[:, None], jnp.int32),
+                option_b=jnp.asarray(ids[:, None] + self.num_pairs, jnp.int32),
+                utility_a=jnp.asarray(self.rewards[ids]),
+                utility_b=jnp.asarray(self.rewards[ids + self.num_pairs]),
+            )
+        return pools
+
+    def save(self, path: str | Path) -> Path:
+        """One .npz (no pickle), written atomically."""
+        arrays = {f"options_{name}": np.asarray(value) for name, value in self.options._asdict().items()}
+        arrays |= {"rewards": self.rewards, "conflicting": self.conflicting,
+                   "identity": np.asarray(json.dumps(self.identity))}
+        arrays |= {f"split_{which}_{split}": ids for which, parts in self.splits.items() for split, ids in parts.items()}
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return atomic_write_bytes(path, buffer.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> PreferencePairs:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        options = PolicyOptions(**{name: jnp.asarray(arrays[f"options_{name}"]) for name in PolicyOptions._fields})
+        splits: dict[str, dict[str, np.ndarray]] = {}
+        for name, ids in arrays.items():
+            if name.startswith("split_"):
+                which, split = name.removeprefix("split_").rsplit("_", 1)
+                splits.setdefault(which, {})[split] = ids
+        return cls(options, arrays["rewards"], arrays["conflicting"], splits, json.loads(str(arrays["identity"])))
+
+
+def sample_preference_pairs(base, spec: LanguageSpec, num_prompts: int, temperature: float, seed: int,
+                            min_conflicting: int = 50) -> PreferencePairs:
+    """Two responses of ``base`` per prompt, labelled by both users, with option features (the base's
+    last-token states) and reference log-probabilities still to fill (NaN; see
+    ``nps.models.with_reference_log_probs``). Pairs either user ties are dropped."""
+    rng = np.random.default_rng(seed + 1)
+    prompts = sample_prompts(rng, num_prompts)
+    first = sample_responses(base, prompts, spec, temperature, seed + 2)
+    second = sample_responses(base, prompts, spec, temperature, seed + 3)
+    rewards_a, rewards_b = user_rewards(first), user_rewards(second)
+    untied = np.all(rewards_a != rewards_b, axis=1)
+    conflict = conflicting(choices(rewards_a, rewards_b))
+    count = int(conflict.sum())
+    if count < min_conflicting:
+        raise ConfigError(f"num_prompts={num_prompts} gives only {count} conflicting pairs; raise num_prompts")
+    splits = {"conflicting": {k: np.flatnonzero(conflict[untied])[v] for k, v in
+                              split_indices(rng.permutation(count)).items()},
+              "all": split_indices(rng.permutation(int(untied.sum())))}
+    sequences = np.concatenate([np.concatenate([prompts, first], 1)[untied],
+                                np.concatenate([prompts, second], 1)[untied]])
+    is_eos = sequences == EOS
+    token_mask = ((np.cumsum(is_eos, axis=1) - is_eos) == 0) & (sequences != PAD)
+    response_mask = token_mask & (np.arange(sequences.shape[1]) >= PROMPT_LENGTH)
+    features = embed_tokens(base, [row[m] for row, m in zip(sequences, token_mask)], batch_size=512)
+    options = PolicyOptions(
+        tokens=jnp.asarray(sequences), token_mask=jnp.asarray(token_mask), response_mask=jnp.asarray(response_mask),
+        features=jnp.asarray(features), reference_log_prob=jnp.full((len(sequences),), jnp.nan, jnp.float32),
+    )
+    identity = {
+        "name": "steering-two-styles", "seed": seed, "num_prompts": num_prompts,
+        "conflicting_pairs": count, "conflict_share_of_sampled_pairs": count / num_prompts,
+        "split_sizes": {k: len(v) for k, v in splits["conflicting"].items()},
+    }
+    rewards = np.concatenate([rewards_a[untied], rewards_b[untied]])
+    return PreferencePairs(options, rewards, conflict[untied], splits, identity)

@@ -1,19 +1,45 @@
-"""The paper's synthetic preference tasks (§5.1 two users, §5.2 correlated options).
+"""Synthetic preference tasks: any options and per-user utilities, and the paper's two (§5.1, §5.2).
 
-Pools are generated on the host with NumPy from a seed (deterministic across
-machines) and split 80/10/10 by an exact random permutation.
+``synthetic_task`` is the one way to build a task from code: a function that draws option
+pairs and one utility function per user type. Pools are generated on the host with NumPy
+from a seed (deterministic across machines) and split 80/10/10 by a seeded permutation
+(``nps.data.pairs.split_pool``). docs/api.md has a worked three-user example.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import numpy as np
-import jax.numpy as jnp
 
-from nps.data.episodes import PairPool
-from nps.errors import ConfigError
+from nps.data.pairs import PairPool, split_pool
 
-SPLITS = ("train", "val", "test")
-SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+TWO_USER_NAMES = ["z=0", "z=1"]  # the user types of the two-user and correlated-option tasks
+
+
+def synthetic_task(
+    sample_pairs: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
+    utilities: Sequence[Callable[[np.ndarray], np.ndarray]],
+    num_pairs: int,
+    seed: int = 0,
+) -> dict[str, PairPool]:
+    """Train / val / test pools of ``num_pairs`` option pairs labelled by K user types.
+
+    ``sample_pairs(rng, n) -> (a, b)``: the two options of n pairs, each ``[n, D]``.
+    ``utilities[k](options [n, D]) -> [n]``: user type k's utility; a user chooses the option
+    with the higher utility. The pairs are drawn with ``default_rng(seed)``, split with ``seed + 1``.
+    """
+    a, b = sample_pairs(np.random.default_rng(seed), num_pairs)
+    utility_a = np.stack([u(a) for u in utilities], axis=-1)
+    utility_b = np.stack([u(b) for u in utilities], axis=-1)
+    return split_pool(a, b, utility_a, utility_b, seed + 1)
+
+
+def uniform_pairs(rng: np.random.Generator, num: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of scalar options y ~ U[0, 1] (§5.1): ``-> ([num, 1], [num, 1])``."""
+    options = rng.uniform(0.0, 1.0, size=(num, 2))
+    return options[:, :1], options[:, 1:]
 
 
 def two_user_reward(y: np.ndarray, user: int, threshold: float = 0.5) -> np.ndarray:
@@ -23,31 +49,10 @@ def two_user_reward(y: np.ndarray, user: int, threshold: float = 0.5) -> np.ndar
     return np.where(y <= threshold, y, above)
 
 
-def check_num_pairs(num_pairs: int, field: str = "num_pairs") -> None:
-    """Every split of an 80/10/10 split needs at least one pair."""
-    if num_pairs < 10:
-        raise ConfigError(f"{field}={num_pairs} is too small to split 80/10/10; use at least 10")
-
-
-def split_pool(option_a, option_b, utility_a, utility_b, seed: int) -> dict[str, PairPool]:
-    """Exact 80/10/10 split of N pairs by a seeded permutation."""
-    n = len(option_a)
-    order = np.random.default_rng(seed).permutation(n)
-    bounds = np.cumsum([int(round(f * n)) for f in SPLIT_FRACTIONS[:-1]])
-    pools = {}
-    for name, index in zip(SPLITS, np.split(order, bounds)):
-        pools[name] = PairPool(
-            *(jnp.asarray(x[index], jnp.float32) for x in (option_a, option_b, utility_a, utility_b))
-        )
-    return pools
-
-
 def two_user_pools(num_pairs: int = 20_000, seed: int = 0, threshold: float = 0.5) -> dict[str, PairPool]:
     """§5.1: options y ~ U[0, 1], two user types, pairs split 80/10/10."""
-    rng = np.random.default_rng(seed)
-    options = rng.uniform(0.0, 1.0, size=(num_pairs, 2))
-    utility = np.stack([two_user_reward(options, u, threshold) for u in (0, 1)], axis=-1)
-    return split_pool(options[:, :1], options[:, 1:], utility[:, 0], utility[:, 1], seed + 1)
+    utilities = [lambda y, user=user: two_user_reward(y[:, 0], user, threshold) for user in (0, 1)]
+    return synthetic_task(uniform_pairs, utilities, num_pairs, seed)
 
 
 def two_user_identity(num_pairs: int, seed: int, threshold: float = 0.5) -> dict:
@@ -64,14 +69,28 @@ def correlated_options(rng: np.random.Generator, num: int, rho: float) -> np.nda
 
 def correlated_pools(rho: float, num_pairs: int = 20_000, seed: int = 0) -> dict[str, PairPool]:
     """§5.2 / Example 4.3: r(y, 0) = h0, r(y, 1) = h1; conflict rate 1/2 − arcsin(ρ)/π."""
-    rng = np.random.default_rng(seed)
-    a, b = correlated_options(rng, num_pairs, rho), correlated_options(rng, num_pairs, rho)
-    return split_pool(a, b, a, b, seed + 1)
+    def sample_pairs(rng, num):
+        return correlated_options(rng, num, rho), correlated_options(rng, num, rho)
+
+    return synthetic_task(sample_pairs, [lambda y: y[:, 0], lambda y: y[:, 1]], num_pairs, seed)
 
 
 def correlated_identity(rho: float, num_pairs: int, seed: int) -> dict:
     """What checkpoints and results record about ``correlated_pools(rho, num_pairs, seed)``."""
     return {"name": "synthetic-correlated", "rho": rho, "num_pairs": num_pairs, "seed": seed}
+
+
+def conflicting_probe_pairs(rho: float, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``num`` option pairs at correlation ρ on which the two user types disagree."""
+    rng = np.random.default_rng(seed)
+    found_a, found_b, have = [], [], 0
+    while have < num:
+        a, b = correlated_options(rng, 4 * num, rho), correlated_options(rng, 4 * num, rho)
+        conflict = (a[:, 0] > b[:, 0]) != (a[:, 1] > b[:, 1])
+        found_a.append(a[conflict])
+        found_b.append(b[conflict])
+        have += int(conflict.sum())
+    return np.concatenate(found_a)[:num], np.concatenate(found_b)[:num]
 
 
 def bayes_error_single_pair(rho: float) -> float:

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from nps.data.pairs import SPLIT_FRACTIONS, OptionPairPool, PairPool, choices, conflicting, split_indices
 from nps.errors import ConfigError
 
 ATTRIBUTES = ("helpfulness", "honesty", "truthfulness", "instruction_following")
@@ -174,14 +175,7 @@ def all_pairs(completions: Completions) -> Pairs:
         seconds.append(group[j])
     first = np.concatenate(firsts) if firsts else np.zeros(0, np.int64)
     second = np.concatenate(seconds) if seconds else np.zeros(0, np.int64)
-    a, b = completions.ratings[first], completions.ratings[second]
-    choice = np.where(a > b, 1.0, np.where(a < b, 0.0, 0.5))
-    return Pairs(first, second, choice)
-
-
-def conflicting(choice: np.ndarray) -> np.ndarray:
-    """[N] bool: the attributes do not all make the same choice (ties must be removed first)."""
-    return choice.min(axis=1) != choice.max(axis=1)
+    return Pairs(first, second, choices(completions.ratings[first], completions.ratings[second]))
 
 
 def without_ties(pairs: Pairs) -> Pairs:
@@ -208,19 +202,15 @@ def with_conflict_rate(pairs: Pairs, rate: float, seed: int) -> Pairs:
 
 
 def split_pairs(
-    pairs: Pairs, completions: Completions, seed: int, by: str = "pair", fractions=(0.8, 0.1, 0.1)
+    pairs: Pairs, completions: Completions, seed: int, by: str = "pair", fractions=SPLIT_FRACTIONS
 ) -> dict[str, Pairs]:
     """Train / val / test. ``by="pair"`` (the paper: a prompt may appear in several splits) or
     ``by="prompt"`` (every prompt's pairs in one split). Sizes are exact floors of the fractions
     (the remainder goes to test), over pairs or over prompts."""
     if by not in ("pair", "prompt"):
         raise ConfigError(f"split by={by!r} is unknown; use 'pair' or 'prompt'")
-    rng = np.random.default_rng(seed)
     units = np.arange(len(pairs)) if by == "pair" else np.unique(completions.prompt_index[pairs.first])
-    order = rng.permutation(units)
-    train_end = int(fractions[0] * len(order))
-    val_end = train_end + int(fractions[1] * len(order))
-    parts = {"train": order[:train_end], "val": order[train_end:val_end], "test": order[val_end:]}
+    parts = split_indices(np.random.default_rng(seed).permutation(units), fractions)
     if by == "pair":
         return {name: pairs.take(np.sort(index)) for name, index in parts.items()}
     prompt_of_pair = completions.prompt_index[pairs.first]
@@ -250,8 +240,6 @@ def option_pair_pool(pairs: Pairs, ratings: np.ndarray, options: Any):
     user type's utility (the sampler's choices reproduce ``pairs.choice``)."""
     import jax.numpy as jnp
 
-    from nps.data.episodes import OptionPairPool, PairPool
-
     rows = _table_rows(options)
     if ratings.shape[0] != rows:
         raise ConfigError(f"the option table has {rows} rows but there are {ratings.shape[0]} rated options; "
@@ -275,3 +263,14 @@ def _table_rows(tree: Any) -> int:
     if len(sizes) != 1:
         raise ConfigError(f"the option table's arrays have different numbers of rows: {sorted(sizes)}")
     return sizes.pop()
+
+
+def conflict_test_pools(test_pairs, ratings: np.ndarray, features, context_rate: float, seed: int):
+    """(targets, contexts): conflicting targets, and contexts at ``context_rate`` from disjoint pairs."""
+    conflict = np.flatnonzero(conflicting(test_pairs.choice))
+    agree = np.flatnonzero(~conflicting(test_pairs.choice))
+    order = np.random.default_rng(seed).permutation(conflict)
+    targets, held = order[: len(order) // 2], order[len(order) // 2 :]
+    context_pairs = with_conflict_rate(test_pairs.take(np.concatenate([held, agree])), context_rate, seed)
+    return (option_pair_pool(test_pairs.take(np.sort(targets)), ratings, features),
+            option_pair_pool(context_pairs, ratings, features))

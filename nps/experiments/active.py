@@ -27,17 +27,23 @@ import numpy as np
 
 from nps.active import PairSet, answer_curves, pairs_needed, particle_latents, user_choices
 from nps.config import config_to_dict
-from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool
-from nps.data.synthetic import correlated_identity, correlated_pools, two_user_identity, two_user_pools
-from nps.errors import ConfigError
-from nps.experiments.report import finish_run, prepare_output_dir, save_figure
-from nps.experiments.runner import EvalConfig, train_and_evaluate
-from nps.experiments.steering import SteeringConfig, SteeringRun, preference_pools, run_steering
-from nps.experiments.synthetic import SYNTHETIC_NP_BTL
-from nps.models.policy import with_reference_log_probs
-from nps.models.reward import RewardModelConfig
+from nps.data.episodes import EpisodeSpec
+from nps.data.pairs import OptionPairPool, PairPool
+from nps.data.synthetic import (
+    TWO_USER_NAMES,
+    correlated_identity,
+    correlated_pools,
+    two_user_identity,
+    two_user_pools,
+)
+from nps.errors import ConfigError, invalid
+from nps.experiments.steering import SteeringConfig, run_steering
+from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
+from nps.results import finish_run, run_directory, save_figure
+from nps.serve.steering import SteeringRun
 from nps.train.evaluate import mean_and_sem
 from nps.train.loop import TrainConfig
+from nps.train.run import EvalConfig, check_unseen_targets, train_and_evaluate
 
 TASKS = ("synthetic", "correlation", "steering")
 STRATEGIES = ("random", "active")
@@ -66,26 +72,22 @@ class ActiveConfig:
     correlation_train: TrainConfig = TrainConfig(steps=2000, checkpoint_every=200)
     eval: EvalConfig = EvalConfig()
 
-    def validate(self) -> None:
+    def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
-            raise ConfigError(f"tasks={self.tasks}: choose from {list(TASKS)}")
+            raise invalid("tasks", self.tasks, f"must choose from {list(TASKS)}")
         if self.model.kind != "np":
-            raise ConfigError("model.kind must be 'np': choosing pairs needs a context-conditioned model")
+            raise invalid("model.kind", self.model.kind, "must be 'np': choosing pairs needs a context-conditioned model")
         if not 0 < self.reference_pairs <= self.max_pairs:
-            raise ConfigError(f"reference_pairs={self.reference_pairs} must be in 1..max_pairs={self.max_pairs}")
+            raise invalid("reference_pairs", self.reference_pairs, f"must be in 1..max_pairs={self.max_pairs}")
         for name in ("num_users", "steering_users"):
             if getattr(self, name) < 4 or getattr(self, name) % 2:
-                raise ConfigError(f"{name}={getattr(self, name)} must be an even number ≥ 4 (half per user type)")
+                raise invalid(name, getattr(self, name), "must be an even number ≥ 4 (half per user type)")
         if self.num_candidates < self.max_pairs:
-            raise ConfigError(f"num_candidates={self.num_candidates} must be at least max_pairs={self.max_pairs}")
+            raise invalid("num_candidates", self.num_candidates, f"must be at least max_pairs={self.max_pairs}")
         if not 0 < self.target_fraction <= 1:
-            raise ConfigError(f"target_fraction={self.target_fraction} must be in (0, 1]")
-        self.episodes.validate()
-        self.synthetic_train.validate("synthetic_train")
-        self.correlation_train.validate("correlation_train")
-        self.eval.validate()
-        self.model.validate("model")
+            raise invalid("target_fraction", self.target_fraction, "must be in (0, 1]")
+        check_unseen_targets(self.eval, self.episodes)
 
 
 def _pair_sets(test: PairPool, options: Any, config: ActiveConfig, num_users: int) -> tuple[PairSet, PairSet]:
@@ -118,11 +120,11 @@ def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
             echo(f"training the steering policies under {directory} (nps reproduce steering)")
             run_steering(SteeringConfig(), directory, progress=progress, echo=echo)
         run = SteeringRun.load(directory)
+        pairs = run.preference_pairs()
         # Candidates as sampling produces them: conflicting pairs and pairs both users rank alike.
-        pools, options, _ = preference_pools(run.base, run.config, conflicting_only=False)
-        options = with_reference_log_probs(run.policy, options, batch_size=1024)
-        candidates, evaluation = _pair_sets(pools["test"], options, config, config.steering_users)
-        return run.policy, None, candidates, evaluation, OptionPairPool(pools["val"], options)
+        pools = pairs.pools("all")
+        candidates, evaluation = _pair_sets(pools["test"], pairs.options, config, config.steering_users)
+        return run.policy, None, candidates, evaluation, OptionPairPool(pools["val"], pairs.options)
     if task == "synthetic":
         pools = two_user_pools(config.num_pairs, config.data_seed)
         identity = two_user_identity(config.num_pairs, config.data_seed)
@@ -131,44 +133,44 @@ def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
         identity = correlated_identity(config.correlation_rho, config.num_pairs, config.data_seed)
     train = config.synthetic_train if task == "synthetic" else config.correlation_train
     fit, entry = train_and_evaluate(
-        f"np_btl_{task}", config.model, pools["train"].option_a.shape[-1], pools, config.episodes, train, config.eval,
-        out, ["z=0", "z=1"], data_identity=identity, progress=progress)
+        f"np_btl_{task}", config.model, pools, data_identity=identity, train=train, episodes=config.episodes,
+        evaluation=config.eval, out=out, user_names=TWO_USER_NAMES, progress=progress)
     candidates, evaluation = _pair_sets(pools["test"], None, config, config.num_users)
     return fit.model(), entry, candidates, evaluation, pools["val"]
 
 
 def run_active(config: ActiveConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
                echo=print) -> dict[str, Any]:
-    config.validate()
     start = time.perf_counter()
-    out = prepare_output_dir(out, fresh)
-    tasks, models = {}, {}
-    for task in config.tasks:
-        model, entry, candidates, evaluation, population = _task(task, config, out, progress, echo)
-        if entry is not None:
-            models[f"np_btl_{task}"] = entry
-        particles = particle_latents(model, population, config.episodes, config.num_particles,
-                                     config.particle_context, config.seed)
-        curves = {s: answer_curves(model, candidates, evaluation, particles, s, config.max_pairs, config.seed + 1)[0]
-                  for s in STRATEGIES}
-        reference = float(curves["random"][:, config.reference_pairs].mean())
-        target = config.target_fraction * reference
-        needed = {s: pairs_needed(curves[s], target) for s in STRATEGIES}
-        tasks[task] = {
-            "target_accuracy": target,
-            "reference_accuracy": reference,
-            "num_users": int(candidates.first_chosen.shape[0]),
-            "num_candidates": int(candidates.first_chosen.shape[1]),
-            "num_eval_pairs": int(evaluation.first_chosen.shape[1]),
-            "pairs_needed": {s: mean_and_sem(needed[s]) | {"never_reached": int(np.sum(needed[s] > config.max_pairs))}
-                             for s in STRATEGIES},
-            "ratio_active_to_random": float(needed["active"].mean() / needed["random"].mean()),
-            "accuracy_vs_pairs": {s: [mean_and_sem(curves[s][:, n]) for n in range(config.max_pairs + 1)]
-                                  for s in STRATEGIES},
-        }
-    plots = [plot_active(tasks, out / "accuracy_vs_answered_pairs.png")]
-    return finish_run(out, start, echo, tables=[format_active_table(tasks)], plots=plots, experiment="active",
-                      config=config_to_dict(config), tasks=tasks, models=models, user_types=["z=0", "z=1"])
+    with run_directory(out, fresh) as out:
+        tasks, models = {}, {}
+        for task in config.tasks:
+            model, entry, candidates, evaluation, population = _task(task, config, out, progress, echo)
+            if entry is not None:
+                models[f"np_btl_{task}"] = entry
+            particles = particle_latents(model, population, config.episodes, config.num_particles,
+                                         config.particle_context, jax.random.key(config.seed))
+            curves = {s: answer_curves(model, candidates, evaluation, particles, s, config.max_pairs,
+                                       jax.random.key(config.seed + 1))[0]
+                      for s in STRATEGIES}
+            reference = float(curves["random"][:, config.reference_pairs].mean())
+            target = config.target_fraction * reference
+            needed = {s: pairs_needed(curves[s], target) for s in STRATEGIES}
+            tasks[task] = {
+                "target_accuracy": target,
+                "reference_accuracy": reference,
+                "num_users": int(candidates.first_chosen.shape[0]),
+                "num_candidates": int(candidates.first_chosen.shape[1]),
+                "num_eval_pairs": int(evaluation.first_chosen.shape[1]),
+                "pairs_needed": {s: mean_and_sem(needed[s]) | {"never_reached": int(np.sum(needed[s] > config.max_pairs))}
+                                 for s in STRATEGIES},
+                "ratio_active_to_random": float(needed["active"].mean() / needed["random"].mean()),
+                "accuracy_vs_pairs": {s: [mean_and_sem(curves[s][:, n]) for n in range(config.max_pairs + 1)]
+                                      for s in STRATEGIES},
+            }
+        plots = [plot_active(tasks, out / "accuracy_vs_answered_pairs.png")]
+        return finish_run(out, start, echo, tables=[format_active_table(tasks)], plots=plots, experiment="active",
+                          config=config_to_dict(config), tasks=tasks, models=models, user_types=TWO_USER_NAMES)
 
 
 def format_active_table(tasks: dict[str, Any]) -> str:

@@ -22,22 +22,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from nps.config import check_models, config_to_dict
-from nps.data.embedding_cache import embed_options_cached, embedder_identity, option_text
-from nps.data.episodes import EpisodeSpec, oracle_pools
+from nps.data.embedding_cache import embed_options_cached, embedder_identity
+from nps.data.episodes import EpisodeSpec
+from nps.data.pairs import PolicyOptions, oracle_pools
 from nps.data.prepared import BuildParameters, prepared_or_prepare
 from nps.data.ultrafeedback import option_pair_pool
 from nps.encoder import EncoderConfig
-from nps.errors import ConfigError
-from nps.experiments.report import finish_run, format_accuracy_table, plot_accuracy_vs_context, prepare_output_dir
-from nps.experiments.runner import EvalConfig, fit_and_evaluate
-from nps.models import LoRAConfig, from_pretrained
-from nps.models.policy import PolicyConfig, PolicyOptions, SteerablePolicy, with_reference_log_probs
+from nps.errors import ConfigError, invalid
+from nps.lm import LoRAConfig, from_pretrained
+from nps.lm.text import tokenise_chat
+from nps.models.policy import PolicyConfig, SteerablePolicy, policy_kind, with_reference_log_probs
+from nps.results import finish_run, format_accuracy_table, plot_accuracy_vs_context, run_directory
 from nps.train.loop import TrainConfig
 from nps.train.mesh import make_mesh
+from nps.train.run import EvalConfig, check_unseen_targets, fit_and_evaluate
 
 USER_NAMES = ["helpfulness", "honesty"]
 MODEL_NAMES = ("np_dpo", "btl_dpo_mixed", "btl_dpo_oracles")  # oracles: one BTL-DPO per user type's labels
@@ -74,104 +75,68 @@ class HHDPOConfig:
     )
     eval: EvalConfig = EvalConfig(num_tasks=500)
 
-    def validate(self) -> None:
-        if not self.model or not self.data:
-            raise ConfigError("hh-dpo needs --model (a model directory) and --data (UltraFeedback's train file)")
+    def __post_init__(self):
         if self.dtype not in ("bfloat16", "float32"):
-            raise ConfigError(f"dtype={self.dtype!r} must be 'bfloat16' or 'float32'")
+            raise invalid("dtype", self.dtype, "must be 'bfloat16' or 'float32'")
         check_models(self.models, MODEL_NAMES)
         if self.max_length < 8:
-            raise ConfigError(f"max_length={self.max_length} is too short for a prompt and a response")
-        self.policy.validate()
-        self.episodes.validate()
-        self.train.validate()
-        self.eval.validate()
-
-
-def tokenise_targets(tokenizer, prompts: list[str], responses: list[str], max_length: int):
-    """Chat-templated prompt + response tokens [M, max_length], masks, and how many were truncated.
-
-    The response starts where the templated prompt (with the generation prompt) ends, as
-    the authors' 2025 code; a tokenizer without a chat template gets "Human: …\\n\\nAssistant: ".
-    """
-    tokens = np.zeros((len(prompts), max_length), np.int32)
-    token_mask = np.zeros((len(prompts), max_length), bool)
-    response_mask = np.zeros((len(prompts), max_length), bool)
-    truncated = 0
-    for row, (prompt, response) in enumerate(zip(prompts, responses)):
-        if tokenizer.chat_template:
-            user = [{"role": "user", "content": prompt}]
-            head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-            full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
-            if not full.startswith(head):
-                raise ConfigError("the tokenizer's chat template does not extend the prompt with the reply; "
-                                  "pass a model whose template does (or one without a template)")
-            tail = full[len(head):]
-        else:
-            head, tail = option_text(prompt, ""), response + (tokenizer.eos_token or "")
-        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-        tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
-        ids = (head_ids + tail_ids)[:max_length]
-        if len(head_ids) + len(tail_ids) > max_length:
-            truncated += 1
-        tokens[row, : len(ids)] = ids
-        token_mask[row, : len(ids)] = True
-        response_mask[row, len(head_ids) : len(ids)] = True
-    return tokens, token_mask, response_mask, truncated
+            raise invalid("max_length", self.max_length, "is too short for a prompt and a response")
+        check_unseen_targets(self.eval, dataclasses.replace(self.episodes, num_targets=self.eval_num_targets))
+        BuildParameters("hh", self.conflict_rate, self.split_by, self.seed).validate()
 
 
 def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
                echo=print) -> dict[str, Any]:
-    config.validate()
+    if not config.model or not config.data:
+        raise ConfigError("hh-dpo needs --model (a model directory) and --data (UltraFeedback's train file)")
     start = time.perf_counter()
-    out = prepare_output_dir(out, fresh)
-    data = prepared_or_prepare(config.data, out / "dataset",
-                               BuildParameters("hh", config.conflict_rate, config.split_by, config.seed), echo)
-    splits = data.splits
-    data.require_pairs({"train": config.episodes.num_targets, "val": config.episodes.num_targets,
-                        "test": config.eval_num_targets})
-    prompts, responses = data.option_prompts(), data.options.responses
-    features, embedder = embed_options_cached(
-        config.embedder or config.model, prompts, responses, data.directory / "embeddings", dtype=config.dtype,
-        max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo)
+    with run_directory(out, fresh) as out:
+        data = prepared_or_prepare(config.data, out / "dataset",
+                                   BuildParameters("hh", config.conflict_rate, config.split_by, config.seed), echo)
+        data.require_pairs({"train": config.episodes.num_targets, "val": config.episodes.num_targets,
+                            "test": config.eval_num_targets})
+        prompts, responses = data.option_prompts(), data.options.responses
+        features, embedder = embed_options_cached(
+            config.embedder or config.model, prompts, responses, data.directory / "embeddings", dtype=config.dtype,
+            max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo)
 
-    mesh = make_mesh(fsdp=config.mesh_fsdp, tensor=config.mesh_tensor) if jax.device_count() > 1 else None
-    base = from_pretrained(config.model, dtype=jnp.dtype(config.dtype), mesh=mesh)
-    tokens, token_mask, response_mask, truncated = tokenise_targets(base.tokenizer, prompts, responses,
-                                                                    config.max_length)
-    options = PolicyOptions(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(response_mask),
-                            jnp.asarray(features), jnp.full((len(responses),), jnp.nan, jnp.float32))
-    # One copy of the base weights serves the reference and every policy; each policy gets fresh adapters.
-    reference = SteerablePolicy(base.model, features.shape[1], dataclasses.replace(config.policy, kind="btl"),
-                                rngs=nnx.Rngs(0))
-    options = with_reference_log_probs(reference, options, batch_size=config.reference_batch_size)
-    pools = {name: option_pair_pool(part, data.options.ratings, options) for name, part in splits.items()}
-    data_identity = data.identity() | {"truncated_targets": truncated, "embedder": embedder_identity(embedder)}
-    base_identity = {"path": base.identity, "weights_hash": base.weights_hash}
-    eval_spec = dataclasses.replace(config.episodes, num_targets=config.eval_num_targets,
-                                    max_context=max(config.eval.context_sizes))
-    models = {}
-    jobs = []  # (name, training pools, whose labels it trains on); every policy is tested on both users
-    for name in config.models:
-        if name == "btl_dpo_oracles":
-            jobs += [(f"btl_dpo_{user}", oracle_pools(pools, k), user) for k, user in enumerate(USER_NAMES)]
-        else:
-            jobs.append((name, pools, "all"))
-    for name, job_pools, labels in jobs:
-        kind = "np" if name == "np_dpo" else "btl"
-        policy_config = dataclasses.replace(config.policy, kind=kind)
-        base.model.add_lora(policy_config.lora, rngs=nnx.Rngs(config.train.seed), mesh=mesh)
-        policy = SteerablePolicy(base.model, features.shape[1], policy_config, rngs=nnx.Rngs(config.train.seed))
-        run_config = {"policy": config_to_dict(policy_config), "data": data_identity | {"labels": labels},
-                      "base": base_identity}
-        _, models[name] = fit_and_evaluate(
-            name, policy, kind, run_config, job_pools, config.episodes, config.train, config.eval, out, USER_NAMES,
-            progress=progress, eval_spec=eval_spec, mesh=mesh,
+        mesh = make_mesh(fsdp=config.mesh_fsdp, tensor=config.mesh_tensor) if jax.device_count() > 1 else None
+        base = from_pretrained(config.model, dtype=jnp.dtype(config.dtype), mesh=mesh)
+        tokens, token_mask, response_mask, truncated = tokenise_chat(base.tokenizer, prompts, responses,
+                                                                     config.max_length)
+        options = PolicyOptions(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(response_mask),
+                                jnp.asarray(features), jnp.full((len(responses),), jnp.nan, jnp.float32))
+        # One copy of the base weights serves the reference and every policy (each has adapters of its own).
+        reference = SteerablePolicy(base.model, features.shape[1], dataclasses.replace(config.policy, kind="btl"),
+                                    rngs=nnx.Rngs(0), mesh=mesh)
+        options = with_reference_log_probs(reference, options, batch_size=config.reference_batch_size)
+        pools = {name: option_pair_pool(part, data.options.ratings, options) for name, part in data.splits.items()}
+        data_identity = data.identity() | {"truncated_targets": truncated, "embedder": embedder_identity(embedder)}
+        base_identity = {"path": base.identity, "weights_hash": base.weights_hash}
+        eval_episodes = dataclasses.replace(config.episodes, num_targets=config.eval_num_targets,
+                                            max_context=max(config.eval.context_sizes))
+        jobs = []  # (name, training pools, whose labels it trains on); every policy is tested on both users
+        for name in config.models:
+            if name == "btl_dpo_oracles":
+                jobs += [(f"btl_dpo_{user}", oracle_pools(pools, k), user) for k, user in enumerate(USER_NAMES)]
+            else:
+                jobs.append((name, pools, "all"))
+        models = {}
+        for name, job_pools, labels in jobs:
+            policy_config = dataclasses.replace(config.policy, kind=policy_kind(name))
+            policy = SteerablePolicy(base.model, features.shape[1], policy_config, rngs=nnx.Rngs(config.train.seed),
+                                     mesh=mesh)
+            run_config = {"policy": config_to_dict(policy_config), "data": data_identity | {"labels": labels},
+                          "base": base_identity}
+            _, models[name] = fit_and_evaluate(
+                name, policy, job_pools, kind=policy_config.kind, episodes=config.episodes, train=config.train,
+                evaluation=config.eval, out=out, user_names=USER_NAMES, run_config=run_config,
+                eval_episodes=eval_episodes, mesh=mesh, progress=progress,
+            )
+        plots = [plot_accuracy_vs_context(models, USER_NAMES, out / "accuracy_vs_context.png",
+                                          "UltraFeedback HH: implicit-reward accuracy")]
+        return finish_run(
+            out, start, echo, tables=[format_accuracy_table(models, USER_NAMES)], plots=plots, experiment="hh-dpo",
+            config=config_to_dict(config), data=data_identity, embedder=embedder, base=base_identity,
+            user_types=USER_NAMES, models=models,
         )
-    plots = [plot_accuracy_vs_context(models, USER_NAMES, out / "accuracy_vs_context.png",
-                                      "UltraFeedback HH: implicit-reward accuracy")]
-    return finish_run(
-        out, start, echo, tables=[format_accuracy_table(models, USER_NAMES)], plots=plots, experiment="hh-dpo",
-        config=config_to_dict(config), data=data_identity, embedder=embedder, base=base_identity,
-        user_types=USER_NAMES, models=models,
-    )

@@ -13,23 +13,14 @@ import numpy as np
 
 from nps.config import check_models, config_to_dict
 from nps.data.episodes import EpisodeSpec, sample_episodes
-from nps.data.synthetic import check_num_pairs, two_user_identity, two_user_pools, two_user_reward
-from nps.encoder import EncoderConfig
-from nps.experiments.report import (
-    finish_run,
-    format_accuracy_table,
-    plot_accuracy_vs_context,
-    prepare_output_dir,
-    save_figure,
-)
-from nps.experiments.runner import EvalConfig, train_and_evaluate
-from nps.models.reward import RewardModelConfig
+from nps.data.pairs import check_splittable
+from nps.data.synthetic import TWO_USER_NAMES, two_user_identity, two_user_pools, two_user_reward
+from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
+from nps.results import finish_run, format_accuracy_table, plot_accuracy_vs_context, run_directory, save_figure
 from nps.train.loop import TrainConfig
+from nps.train.run import EvalConfig, check_unseen_targets, train_and_evaluate
 
-USER_NAMES = ["z=0", "z=1"]
-# NP-BTL for the synthetic tasks: the released synthetic config (MLP inner map, self-attention, sum)
-# without attention dropout, which slowed learning within the 1,000 steps (docs/design.md).
-SYNTHETIC_NP_BTL = RewardModelConfig(kind="np", encoder=EncoderConfig(inner="mlp", attention_dropout=0.0))
+USER_NAMES = TWO_USER_NAMES
 MODEL_NAMES = ("btl", "dpl", "np_btl", "np_btl_variational")
 
 
@@ -55,14 +46,10 @@ class SyntheticConfig:
         train_latent_samples=4,
     )
 
-    def validate(self) -> None:
-        check_num_pairs(self.num_pairs)
+    def __post_init__(self):
+        check_splittable(self.num_pairs)
         check_models(self.models, MODEL_NAMES)
-        self.episodes.validate()
-        self.train.validate()
-        self.eval.validate()
-        for name in self.models:
-            getattr(self, name).validate(name)
+        check_unseen_targets(self.eval, self.episodes)
 
 
 def _reward_curves(fits: dict[str, Any], pools, spec: EpisodeSpec, grid: np.ndarray) -> dict[str, Any]:
@@ -124,26 +111,25 @@ def run_synthetic(
     config: SyntheticConfig, out: str | Path, *, fresh: bool = False, progress: bool = True, echo=print
 ) -> dict[str, Any]:
     """Train and evaluate ``config.models``; write results.json and plots under ``out``."""
-    config.validate()
     start = time.perf_counter()
-    out = prepare_output_dir(out, fresh)
-    pools = two_user_pools(config.num_pairs, config.seed, config.threshold)
-    data_identity = two_user_identity(config.num_pairs, config.seed, config.threshold)
-    models, fits = {}, {}
-    for name in config.models:
-        fits[name], models[name] = train_and_evaluate(
-            name, getattr(config, name), 1, pools, config.episodes, config.train, config.eval, out, USER_NAMES,
-            data_identity=data_identity, progress=progress,
+    with run_directory(out, fresh) as out:
+        pools = two_user_pools(config.num_pairs, config.seed, config.threshold)
+        data_identity = two_user_identity(config.num_pairs, config.seed, config.threshold)
+        models, fits = {}, {}
+        for name in config.models:
+            fits[name], models[name] = train_and_evaluate(
+                name, getattr(config, name), pools, data_identity=data_identity, train=config.train,
+                episodes=config.episodes, evaluation=config.eval, out=out, user_names=USER_NAMES, progress=progress,
+            )
+        grid = np.linspace(0.0, 1.0, 201)
+        plots = [
+            plot_accuracy_vs_context(models, USER_NAMES, out / "accuracy_vs_context.png", "synthetic two-user task"),
+            plot_reward_curves(_reward_curves(fits, pools, config.episodes, grid), grid, config.threshold,
+                               out / "reward_curves.png"),
+        ]
+        return finish_run(
+            out, start, echo, tables=[format_accuracy_table(models, USER_NAMES)], plots=plots,
+            experiment="synthetic", config=config_to_dict(config),
+            data=data_identity | {"split_sizes": {k: p.num_pairs for k, p in pools.items()}},
+            user_types=USER_NAMES, models=models,
         )
-    grid = np.linspace(0.0, 1.0, 201)
-    plots = [
-        plot_accuracy_vs_context(models, USER_NAMES, out / "accuracy_vs_context.png", "synthetic two-user task"),
-        plot_reward_curves(_reward_curves(fits, pools, config.episodes, grid), grid, config.threshold,
-                           out / "reward_curves.png"),
-    ]
-    return finish_run(
-        out, start, echo, tables=[format_accuracy_table(models, USER_NAMES)], plots=plots,
-        experiment="synthetic", config=config_to_dict(config),
-        data=data_identity | {"split_sizes": {k: p.num_pairs for k, p in pools.items()}},
-        user_types=USER_NAMES, models=models,
-    )

@@ -27,25 +27,18 @@ import numpy as np
 
 from nps.config import check_models, config_to_dict
 from nps.data.embedding_cache import embed_options_cached, embedder_identity
-from nps.data.episodes import Episodes, EpisodeSpec, OptionPairPool, oracle_pools, sample_episodes
+from nps.data.episodes import EpisodeSpec, sample_episodes, sample_with_separate_contexts
+from nps.data.pairs import OptionPairPool, oracle_pools
 from nps.data.prepared import BuildParameters, PreferenceData, prepared_or_prepare
-from nps.data.ultrafeedback import conflicting, option_pair_pool, with_conflict_rate
-from nps.encoder import EncoderConfig
-from nps.errors import ConfigError
-from nps.experiments.report import (
-    finish_run,
-    format_accuracy_table,
-    plot_accuracy_vs_context,
-    prepare_output_dir,
-    save_figure,
-)
-from nps.experiments.runner import EvalConfig, train_and_evaluate
-from nps.models.reward import RewardModelConfig
-from nps.train.evaluate import evaluate_unseen_accuracy
+from nps.data.ultrafeedback import conflict_test_pools, option_pair_pool, with_conflict_rate
+from nps.errors import ConfigError, invalid
+from nps.models.reward import UF_NP_BTL, RewardModelConfig
+from nps.results import finish_run, format_accuracy_table, plot_accuracy_vs_context, run_directory, save_figure
+from nps.train.evaluate import evaluate_unseen_accuracy, weight_cells
 from nps.train.loop import TrainConfig
+from nps.train.run import EvalConfig, check_unseen_targets, train_and_evaluate
 
 MODEL_NAMES = ("btl_mixed", "btl_oracles", "np_btl", "np_btl_variational")
-UF_NP_BTL = RewardModelConfig(kind="np", encoder=EncoderConfig(inner="linear"))
 # The released UF configs are deterministic; the variational variant's KL weight and sample counts are
 # unspecified (paper.md §2.4). One z sample per training task (the usual NP ELBO estimator) runs 1.8×
 # faster than four here, and 450 steps already average over 28,800 tasks.
@@ -69,16 +62,20 @@ class UFInputs:
     train: TrainConfig = TrainConfig(steps=450, seed=2)
     eval: EvalConfig = EvalConfig()
 
-    def validate_inputs(self, build: BuildParameters) -> None:
+    def __post_init__(self):
+        if self.dtype not in ("bfloat16", "float32"):
+            raise invalid("dtype", self.dtype, "must be 'bfloat16' or 'float32'")
+        self.build().validate()
+        check_unseen_targets(self.eval, self.episodes)
+
+    def build(self) -> BuildParameters:
+        """The prepared dataset this experiment reads (recipe, conflict rate, split)."""
+        raise NotImplementedError
+
+    def require_inputs(self) -> None:
         if not self.data or not self.model:
             raise ConfigError("this experiment needs --data (UltraFeedback's train file or a prepared dataset) and "
                               "--model (the embedder's directory, e.g. Meta-Llama-3-8B)")
-        build.validate()
-        if self.dtype not in ("bfloat16", "float32"):
-            raise ConfigError(f"dtype={self.dtype!r} must be 'bfloat16' or 'float32'")
-        self.episodes.validate()
-        self.train.validate()
-        self.eval.validate()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +94,12 @@ class UFRewardConfig(UFInputs):
     def build(self) -> BuildParameters:
         return BuildParameters(self.recipe, self.conflict_rate, self.split_by, self.seed)
 
-    def validate(self) -> None:
-        self.validate_inputs(self.build())
+    def __post_init__(self):
+        super().__post_init__()
         check_models(self.models, MODEL_NAMES)
-        for name in ("btl", "np_btl", "np_btl_variational"):
-            getattr(self, name).validate(name)
         if max(self.pca_context_sizes, default=0) > self.episodes.num_targets:
-            raise ConfigError(f"pca_context_sizes={self.pca_context_sizes} exceeds episodes.num_targets")
+            raise invalid("pca_context_sizes", self.pca_context_sizes,
+                          f"exceeds episodes.num_targets={self.episodes.num_targets}")
 
 
 def hht_defaults() -> UFRewardConfig:
@@ -130,13 +126,12 @@ class ConflictConfig(UFInputs):
     def build(self) -> BuildParameters:
         return BuildParameters("hh", 0.5, self.split_by, self.seed)
 
-    def validate(self) -> None:
-        self.validate_inputs(self.build())
+    def __post_init__(self):
+        super().__post_init__()
         for name in ("train_rates", "context_rates"):
             rates = getattr(self, name)
             if not rates or not all(0.0 < r <= 1.0 for r in rates):
-                raise ConfigError(f"{name}={rates} must be rates in (0, 1]")
-        self.np_btl.validate("np_btl")
+                raise invalid(name, rates, "must be rates in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,35 +151,29 @@ class ContinuumConfig(UFInputs):
     def build(self) -> BuildParameters:
         return BuildParameters(self.recipe, 1.0, self.split_by, self.seed)
 
-    def validate(self) -> None:
-        self.validate_inputs(self.build())
+    def __post_init__(self):
+        super().__post_init__()
         check_models(self.models, ("btl_mixed", "np_btl"))
         if self.episodes.user_prior != "dirichlet":
-            raise ConfigError("episodes.user_prior must be 'dirichlet' for the continuum")
+            raise invalid("episodes.user_prior", self.episodes.user_prior, "must be 'dirichlet' for the continuum")
         if self.bins < 2:
-            raise ConfigError(f"bins={self.bins} must be at least 2")
-        for name in ("btl", "np_btl"):
-            getattr(self, name).validate(name)
+            raise invalid("bins", self.bins, "must be at least 2")
 
 
 # -- data --------------------------------------------------------------------------------------------
-class UFRun(NamedTuple):
-    """A started run: its folder and clock, the prepared data, the options' features [M, D], the
-    embedder's record, and the data identity that checkpoints and results carry."""
+class UFInputsReady(NamedTuple):
+    """The prepared data, the options' features [M, D], the embedder's record, and the data
+    identity that checkpoints and results carry."""
 
-    out: Path
-    start: float
     data: PreferenceData
     features: jax.Array
     embedder: dict[str, Any]
     identity: dict[str, Any]
 
 
-def start_run(config: UFInputs, out: str | Path, fresh: bool, echo) -> UFRun:
-    """Validate, prepare the data (from the raw file if needed) and embed its options (cached)."""
-    config.validate()
-    start = time.perf_counter()
-    out = prepare_output_dir(out, fresh)
+def prepare_inputs(config: UFInputs, out: Path, echo) -> UFInputsReady:
+    """Prepare the data (from the raw file if needed) and embed its options (cached)."""
+    config.require_inputs()
     data = prepared_or_prepare(config.data, out / "dataset", config.build(), echo)
     data.require_pairs({split: config.episodes.num_targets for split in data.splits})
     features, embedder = embed_options_cached(
@@ -193,7 +182,7 @@ def start_run(config: UFInputs, out: str | Path, fresh: bool, echo) -> UFRun:
     if embedder["options_per_second"]:
         echo(f"embedded {embedder['embedded_now']} options at {embedder['options_per_second']:.1f} options/s")
     identity = data.identity() | {"embedder": embedder_identity(embedder)}
-    return UFRun(out, start, data, jnp.asarray(features), embedder, identity)
+    return UFInputsReady(data, jnp.asarray(features), embedder, identity)
 
 
 def _pools(data: PreferenceData, features: jax.Array) -> dict[str, OptionPairPool]:
@@ -204,31 +193,33 @@ def _pools(data: PreferenceData, features: jax.Array) -> dict[str, OptionPairPoo
 def run_uf_rewards(config: UFRewardConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
                    echo=print) -> dict[str, Any]:
     """BTL-mixed, a BTL oracle per attribute and NP-BTL on HH or HHT; Fig. 2a / 6 and the PCA of z."""
-    out, start, data, features, embedder, identity = start_run(config, out, fresh, echo)
-    users = list(data.attributes)
-    pools = _pools(data, features)
-    jobs = []  # (name, model config, training pools, whose labels it trains on)
-    for name in config.models:
-        if name == "btl_oracles":
-            jobs += [(f"btl_{user}", config.btl, oracle_pools(pools, k), user) for k, user in enumerate(users)]
-        else:
-            jobs.append((name, config.btl if name == "btl_mixed" else getattr(config, name), pools, "all"))
-    models, fits = {}, {}
-    for name, model_config, job_pools, labels in jobs:
-        fits[name], models[name] = train_and_evaluate(
-            name, model_config, features.shape[1], job_pools, config.episodes, config.train, config.eval, out,
-            users, data_identity=identity | {"labels": labels}, progress=progress)
-    title = f"UltraFeedback {config.recipe.upper()}: reward-model accuracy on unseen pairs"
-    plots = [plot_accuracy_vs_context(models, users, out / "accuracy_vs_context.png", title)]
-    for name in ("np_btl", "np_btl_variational"):
-        if name in fits:
-            plots.append(plot_latent_pca(fits[name].model(), pools["test"], config.episodes, users,
-                                         config.pca_context_sizes, out / f"{name}_z_pca.png", name))
-    return finish_run(
-        out, start, echo, tables=[format_accuracy_table(models, users)], plots=plots,
-        experiment=config.recipe, config=config_to_dict(config), data=identity, embedder=embedder,
-        user_types=users, models=models,
-    )
+    start = time.perf_counter()
+    with run_directory(out, fresh) as out:
+        data, features, embedder, identity = prepare_inputs(config, out, echo)
+        users = list(data.attributes)
+        pools = _pools(data, features)
+        jobs = []  # (name, model config, training pools, whose labels it trains on)
+        for name in config.models:
+            if name == "btl_oracles":
+                jobs += [(f"btl_{user}", config.btl, oracle_pools(pools, k), user) for k, user in enumerate(users)]
+            else:
+                jobs.append((name, config.btl if name == "btl_mixed" else getattr(config, name), pools, "all"))
+        models, fits = {}, {}
+        for name, model_config, job_pools, labels in jobs:
+            fits[name], models[name] = train_and_evaluate(
+                name, model_config, job_pools, data_identity=identity | {"labels": labels}, train=config.train,
+                episodes=config.episodes, evaluation=config.eval, out=out, user_names=users, progress=progress)
+        title = f"UltraFeedback {config.recipe.upper()}: reward-model accuracy on unseen pairs"
+        plots = [plot_accuracy_vs_context(models, users, out / "accuracy_vs_context.png", title)]
+        for name in ("np_btl", "np_btl_variational"):
+            if name in fits:
+                plots.append(plot_latent_pca(fits[name].model(), pools["test"], config.episodes, users,
+                                             config.pca_context_sizes, out / f"{name}_z_pca.png", name))
+        return finish_run(
+            out, start, echo, tables=[format_accuracy_table(models, users)], plots=plots,
+            experiment=config.recipe, config=config_to_dict(config), data=identity, embedder=embedder,
+            user_types=users, models=models,
+        )
 
 
 def latent_pca(z: np.ndarray, components: int = 2) -> np.ndarray:
@@ -244,7 +235,7 @@ def plot_latent_pca(model, pool, spec: EpisodeSpec, users: list[str], context_si
     coloured by user type, one panel per N^C (the same users and targets in every panel)."""
     import matplotlib.pyplot as plt
 
-    spec = dataclasses.replace(spec, max_context=max(spec.max_context, *context_sizes))
+    spec = spec.for_context(max(context_sizes))
     fig, axes = plt.subplots(1, len(context_sizes), figsize=(4 * len(context_sizes), 3.6), squeeze=False)
     for ax, size in zip(axes[0], context_sizes):
         episodes = sample_episodes(jax.random.key(11), pool, spec, num_tasks, size)
@@ -261,60 +252,41 @@ def plot_latent_pca(model, pool, spec: EpisodeSpec, users: list[str], context_si
 
 
 # -- conflict-rate study -----------------------------------------------------------------------------
-def conflict_test_pools(test_pairs, ratings: np.ndarray, features, context_rate: float, seed: int):
-    """(targets, contexts): conflicting targets, and contexts at ``context_rate`` from disjoint pairs."""
-    conflict = np.flatnonzero(conflicting(test_pairs.choice))
-    agree = np.flatnonzero(~conflicting(test_pairs.choice))
-    order = np.random.default_rng(seed).permutation(conflict)
-    targets, held = order[: len(order) // 2], order[len(order) // 2 :]
-    context_pairs = with_conflict_rate(test_pairs.take(np.concatenate([held, agree])), context_rate, seed)
-    return (option_pair_pool(test_pairs.take(np.sort(targets)), ratings, features),
-            option_pair_pool(context_pairs, ratings, features))
-
-
-def sample_with_separate_contexts(key, pools, spec: EpisodeSpec, num_tasks: int, context_size) -> Episodes:
-    """Tasks whose targets come from ``pools[0]`` and whose N^C context pairs come from ``pools[1]``
-    (labelled by the same users); nested in N^C for the same key, as ``sample_episodes``."""
-    targets_pool, contexts_pool = pools
-    targets = sample_episodes(key, targets_pool, spec, num_tasks, 0)
-    context_spec = dataclasses.replace(spec, num_targets=spec.max_context, min_context=0)
-    contexts = sample_episodes(jax.random.fold_in(key, 2), contexts_pool, context_spec, num_tasks, context_size,
-                               user_weights=targets.user_weights)
-    return targets._replace(context_chosen=contexts.context_chosen, context_rejected=contexts.context_rejected,
-                            context_mask=contexts.context_mask)
-
-
 def run_conflict(config: ConflictConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
                  echo=print) -> dict[str, Any]:
-    out, start, data, features, embedder, identity = start_run(config, out, fresh, echo)
-    users = list(data.attributes)
-    ratings = data.options.ratings
-    test = data.splits["test"]
-    context_pools = {rate: conflict_test_pools(test, ratings, features, rate, config.seed)
-                     for rate in config.context_rates}
-    models = {}
-    for rate in config.train_rates:
-        name = f"np_btl_conflict{rate:g}"
-        pools = {split: option_pair_pool(with_conflict_rate(data.splits[split], rate, config.seed), ratings, features)
-                 for split in ("train", "val")}
-        pools["test"] = context_pools[max(config.context_rates)][0]
-        fit, entry = train_and_evaluate(
-            name, config.np_btl, features.shape[1], pools, config.episodes, config.train, config.eval, out, users,
-            data_identity=identity | {"train_conflict_rate": rate}, progress=progress)
-        entry["train_conflict_rate"] = rate
-        entry["by_context_conflict_rate"] = {
-            f"{c:g}": evaluate_unseen_accuracy(
-                fit.graphdef, fit.params, context_pools[c], config.episodes, users, config.eval.context_sizes,
-                config.eval.num_tasks, config.eval.seed, sample=sample_with_separate_contexts)
-            for c in config.context_rates
-        }
-        models[name] = entry
-    plots = [plot_conflict_study(models, config.context_rates, out / "conflict_rate_study.png")]
-    return finish_run(
-        out, start, echo, tables=[format_conflict_table(models, config.context_rates)], plots=plots,
-        experiment="conflict", config=config_to_dict(config), data=identity, embedder=embedder, user_types=users,
-        models=models,
-    )
+    start = time.perf_counter()
+    with run_directory(out, fresh) as out:
+        data, features, embedder, identity = prepare_inputs(config, out, echo)
+        users = list(data.attributes)
+        ratings = data.options.ratings
+        test = data.splits["test"]
+        context_pools = {rate: conflict_test_pools(test, ratings, features, rate, config.seed)
+                         for rate in config.context_rates}
+        models = {}
+        for rate in config.train_rates:
+            name = f"np_btl_conflict{rate:g}"
+            pools = {split: option_pair_pool(with_conflict_rate(data.splits[split], rate, config.seed), ratings,
+                                             features)
+                     for split in ("train", "val")}
+            pools["test"] = context_pools[max(config.context_rates)][0]
+            fit, entry = train_and_evaluate(
+                name, config.np_btl, pools, data_identity=identity | {"train_conflict_rate": rate},
+                train=config.train, episodes=config.episodes, evaluation=config.eval, out=out, user_names=users,
+                progress=progress)
+            entry["train_conflict_rate"] = rate
+            entry["by_context_conflict_rate"] = {
+                f"{c:g}": evaluate_unseen_accuracy(
+                    fit.graphdef, fit.params, context_pools[c], config.episodes, users, config.eval.context_sizes,
+                    config.eval.num_tasks, config.eval.seed, sample=sample_with_separate_contexts)
+                for c in config.context_rates
+            }
+            models[name] = entry
+        plots = [plot_conflict_study(models, config.context_rates, out / "conflict_rate_study.png")]
+        return finish_run(
+            out, start, echo, tables=[format_conflict_table(models, config.context_rates)], plots=plots,
+            experiment="conflict", config=config_to_dict(config), data=identity, embedder=embedder,
+            user_types=users, models=models,
+        )
 
 
 def format_conflict_table(models: dict[str, Any], context_rates) -> str:
@@ -352,48 +324,31 @@ def plot_conflict_study(models: dict[str, Any], context_rates, path: Path) -> Pa
 
 
 # -- continuum ---------------------------------------------------------------------------------------
-def weight_cells(num_attributes: int, bins: int):
-    """``group_by`` for continuum users, and each group's centre in weight space.
-
-    2-D: ``bins`` equal bins of w₀ (Fig. 8a); 3-D: cells of (w₀, w₁) on a ``bins`` × ``bins``
-    grid (only those inside the simplex can hold users; Fig. 8b).
-    """
-    def index(w):
-        return np.minimum((w * bins).astype(int), bins - 1)
-
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    centre = (edges[:-1] + edges[1:]) / 2
-    if num_attributes == 2:
-        names = [f"w0 {edges[i]:.2f}-{edges[i + 1]:.2f}" for i in range(bins)]
-        return (lambda weights: (index(weights[:, 0]), names)), {n: (centre[i],) for i, n in enumerate(names)}
-    cells = [(i, j) for i in range(bins) for j in range(bins)]
-    names = [f"w0 {edges[i]:.2f}-{edges[i + 1]:.2f}, w1 {edges[j]:.2f}-{edges[j + 1]:.2f}" for i, j in cells]
-    centres = {n: (centre[i], centre[j]) for n, (i, j) in zip(names, cells)}
-    return (lambda weights: (index(weights[:, 0]) * bins + index(weights[:, 1]), names)), centres
-
-
 def run_continuum(config: ContinuumConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
                   echo=print) -> dict[str, Any]:
-    out, start, data, features, embedder, identity = start_run(config, out, fresh, echo)
-    pools = _pools(data, features)
-    attributes = list(data.attributes)
-    identity |= {"users": "dirichlet", "dirichlet_concentration": config.episodes.dirichlet_concentration}
-    group_by, centres = weight_cells(len(attributes), config.bins)
-    models = {}
-    for name in config.models:
-        fit, entry = train_and_evaluate(
-            name, config.btl if name == "btl_mixed" else config.np_btl, features.shape[1], pools, config.episodes,
-            config.train, config.eval, out, attributes, data_identity=identity, progress=progress)
-        entry["unseen_accuracy_by_weight"] = evaluate_unseen_accuracy(
-            fit.graphdef, fit.params, pools["test"], config.episodes, attributes, config.eval.context_sizes,
-            config.eval.num_tasks, config.eval.seed, group_by=group_by)
-        models[name] = entry
-    plots = [plot_continuum(models, centres, config.bins, out / "accuracy_by_weight.png")]
-    return finish_run(
-        out, start, echo, tables=[format_accuracy_table(models, attributes)], plots=plots,
-        experiment="continuum", config=config_to_dict(config), data=identity, embedder=embedder,
-        user_types=attributes, models=models,
-    )
+    start = time.perf_counter()
+    with run_directory(out, fresh) as out:
+        data, features, embedder, identity = prepare_inputs(config, out, echo)
+        pools = _pools(data, features)
+        attributes = list(data.attributes)
+        identity |= {"users": "dirichlet", "dirichlet_concentration": config.episodes.dirichlet_concentration}
+        group_by, centres = weight_cells(len(attributes), config.bins)
+        models = {}
+        for name in config.models:
+            fit, entry = train_and_evaluate(
+                name, config.btl if name == "btl_mixed" else config.np_btl, pools, data_identity=identity,
+                train=config.train, episodes=config.episodes, evaluation=config.eval, out=out,
+                user_names=attributes, progress=progress)
+            entry["unseen_accuracy_by_weight"] = evaluate_unseen_accuracy(
+                fit.graphdef, fit.params, pools["test"], config.episodes, attributes, config.eval.context_sizes,
+                config.eval.num_tasks, config.eval.seed, group_by=group_by)
+            models[name] = entry
+        plots = [plot_continuum(models, centres, config.bins, out / "accuracy_by_weight.png")]
+        return finish_run(
+            out, start, echo, tables=[format_accuracy_table(models, attributes)], plots=plots,
+            experiment="continuum", config=config_to_dict(config), data=identity, embedder=embedder,
+            user_types=attributes, models=models,
+        )
 
 
 def plot_continuum(models: dict[str, Any], centres: dict[str, tuple[float, ...]], bins: int, path: Path) -> Path:

@@ -1,14 +1,11 @@
-"""Flax NNX models: the reward models (BTL, DPL, NP-BTL) and the decoder-LM family.
+"""Preference models: reward models (BTL, DPL, NP-BTL) and steerable policies (NP-DPO, BTL-DPO).
 
-Decoder LMs (Qwen2/Qwen2.5, Llama 3.x, Gemma 1) load Hugging Face checkpoints with
-``from_pretrained``, take LoRA adapters and FiLM conditioning on a user latent z,
-generate with a KV cache and embed texts by their last-token hidden state.
+They share one interface with ``nps.train.fit``: ``objective(episodes, key)`` and
+``predict_log_odds(episodes, key)``. The decoder LM they build on is ``nps.lm``.
 """
 
-from nps.models.decoder import BaseParam, Decoder, DecoderConfig, KVCache, LoRAConfig
-from nps.models.film import FiLM, ConditionedDecoder
-from nps.models.generate import Generation, SamplingConfig, embed, generate, generate_text
-from nps.models.loading import CheckpointFormatError, Pretrained, from_pretrained
+from nps.models.film import ConditionedDecoder, FiLM
+from nps.models.policy import PolicyConfig, SteerablePolicy, with_reference_log_probs
 from nps.models.reward import (
     BTLReward,
     DPLReward,
@@ -19,23 +16,13 @@ from nps.models.reward import (
 
 __all__ = [
     "BTLReward",
-    "BaseParam",
-    "CheckpointFormatError",
     "ConditionedDecoder",
     "DPLReward",
-    "Decoder",
-    "DecoderConfig",
     "FiLM",
-    "Generation",
-    "KVCache",
-    "LoRAConfig",
     "NPReward",
-    "Pretrained",
+    "PolicyConfig",
     "RewardModelConfig",
-    "SamplingConfig",
+    "SteerablePolicy",
     "build_reward_model",
-    "embed",
-    "from_pretrained",
-    "generate",
-    "generate_text",
+    "with_reference_log_probs",
 ]

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nps.models.decoder import Decoder
+from nps.lm.decoder import Decoder
 
 
 class FiLM(nnx.Module):

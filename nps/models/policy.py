@@ -11,18 +11,20 @@ reward models: episodes come from an ``OptionPairPool`` whose table is ``PolicyO
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from nps.data.episodes import Episodes
+from nps.data.pairs import PolicyOptions
 from nps.dpo import dpo_log_odds, response_log_probs
 from nps.encoder import ContextEncoder, EncoderConfig
-from nps.errors import ConfigError
+from nps.config import check_positive
+from nps.errors import invalid
 from nps.likelihood import choice_accuracy, choice_nll
-from nps.models.decoder import Decoder, LoRAConfig
+from nps.lm.decoder import Decoder, LoRAConfig
 from nps.models.film import ConditionedDecoder
 
 POLICY_KINDS = ("np", "btl")
@@ -43,32 +45,20 @@ class PolicyConfig:
     logits_chunk: int = 32  # sequence positions per LM-head chunk: B·32·V fp32 logits at a time
     remat: bool = False
 
-    def validate(self, prefix: str = "policy") -> None:
+    def __post_init__(self):
         if self.kind not in POLICY_KINDS:
-            raise ConfigError(f"{prefix}.kind={self.kind!r} is unknown; use one of {list(POLICY_KINDS)}")
+            raise invalid("kind", self.kind, f"is unknown; use one of {list(POLICY_KINDS)}")
         if self.reference not in REFERENCE_MODES:
-            raise ConfigError(f"{prefix}.reference={self.reference!r} is unknown; use one of {list(REFERENCE_MODES)}")
+            raise invalid("reference", self.reference, f"is unknown; use one of {list(REFERENCE_MODES)}")
         if self.beta <= 0:
-            raise ConfigError(f"{prefix}.beta={self.beta} must be positive")
-        if self.logits_chunk < 1:
-            raise ConfigError(f"{prefix}.logits_chunk={self.logits_chunk} must be at least 1")
-        self.encoder.validate(f"{prefix}.encoder")
+            raise invalid("beta", self.beta, "must be positive")
+        check_positive(self, "logits_chunk")
 
 
-class PolicyOptions(NamedTuple):
-    """Responses as the policy reads them (any leading axes [...]).
-
-    tokens [..., L] int32: prompt then response, right-padded; token_mask [..., L] bool.
-    response_mask [..., L] bool: the response's tokens (scored by DPO).
-    features [..., E] float32: a frozen embedding of prompt + response (the encoder's input).
-    reference_log_prob [...] float32: log π_ref(response | prompt) (NaN until computed).
-    """
-
-    tokens: jax.Array
-    token_mask: jax.Array
-    response_mask: jax.Array
-    features: jax.Array
-    reference_log_prob: jax.Array
+def policy_kind(model_name: str) -> str:
+    """The kind of a trained policy from its name: "np" for NP-DPO (``np_dpo``), "btl" for every
+    DPO baseline (``btl_dpo_mixed``, the per-user oracles)."""
+    return "np" if model_name.startswith("np_") else "btl"
 
 
 def _flatten(tree, leading: int):
@@ -78,13 +68,17 @@ def _flatten(tree, leading: int):
 class SteerablePolicy(nnx.Module):
     """Context encoder + FiLM/LoRA decoder. Trainable: ``nnx.Param``; the base: ``BaseParam``."""
 
-    def __init__(self, decoder: Decoder, feature_dim: int, config: PolicyConfig, *, rngs: nnx.Rngs):
-        config.validate()
+    def __init__(self, decoder: Decoder, feature_dim: int, config: PolicyConfig, *, rngs: nnx.Rngs, mesh=None):
+        """A new policy on ``decoder``'s base weights with adapters, FiLM and encoder of its own.
+
+        The caller's decoder is left as it is: this policy holds a new module over the same
+        (immutable) base arrays, so any number of policies share one copy of the base.
+        """
         self.config = config
-        if decoder.lora is None:
-            decoder.add_lora(config.lora, rngs=rngs)
+        own = nnx.merge(*nnx.split(decoder))  # a new module graph over the same arrays: nothing copied
+        own.add_lora(config.lora, rngs=rngs, mesh=mesh)
         conditioned = config.kind == "np"
-        self.lm = ConditionedDecoder(decoder, config.encoder.latent_dim if conditioned else None)
+        self.lm = ConditionedDecoder(own, config.encoder.latent_dim if conditioned else None)
         self.encoder = nnx.data(ContextEncoder(feature_dim, config.encoder, rngs=rngs) if conditioned else None)
 
     # -- the user's latent ------------------------------------------------------------------
@@ -145,7 +139,7 @@ class SteerablePolicy(nnx.Module):
         lora_dropout = dropout_key if self.config.lora.dropout > 0 else None
         log_odds = self.target_log_odds(episodes, z, lora_dropout)
         loss = jnp.mean(choice_nll(log_odds, episodes.target_mask))
-        return loss, {"accuracy": jnp.mean(choice_accuracy(log_odds, episodes.unseen_mask))}
+        return loss, {"accuracy": jnp.mean(choice_accuracy(log_odds, episodes.target_mask))}
 
 
 def with_reference_log_probs(policy: SteerablePolicy, options: PolicyOptions, batch_size: int = 64) -> PolicyOptions:
@@ -154,13 +148,13 @@ def with_reference_log_probs(policy: SteerablePolicy, options: PolicyOptions, ba
     count = options.tokens.shape[0]
     pad = -count % batch_size
     padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]), options)
-
-    @jax.jit
-    def batch_reference(state, batch):
-        return nnx.merge(graphdef, state).reference_log_probs(batch)
-
     values = [
-        batch_reference(state, jax.tree.map(lambda x: x[start : start + batch_size], padded))
+        _reference_log_probs(graphdef, state, jax.tree.map(lambda x: x[start : start + batch_size], padded))
         for start in range(0, count + pad, batch_size)
     ]
     return options._replace(reference_log_prob=jnp.concatenate(values)[:count])
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _reference_log_probs(graphdef, state, batch: PolicyOptions) -> jax.Array:
+    return nnx.merge(graphdef, state).reference_log_probs(batch)

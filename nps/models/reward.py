@@ -15,6 +15,7 @@ on the batch).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,8 @@ from flax import nnx
 
 from nps.data.episodes import Episodes
 from nps.encoder import ContextEncoder, EncoderConfig
-from nps.errors import ConfigError
+from nps.config import check_positive
+from nps.errors import invalid
 from nps.latent import MIN_STD, gaussian_kl
 from nps.layers import MLP, activation_fn, compose_mlps
 from nps.likelihood import (
@@ -52,19 +54,13 @@ class RewardModelConfig:
     train_latent_samples: int = 1
     eval_latent_samples: int = 32
 
-    def validate(self, prefix: str = "model") -> None:
+    def __post_init__(self):
         if self.kind not in MODEL_KINDS:
-            raise ConfigError(f"{prefix}.kind={self.kind!r} is unknown; use one of {list(MODEL_KINDS)}")
-        if self.hidden_dim < 1:
-            raise ConfigError(f"{prefix}.hidden_dim={self.hidden_dim} must be a positive integer")
-        activation_fn(self.activation, f"{prefix}.activation")
-        if self.kind == "np":
-            self.encoder.validate(f"{prefix}.encoder")
+            raise invalid("kind", self.kind, f"is unknown; use one of {list(MODEL_KINDS)}")
+        check_positive(self, "hidden_dim", "train_latent_samples", "eval_latent_samples")
+        activation_fn(self.activation)
         if self.kl_weight < 0:
-            raise ConfigError(f"{prefix}.kl_weight={self.kl_weight} must be non-negative")
-        for name in ("train_latent_samples", "eval_latent_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be at least 1")
+            raise invalid("kl_weight", self.kl_weight, "must be non-negative")
 
 
 def _accuracy_aux(log_odds: jax.Array, episodes: Episodes) -> dict[str, jax.Array]:
@@ -162,8 +158,9 @@ class NPReward(nnx.Module):
     def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
         if not self.stochastic:
             return self.target_log_odds(episodes, self.encode_context(episodes))
+        if key is None:
+            raise ValueError("the variational NP-BTL samples z ~ q(z | C) to predict: pass a PRNG key")
         q_context = self.encode_context(episodes)
-        key = jax.random.key(0) if key is None else key
         z = q_context.sample(key, self.config.eval_latent_samples)  # [S, B, d]
         sample_log_odds = jax.vmap(lambda zs: self.target_log_odds(episodes, zs))(z)
         return posterior_predictive_log_odds(sample_log_odds, axis=0)
@@ -187,14 +184,25 @@ class NPReward(nnx.Module):
         return loss, aux
 
 
+# The paper's configurations (reward models, App. C):
+# synthetic tasks: the released synthetic config (MLP inner map, self-attention, sum) without attention
+# dropout, which slowed learning within the 1,000 steps (docs/design.md);
+SYNTHETIC_NP_BTL = RewardModelConfig(kind="np", encoder=EncoderConfig(inner="mlp", attention_dropout=0.0))
+# UltraFeedback: a linear inner map, 8-head self-attention, sum pooling, deterministic z of 256.
+UF_NP_BTL = RewardModelConfig(kind="np", encoder=EncoderConfig(inner="linear"))
+
+
+REWARD_MODELS = {"btl": BTLReward, "dpl": DPLReward, "np": NPReward}
+
+
 def build_reward_model(option_dim: int, config: RewardModelConfig, seed: int) -> nnx.Module:
     """Construct the model named by ``config.kind`` with parameters drawn from ``seed``."""
-    config.validate()
-    cls = {"btl": BTLReward, "dpl": DPLReward, "np": NPReward}[config.kind]
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: REWARD_MODELS[config.kind](option_dim, config, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, _initial_parameters(option_dim, config, jax.random.key(seed)))
 
-    def construct():
-        return cls(option_dim, config, rngs=nnx.Rngs(seed))
 
-    # Initialise under one jit: eagerly, every initialiser would compile its own tiny program.
-    graphdef, _ = nnx.split(nnx.eval_shape(construct))
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.split(construct())[1])())
+# Initialised under one jit (eagerly, every initialiser would compile its own tiny program), with the
+# seed's key as an argument: models of one configuration compile their initialisation once.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _initial_parameters(option_dim: int, config: RewardModelConfig, key: jax.Array):
+    return nnx.split(REWARD_MODELS[config.kind](option_dim, config, rngs=nnx.Rngs(key)))[1]

@@ -1,20 +1,29 @@
-"""Orbax checkpoints of a training state pytree plus JSON metadata.
+"""Orbax checkpoints of a training state pytree plus JSON metadata, verified before they are trusted.
 
-Orbax writes each step into a temporary folder and renames it when complete, so
-a run killed mid-save leaves no half-written step behind. The newest ``keep``
-steps are kept; a step that cannot be read (corrupted files) is moved aside to
-``<dir>.corrupt/`` with a warning and the previous one is used.
+Orbax writes each step into a temporary folder and renames it when complete, so a run killed
+mid-save leaves no half-written step behind. On top of that:
+
+- every save records a BLAKE2b digest of the state's bytes in the step's metadata, and a
+  restore recomputes it: a flipped byte in an array file (which Orbax reads without a word) is
+  caught, and the step is treated as corrupted;
+- a corrupted or unreadable step is moved aside to ``<dir>.corrupt/<step>`` (never over an
+  earlier quarantined copy) with a one-line warning, and the previous step is used;
+- the caller's ``accept(metadata)`` sees a step's metadata *before* any state is read, so a
+  checkpoint of another configuration is refused with the caller's message and never mistaken
+  for corruption; nor is a state whose shapes differ from the template's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from nps.errors import CheckpointError
@@ -25,6 +34,27 @@ logging.getLogger("absl").setLevel(logging.WARNING)
 def abstract_tree(tree):
     """Shape/dtype skeleton of ``tree``, the restore target Orbax checks against."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _path_name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _leaf_layout(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{dotted path: (shape, dtype)} of every leaf, whatever the containers (NamedTuple, dict)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {_path_name(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for path, leaf in leaves}
+
+
+def state_digest(state: Any) -> str:
+    """BLAKE2b-128 over every leaf's path, dtype, shape and bytes (host copy of the state)."""
+    digest = hashlib.blake2b(digest_size=16)
+    leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(state))
+    for path, leaf in leaves:
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{_path_name(path)}|{leaf.dtype}|{leaf.shape}|".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
 
 
 class CheckpointStore:
@@ -40,42 +70,58 @@ class CheckpointStore:
             ) from None
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False
-            ),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
+                                               cleanup_tmp_directories=True),  # a save killed half-way
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()},
         )
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)
-            ),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        """Save ``state`` at ``step`` with ``metadata`` (plus the state's digest); complete or absent."""
+        metadata = dict(metadata, state_digest=state_digest(state))
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except OSError as error:
+            raise CheckpointError(
+                f"could not write checkpoint step {step} in {self.directory} ({error.strerror or error}); "
+                "free disk space or choose another --out, then rerun to resume from the previous step"
+            ) from None
 
-    def restore_latest(self, template: Any) -> tuple[Any, dict[str, Any]] | None:
-        """The newest readable (state, metadata), or None when there is no checkpoint.
+    def restore_latest(
+        self, template: Any, accept: Callable[[dict[str, Any]], None] = lambda metadata: None
+    ) -> tuple[Any, dict[str, Any]] | None:
+        """The newest readable, verified (state, metadata), or None when there is no checkpoint.
 
-        ``template`` is a pytree with the state's structure, shapes and dtypes.
+        ``template``: a pytree with the state's structure, shapes and dtypes. ``accept(metadata)``
+        raises to refuse a checkpoint of another run (called before any state is read).
         """
         steps = self.steps()
         for step in reversed(steps):
             try:
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_tree(template)),
-                        metadata=ocp.args.JsonRestore(),
-                    ),
-                )
-                return restored["state"], dict(restored["metadata"])
-            except Exception as error:  # noqa: BLE001 -- any unreadable step falls back the same way
-                self._quarantine(step, error)
+                metadata = dict(self._manager.restore(
+                    step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"])
+            except Exception as error:  # noqa: BLE001 -- unreadable metadata: the step is corrupted
+                self._quarantine(step, f"unreadable metadata ({type(error).__name__})")
+                continue
+            accept(metadata)
+            self._check_layout(step, template)
+            try:
+                state = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_tree(template))))["state"]
+            except Exception as error:  # noqa: BLE001 -- any unreadable state falls back the same way
+                self._quarantine(step, f"unreadable state ({type(error).__name__})")
+                continue
+            if state_digest(state) != metadata.get("state_digest"):
+                self._quarantine(step, "its arrays do not match the digest saved with them")
+                continue
+            return state, metadata
         if steps:
             raise CheckpointError(
                 f"no readable checkpoint in {self.directory}: all {len(steps)} were corrupted and moved to "
@@ -83,14 +129,31 @@ class CheckpointStore:
             )
         return None
 
-    def _quarantine(self, step: int, error: Exception) -> None:
-        aside = Path(f"{self.directory}.corrupt") / str(step)
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(aside, ignore_errors=True)
+    def _check_layout(self, step: int, template: Any) -> None:
+        """Refuse (never quarantine) a state whose leaves differ from the template's."""
+        try:
+            saved = _leaf_layout(self._manager.item_metadata(step)["state"])
+        except Exception:  # noqa: BLE001 -- no layout to compare: the restore itself will judge the files
+            return
+        wanted = _leaf_layout(template)
+        if saved != wanted:
+            differing = sorted(set(saved.items()) ^ set(wanted.items()))[0][0]
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.directory} holds a state of another shape "
+                f"({differing}: {saved.get(differing)} saved, {wanted.get(differing)} now); "
+                "use another --out folder, or --fresh to discard it"
+            )
+
+    def _quarantine(self, step: int, reason: str) -> None:
+        aside_root = Path(f"{self.directory}.corrupt")
+        aside_root.mkdir(parents=True, exist_ok=True)
+        aside, copy = aside_root / str(step), 1
+        while aside.exists():  # an earlier quarantined copy is evidence: never overwrite it
+            aside, copy = aside_root / f"{step}.{copy}", copy + 1
         shutil.move(str(self.directory / str(step)), aside)
         self._manager.reload()
         warnings.warn(
-            f"checkpoint step {step} in {self.directory} is unreadable ({type(error).__name__}); "
+            f"checkpoint step {step} in {self.directory} is corrupted ({reason}); "
             f"moved it to {aside} and falling back to the previous step",
             stacklevel=3,
         )

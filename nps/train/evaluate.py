@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -12,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from nps.data.episodes import Episodes, EpisodeSpec, PairPool, sample_episodes
-from nps.likelihood import choice_accuracy
+from nps.likelihood import choice_accuracy, choice_correct
 
 PAPER_CONTEXT_SIZES = (0, 1, 3, 5, 10)
 
@@ -22,6 +21,17 @@ def mean_and_sem(values: np.ndarray) -> dict[str, float]:
     values = np.asarray(values, np.float64)
     sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
     return {"mean": float(values.mean()), "sem": sem, "num_tasks": int(len(values))}
+
+
+def pairwise_wins(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """1 where ours scores higher, ½ on a tie, 0 where theirs does (paired comparisons, any shape)."""
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    return ((ours > theirs) + 0.5 * (ours == theirs)).astype(np.float64)
+
+
+def win_rate(ours: np.ndarray, theirs: np.ndarray) -> dict[str, float]:
+    """P(ours > theirs) + ½ P(tie), mean ± s.e. over the paired comparisons."""
+    return mean_and_sem(pairwise_wins(ours, theirs))
 
 
 def summarise_by_user(per_task: np.ndarray, user: np.ndarray, user_names: Sequence[str]) -> dict[str, Any]:
@@ -34,6 +44,26 @@ def summarise_by_user(per_task: np.ndarray, user: np.ndarray, user_names: Sequen
 def by_user_type(user_names: Sequence[str]) -> Callable[[np.ndarray], tuple[np.ndarray, Sequence[str]]]:
     """Group tasks by user type (the largest weight), named ``user_names``."""
     return lambda user_weights: (np.argmax(user_weights, axis=-1), user_names)
+
+
+def weight_cells(num_attributes: int, bins: int):
+    """``group_by`` for continuum users, and each group's centre in weight space.
+
+    2-D: ``bins`` equal bins of w₀ (Fig. 8a); 3-D: cells of (w₀, w₁) on a ``bins`` × ``bins``
+    grid (only those inside the simplex can hold users; Fig. 8b).
+    """
+    def index(w):
+        return np.minimum((w * bins).astype(int), bins - 1)
+
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    centre = (edges[:-1] + edges[1:]) / 2
+    if num_attributes == 2:
+        names = [f"w0 {edges[i]:.2f}-{edges[i + 1]:.2f}" for i in range(bins)]
+        return (lambda weights: (index(weights[:, 0]), names)), {n: (centre[i],) for i, n in enumerate(names)}
+    cells = [(i, j) for i in range(bins) for j in range(bins)]
+    names = [f"w0 {edges[i]:.2f}-{edges[i + 1]:.2f}, w1 {edges[j]:.2f}-{edges[j + 1]:.2f}" for i, j in cells]
+    centres = {n: (centre[i], centre[j]) for n, (i, j) in zip(names, cells)}
+    return (lambda weights: (index(weights[:, 0]) * bins + index(weights[:, 1]), names)), centres
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "num_tasks", "sample"))
@@ -69,20 +99,58 @@ def evaluate_unseen_accuracy(
     """
     group_by = group_by or by_user_type(user_names)
     frozen = {} if frozen is None else frozen
-    if max(context_sizes) > spec.max_context:
-        spec = dataclasses.replace(spec, max_context=max(context_sizes))
-    spec.validate()
+    spec = spec.for_context(max(context_sizes))
     num_batches = -(-num_tasks // batch_size)
     keys = [jax.random.fold_in(jax.random.key(seed), b) for b in range(num_batches)]
+    on_device = {
+        size: [_unseen_accuracy(graphdef, frozen, params, pool, k, jnp.int32(size), spec=spec, num_tasks=batch_size,
+                                sample=sample) for k in keys]
+        for size in context_sizes
+    }
     results = {}
-    for size in context_sizes:
-        accuracy, user_weights = zip(
-            *(
-                _unseen_accuracy(graphdef, frozen, params, pool, k, jnp.int32(size), spec=spec, num_tasks=batch_size,
-                                 sample=sample)
-                for k in keys
-            )
-        )
-        accuracy, user_weights = np.concatenate(accuracy)[:num_tasks], np.concatenate(user_weights)[:num_tasks]
+    for size, batches in jax.device_get(on_device).items():  # one host transfer for every N^C
+        accuracy, user_weights = (np.concatenate(part)[:num_tasks] for part in zip(*batches))
         results[str(size)] = summarise_by_user(accuracy, *group_by(user_weights))
     return results
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "num_tasks", "num_probes"))
+def _identification_errors(graphdef, params, pool, probe_a, probe_b, key, *, spec, num_tasks, num_probes):
+    """Per task: 0/1 error of ẑ from one context pair, and the error rate on the probes."""
+    key_tasks, key_probes, key_model, key_coin = jax.random.split(key, 4)
+    episodes = sample_episodes(key_tasks, pool, spec, num_tasks, context_size=1)
+    index = jax.random.randint(key_probes, (num_tasks, num_probes), 0, probe_a.shape[0])
+    a, b = probe_a[index], probe_b[index]
+    probes = episodes._replace(
+        target_chosen=a,  # "chosen" = a: the log-odds below are of a over b
+        target_rejected=b,
+        target_mask=jnp.ones((num_tasks, num_probes), bool),
+        target_in_context=jnp.zeros((num_tasks, num_probes), bool),
+    )
+    log_odds = nnx.merge(graphdef, params).predict_log_odds(probes, key_model)
+    user0_prefers_a = jnp.where(a[..., 0] > b[..., 0], 1.0, -1.0)
+    agreement_with_user0 = jnp.mean(choice_correct(log_odds * user0_prefers_a), axis=-1)
+    coin = jax.random.bernoulli(key_coin, 0.5, (num_tasks,)).astype(jnp.int32)
+    z_hat = jnp.where(agreement_with_user0 > 0.5, 0, jnp.where(agreement_with_user0 < 0.5, 1, coin))
+    agreement_with_true_user = jnp.where(episodes.user == 0, agreement_with_user0, 1.0 - agreement_with_user0)
+    return (z_hat != episodes.user).astype(jnp.float32), 1.0 - agreement_with_true_user
+
+
+def identification_errors(graphdef, params, pool: PairPool, probe_a, probe_b, spec: EpisodeSpec, num_tasks: int,
+                          num_probes: int, key: jax.Array, batch_size: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """How well a model identifies a user of two types from one context pair (paper Example 4.3).
+
+    For ``num_tasks`` test tasks of ``pool`` with N^C = 1: condition on the context pair, score
+    ``num_probes`` probes drawn from ``probe_a``/``probe_b`` [M, D] (pairs on which the two types
+    disagree), and let ẑ be the type whose choices the model reproduces on more of them (a fair
+    coin on a tie). Returns per task the 0/1 error of ẑ and the error rate on the probes judged
+    by the task's true type, each [num_tasks] (float64). Batches share keys whatever the total.
+    """
+    probe_a, probe_b = jnp.asarray(probe_a, jnp.float32), jnp.asarray(probe_b, jnp.float32)
+    batch = min(num_tasks, batch_size)
+    z_errors, pair_errors = map(np.concatenate, zip(*(
+        _identification_errors(graphdef, params, pool, probe_a, probe_b, jax.random.fold_in(key, b), spec=spec,
+                               num_tasks=batch, num_probes=num_probes)
+        for b in range(-(-num_tasks // batch))
+    )))
+    return z_errors[:num_tasks].astype(np.float64), pair_errors[:num_tasks].astype(np.float64)

@@ -1,32 +1,74 @@
-"""The training loop: an Optax train state, jit-compiled scans of steps, validation
-with best-parameter tracking, and Orbax checkpoints that make a re-run resume.
+"""The training loop: an Optax train state, jit-compiled scans of steps, validation with
+best-parameter tracking, and Orbax checkpoints that make a re-run resume.
 
-Every random draw is keyed by ``fold_in(seed_key, step)``, so the data sampler's
-state is the step counter: a run resumed from step s continues exactly as an
-uninterrupted run would have.
+Every random draw is keyed by ``fold_in(seed_key, step)``, so the data sampler's state is
+the step counter: a run resumed from step s continues exactly as an uninterrupted run would.
+
+The jit boundary: a chunk of ``eval_every`` steps is one compiled ``lax.scan``. Static
+arguments are only what shapes that program (the model's graph, the task shape, the
+optimiser's settings, the mesh, the chunk length); the seed's keys, the pools and the state
+are arguments, so models of one structure compile once however many seeds or users they are
+trained for. The state is donated (a step replaces it in place), and each chunk moves its
+metrics to the host once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from nps.config import config_to_dict
-from nps.data.episodes import EpisodeSpec, PairPool, sample_episodes
-from nps.errors import CheckpointError, ConfigError
+from nps.config import check_positive, config_to_dict
+from nps.data.episodes import EpisodeSpec, sample_episodes, sample_episodes_compiled
+from nps.data.pairs import OptionPairPool, PairPool
+from nps.errors import CheckpointError, ConfigError, invalid
+from nps.layers import BaseParam
 from nps.likelihood import choice_accuracy, choice_nll
-from nps.models.decoder import BaseParam
 from nps.train.checkpoint import CheckpointStore
 from nps.train.mesh import batch_sharding, check_batch_divisible, replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """What shapes the compiled update: the optimiser, its schedule and the batch's micro-batching."""
+
+    batch_size: int
+    grad_accum_steps: int
+    optimizer: str
+    learning_rate: float
+    adam_eps: float
+    weight_decay: float
+    grad_clip_norm: float
+    warmup_steps: int
+    schedule: str
+    decay_steps: int  # the cosine schedule's length (0 for schedules that do not depend on it)
+
+    @functools.cache  # one transformation object per setting: a jit cache key, and no re-tracing
+    def transformation(self) -> optax.GradientTransformation:
+        if self.schedule == "cosine":
+            schedule = optax.warmup_cosine_decay_schedule(
+                0.0, self.learning_rate, self.warmup_steps, max(self.decay_steps, self.warmup_steps + 1))
+        elif self.warmup_steps:
+            schedule = optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
+        else:
+            schedule = self.learning_rate
+        if self.optimizer == "adamw":
+            optimizer = optax.adamw(schedule, eps=self.adam_eps, weight_decay=self.weight_decay)
+        else:
+            optimizer = optax.adam(schedule, eps=self.adam_eps)
+        if self.grad_clip_norm:
+            optimizer = optax.chain(optax.clip_by_global_norm(self.grad_clip_norm), optimizer)
+        return optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,52 +88,54 @@ class TrainConfig:
     # same update as the whole batch, with one micro-batch's activations in memory.
     grad_accum_steps: int = 1
     # Validate every eval_every steps and keep the best parameters (the released code validates
-    # every 7 iterations); checkpoint every checkpoint_every steps (a multiple of eval_every).
+    # every 7 iterations); checkpoint every checkpoint_every steps (a multiple of eval_every): a
+    # killed run loses at most checkpoint_every steps of work.
     eval_every: int = 20
     checkpoint_every: int = 100
     val_tasks: int = 512
     seed: int = 0
 
-    def validate(self, prefix: str = "train") -> None:
-        for name in ("steps", "batch_size", "eval_every", "checkpoint_every", "val_tasks"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be a positive integer")
+    def __post_init__(self):
+        check_positive(self, "steps", "batch_size", "eval_every", "checkpoint_every", "val_tasks")
         if self.checkpoint_every % self.eval_every:
-            raise ConfigError(
-                f"{prefix}.checkpoint_every={self.checkpoint_every} must be a multiple of "
-                f"{prefix}.eval_every={self.eval_every} (a checkpoint follows a validation)"
-            )
+            raise invalid("checkpoint_every", self.checkpoint_every,
+                          f"must be a multiple of eval_every={self.eval_every} (a checkpoint follows a validation)")
         if self.learning_rate <= 0:
-            raise ConfigError(f"{prefix}.learning_rate={self.learning_rate} must be positive")
+            raise invalid("learning_rate", self.learning_rate, "must be positive")
         if self.optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"{prefix}.optimizer={self.optimizer!r} is unknown; use 'adam' or 'adamw'")
-        if self.warmup_steps < 0 or self.grad_clip_norm < 0 or self.weight_decay < 0:
-            raise ConfigError(f"{prefix}: warmup_steps, grad_clip_norm and weight_decay cannot be negative")
+            raise invalid("optimizer", self.optimizer, "is unknown; use 'adam' or 'adamw'")
+        for name in ("warmup_steps", "grad_clip_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise invalid(name, getattr(self, name), "cannot be negative")
         if self.schedule not in ("constant", "cosine"):
-            raise ConfigError(f"{prefix}.schedule={self.schedule!r} is unknown; use 'constant' or 'cosine'")
+            raise invalid("schedule", self.schedule, "is unknown; use 'constant' or 'cosine'")
         if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
-            raise ConfigError(
-                f"{prefix}.grad_accum_steps={self.grad_accum_steps} must be a positive divisor of "
-                f"{prefix}.batch_size={self.batch_size}"
-            )
+            raise invalid("grad_accum_steps", self.grad_accum_steps,
+                          f"must be a positive divisor of batch_size={self.batch_size}")
+
+    @property
+    def schedule_uses_steps(self) -> bool:
+        """The learning rate at a step depends on ``steps`` (cosine decays to 0 at the last step)."""
+        return self.schedule == "cosine"
+
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(
+            self.batch_size, self.grad_accum_steps, self.optimizer, self.learning_rate, self.adam_eps,
+            self.weight_decay, self.grad_clip_norm, self.warmup_steps, self.schedule,
+            self.steps if self.schedule_uses_steps else 0,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must share with this config to be resumed by it: everything but ``steps``,
+        which may grow, unless the schedule depends on it (then extending would not reproduce a run)."""
+        fields = config_to_dict(self)
+        if not self.schedule_uses_steps:
+            del fields["steps"]
+        return fields
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    if config.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1)
-        )
-    elif config.warmup_steps:
-        schedule = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
-    else:
-        schedule = config.learning_rate
-    if config.optimizer == "adamw":
-        optimizer = optax.adamw(schedule, eps=config.adam_eps, weight_decay=config.weight_decay)
-    else:
-        optimizer = optax.adam(schedule, eps=config.adam_eps)
-    if config.grad_clip_norm:
-        optimizer = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), optimizer)
-    return optimizer
+    return config.optimizer_config().transformation()
 
 
 class TrainState(NamedTuple):
@@ -111,6 +155,7 @@ class FitResult:
     params: Any  # the best-by-validation trainable parameters
     best_step: int
     best_val_loss: float
+    steps: int  # the steps the model has trained in all (resumed runs included)
     history: list[dict[str, float]]
     train_seconds: float  # wall-clock of this invocation's training (compile included)
     steps_per_second: float  # compiled train-step throughput, compile excluded
@@ -120,14 +165,20 @@ class FitResult:
         return nnx.merge(self.graphdef, self.frozen, self.params)
 
 
-def _episode_loss(graphdef, frozen, params, episodes, key):
-    return nnx.merge(graphdef, frozen, params).objective(episodes, key)
+def pools_digest(*pools: PairPool | OptionPairPool) -> str:
+    """BLAKE2b-128 of the pools' arrays: the data a checkpoint was trained on, whatever the caller says."""
+    digest = hashlib.blake2b(digest_size=16)
+    for leaf in jax.tree.leaves(jax.device_get(pools)):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{leaf.dtype}|{leaf.shape}|".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
 
 
 def fit(
     model: nnx.Module,
-    train_pool: PairPool,
-    val_pool: PairPool,
+    train_pool: PairPool | OptionPairPool,
+    val_pool: PairPool | OptionPairPool,
     spec: EpisodeSpec,
     config: TrainConfig,
     checkpoint_dir: str | Path | None = None,
@@ -139,46 +190,47 @@ def fit(
 ) -> FitResult:
     """Train ``model`` on episodes from ``train_pool``; keep the best validation NLL.
 
-    With ``checkpoint_dir``, every ``checkpoint_every`` steps (and the last) are
-    checkpointed, and a call on a folder that holds checkpoints resumes from the
-    newest readable one.
-    ``run_config`` (JSON-ready) is stored with the checkpoints; resuming with a
-    different one is refused (``steps`` may grow, to train longer).
-    With ``mesh`` (see ``nps.train.mesh``), each batch of tasks is split over the
-    mesh's batch axes and the parameters are replicated: data parallelism under jit.
-    A model's ``BaseParam`` weights (a pretrained decoder) are frozen: passed to every
-    step as they are placed (e.g. sharded by ``from_pretrained(mesh=...)``), never
-    updated nor checkpointed; put the base's identity in ``run_config`` so that a
-    checkpoint refuses another base.
+    With ``checkpoint_dir``, every ``checkpoint_every`` steps (and the last) are checkpointed,
+    and a call on a folder that holds checkpoints resumes from the newest verified one.
+    ``run_config`` (JSON-ready) is stored with the checkpoints next to the train config, the
+    episode spec and a digest of the pools; resuming under a different one is refused
+    (``steps`` may grow, to train longer, unless the schedule depends on it).
+    With ``mesh`` (see ``nps.train.mesh``), each batch of tasks is split over the mesh's batch
+    axes and the parameters are replicated: data parallelism under jit.
+    A model's ``BaseParam`` weights (a pretrained decoder) are frozen: passed to every step as
+    they are placed (e.g. sharded by ``from_pretrained(mesh=...)``), never updated nor
+    checkpointed; put the base's identity in ``run_config`` so that a checkpoint refuses another base.
     """
-    config.validate()
-    spec.validate()
     if mesh is not None:
         check_batch_divisible(mesh, config.batch_size)
     graphdef, frozen, params = nnx.split(model, BaseParam, ...)
     frozen, params = nnx.to_pure_dict(frozen), nnx.to_pure_dict(params)
     data_key, model_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
-    fingerprint = dict(run_config or {}) | {
-        "train": {k: v for k, v in config_to_dict(config).items() if k != "steps"},
-        "episodes": config_to_dict(spec),
-    }
+    optimizer = config.optimizer_config()
 
-    state = _initial_state(params, make_optimizer(config))
+    state = _initial_state(params, optimizer=optimizer)
     history: list[dict[str, float]] = []
-    store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
-    if store is not None:
-        restored = store.restore_latest(state)
+    store = None
+    if checkpoint_dir is not None:
+        store = CheckpointStore(checkpoint_dir)
+        fingerprint = dict(run_config or {}) | {
+            "train": config.fingerprint(),
+            "episodes": config_to_dict(spec),
+            "pools": pools_digest(train_pool, val_pool),
+        }
+        restored = store.restore_latest(
+            state, accept=lambda metadata: _check_same_run(metadata.get("fingerprint"), fingerprint, store.directory))
         if restored is not None:
             state, metadata = restored
-            _check_same_run(metadata.get("fingerprint"), fingerprint, store.directory)
             history = list(metadata.get("history", []))
+            _check_not_beyond(int(state.step), config.steps, store.directory)
     if mesh is not None:
         state = jax.device_put(state, replicated(mesh))
         # The pools are step arguments: every device holds them (tasks are gathered in-jit).
         train_pool, val_pool = jax.device_put((train_pool, val_pool), replicated(mesh))
 
-    val_episodes = _sample_validation(val_key, val_pool, spec, config.val_tasks)
-    static = {"graphdef": graphdef, "spec": spec, "config": config, "mesh": mesh}
+    val_episodes = sample_episodes_compiled(val_key, val_pool, spec, config.val_tasks)
+    static = {"graphdef": graphdef, "spec": spec, "optimizer": optimizer, "mesh": mesh}
 
     start, step = time.perf_counter(), int(state.step)
     compiled_seconds, compiled_steps, compiled_lengths = 0.0, 0, set()
@@ -186,38 +238,28 @@ def fit(
     while step < config.steps:
         length = min(config.eval_every - step % config.eval_every, config.steps - step)
         chunk_start = time.perf_counter()
-        state, (losses, accuracies) = _train_chunk(state, frozen, train_pool, data_key, model_key, length=length, **static)
-        state, val_loss, val_accuracy = _validate(state, frozen, val_episodes, graphdef=graphdef)
-        val_loss = float(val_loss)  # syncs the device
+        state, train_metrics = _train_chunk(state, frozen, train_pool, data_key, model_key, length=length, **static)
+        state, val_metrics = _validate(state, frozen, val_episodes, val_key, graphdef=graphdef)
+        metrics = jax.device_get(train_metrics | val_metrics)  # the chunk's one host transfer
         if length in compiled_lengths:  # no compilation in this chunk: time it
             compiled_seconds += time.perf_counter() - chunk_start
             compiled_steps += length
         compiled_lengths.add(length)
-        step = int(state.step)
-        history.append(
-            {
-                "step": step,
-                "train_loss": float(jnp.mean(losses)),
-                "train_accuracy": float(jnp.mean(accuracies)),
-                "val_nll": val_loss,
-                "val_unseen_accuracy": float(val_accuracy),
-            }
-        )
+        step += length
+        history.append({"step": step} | {name: float(value) for name, value in metrics.items()})
         bar.update(length)
-        bar.set_postfix(val_nll=f"{val_loss:.4f}")
+        bar.set_postfix(val_nll=f"{history[-1]['val_nll']:.4f}")
         if store is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-            metadata = {
-                "fingerprint": fingerprint,
-                "history": history,
-                "sampler": {"seed": config.seed, "step": step},
-            }
-            store.save(step, state, metadata)
+            store.save(step, state, {"fingerprint": fingerprint, "history": history,
+                                     "sampler": {"seed": config.seed, "step": step}})
     bar.close()
+    best_step, best_val_loss = jax.device_get((state.best_step, state.best_val_loss))
     return FitResult(
         graphdef=graphdef,
         params=state.best_params,
-        best_step=int(state.best_step),
-        best_val_loss=float(state.best_val_loss),
+        best_step=int(best_step),
+        best_val_loss=float(best_val_loss),
+        steps=step,
         history=history,
         train_seconds=time.perf_counter() - start,
         steps_per_second=compiled_steps / compiled_seconds if compiled_seconds else float("nan"),
@@ -225,9 +267,13 @@ def fit(
     )
 
 
-# The step functions live at module level and take the pools as arguments (not closures), so
-# their compilations are cached across ``fit`` calls: models of the same structure and shapes
+# The step functions live at module level and take the pools and keys as arguments (not closures),
+# so their compilations are cached across ``fit`` calls: models of the same structure and shapes
 # (several seeds, the BTL-DPO oracles) compile once.
+def _episode_loss(graphdef, frozen, params, episodes, key):
+    return nnx.merge(graphdef, frozen, params).objective(episodes, key)
+
+
 def _loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh):
     if mesh is not None:
         episodes = jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
@@ -237,11 +283,11 @@ def _loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh):
     return loss, aux["accuracy"], grads
 
 
-def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphdef, spec, config, mesh):
+def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphdef, spec, optimizer, mesh):
     step_data_key = jax.random.fold_in(data_key, state.step)
     step_model_key = jax.random.fold_in(model_key, state.step)
-    episodes = sample_episodes(step_data_key, pool, spec, config.batch_size)
-    accumulate = config.grad_accum_steps
+    episodes = sample_episodes(step_data_key, pool, spec, optimizer.batch_size)
+    accumulate = optimizer.grad_accum_steps
     if accumulate == 1:
         loss, accuracy, grads = _loss_and_grads(frozen, state.params, episodes, step_model_key, graphdef, mesh)
     else:
@@ -257,27 +303,25 @@ def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphde
         zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
         total, _ = jax.lax.scan(micro_step, zeros, (jnp.arange(accumulate), slices))
         loss, accuracy, grads = jax.tree.map(lambda x: x / accumulate, total)
-    updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer.transformation().update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return state._replace(step=state.step + 1, params=params, opt_state=opt_state), (loss, accuracy)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "config", "mesh", "length"))
-def _train_chunk(state, frozen, pool, data_key, model_key, *, graphdef, spec, config, mesh, length):
-    """``length`` training steps as one compiled scan."""
-    step = functools.partial(_train_step, graphdef=graphdef, spec=spec, config=config, mesh=mesh)
-    return jax.lax.scan(lambda s, _: step(s, frozen, pool, data_key, model_key), state, None, length=length)
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "optimizer", "mesh", "length"),
+                   donate_argnames=("state",))
+def _train_chunk(state, frozen, pool, data_key, model_key, *, graphdef, spec, optimizer, mesh, length):
+    """``length`` training steps as one compiled scan; the chunk's mean train loss and accuracy."""
+    step = functools.partial(_train_step, graphdef=graphdef, spec=spec, optimizer=optimizer, mesh=mesh)
+    state, (losses, accuracies) = jax.lax.scan(
+        lambda s, _: step(s, frozen, pool, data_key, model_key), state, None, length=length)
+    return state, {"train_loss": jnp.mean(losses), "train_accuracy": jnp.mean(accuracies)}
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _sample_validation(key, pool, spec, num_tasks):
-    return sample_episodes(key, pool, spec, num_tasks)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _validate(state: TrainState, frozen, val_episodes, *, graphdef):
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def _validate(state: TrainState, frozen, val_episodes, key, *, graphdef):
     """Validation NLL and unseen accuracy; keeps the best parameters so far."""
-    log_odds = nnx.merge(graphdef, frozen, state.params).predict_log_odds(val_episodes, jax.random.key(0))
+    log_odds = nnx.merge(graphdef, frozen, state.params).predict_log_odds(val_episodes, key)
     val_loss = jnp.mean(choice_nll(log_odds, val_episodes.target_mask))
     val_accuracy = jnp.mean(choice_accuracy(log_odds, val_episodes.unseen_mask))
     improved = val_loss < state.best_val_loss
@@ -287,14 +331,15 @@ def _validate(state: TrainState, frozen, val_episodes, *, graphdef):
         best_val_loss=jnp.where(improved, val_loss, state.best_val_loss),
         best_step=jnp.where(improved, state.step, state.best_step),
     )
-    return state, val_loss, val_accuracy
+    return state, {"val_nll": val_loss, "val_unseen_accuracy": val_accuracy}
 
 
-def _initial_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+@functools.partial(jax.jit, static_argnames=("optimizer",))
+def _initial_state(params, *, optimizer: OptimizerConfig) -> TrainState:
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
         params=params,
-        opt_state=jax.jit(optimizer.init)(params),
+        opt_state=optimizer.transformation().init(params),
         best_params=params,
         best_val_loss=jnp.asarray(jnp.inf, jnp.float32),
         best_step=jnp.asarray(0, jnp.int32),
@@ -310,14 +355,18 @@ def load_trained(
     base LM's weights hash): adapters are never loaded onto another base.
     """
     graphdef, frozen, params = nnx.split(model, BaseParam, ...)
-    template = _initial_state(nnx.to_pure_dict(params), make_optimizer(config))
-    restored = CheckpointStore(checkpoint_dir).restore_latest(template)
+    template = _initial_state(nnx.to_pure_dict(params), optimizer=config.optimizer_config())
+    directory = Path(checkpoint_dir)
+
+    def accept(metadata: dict[str, Any]) -> None:
+        if run_config is not None:
+            saved = {key: (metadata.get("fingerprint") or {}).get(key) for key in run_config}
+            _check_same_run(saved, run_config, directory)
+
+    restored = CheckpointStore(directory).restore_latest(template, accept)
     if restored is None:
         raise CheckpointError(f"{checkpoint_dir}: no checkpoint to load; train the model first")
-    state, metadata = restored
-    if run_config is not None:
-        saved = {key: (metadata.get("fingerprint") or {}).get(key) for key in run_config}
-        _check_same_run(saved, run_config, Path(checkpoint_dir))
+    state, _ = restored
     return nnx.merge(graphdef, frozen, state.best_params)
 
 
@@ -337,4 +386,14 @@ def _check_same_run(saved: Any, current: dict[str, Any], directory: Path) -> Non
         raise CheckpointError(
             f"the checkpoints in {directory} belong to a different configuration ({difference}); "
             "use another --out folder, or --fresh to discard them"
+        )
+
+
+def _check_not_beyond(trained: int, steps: int, directory: Path) -> None:
+    """A run asked for fewer steps than its checkpoint holds would report a model it did not ask for."""
+    if trained > steps:
+        raise ConfigError(
+            f"train.steps={steps}, but the checkpoint in {directory} has trained {trained} steps; "
+            f"use --fresh (or another --out) to train {steps} steps, or set train.steps >= {trained}",
+            "train.steps",
         )

@@ -22,7 +22,7 @@ def make_mesh(data: int | None = None, fsdp: int = 1, tensor: int = 1) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh over the visible devices; ``data`` defaults to the rest.
 
     Batches split over data × fsdp; decoder weights over fsdp (model dimension) and
-    tensor (heads, MLP width, vocabulary) — see ``nps.models.sharding``.
+    tensor (heads, MLP width, vocabulary) — see ``nps.lm.sharding``.
     """
     devices = jax.devices()
     data = len(devices) // (fsdp * tensor) if data is None else data

@@ -17,24 +17,25 @@ the win rate, mean ± standard error over generations, and both mean rewards; wr
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from nps.data import steering as two_styles
-from nps.data.episodes import EpisodeSpec, OptionPairPool
+from nps.data.episodes import EpisodeSpec
+from nps.data.pairs import OptionPairPool
 from nps.data.profiles import read_pairs
-from nps.encoder import EncoderConfig
 from nps.errors import ConfigError
-from nps.files import file_sha256
-from nps.experiments.report import save_figure
-from nps.experiments.runner import EvalConfig, train_and_evaluate
-from nps.experiments.steering import SteeringRun, preference_pools, win_rate
-from nps.models.reward import RewardModelConfig
-from nps.train.evaluate import mean_and_sem
+from nps.files import atomic_write_json, atomic_write_text, file_sha256
+from nps.models.reward import UF_NP_BTL
+from nps.results import save_figure
+from nps.serve.steering import SteeringRun
+from nps.train.evaluate import mean_and_sem, pairwise_wins, win_rate
 from nps.train.loop import TrainConfig
+from nps.train.run import EvalConfig, train_and_evaluate
 
 
 def parse_profiles(items: list[str]) -> list[tuple[str, Path]]:
@@ -67,28 +68,25 @@ def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
     """An NP-BTL reward model on the run's preference pairs (features: the base's option states),
     trained once into ``run_dir/checkpoints/np_btl_reward`` (resumed after); returns
     ``score(pairs, prompts, responses) -> rewards [N]`` for the user of ``pairs`` and its results."""
-    pools, options, identity = preference_pools(run.base, run.config)
-    feature_pools = {split: OptionPairPool(pool, options.features) for split, pool in pools.items()}
-    config = RewardModelConfig(kind="np", encoder=EncoderConfig(inner="linear", attention_dropout=0.0))
+    pairs = run.preference_pairs()
+    feature_pools = {split: OptionPairPool(pool, pairs.options.features) for split, pool in pairs.pools().items()}
+    config = dataclasses.replace(UF_NP_BTL, encoder=dataclasses.replace(UF_NP_BTL.encoder, attention_dropout=0.0))
     fit, entry = train_and_evaluate(
-        "np_btl_reward", config, options.features.shape[1], feature_pools, EpisodeSpec(),
-        TrainConfig(steps=steps, eval_every=min(50, steps), checkpoint_every=min(50, steps)),
-        EvalConfig(num_tasks=500), run_dir, list(two_styles.USER_NAMES), data_identity=identity, progress=False)
+        "np_btl_reward", config, feature_pools, data_identity=pairs.identity,
+        train=TrainConfig(steps=steps, eval_every=min(50, steps), checkpoint_every=min(50, steps)),
+        episodes=EpisodeSpec(), evaluation=EvalConfig(num_tasks=500), out=run_dir,
+        user_names=list(two_styles.USER_NAMES), progress=False)
     model = fit.model()
 
     def score(pairs, prompts, responses):
         z = model.encode(*run.pair_features(pairs))
-        return np.asarray(model.reward(run.response_features(prompts, responses)[None], z)[0])
+        return np.asarray(model.reward(jnp.asarray(run.option_features(prompts, responses))[None], z)[0])
 
     return score, entry
 
 
 def _user_reward(responses: list[str], user_type: str) -> np.ndarray:
-    ids = np.full((len(responses), two_styles.LanguageSpec().sequence_length + 1), two_styles.PAD, np.int64)
-    for row, response in enumerate(responses):
-        words = two_styles.encode_words(response, "response") + [two_styles.EOS]
-        ids[row, : len(words)] = words
-    return two_styles.user_rewards(ids)[:, two_styles.USER_NAMES.index(user_type)]
+    return two_styles.user_rewards(two_styles.response_tokens(responses))[:, two_styles.USER_NAMES.index(user_type)]
 
 
 def _baseline(spec: str) -> tuple[str, SteeringRun | None]:
@@ -124,7 +122,7 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
             ours, theirs = _user_reward(personalised, user_type), _user_reward(reference, user_type)
         else:
             ours, theirs = (score_np_btl(pairs, asked, responses) for responses in (personalised, reference))
-        wins = (ours > theirs) + 0.5 * (ours == theirs)
+        wins = pairwise_wins(ours, theirs)
         wins_by_type.setdefault(user_type, []).append(wins)
         rewards_by_type.setdefault(user_type, []).append(np.stack([ours, theirs]))
         per_profile.append({"user_type": user_type, "profile": str(path), "profile_sha256": file_sha256(path),
@@ -134,7 +132,7 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
     by_type = {}
     for user_type, wins in wins_by_type.items():
         rewards = np.concatenate(rewards_by_type[user_type], axis=1)
-        by_type[user_type] = {"win_rate": mean_and_sem(np.concatenate(wins).astype(np.float64)),
+        by_type[user_type] = {"win_rate": mean_and_sem(np.concatenate(wins)),
                               "profiles": len(wins),
                               "mean_reward": {"personalised": float(rewards[0].mean()),
                                               "baseline": float(rewards[1].mean())}}
@@ -149,8 +147,8 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ab.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "ab.md").write_text(format_markdown(report))
+    atomic_write_json(out / "ab.json", report)
+    atomic_write_text(out / "ab.md", format_markdown(report))
     plot_ab(report, out / "ab.png")
     return report
 

@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from nps.errors import NPSError
-from nps.models.decoder import Decoder, LoRAConfig
-from nps.models.loading import CheckpointFormatError, read_safetensors_header, read_tensor, write_safetensors
+from nps.lm.decoder import Decoder, LoRAConfig
+from nps.lm.loading import CheckpointFormatError, read_safetensors_header, read_tensor, write_safetensors
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -28,8 +28,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nps.errors import NPSError
-from nps.models.decoder import BaseParam, Decoder, DecoderConfig, LoRAConfig, hf_name
-from nps.models.sharding import param_sharding
+from nps.layers import BaseParam
+from nps.lm.decoder import Decoder, DecoderConfig, LoRAConfig, hf_name
+from nps.lm.sharding import param_sharding
 
 SAFETENSORS_DTYPES = {
     "F32": np.dtype(np.float32),

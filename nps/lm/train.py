@@ -15,8 +15,10 @@ import optax
 from flax import nnx
 
 from nps.dpo import token_log_probs
-from nps.errors import ConfigError
-from nps.models.decoder import BaseParam, Decoder
+from nps.config import check_positive
+from nps.errors import invalid
+from nps.layers import BaseParam
+from nps.lm.decoder import Decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +30,12 @@ class LMTrainConfig:
     seed: int = 0
     log_every: int = 50
 
-    def validate(self, prefix: str = "lm") -> None:
-        for name in ("steps", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{prefix}.{name}={getattr(self, name)} must be a positive integer")
-        if self.learning_rate <= 0 or self.warmup_steps < 0:
-            raise ConfigError(f"{prefix}: learning_rate must be positive and warmup_steps non-negative")
+    def __post_init__(self):
+        check_positive(self, "steps", "batch_size", "log_every")
+        if self.learning_rate <= 0:
+            raise invalid("learning_rate", self.learning_rate, "must be positive")
+        if self.warmup_steps < 0:
+            raise invalid("warmup_steps", self.warmup_steps, "must be non-negative")
 
 
 def next_token_loss(model: Decoder, tokens: jax.Array, token_mask: jax.Array) -> jax.Array:
@@ -48,7 +50,6 @@ def train_language_model(
     model: Decoder, tokens: jax.Array, token_mask: jax.Array, config: LMTrainConfig
 ) -> tuple[Decoder, list[dict[str, float]]]:
     """Train every base weight of ``model`` on sequences [N, L]; returns the trained model and a loss log."""
-    config.validate()
     graphdef, base, rest = nnx.split(model, BaseParam, ...)
     base, rest = nnx.to_pure_dict(base), nnx.to_pure_dict(rest)
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, config.steps)

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from nps.errors import ConfigError
-from nps.models.decoder import KVCache
+from nps.lm.decoder import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,20 @@ def nucleus_threshold(probs: jax.Array, top_p: float) -> jax.Array:
     low = jnp.full_like(high, -1)  # "below zero": everything is above it
     _, high = jax.lax.fori_loop(0, 31, halve, (low, high))
     return jax.lax.bitcast_convert_type(high, jnp.float32)[:, None]
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], *, left: bool, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows of different lengths as one batch: tokens [N, longest] and the mask of real tokens.
+
+    ``left``: padding before the tokens (prompts to continue); else after (sequences to score).
+    """
+    width = max((len(s) for s in sequences), default=1)
+    tokens = np.full((len(sequences), width), pad, np.int32)
+    mask = np.zeros((len(sequences), width), bool)
+    for row, sequence in enumerate(sequences):
+        span = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+        tokens[row, span], mask[row, span] = sequence, True
+    return tokens, mask
 
 
 def left_align(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,12 +198,7 @@ def generate_text(
             for p in prompts
         ]
     # Tokenised unpadded (Llama 3's tokenizer has no pad token) and padded here; generate left-aligns.
-    encoded = tokenizer(list(prompts), add_special_tokens=not chat)["input_ids"]
-    width = max(len(ids) for ids in encoded)
-    tokens = np.zeros((len(encoded), width), np.int32)
-    mask = np.zeros((len(encoded), width), bool)
-    for row, ids in enumerate(encoded):
-        tokens[row, width - len(ids) :], mask[row, width - len(ids) :] = ids, True
+    tokens, mask = pad_sequences(tokenizer(list(prompts), add_special_tokens=not chat)["input_ids"], left=True)
     sampling = sampling or SamplingConfig()
     stops = set(sampling.stop_tokens)
     if tokenizer.eos_token_id is not None:

@@ -1,14 +1,15 @@
-"""What every experiment writes: the output folder, results.json, tables and plots.
+"""What every run writes: its locked output folder, results.json, tables and plots.
 
 The schema of results.json is documented in docs/results.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import matplotlib
 
@@ -16,13 +17,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from nps.errors import OutputDirError  # noqa: E402
-from nps.files import atomic_save_figure, atomic_write_json  # noqa: E402
+from nps.files import atomic_save_figure, atomic_write_json, exclusive_lock  # noqa: E402
 
 RESULTS_SCHEMA_VERSION = 1
 
 
-def prepare_output_dir(out: str | Path, fresh: bool = False) -> Path:
-    """Create ``out`` (and check it is writable); ``fresh`` discards earlier checkpoints."""
+@contextlib.contextmanager
+def run_directory(out: str | Path, fresh: bool = False) -> Iterator[Path]:
+    """The output folder of a run, created, checked writable and held by an exclusive lock.
+
+    A second process on the same folder gets one line naming this one's pid, never a shared
+    folder; ``fresh`` discards earlier checkpoints (after the lock is held).
+    """
     out = Path(out).absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -33,10 +39,11 @@ def prepare_output_dir(out: str | Path, fresh: bool = False) -> Path:
         raise OutputDirError(
             f"output folder {out} is not writable ({error.strerror}); pass --out with a folder you can write to"
         ) from None
-    if fresh:
-        for name in ("checkpoints", "checkpoints.corrupt"):
-            shutil.rmtree(out / name, ignore_errors=True)
-    return out
+    with exclusive_lock(out, f"output folder {out}"):
+        if fresh:
+            for name in ("checkpoints", "checkpoints.corrupt"):
+                shutil.rmtree(out / name, ignore_errors=True)
+        yield out
 
 
 def write_results(out: Path, results: dict[str, Any]) -> Path:

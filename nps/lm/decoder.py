@@ -31,13 +31,10 @@ import numpy as np
 from flax import nnx
 
 from nps.errors import ConfigError
+from nps.layers import BaseParam
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "gemma")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-class BaseParam(nnx.Variable):
-    """A pretrained weight of the decoder: frozen by construction (not an ``nnx.Param``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,7 +336,7 @@ class Decoder(nnx.Module):
         self.lora_config = lora
         self.lora = nnx.data(LoRA(self.config, lora, rngs))
         if mesh is not None:
-            from nps.models.sharding import shard_decoder
+            from nps.lm.sharding import shard_decoder
 
             shard_decoder(self.lora, mesh)
 

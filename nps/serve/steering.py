@@ -1,0 +1,173 @@
+"""A trained steering run, loaded for use: encode a user once, then generate, score or ask.
+
+``nps reproduce steering`` writes a run folder: ``results.json`` (its config), the base LM under
+``checkpoints/base_lm`` (a Hugging Face-format model), the sampled preference pairs
+(``checkpoints/preference_pairs.npz``) and each policy's checkpoints. ``SteeringRun.load``
+rebuilds a policy from those files alone; ``nps generate``, ``nps collect --active``,
+``nps ab``, ``nps reproduce active`` and the preference app all go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nps.config import config_from_dict
+from nps.data import steering as language
+from nps.data.episodes import EpisodeSpec
+from nps.data.pairs import OptionPairPool, PolicyOptions
+from nps.errors import ConfigError
+from nps.lm import Decoder, embed_tokens, from_pretrained, generate
+from nps.lm.generate import pad_sequences
+from nps.models.policy import PolicyConfig, SteerablePolicy, policy_kind, with_reference_log_probs
+from nps.train.loop import TrainConfig, load_trained
+
+BASE_DIR = "base_lm"  # under checkpoints/: the pretrained base, a Hugging Face-format model directory
+PAIRS_FILE = "preference_pairs.npz"  # under checkpoints/: the run's sampled preference pairs
+
+
+def base_identity(weights_hash: str) -> dict[str, str]:
+    """What a steering policy's checkpoints record about the base they adapt."""
+    return {"path": BASE_DIR, "weights_hash": weights_hash}
+
+
+@dataclasses.dataclass
+class SteeringRun:
+    """A policy trained by ``nps reproduce steering``, with the base it adapts and the run's settings.
+
+    ``encode_user`` turns a user's pairs into z once; ``generate`` and ``log_prob`` then serve any
+    number of prompts for that user (or for an explicit or interpolated z).
+    """
+
+    policy: SteerablePolicy
+    base: Decoder
+    spec: language.LanguageSpec
+    temperature: float
+    episodes: EpisodeSpec
+    model_name: str
+    directory: Path
+    weights_hash: str
+
+    @classmethod
+    def load(cls, run_dir: str | Path, model: str = "np_dpo") -> SteeringRun:
+        run_dir = Path(run_dir)
+        results_path = run_dir / "results.json"
+        if not results_path.is_file():
+            raise ConfigError(f"{results_path}: missing; run `nps reproduce steering --out {run_dir}` first")
+        try:
+            results = json.loads(results_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{results_path}: not valid JSON ({error}); rerun the experiment") from None
+        if not isinstance(results, dict) or results.get("experiment") != "steering":
+            kind = results.get("experiment") if isinstance(results, dict) else None
+            raise ConfigError(f"{results_path}: a {kind!r} run, not a steering run")
+        config = results["config"]
+        if model not in config["models"]:
+            raise ConfigError(f"--model {model!r} was not trained in {run_dir}; trained: {', '.join(config['models'])}")
+        base = from_pretrained(run_dir / "checkpoints" / BASE_DIR, tokenizer=False)
+        policy_config = dataclasses.replace(config_from_dict(PolicyConfig, config["policy"], "policy"),
+                                            kind=policy_kind(model))
+        train = config_from_dict(TrainConfig, config["train"], "train")
+        policy = SteerablePolicy(base.model, base.config.hidden_size, policy_config, rngs=nnx.Rngs(train.seed))
+        policy = load_trained(policy, run_dir / "checkpoints" / model, train,
+                              run_config={"base": base_identity(base.weights_hash)})
+        return cls(policy, base.model, config_from_dict(language.LanguageSpec, config["language"], "language"),
+                   float(config["temperature"]), config_from_dict(EpisodeSpec, config["episodes"], "episodes"),
+                   model, run_dir, base.weights_hash)
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether this policy takes a user (NP-DPO) or serves everyone alike (the DPO baselines)."""
+        return self.policy.encoder is not None
+
+    def preference_pairs(self) -> language.PreferencePairs:
+        """The pairs the run sampled from its base (with reference log-probabilities), as stored."""
+        path = self.directory / "checkpoints" / PAIRS_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path}: missing; run `nps reproduce steering --out {self.directory}` again to "
+                              "store the run's preference pairs (trained policies are kept)")
+        return language.PreferencePairs.load(path)
+
+    # -- features as the encoders read them -----------------------------------------------------
+    def features(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """The base's last-token states [N, E] of token sequences: the context encoder's option features."""
+        return embed_tokens(self.base, sequences)
+
+    def pair_features(self, pairs: list[dict[str, str]]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """A context of one user: chosen and rejected features [1, C, E] and the mask [1, C]; C ≥ 1
+        (an empty context is a mask over one unused slot)."""
+        chosen = [language.option_tokens(p["prompt"], p["chosen"], f"pairs[{i}]") for i, p in enumerate(pairs)]
+        rejected = [language.option_tokens(p["prompt"], p["rejected"], f"pairs[{i}]") for i, p in enumerate(pairs)]
+        capacity = max(len(pairs), 1)
+        features = np.zeros((2, capacity, self.base.config.hidden_size), np.float32)
+        if pairs:
+            features[:, : len(pairs)] = self.features(chosen + rejected).reshape(2, len(pairs), -1)
+        mask = jnp.arange(capacity)[None] < len(pairs)
+        return jnp.asarray(features[:1]), jnp.asarray(features[1:]), mask
+
+    def option_features(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """Features [N, E] of prompt + response options (the base's last-token states)."""
+        return self.features([language.option_tokens(p, r) for p, r in zip(prompts, responses)])
+
+    def options(self, prompts: list[str], responses: list[str]) -> PolicyOptions:
+        """Prompt + response options [N] as the policy scores them: tokens, masks, the encoder's
+        features and the reference log-probabilities."""
+        ids = [language.option_tokens(p, r, f"options[{i}]") for i, (p, r) in enumerate(zip(prompts, responses))]
+        tokens, token_mask = pad_sequences(ids, left=False, pad=language.PAD)
+        prompt_ends = np.asarray([len(language.encode_words(p)) + 2 for p in prompts])  # <bos> prompt Assistant:
+        response_mask = token_mask & (np.arange(tokens.shape[1])[None] >= prompt_ends[:, None])
+        options = PolicyOptions(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(response_mask),
+                                jnp.asarray(self.features(ids)), jnp.zeros((len(ids),), jnp.float32))
+        return with_reference_log_probs(self.policy, options)
+
+    def candidate_options(self, candidates: list[dict[str, Any]]) -> tuple[PolicyOptions, PolicyOptions]:
+        """Options of each candidate's first and second response (``{"prompt", "responses": [a, b]}``),
+        built as one table so that both share a padded width."""
+        prompts = [c["prompt"] for c in candidates]
+        responses = [c["responses"][0] for c in candidates] + [c["responses"][1] for c in candidates]
+        both = self.options(prompts * 2, responses)
+        count = len(candidates)
+        return (jax.tree.map(lambda x: x[:count], both), jax.tree.map(lambda x: x[count:], both))
+
+    # -- users -----------------------------------------------------------------------------------
+    def encode_user(self, pairs: list[dict[str, str]]) -> jax.Array | None:
+        """z [d] from a user's pairs ({"prompt", "chosen", "rejected"}; may be empty); None if unconditioned."""
+        if not self.conditioned:
+            return None
+        return self.policy.encode(*self.pair_features(pairs))[0]
+
+    def particles(self, count: int = 256, context_size: int = 10, seed: int = 0) -> jax.Array:
+        """z [count, d] of plausible users: the policy's latents for tasks of the run's validation pairs."""
+        from nps.active import particle_latents
+
+        pairs = self.preference_pairs()
+        return particle_latents(self.policy, OptionPairPool(pairs.pools()["val"], pairs.options), self.episodes,
+                                count, context_size, jax.random.key(seed))
+
+    # -- generation and scores ---------------------------------------------------------------------
+    def generate(
+        self, prompts: list[str], z: jax.Array | None = None, *, seed: int = 0, temperature: float | None = None,
+        base: bool = False,
+    ) -> list[str]:
+        """One sampled response per prompt, steered by z [d] (None: the policy without a user);
+        ``base``: the pretrained base instead (no adapters, no user)."""
+        ids = [[language.BOS, *language.encode_words(p, "prompt"), language.SEP] for p in prompts]
+        tokens, mask = pad_sequences(ids, left=True, pad=language.PAD)
+        sampling = language.sampling(self.spec, self.temperature if temperature is None else temperature)
+        if base:
+            out = generate(self.base, tokens, mask, sampling=sampling, seed=seed)
+        else:
+            batch_z = None if z is None else jnp.broadcast_to(z, (len(ids), z.shape[-1]))
+            out = generate(self.policy.lm, tokens, mask, sampling=sampling, seed=seed, z=batch_z)
+        return [language.decode_response(row) for row in np.asarray(out.tokens)]
+
+    def log_prob(self, prompt: str, response: str, z: jax.Array | None = None) -> float:
+        """log π(response | prompt, z) under the steered policy."""
+        return float(self.policy.log_probs(self.options([prompt], [response]), None if z is None else z[None])[0])
