@@ -29,7 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.data.episodes import Episodes, EpisodeSpec, PairPool, order_pairs, sample_episodes, user_utility
+from nps.data.episodes import (
+    Episodes,
+    EpisodeSpec,
+    PairPool,
+    order_pairs,
+    sample_episodes,
+    user_utility,
+)
 from nps.likelihood import choice_accuracy
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 
@@ -148,12 +149,15 @@ def _generate(args) -> None:
         raise ConfigError("--z-file replaces --context/--toward; pass one or the other")
     if args.z_file:
         try:
-            z = jnp.asarray(json.loads(open(args.z_file).read()), jnp.float32)
-        except (OSError, ValueError) as exc:
+            with open(args.z_file, encoding="utf-8") as f:
+                z = jnp.asarray(np.asarray(json.load(f), np.float32))
+        except (OSError, ValueError, TypeError) as exc:
             raise ConfigError(f"{args.z_file}: not a JSON list of numbers ({exc})") from None
         latent_dim = run.policy.config.encoder.latent_dim
         if z.shape != (latent_dim,):
             raise ConfigError(f"{args.z_file}: z has shape {list(z.shape)}; this policy needs [{latent_dim}]")
+        if not bool(jnp.all(jnp.isfinite(z))):
+            raise ConfigError(f"{args.z_file}: z has non-finite values (NaN or inf); write a list of finite numbers")
         points = [("z from " + args.z_file, z)]
     else:
         z = run.encode_user(read_pairs(args.context) if args.context else [])
@@ -214,8 +218,35 @@ def main(argv: list[str] | None = None) -> int:
     except NPSError as error:
         print(f"nps: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"nps: interrupted: {_what_was_kept(args)}", file=sys.stderr)
+        return 130
     return 0
 
 
+def _what_was_kept(args) -> str:
+    """The one line a Ctrl-C prints: what is on disk, and how to go on."""
+    if args.command == "reproduce":
+        out = args.out or f"runs/{args.experiment}"
+        return f"every checkpoint already saved under {out} is kept; run the same command again to resume"
+    if args.command == "collect":
+        return f"every answer given so far is saved in {args.profile}; run the same command again to continue"
+    return "nothing was half-written; run the same command again"
+
+
+def entry() -> None:
+    """The `nps` program: ``main``, then an exit that skips the interpreter's teardown.
+
+    After an interrupt or a failed checkpoint write, Orbax's and XLA's background threads can
+    print tracebacks or crash (SIGSEGV) while Python tears them down; everything nps writes is
+    already complete on disk (atomic renames, fsynced appends) when ``main`` returns, so the
+    process ends at once with ``main``'s exit status and its one line.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

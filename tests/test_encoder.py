@@ -42,7 +42,9 @@ def leaves(out):
     return list(out) if isinstance(out, DiagonalGaussian) else [out]
 
 
-@pytest.mark.parametrize("config", VARIANTS, ids=IDS)
+# Attention's invariance is the hypothesis property below, over every permutation and context size.
+@pytest.mark.parametrize("config", [v for v, i in zip(VARIANTS, IDS) if i != "attention"],
+                         ids=[i for i in IDS if i != "attention"])
 def test_permutation_invariance(config):
     encoder = make(config)
     chosen, rejected, mask = context(sizes=(6, 6, 6))

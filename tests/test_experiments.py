@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nps.config import apply_overrides
-from nps.data.synthetic import bayes_error_single_pair, correlated_pools
+from nps.data.synthetic import correlated_options, bayes_error_single_pair, correlated_pools
 from nps.experiments.correlation import CorrelationConfig, conflicting_probe_pairs, run_correlation
 from nps.experiments.synthetic import SyntheticConfig, run_synthetic
 
@@ -19,8 +19,13 @@ SMALL_TRAIN = ["train.steps=150", "train.eval_every=50", "train.batch_size=32", 
 def test_bayes_error_closed_form():
     assert bayes_error_single_pair(-1.0) == pytest.approx(0.0)
     assert bayes_error_single_pair(0.0) == pytest.approx(0.25)
-    assert bayes_error_single_pair(0.7) == pytest.approx(0.25 + math.asin(0.7) / (2 * math.pi))
     assert 100 * bayes_error_single_pair(-0.7) == pytest.approx(12.7, abs=0.05)
+    # Against a simulation: one answered pair identifies the user when the two types disagree on it,
+    # and leaves a coin toss when they agree, so the Bayes error is P(agree) / 2.
+    rng = np.random.default_rng(0)
+    a, b = correlated_options(rng, 200_000, 0.7), correlated_options(rng, 200_000, 0.7)
+    agree = np.mean((a[:, 0] > b[:, 0]) == (a[:, 1] > b[:, 1]))
+    assert bayes_error_single_pair(0.7) == pytest.approx(agree / 2, abs=0.003)
 
 
 @pytest.mark.parametrize("rho", [-1.0, -0.7, 0.0, 0.7])

@@ -103,9 +103,17 @@ def test_generate_command_and_python_api(small_run, tmp_path, capsys):
     assert z.shape == (SteeringConfig().policy.encoder.latent_dim,)
     empty = run.encode_user([])
     assert np.isfinite(np.asarray(empty)).all() and np.abs(np.asarray(z - empty)).max() > 0
-    replies = run.generate(["physics music", "chess law"], z, seed=1)
-    assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
-    assert np.isfinite(run.log_prob("physics music", "example step", z))
+    replies = run.generate(["physics music", "chess law"] * 8, z, seed=1)
+    assert all(two_styles.encode_words(reply) is not None for reply in replies)  # words of the language
+    assert len(set(replies)) > 1  # sampled, not one fixed answer
+    # The implicit reward of a detailed answer relative to a cautious one is higher for the detail user.
+    z_caution = run.encode_user([json.loads(caution.read_text())])
+
+    def preference_for_detail(user_z):
+        return (run.log_prob("physics music", "example step detail further", user_z)
+                - run.log_prob("physics music", "perhaps unsure caveat might", user_z))
+
+    assert preference_for_detail(z) > preference_for_detail(z_caution)
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "physics", "chosen": "example"}\n')
@@ -138,37 +146,54 @@ def test_default_steering_run_meets_the_bars(tmp_path):
     assert all(a > b for a, b in zip(shares, shares[1:])), shares
 
 
-def test_ab_report_is_reproducible_and_a_policy_ties_with_itself(small_run, tmp_path, capsys):
+@pytest.fixture
+def ab_inputs(small_run, tmp_path):
     out, _ = small_run
     detail, caution = write_profiles(tmp_path)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("physics music\nchess law\nbiology poetry\n")
-    args = ["ab", "--run", str(out), "--profile", f"detail={detail}", "--profile", f"caution={caution}",
-            "--prompts", str(prompts), "--samples", "4"]
+    return out, ["ab", "--run", str(out), "--profile", f"detail={detail}", "--profile", f"caution={caution}",
+                 "--prompts", str(prompts), "--samples", "4"]
+
+
+def test_ab_report_counts_every_generation_and_is_reproducible(ab_inputs, tmp_path, capsys):
+    _, args = ab_inputs
     assert main([*args, "--out", str(tmp_path / "a")]) == 0, capsys.readouterr().err
     assert "| detail | 1 |" in capsys.readouterr().out
     report = json.loads((tmp_path / "a" / "ab.json").read_text())
     assert set(report["by_user_type"]) == {"detail", "caution"}
-    assert report["by_user_type"]["detail"]["win_rate"]["num_tasks"] == 12
+    assert report["by_user_type"]["detail"]["win_rate"]["num_tasks"] == 12  # 3 prompts × 4 samples
     assert report["by_profile"][0]["profile_sha256"] and (tmp_path / "a" / "ab.png").exists()
-    # The same inputs give the same numbers.
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
-    again = json.loads((tmp_path / "b" / "ab.json").read_text())
-    assert again["by_user_type"] == report["by_user_type"]
-    # Against itself (same policy, profile and seeds) every generation ties: a win rate of exactly ½.
-    assert main([*args, "--out", str(tmp_path / "c"), "--baseline", f"{out}:np_dpo"]) == 0
-    itself = json.loads((tmp_path / "c" / "ab.json").read_text())["by_user_type"]
+    assert json.loads((tmp_path / "b" / "ab.json").read_text())["by_user_type"] == report["by_user_type"]
+
+
+def test_a_policy_against_itself_ties_exactly(ab_inputs, tmp_path):
+    out, args = ab_inputs
+    # The same policy, profiles and seeds generate the same responses: every pair ties, a win rate of ½ ± 0.
+    assert main([*args, "--out", str(tmp_path), "--baseline", f"{out}:np_dpo"]) == 0
+    itself = json.loads((tmp_path / "ab.json").read_text())["by_user_type"]
     assert all(entry["win_rate"]["mean"] == 0.5 and entry["win_rate"]["sem"] == 0.0 for entry in itself.values())
-    assert main(["ab", "--run", str(out), "--profile", f"honest={detail}", "--prompts", str(prompts)]) == 2
+
+
+def test_ab_names_the_user_types_it_knows(ab_inputs, tmp_path, capsys):
+    out, args = ab_inputs
+    prompts = args[args.index("--prompts") + 1]
+    assert main(["ab", "--run", str(out), "--profile", f"honest={tmp_path}/x.jsonl", "--prompts", prompts]) == 2
     assert "write USER_TYPE=PATH with USER_TYPE one of ['detail', 'caution']" in capsys.readouterr().err
 
-    # The learned scorer: NP-BTL conditioned on each profile (trained once into the run's checkpoints).
+
+def test_the_np_btl_scorer_is_trained_once_and_reused(ab_inputs, tmp_path):
+    out, args = ab_inputs
     assert main([*args, "--out", str(tmp_path / "d"), "--scorer", "np_btl", "--scorer-steps", "40"]) == 0
     learned = json.loads((tmp_path / "d" / "ab.json").read_text())
     assert learned["inputs"]["scorer"] == "NP-BTL conditioned on the profile"
     assert set(learned["scorer_unseen_accuracy"]["0"]) == {"detail", "caution", "all"}
-    assert all(0.0 <= entry["win_rate"]["mean"] <= 1.0 for entry in learned["by_user_type"].values())
-    assert (out / "checkpoints" / "np_btl_reward").exists()
+    checkpoints = sorted(p.name for p in (out / "checkpoints" / "np_btl_reward").iterdir())
+    assert main([*args, "--out", str(tmp_path / "e"), "--scorer", "np_btl", "--scorer-steps", "40"]) == 0
+    again = json.loads((tmp_path / "e" / "ab.json").read_text())
+    assert again == learned | {"inputs": again["inputs"]}  # the same scorer, the same numbers
+    assert sorted(p.name for p in (out / "checkpoints" / "np_btl_reward").iterdir()) == checkpoints
 
 
 def test_collect_asks_a_pair_that_separates_the_users_first(small_run, tmp_path, capsys):

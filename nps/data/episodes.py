@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nps.data.pairs import OptionPairPool, PairPool, order_pairs, user_utility
 from nps.config import check_positive
+from nps.data.pairs import OptionPairPool, PairPool, order_pairs, user_utility
 from nps.errors import ConfigError, invalid
 
 

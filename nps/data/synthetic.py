@@ -14,7 +14,6 @@ import numpy as np
 
 from nps.data.pairs import PairPool, split_pool
 
-
 TWO_USER_NAMES = ["z=0", "z=1"]  # the user types of the two-user and correlated-option tasks
 
 

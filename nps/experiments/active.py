@@ -25,7 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nps.active import PairSet, answer_curves, pairs_needed, particle_latents, user_choices
+from nps.active import (
+    PairSet,
+    answer_curves,
+    pairs_needed,
+    particle_latents,
+    user_choices,
+)
 from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool, PairPool
@@ -41,9 +47,9 @@ from nps.experiments.steering import SteeringConfig, run_steering
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
 from nps.results import finish_run, run_directory, save_figure
 from nps.serve.steering import SteeringRun
-from nps.train.evaluate import mean_and_sem
+from nps.train.evaluate import check_unseen_targets, mean_and_sem
 from nps.train.loop import TrainConfig
-from nps.train.run import EvalConfig, check_unseen_targets, train_and_evaluate
+from nps.train.run import EvalConfig, train_and_evaluate
 
 TASKS = ("synthetic", "correlation", "steering")
 STRATEGIES = ("random", "active")
@@ -87,7 +93,7 @@ class ActiveConfig:
             raise invalid("num_candidates", self.num_candidates, f"must be at least max_pairs={self.max_pairs}")
         if not 0 < self.target_fraction <= 1:
             raise invalid("target_fraction", self.target_fraction, "must be in (0, 1]")
-        check_unseen_targets(self.eval, self.episodes)
+        check_unseen_targets(self.eval.context_sizes, self.episodes)
 
 
 def _pair_sets(test: PairPool, options: Any, config: ActiveConfig, num_users: int) -> tuple[PairSet, PairSet]:

@@ -40,10 +40,16 @@ from nps.data.synthetic import (
 )
 from nps.errors import invalid
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
-from nps.results import finish_run, format_accuracy_table, plot_accuracy_vs_context, run_directory, save_figure
-from nps.train.evaluate import identification_errors, mean_and_sem
+from nps.results import (
+    finish_run,
+    format_accuracy_table,
+    plot_accuracy_vs_context,
+    run_directory,
+    save_figure,
+)
+from nps.train.evaluate import check_unseen_targets, identification_errors, mean_and_sem
 from nps.train.loop import TrainConfig
-from nps.train.run import EvalConfig, check_unseen_targets, train_and_evaluate
+from nps.train.run import EvalConfig, train_and_evaluate
 
 USER_NAMES = TWO_USER_NAMES
 
@@ -79,7 +85,7 @@ class CorrelationConfig:
         if self.model.kind != "np":
             raise invalid("model.kind", self.model.kind, "must be 'np': this study needs an NP-BTL model")
         check_splittable(self.num_pairs)
-        check_unseen_targets(self.eval, self.episodes)
+        check_unseen_targets(self.eval.context_sizes, self.episodes)
 
 
 def z_inference_errors(fit_result, rho: float, config: CorrelationConfig, seed: int) -> dict[str, Any]:

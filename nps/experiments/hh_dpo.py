@@ -34,11 +34,22 @@ from nps.encoder import EncoderConfig
 from nps.errors import ConfigError, invalid
 from nps.lm import LoRAConfig, from_pretrained
 from nps.lm.text import tokenise_chat
-from nps.models.policy import PolicyConfig, SteerablePolicy, policy_kind, with_reference_log_probs
-from nps.results import finish_run, format_accuracy_table, plot_accuracy_vs_context, run_directory
+from nps.models.policy import (
+    PolicyConfig,
+    SteerablePolicy,
+    policy_kind,
+    with_reference_log_probs,
+)
+from nps.results import (
+    finish_run,
+    format_accuracy_table,
+    plot_accuracy_vs_context,
+    run_directory,
+)
+from nps.train.evaluate import check_unseen_targets
 from nps.train.loop import TrainConfig
 from nps.train.mesh import make_mesh
-from nps.train.run import EvalConfig, check_unseen_targets, fit_and_evaluate
+from nps.train.run import EvalConfig, fit_and_evaluate
 
 USER_NAMES = ["helpfulness", "honesty"]
 MODEL_NAMES = ("np_dpo", "btl_dpo_mixed", "btl_dpo_oracles")  # oracles: one BTL-DPO per user type's labels
@@ -81,7 +92,7 @@ class HHDPOConfig:
         check_models(self.models, MODEL_NAMES)
         if self.max_length < 8:
             raise invalid("max_length", self.max_length, "is too short for a prompt and a response")
-        check_unseen_targets(self.eval, dataclasses.replace(self.episodes, num_targets=self.eval_num_targets))
+        check_unseen_targets(self.eval.context_sizes, dataclasses.replace(self.episodes, num_targets=self.eval_num_targets))
         BuildParameters("hh", self.conflict_rate, self.split_by, self.seed).validate()
 
 

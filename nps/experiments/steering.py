@@ -39,12 +39,23 @@ from nps.errors import invalid
 from nps.latent import interpolate
 from nps.lm import Decoder, DecoderConfig, LoRAConfig, from_pretrained, save_pretrained
 from nps.lm.train import LMTrainConfig, train_language_model
-from nps.models.policy import PolicyConfig, SteerablePolicy, policy_kind, with_reference_log_probs
-from nps.results import finish_run, format_accuracy_table, plot_accuracy_vs_context, run_directory, save_figure
+from nps.models.policy import (
+    PolicyConfig,
+    SteerablePolicy,
+    policy_kind,
+    with_reference_log_probs,
+)
+from nps.results import (
+    finish_run,
+    format_accuracy_table,
+    plot_accuracy_vs_context,
+    run_directory,
+    save_figure,
+)
 from nps.serve.steering import BASE_DIR, PAIRS_FILE, base_identity
-from nps.train.evaluate import mean_and_sem, win_rate
+from nps.train.evaluate import check_unseen_targets, mean_and_sem, win_rate
 from nps.train.loop import TrainConfig
-from nps.train.run import EvalConfig, check_unseen_targets, fit_and_evaluate
+from nps.train.run import EvalConfig, fit_and_evaluate
 
 USER_NAMES = list(two_styles.USER_NAMES)
 MODEL_NAMES = ("np_dpo", "btl_dpo_mixed", "oracle_detail", "oracle_caution")
@@ -89,7 +100,7 @@ class SteeringConfig:
         for name in ("generations_per_point", "continuum_points"):
             if getattr(self, name) < 2:
                 raise invalid(name, getattr(self, name), "must be at least 2")
-        check_unseen_targets(self.eval, self.episodes)
+        check_unseen_targets(self.eval.context_sizes, self.episodes)
 
 
 # -- stage 1: the base LM ----------------------------------------------------------------------

@@ -14,11 +14,23 @@ import numpy as np
 from nps.config import check_models, config_to_dict
 from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.pairs import check_splittable
-from nps.data.synthetic import TWO_USER_NAMES, two_user_identity, two_user_pools, two_user_reward
+from nps.data.synthetic import (
+    TWO_USER_NAMES,
+    two_user_identity,
+    two_user_pools,
+    two_user_reward,
+)
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
-from nps.results import finish_run, format_accuracy_table, plot_accuracy_vs_context, run_directory, save_figure
+from nps.results import (
+    finish_run,
+    format_accuracy_table,
+    plot_accuracy_vs_context,
+    run_directory,
+    save_figure,
+)
+from nps.train.evaluate import check_unseen_targets
 from nps.train.loop import TrainConfig
-from nps.train.run import EvalConfig, check_unseen_targets, train_and_evaluate
+from nps.train.run import EvalConfig, train_and_evaluate
 
 USER_NAMES = TWO_USER_NAMES
 MODEL_NAMES = ("btl", "dpl", "np_btl", "np_btl_variational")
@@ -49,7 +61,7 @@ class SyntheticConfig:
     def __post_init__(self):
         check_splittable(self.num_pairs)
         check_models(self.models, MODEL_NAMES)
-        check_unseen_targets(self.eval, self.episodes)
+        check_unseen_targets(self.eval.context_sizes, self.episodes)
 
 
 def _reward_curves(fits: dict[str, Any], pools, spec: EpisodeSpec, grid: np.ndarray) -> dict[str, Any]:

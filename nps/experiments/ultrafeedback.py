@@ -27,16 +27,34 @@ import numpy as np
 
 from nps.config import check_models, config_to_dict
 from nps.data.embedding_cache import embed_options_cached, embedder_identity
-from nps.data.episodes import EpisodeSpec, sample_episodes, sample_with_separate_contexts
+from nps.data.episodes import (
+    EpisodeSpec,
+    sample_episodes,
+    sample_with_separate_contexts,
+)
 from nps.data.pairs import OptionPairPool, oracle_pools
 from nps.data.prepared import BuildParameters, PreferenceData, prepared_or_prepare
-from nps.data.ultrafeedback import conflict_test_pools, option_pair_pool, with_conflict_rate
+from nps.data.ultrafeedback import (
+    conflict_test_pools,
+    option_pair_pool,
+    with_conflict_rate,
+)
 from nps.errors import ConfigError, invalid
 from nps.models.reward import UF_NP_BTL, RewardModelConfig
-from nps.results import finish_run, format_accuracy_table, plot_accuracy_vs_context, run_directory, save_figure
-from nps.train.evaluate import evaluate_unseen_accuracy, weight_cells
+from nps.results import (
+    finish_run,
+    format_accuracy_table,
+    plot_accuracy_vs_context,
+    run_directory,
+    save_figure,
+)
+from nps.train.evaluate import (
+    check_unseen_targets,
+    evaluate_unseen_accuracy,
+    weight_cells,
+)
 from nps.train.loop import TrainConfig
-from nps.train.run import EvalConfig, check_unseen_targets, train_and_evaluate
+from nps.train.run import EvalConfig, train_and_evaluate
 
 MODEL_NAMES = ("btl_mixed", "btl_oracles", "np_btl", "np_btl_variational")
 # The released UF configs are deterministic; the variational variant's KL weight and sample counts are
@@ -66,7 +84,7 @@ class UFInputs:
         if self.dtype not in ("bfloat16", "float32"):
             raise invalid("dtype", self.dtype, "must be 'bfloat16' or 'float32'")
         self.build().validate()
-        check_unseen_targets(self.eval, self.episodes)
+        check_unseen_targets(self.eval.context_sizes, self.episodes)
 
     def build(self) -> BuildParameters:
         """The prepared dataset this experiment reads (recipe, conflict rate, split)."""

@@ -7,6 +7,8 @@ They share one interface with ``nps.train.fit``: ``objective(episodes, key)`` an
 from nps.models.film import ConditionedDecoder, FiLM
 from nps.models.policy import PolicyConfig, SteerablePolicy, with_reference_log_probs
 from nps.models.reward import (
+    SYNTHETIC_NP_BTL,
+    UF_NP_BTL,
     BTLReward,
     DPLReward,
     NPReward,
@@ -15,6 +17,8 @@ from nps.models.reward import (
 )
 
 __all__ = [
+    "SYNTHETIC_NP_BTL",
+    "UF_NP_BTL",
     "BTLReward",
     "ConditionedDecoder",
     "DPLReward",

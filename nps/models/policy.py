@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nps.config import check_positive
 from nps.data.episodes import Episodes
 from nps.data.pairs import PolicyOptions
 from nps.dpo import dpo_log_odds, response_log_probs
 from nps.encoder import ContextEncoder, EncoderConfig
-from nps.config import check_positive
 from nps.errors import invalid
 from nps.likelihood import choice_accuracy, choice_nll
 from nps.lm.decoder import Decoder, LoRAConfig

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nps.config import check_positive
 from nps.data.episodes import Episodes
 from nps.encoder import ContextEncoder, EncoderConfig
-from nps.config import check_positive
 from nps.errors import invalid
 from nps.latent import MIN_STD, gaussian_kl
 from nps.layers import MLP, activation_fn, compose_mlps

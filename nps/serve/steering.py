@@ -26,7 +26,12 @@ from nps.data.pairs import OptionPairPool, PolicyOptions
 from nps.errors import ConfigError
 from nps.lm import Decoder, embed_tokens, from_pretrained, generate
 from nps.lm.generate import pad_sequences
-from nps.models.policy import PolicyConfig, SteerablePolicy, policy_kind, with_reference_log_probs
+from nps.models.policy import (
+    PolicyConfig,
+    SteerablePolicy,
+    policy_kind,
+    with_reference_log_probs,
+)
 from nps.train.loop import TrainConfig, load_trained
 
 BASE_DIR = "base_lm"  # under checkpoints/: the pretrained base, a Hugging Face-format model directory
@@ -96,8 +101,17 @@ class SteeringRun:
         return language.PreferencePairs.load(path)
 
     # -- features as the encoders read them -----------------------------------------------------
-    def features(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    def check_lengths(self, sequences: Sequence[Sequence[int]], what: str, room: int = 0) -> None:
+        """Every sequence (plus ``room`` tokens still to generate) fits the model's positions."""
+        limit = self.base.config.max_position_embeddings
+        for index, sequence in enumerate(sequences):
+            if len(sequence) + room > limit:
+                raise ConfigError(f"{what}[{index}] has {len(sequence)} tokens" + (f" plus {room} to generate" if room
+                                  else "") + f", more than this model's {limit} positions; shorten it")
+
+    def features(self, sequences: Sequence[Sequence[int]], what: str = "options") -> np.ndarray:
         """The base's last-token states [N, E] of token sequences: the context encoder's option features."""
+        self.check_lengths(sequences, what)
         return embed_tokens(self.base, sequences)
 
     def pair_features(self, pairs: list[dict[str, str]]) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -108,7 +122,7 @@ class SteeringRun:
         capacity = max(len(pairs), 1)
         features = np.zeros((2, capacity, self.base.config.hidden_size), np.float32)
         if pairs:
-            features[:, : len(pairs)] = self.features(chosen + rejected).reshape(2, len(pairs), -1)
+            features[:, : len(pairs)] = self.features(chosen + rejected, "pairs").reshape(2, len(pairs), -1)
         mask = jnp.arange(capacity)[None] < len(pairs)
         return jnp.asarray(features[:1]), jnp.asarray(features[1:]), mask
 
@@ -159,11 +173,14 @@ class SteeringRun:
         """One sampled response per prompt, steered by z [d] (None: the policy without a user);
         ``base``: the pretrained base instead (no adapters, no user)."""
         ids = [[language.BOS, *language.encode_words(p, "prompt"), language.SEP] for p in prompts]
-        tokens, mask = pad_sequences(ids, left=True, pad=language.PAD)
         sampling = language.sampling(self.spec, self.temperature if temperature is None else temperature)
+        self.check_lengths(ids, "prompts", room=sampling.max_new_tokens)
+        tokens, mask = pad_sequences(ids, left=True, pad=language.PAD)
         if base:
             out = generate(self.base, tokens, mask, sampling=sampling, seed=seed)
         else:
+            if z is not None and not bool(jnp.all(jnp.isfinite(z))):
+                raise ConfigError("z has non-finite values (NaN or inf); pass a finite latent")
             batch_z = None if z is None else jnp.broadcast_to(z, (len(ids), z.shape[-1]))
             out = generate(self.policy.lm, tokens, mask, sampling=sampling, seed=seed, z=batch_z)
         return [language.decode_response(row) for row in np.asarray(out.tokens)]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -28,7 +30,16 @@ import orbax.checkpoint as ocp
 
 from nps.errors import CheckpointError
 
+
+
+def _not_from_orbax(record: logging.LogRecord) -> bool:
+    """Orbax logs every failure it raises (tracebacks from each of its threads, hundreds of lines for
+    one full disk); ``CheckpointStore`` turns each of those failures into one line, so its logs go."""
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 logging.getLogger("absl").setLevel(logging.WARNING)
+logging.getLogger("absl").addFilter(_not_from_orbax)
 
 
 def abstract_tree(tree):
@@ -44,6 +55,14 @@ def _leaf_layout(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     """{dotted path: (shape, dtype)} of every leaf, whatever the containers (NamedTuple, dict)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {_path_name(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for path, leaf in leaves}
+
+
+def _io_reason(error: Exception) -> str:
+    """The operating system's words for a failed write, however deep in Orbax/tensorstore it was raised."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    return os.strerror(int(code.group(1))) if code else type(error).__name__
 
 
 def state_digest(state: Any) -> str:
@@ -88,10 +107,10 @@ class CheckpointStore:
                 force=True,
             )
             self._manager.wait_until_finished()
-        except OSError as error:
+        except (OSError, ValueError, RuntimeError) as error:  # tensorstore reports I/O failures as ValueError
             raise CheckpointError(
-                f"could not write checkpoint step {step} in {self.directory} ({error.strerror or error}); "
-                "free disk space or choose another --out, then rerun to resume from the previous step"
+                f"could not write checkpoint step {step} in {self.directory} ({_io_reason(error)}); "
+                "free disk space or choose another --out, then rerun to resume from the last saved step"
             ) from None
 
     def restore_latest(

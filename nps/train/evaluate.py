@@ -11,14 +11,29 @@ import numpy as np
 from flax import nnx
 
 from nps.data.episodes import Episodes, EpisodeSpec, PairPool, sample_episodes
+from nps.errors import ConfigError
 from nps.likelihood import choice_accuracy, choice_correct
 
 PAPER_CONTEXT_SIZES = (0, 1, 3, 5, 10)
 
 
+def check_unseen_targets(context_sizes: Sequence[int], spec: EpisodeSpec, field: str = "eval.context_sizes") -> None:
+    """Every N^C leaves at least one target unseen (the context is a subset of the targets), so no
+    accuracy is ever a mean over nothing."""
+    largest = max(context_sizes)
+    if largest >= spec.num_targets:
+        raise ConfigError(
+            f"{field}={list(context_sizes)} has N^C={largest} but the test tasks have num_targets={spec.num_targets}: "
+            f"no unseen target would be left to score; use N^C < {spec.num_targets}",
+            field,
+        )
+
+
 def mean_and_sem(values: np.ndarray) -> dict[str, float]:
     """Mean, standard error of the mean (ddof = 1) and count of per-task values."""
     values = np.asarray(values, np.float64)
+    if not len(values):
+        raise ValueError("a mean over no values is not a number; there is nothing to report")
     sem = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
     return {"mean": float(values.mean()), "sem": sem, "num_tasks": int(len(values))}
 
@@ -97,6 +112,7 @@ def evaluate_unseen_accuracy(
     context_size)`` draws the tasks (default ``sample_episodes``; a module-level function,
     as it is a compile-time constant). Returns ``{str(N^C): summarise_by_user(...)}``.
     """
+    check_unseen_targets(context_sizes, spec, "context_sizes")
     group_by = group_by or by_user_type(user_names)
     frozen = {} if frozen is None else frozen
     spec = spec.for_context(max(context_sizes))

@@ -9,9 +9,13 @@ from typing import Any, Sequence
 
 from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec
-from nps.errors import ConfigError, invalid
+from nps.errors import invalid
 from nps.models.reward import RewardModelConfig, build_reward_model
-from nps.train.evaluate import PAPER_CONTEXT_SIZES, evaluate_unseen_accuracy
+from nps.train.evaluate import (
+    PAPER_CONTEXT_SIZES,
+    check_unseen_targets,
+    evaluate_unseen_accuracy,
+)
 from nps.train.loop import FitResult, TrainConfig, fit
 
 
@@ -28,17 +32,6 @@ class EvalConfig:
             raise invalid("context_sizes", self.context_sizes, "must be non-negative sizes")
         if self.num_tasks < 2:
             raise invalid("num_tasks", self.num_tasks, "must be at least 2 (for a standard error)")
-
-
-def check_unseen_targets(evaluation: EvalConfig, spec: EpisodeSpec, field: str = "eval.context_sizes") -> None:
-    """Every N^C leaves at least one target unseen (the context is a subset of the targets)."""
-    largest = max(evaluation.context_sizes)
-    if largest >= spec.num_targets:
-        raise ConfigError(
-            f"{field}={list(evaluation.context_sizes)} has N^C={largest} but the test tasks have "
-            f"num_targets={spec.num_targets}: no unseen target would be left to score; use N^C < {spec.num_targets}",
-            field,
-        )
 
 
 def fit_and_evaluate(
@@ -66,7 +59,7 @@ def fit_and_evaluate(
     Returns the fit and the model's results entry.
     """
     eval_episodes = eval_episodes or episodes
-    check_unseen_targets(evaluation, eval_episodes)
+    check_unseen_targets(evaluation.context_sizes, eval_episodes)
     start = time.perf_counter()
     result = fit(
         model, pools["train"], pools["val"], episodes, train, out / "checkpoints" / name,
