@@ -15,14 +15,18 @@ mid-save leaves no half-written step behind. On top of that:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import shutil
+import sys
+import tempfile
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -55,6 +59,30 @@ def _leaf_layout(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     """{dotted path: (shape, dtype)} of every leaf, whatever the containers (NamedTuple, dict)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {_path_name(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for path, leaf in leaves}
+
+
+@contextlib.contextmanager
+def _stderr_kept_unless_failed() -> Iterator[None]:
+    """Hold what is written to the process's stderr (file descriptor 2) while the block runs; pass it
+    on if the block succeeds, drop it if it fails. A failed Orbax write prints a traceback from each
+    of tensorstore's callbacks straight to fd 2 (past Python's logging); the caller reports the
+    failure in one line instead."""
+    sys.stderr.flush()
+    kept = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(kept, 2)
+            os.close(kept)
+            if not failed:
+                held.seek(0)
+                sys.stderr.buffer.write(held.read())
+                sys.stderr.flush()
 
 
 def _io_reason(error: Exception) -> str:
@@ -101,12 +129,21 @@ class CheckpointStore:
         """Save ``state`` at ``step`` with ``metadata`` (plus the state's digest); complete or absent."""
         metadata = dict(metadata, state_digest=state_digest(state))
         try:
-            self._manager.save(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata)),
-                force=True,
-            )
-            self._manager.wait_until_finished()
+            with _stderr_kept_unless_failed():
+                try:
+                    self._manager.save(
+                        step,
+                        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                metadata=ocp.args.JsonSave(metadata)),
+                        force=True,
+                    )
+                    self._manager.wait_until_finished()
+                except BaseException:
+                    # Let the failed write's outstanding callbacks finish while their output is held.
+                    with contextlib.suppress(Exception):
+                        self._manager.close()
+                    time.sleep(0.5)
+                    raise
         except (OSError, ValueError, RuntimeError) as error:  # tensorstore reports I/O failures as ValueError
             raise CheckpointError(
                 f"could not write checkpoint step {step} in {self.directory} ({_io_reason(error)}); "
