@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 from nps.errors import NPSError
 from nps.experiments import EXPERIMENTS
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     gather = commands.add_parser("collect", help="ask a user to choose between pairs of responses; write a profile")
     gather.add_argument("--candidates", required=True, help='JSON lines of {"prompt": ..., "responses": [a, b]}')
     gather.add_argument("--profile", required=True, help="the user's profile (JSON lines; resumed if it exists)")
-    gather.add_argument("--choices", help="scripted answers, one per line (1, 2 or s), instead of asking")
+    gather.add_argument("--choices", help="scripted answers, one per line (1, 2 or s), instead of asking; line k "
+                        "answers the profile's k-th question, so a rerun after an interruption continues the script")
     gather.add_argument("--limit", type=int, default=None, help="ask at most this many pairs now")
     gather.add_argument("--seed", type=int, default=0, help="seed of the order in which the two responses are shown")
     gather.add_argument("--active", metavar="RUN", help="ask the most informative pair first, judged by a trained "
@@ -103,27 +105,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _collect(args) -> None:
-    from nps.data.profiles import ask_in_terminal, choices_from_file, collect
+def _collect(args) -> int:
+    from nps.data.profiles import ask_in_terminal, choices_from_file, collect, read_profile
 
-    chooser = choices_from_file(args.choices) if args.choices else ask_in_terminal
-    order = None
-    if args.active:
-        from nps.active import informative_chooser
-        from nps.data.profiles import read_candidates
-        from nps.serve.steering import SteeringRun
-
-        run = SteeringRun.load(args.active)
-        candidates, _ = read_candidates(args.candidates)
-        order = informative_chooser(run.policy, run.particles(), *run.candidate_options(candidates))
-    records = collect(args.candidates, args.profile, chooser, next_candidate=order, limit=args.limit, seed=args.seed)
+    try:
+        records = collect(args.candidates, args.profile, choices_from_file(args.choices) if args.choices else
+                          ask_in_terminal, next_candidate=_informative_order(args) if args.active else None,
+                          limit=args.limit, seed=args.seed)
+    except KeyboardInterrupt:
+        # Every answer was fsynced when given, so the profile on disk is what is kept.
+        kept = read_profile(args.profile) if Path(args.profile).is_file() else []
+        skipped = sum(r.get("choice") == "skip" for r in kept)
+        print(f"nps: interrupted: {args.profile} keeps {len(kept) - skipped} answers and {skipped} skips; "
+              "run the same command again to continue where you stopped", file=sys.stderr)
+        return 130
     skipped = sum(r.get("choice") == "skip" for r in records)
     print(f"{args.profile}: {len(records) - skipped} answered, {skipped} skipped")
+    return 0
+
+
+def _informative_order(args):
+    """`nps collect --active RUN`: the most informative pair first, judged by the run's NP-DPO policy."""
+    from nps.active import informative_chooser
+    from nps.data.profiles import read_candidates
+    from nps.serve.steering import SteeringRun
+
+    run = SteeringRun.load(args.active)
+    candidates, _ = read_candidates(args.candidates)
+    return informative_chooser(run.policy, run.particles(), *run.candidate_options(candidates))
 
 
 def _compare(args) -> int:
-    from pathlib import Path
-
     from nps.workflow.compare import compare_runs, format_markdown, format_text
 
     comparison = compare_runs(args.run_a, args.run_b, tolerance=args.tolerance, sigmas=args.sigmas,
@@ -186,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
             return 0
         if args.command == "collect":
-            _collect(args)
-            return 0
+            return _collect(args)
         if args.command == "compare":
             return _compare(args)
         if args.command == "ab":
