@@ -176,8 +176,13 @@ def test_bad_input_files_to_collect_get_one_line_and_write_nothing(tmp_path, cap
 
 
 @pytest.mark.parametrize("fault", BAD_FILES)
-def test_bad_context_files_get_one_line(tmp_path, fault):
-    path = tmp_path / "context.jsonl"
+@pytest.mark.parametrize("reader", ["context", "prompts"])
+def test_bad_context_and_prompt_files_get_one_line(tmp_path, fault, reader):
+    """`nps generate --context/--toward` and `nps ab --profile` read profiles; `nps ab --prompts` a text file."""
+    from nps.experiments.ab import read_prompts
+
+    path = tmp_path / "input"
     BAD_FILES[fault](path)
-    with pytest.raises(ConfigError, match=f"^{path}"):
-        read_pairs(path)
+    with pytest.raises(ConfigError, match=f"^{path}") as error:
+        (read_pairs if reader == "context" else read_prompts)(path)
+    assert "\n" not in str(error.value)
