@@ -6,6 +6,7 @@
     nps reproduce hh-dpo --model MODEL_DIR --data ULTRAFEEDBACK.jsonl [--set field=value ...]
     nps reproduce hh|hht|conflict|continuum --model EMBEDDER_DIR --data ULTRAFEEDBACK.jsonl|PREPARED_DIR
     nps prepare hh|hht --data ULTRAFEEDBACK.jsonl [--out DIR] [--conflict-rate R] [--split-by pair|prompt] [--seed S]
+                       [--strict]
     nps reproduce synthetic --print-config     # the typed defaults, as JSON
     nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
     nps collect --candidates CANDIDATES.jsonl --profile ME.jsonl [--choices FILE] [--limit N] [--active RUN]
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--split-by", choices=("pair", "prompt"), default="pair",
                          help="pair (the paper: prompts may be shared across splits) or prompt")
     prepare.add_argument("--seed", type=int, default=42, help="the split's seed (the paper's: 42)")
+    prepare.add_argument("--strict", action="store_true", help="stop at the first malformed record (default: skip "
+                         "and count each in the read report)")
 
     steer = commands.add_parser("generate", help="generate with a trained steerable policy, steered by a user")
     steer.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
@@ -213,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             from nps.data.prepared import BuildParameters, prepare_preferences
 
             prepare_preferences(args.data, args.out,
-                                BuildParameters(args.recipe, args.conflict_rate, args.split_by, args.seed))
+                                BuildParameters(args.recipe, args.conflict_rate, args.split_by, args.seed),
+                                strict=args.strict)
             return 0
         defaults, run = EXPERIMENTS[args.experiment].load()
         paths = [f"{name}={value}" for name, value in (("model", args.model), ("data", args.data)) if value]
