@@ -13,6 +13,7 @@
     nps ab --run RUN --profile USER_TYPE=PROFILE.jsonl ... --prompts PROMPTS.txt [--baseline base|RUN[:MODEL]]
            [--scorer oracle|np_btl]
     nps compare RUN_A RUN_B [--tolerance 0.02] [--sigmas 2] [--markdown REPORT.md] [--allow-different-data]
+                [--allow-missing]
 
 A re-run with the same --out resumes each model from its last checkpoint.
 """
@@ -25,7 +26,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from nps.errors import NPSError
+from nps.errors import ConfigError, NPSError
 from nps.experiments import EXPERIMENTS
 
 
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--sigmas", type=float, default=2.0, help="and changes within this many standard errors (2)")
     diff.add_argument("--markdown", help="also write the comparison as a Markdown file")
     diff.add_argument("--allow-different-data", action="store_true", help="compare runs on different datasets")
+    diff.add_argument("--allow-missing", action="store_true", help="do not fail when B lacks a model or metric of A "
+                      "or has a NaN or infinite one (they are still listed)")
     return parser
 
 
@@ -139,14 +142,19 @@ def _informative_order(args):
 
 
 def _compare(args) -> int:
+    from nps.files import atomic_write_text
     from nps.workflow.compare import compare_runs, format_markdown, format_text
 
     comparison = compare_runs(args.run_a, args.run_b, tolerance=args.tolerance, sigmas=args.sigmas,
-                              allow_different_data=args.allow_different_data)
+                              allow_different_data=args.allow_different_data, allow_missing=args.allow_missing)
     print(format_text(comparison))
     if args.markdown:
-        Path(args.markdown).write_text(format_markdown(comparison))
-    return 1 if comparison.regressions else 0
+        try:
+            atomic_write_text(args.markdown, format_markdown(comparison))
+        except OSError as error:
+            raise ConfigError(f"{args.markdown}: cannot be written ({error.strerror}); pass another --markdown "
+                              "path") from None
+    return 1 if comparison.failed else 0
 
 
 def _generate(args) -> None:
@@ -154,7 +162,6 @@ def _generate(args) -> None:
     import numpy as np
 
     from nps.data.profiles import read_pairs
-    from nps.errors import ConfigError
     from nps.latent import interpolate
     from nps.serve.steering import SteeringRun
 

@@ -179,7 +179,7 @@ def test_bad_input_files_to_collect_get_one_line_and_write_nothing(tmp_path, cap
 @pytest.mark.parametrize("reader", ["context", "prompts"])
 def test_bad_context_and_prompt_files_get_one_line(tmp_path, fault, reader):
     """`nps generate --context/--toward` and `nps ab --profile` read profiles; `nps ab --prompts` a text file."""
-    from nps.experiments.ab import read_prompts
+    from nps.workflow.ab import read_prompts
 
     path = tmp_path / "input"
     BAD_FILES[fault](path)
