@@ -30,7 +30,7 @@ def test_resume_recomputes_only_missing_chunks(lm, tmp_path):
         calls.append(len(batch))
         return embed_tokens(lm.model, batch, batch_size=4)
 
-    key = {"model": lm.identity, "weights_hash": lm.weights_hash}
+    key = {"weights_hash": lm.weights_hash}
     common = dict(key=key, dim=lm.config.hidden_size, chunk_size=4)
     first = cached_embeddings(sequences, tmp_path, embed_fn, **common)
     assert first.shape == (10, lm.config.hidden_size) and calls == [4, 4, 2]

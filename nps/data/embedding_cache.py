@@ -8,8 +8,8 @@ option longer than the maximum length loses the start of its *prompt* (after "Hu
 its response, whose last token gives the feature, stays whole; only a response that alone
 overflows is cut from the right. Both are counted (docs/design.md, UltraFeedback).
 
-A cache folder holds ``manifest.json`` (the key: the model's identity, weights hash,
-architecture and dtype, the feature recipe, and a hash of the exact token sequences, so every
+A cache folder holds ``manifest.json`` (the key: the model's weights hash, architecture and
+dtype, the feature recipe, and a hash of the exact token sequences, so every
 input that changes a feature, the maximum length included, is in it) and one
 ``chunk-NNNNN.npy`` per ``chunk_size`` options, each written atomically. Re-running skips the
 chunks on disk, so a killed run loses at most one chunk; a cache made with another key is
@@ -121,8 +121,8 @@ def cached_embeddings(
 ) -> np.ndarray:
     """Embeddings [N, dim] (fp32) of token ``sequences``, computed chunk by chunk with ``embed_fn`` and cached.
 
-    ``key``: what besides the sequences decides a feature (the model's identity, weights hash,
-    architecture, dtype, feature recipe); a cache whose manifest differs in any field is refused.
+    ``key``: what besides the sequences decides a feature (the model's weights hash, architecture,
+    dtype, feature recipe); a cache whose manifest differs in any field is refused.
     ``progress(done_chunks, total_chunks)`` is called after each chunk.
     """
     directory = Path(directory)
@@ -201,7 +201,8 @@ def embed_options_cached(
         echo(f"embedding: {tokens.prompts_cut} options had the start of their prompt cut to fit {max_length} tokens, "
              f"{tokens.responses_cut} the end of their response (embed_max_length)")
     folder = Path(directory) / f"{Path(str(model).rstrip('/')).name}-{dtype}-len{max_length}"
-    key = {"model": embedder.identity, "weights_hash": embedder.weights_hash, "dtype": dtype,
+    # Not the model's path: a moved model folder computes the same features.
+    key = {"weights_hash": embedder.weights_hash, "dtype": dtype,
            "architecture": texts_digest([json.dumps(dataclasses.asdict(embedder.config), sort_keys=True,
                                                     default=str)]),
            "features": FEATURE_RECIPE, "max_length": max_length}
@@ -218,7 +219,7 @@ def embed_options_cached(
     )
     seconds = time.perf_counter() - start
     record = {
-        **key, "dim": embedder.config.hidden_size, "num_options": len(tokens.ids),
+        "model": embedder.identity, **key, "dim": embedder.config.hidden_size, "num_options": len(tokens.ids),
         "prompts_cut": tokens.prompts_cut, "responses_cut": tokens.responses_cut, "cache": str(folder),
         "embedded_now": sum(computed),
         "options_per_second": sum(computed) / seconds if computed else None,

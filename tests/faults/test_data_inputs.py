@@ -120,3 +120,10 @@ def test_files_that_are_not_a_release_get_one_line(tmp_path, capsys):
     assert main(["prepare", "hh", "--data", str(good), "--out", str(tmp_path / "a-file")]) == 2
     assert capsys.readouterr().err.startswith(f"nps: error: {tmp_path / 'a-file'}: is a file")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_byte_order_mark_and_windows_line_ends_are_not_malformed(tmp_path):
+    release = tmp_path / "train.jsonl"
+    release.write_bytes(b"\xef\xbb\xbf" + b"".join(line(r)[:-1] + b"\r\n" for r in random_records(3, seed=1)))
+    _, report = read_ultrafeedback(release)
+    assert report.prompts_kept == 3 and report.malformed == {}

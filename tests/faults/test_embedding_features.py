@@ -94,5 +94,19 @@ def test_a_second_writer_is_refused_and_damaged_cache_files_are_handled(qwen, tm
     with pytest.raises(ConfigError, match=r"manifest.json: not valid JSON .*delete this cache folder"):
         embed_options_cached(str(qwen), PROMPTS, RESPONSES, tmp_path, dtype="float32", echo=quiet)
     (cache / "manifest.json").write_text(json.dumps(["not", "a", "manifest"]))
-    with pytest.raises(ConfigError, match="manifest.json: model is None"):
+    with pytest.raises(ConfigError, match="manifest.json: weights_hash is None"):
         embed_options_cached(str(qwen), PROMPTS, RESPONSES, tmp_path, dtype="float32", echo=quiet)
+
+
+def test_an_edited_architecture_beside_the_same_weights_is_refused(qwen, tmp_path):
+    import shutil
+
+    embed_options_cached(str(qwen), PROMPTS[:1], RESPONSES[:1], tmp_path / "cache", dtype="float32", echo=quiet)
+    edited = tmp_path / qwen.name  # the same folder name, so the same cache folder
+    shutil.copytree(qwen, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] *= 2
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="manifest.json: architecture is .* belong to another model"):
+        embed_options_cached(str(edited), PROMPTS[:1], RESPONSES[:1], tmp_path / "cache", dtype="float32",
+                             echo=quiet)
