@@ -96,7 +96,7 @@ def test_each_malformed_record_alone(tmp_path, reason, bad):
     completions, report = read_ultrafeedback(release)
     assert report.malformed == {reason: 1} and report.prompts_kept == 3
     assert not [t for t in completions.prompts + completions.responses if "BAD" in t]
-    with pytest.raises(ConfigError, match=rf"train.jsonl:4: "):
+    with pytest.raises(ConfigError, match=r"train.jsonl:4: "):
         read_ultrafeedback(release, strict=True)
 
 

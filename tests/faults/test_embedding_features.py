@@ -67,7 +67,7 @@ def test_a_prompt_longer_than_the_maximum_keeps_each_response(qwen, tmp_path):
 def test_features_start_with_the_tokenizers_bos_as_the_released_code(tmp_path):
     write_nps_model(tmp_path / "llama", "llama", seed=1, bos=True)
     lm = from_pretrained(tmp_path / "llama")
-    features, record = embed_options_cached(str(tmp_path / "llama"), PROMPTS[:1], RESPONSES[:1], tmp_path / "cache",
+    features, _ = embed_options_cached(str(tmp_path / "llama"), PROMPTS[:1], RESPONSES[:1], tmp_path / "cache",
                                             dtype="float32", echo=quiet)
     plain = lm.tokenizer(option_text(PROMPTS[0], RESPONSES[0]), add_special_tokens=False)["input_ids"]
     with_bos = embed_tokens(lm.model, [[lm.tokenizer.bos_token_id, *plain]])
