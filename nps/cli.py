@@ -6,12 +6,14 @@
     nps reproduce hh-dpo --model MODEL_DIR --data ULTRAFEEDBACK.jsonl [--set field=value ...]
     nps reproduce hh|hht|conflict|continuum --model EMBEDDER_DIR --data ULTRAFEEDBACK.jsonl|PREPARED_DIR
     nps prepare hh|hht --data ULTRAFEEDBACK.jsonl [--out DIR] [--conflict-rate R] [--split-by pair|prompt] [--seed S]
+                       [--strict]
     nps reproduce synthetic --print-config     # the typed defaults, as JSON
     nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
     nps collect --candidates CANDIDATES.jsonl --profile ME.jsonl [--choices FILE] [--limit N] [--active RUN]
     nps ab --run RUN --profile USER_TYPE=PROFILE.jsonl ... --prompts PROMPTS.txt [--baseline base|RUN[:MODEL]]
            [--scorer oracle|np_btl]
     nps compare RUN_A RUN_B [--tolerance 0.02] [--sigmas 2] [--markdown REPORT.md] [--allow-different-data]
+                [--allow-missing]
 
 A re-run with the same --out resumes each model from its last checkpoint.
 """
@@ -23,8 +25,9 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
-from nps.errors import NPSError
+from nps.errors import ConfigError, NPSError
 from nps.experiments import EXPERIMENTS
 
 
@@ -59,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--split-by", choices=("pair", "prompt"), default="pair",
                          help="pair (the paper: prompts may be shared across splits) or prompt")
     prepare.add_argument("--seed", type=int, default=42, help="the split's seed (the paper's: 42)")
+    prepare.add_argument("--strict", action="store_true", help="stop at the first malformed record (default: skip "
+                         "and count each in the read report)")
 
     steer = commands.add_parser("generate", help="generate with a trained steerable policy, steered by a user")
     steer.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
@@ -74,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     gather = commands.add_parser("collect", help="ask a user to choose between pairs of responses; write a profile")
     gather.add_argument("--candidates", required=True, help='JSON lines of {"prompt": ..., "responses": [a, b]}')
     gather.add_argument("--profile", required=True, help="the user's profile (JSON lines; resumed if it exists)")
-    gather.add_argument("--choices", help="scripted answers, one per line (1, 2 or s), instead of asking")
+    gather.add_argument("--choices", help="scripted answers, one per line (1, 2 or s), instead of asking; line k "
+                        "answers the profile's k-th question, so a rerun after an interruption continues the script")
     gather.add_argument("--limit", type=int, default=None, help="ask at most this many pairs now")
     gather.add_argument("--seed", type=int, default=0, help="seed of the order in which the two responses are shown")
     gather.add_argument("--active", metavar="RUN", help="ask the most informative pair first, judged by a trained "
@@ -101,38 +107,55 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--sigmas", type=float, default=2.0, help="and changes within this many standard errors (2)")
     diff.add_argument("--markdown", help="also write the comparison as a Markdown file")
     diff.add_argument("--allow-different-data", action="store_true", help="compare runs on different datasets")
+    diff.add_argument("--allow-missing", action="store_true", help="do not fail when B lacks a model or metric of A "
+                      "or has a NaN or infinite one (they are still listed)")
     return parser
 
 
-def _collect(args) -> None:
-    from nps.data.profiles import ask_in_terminal, choices_from_file, collect
+def _collect(args) -> int:
+    from nps.data.profiles import ask_in_terminal, choices_from_file, collect, read_profile
 
-    chooser = choices_from_file(args.choices) if args.choices else ask_in_terminal
-    order = None
-    if args.active:
-        from nps.active import informative_chooser
-        from nps.data.profiles import read_candidates
-        from nps.serve.steering import SteeringRun
-
-        run = SteeringRun.load(args.active)
-        candidates, _ = read_candidates(args.candidates)
-        order = informative_chooser(run.policy, run.particles(), *run.candidate_options(candidates))
-    records = collect(args.candidates, args.profile, chooser, next_candidate=order, limit=args.limit, seed=args.seed)
+    try:
+        records = collect(args.candidates, args.profile, choices_from_file(args.choices) if args.choices else
+                          ask_in_terminal, next_candidate=_informative_order(args) if args.active else None,
+                          limit=args.limit, seed=args.seed)
+    except KeyboardInterrupt:
+        # Every answer was fsynced when given, so the profile on disk is what is kept.
+        kept = read_profile(args.profile) if Path(args.profile).is_file() else []
+        skipped = sum(r.get("choice") == "skip" for r in kept)
+        print(f"nps: interrupted: {args.profile} keeps {len(kept) - skipped} answers and {skipped} skips; "
+              "run the same command again to continue where you stopped", file=sys.stderr)
+        return 130
     skipped = sum(r.get("choice") == "skip" for r in records)
     print(f"{args.profile}: {len(records) - skipped} answered, {skipped} skipped")
+    return 0
+
+
+def _informative_order(args):
+    """`nps collect --active RUN`: the most informative pair first, judged by the run's NP-DPO policy."""
+    from nps.active import informative_chooser
+    from nps.data.profiles import read_candidates
+    from nps.serve.steering import SteeringRun
+
+    run = SteeringRun.load(args.active)
+    candidates, _ = read_candidates(args.candidates)
+    return informative_chooser(run.policy, run.particles(), *run.candidate_options(candidates))
 
 
 def _compare(args) -> int:
-    from pathlib import Path
-
+    from nps.files import atomic_write_text
     from nps.workflow.compare import compare_runs, format_markdown, format_text
 
     comparison = compare_runs(args.run_a, args.run_b, tolerance=args.tolerance, sigmas=args.sigmas,
-                              allow_different_data=args.allow_different_data)
+                              allow_different_data=args.allow_different_data, allow_missing=args.allow_missing)
     print(format_text(comparison))
     if args.markdown:
-        Path(args.markdown).write_text(format_markdown(comparison))
-    return 1 if comparison.regressions else 0
+        try:
+            atomic_write_text(args.markdown, format_markdown(comparison))
+        except OSError as error:
+            raise ConfigError(f"{args.markdown}: cannot be written ({error.strerror}); pass another --markdown "
+                              "path") from None
+    return 1 if comparison.failed else 0
 
 
 def _generate(args) -> None:
@@ -140,7 +163,6 @@ def _generate(args) -> None:
     import numpy as np
 
     from nps.data.profiles import read_pairs
-    from nps.errors import ConfigError
     from nps.latent import interpolate
     from nps.serve.steering import SteeringRun
 
@@ -190,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
             return 0
         if args.command == "collect":
-            _collect(args)
-            return 0
+            return _collect(args)
         if args.command == "compare":
             return _compare(args)
         if args.command == "ab":
@@ -206,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             from nps.data.prepared import BuildParameters, prepare_preferences
 
             prepare_preferences(args.data, args.out,
-                                BuildParameters(args.recipe, args.conflict_rate, args.split_by, args.seed))
+                                BuildParameters(args.recipe, args.conflict_rate, args.split_by, args.seed),
+                                strict=args.strict)
             return 0
         defaults, run = EXPERIMENTS[args.experiment].load()
         paths = [f"{name}={value}" for name, value in (("model", args.model), ("data", args.data)) if value]

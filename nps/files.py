@@ -9,7 +9,9 @@ One home for the rules every writer follows (docs/design.md, "Checkpoints and fi
   naming the holder's pid, never a half-mixed file;
 - digests of texts are length-prefixed BLAKE2b (no two lists of texts share one), of files SHA-256;
 - an appended JSON line is flushed and fsynced before the caller moves on, and a file whose
-  last line lost its newline (a killed writer) is repaired before anything is glued to it.
+  last line lost its newline (a killed writer) is repaired before anything is glued to it;
+- a text file that a person hands to nps is read whole as UTF-8, and a missing file, a folder,
+  an unreadable file or bytes that are not UTF-8 are one line naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from nps.errors import NPSError
+from nps.errors import ConfigError, NPSError
 
 LOCK_NAME = ".nps.lock"
 
@@ -153,3 +155,33 @@ def append_json_line(path: str | Path, record: dict[str, Any]) -> None:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_bytes(path: str | Path, expected: str) -> bytes:
+    """The bytes of the file at ``path``; ``expected`` says what it should hold (for the message).
+
+    A missing file, a folder or an unreadable file raise ``ConfigError`` naming it, never a traceback.
+    """
+    path = Path(path)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; expected {expected}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a file; pass the file of {expected}") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror}); expected {expected}") from None
+
+
+def decode_utf8(data: bytes, path: str | Path, expected: str, first_line: int = 1) -> str:
+    """``data`` (the file's text from line ``first_line`` on) as UTF-8, or ``ConfigError`` naming the line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = first_line + data.count(b"\n", 0, error.start)
+        raise ConfigError(f"{path}:{line}: not UTF-8 text; expected {expected}, saved as UTF-8") from None
+
+
+def read_text(path: str | Path, expected: str) -> str:
+    """The UTF-8 text of the file at ``path``; every problem is one ``ConfigError`` line (see ``read_bytes``)."""
+    return decode_utf8(read_bytes(path, expected), path, expected)

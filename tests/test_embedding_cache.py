@@ -6,7 +6,7 @@ from tiny_lm import write_nps_model
 
 from nps.data.embedding_cache import cached_embeddings, option_text
 from nps.errors import ConfigError
-from nps.lm import embed, from_pretrained
+from nps.lm import embed, embed_tokens, from_pretrained
 
 
 def test_template_has_real_newlines():
@@ -23,24 +23,26 @@ def lm(tmp_path_factory):
 
 def test_resume_recomputes_only_missing_chunks(lm, tmp_path):
     texts = [option_text(f"question {i}", "the quick brown fox " * (i % 3 + 1)) for i in range(10)]
+    sequences = lm.tokenizer(texts, add_special_tokens=False)["input_ids"]
     calls = []
 
     def embed_fn(batch):
         calls.append(len(batch))
-        return embed(lm.model, lm.tokenizer, batch, batch_size=4)
+        return embed_tokens(lm.model, batch, batch_size=4)
 
-    common = dict(model_identity=lm.identity, weights_hash=lm.weights_hash, dim=lm.config.hidden_size, chunk_size=4)
-    first = cached_embeddings(texts, tmp_path, embed_fn, **common)
+    key = {"weights_hash": lm.weights_hash}
+    common = dict(key=key, dim=lm.config.hidden_size, chunk_size=4)
+    first = cached_embeddings(sequences, tmp_path, embed_fn, **common)
     assert first.shape == (10, lm.config.hidden_size) and calls == [4, 4, 2]
     np.testing.assert_allclose(first, embed(lm.model, lm.tokenizer, texts), atol=1e-5)
 
     (tmp_path / "chunk-00001.npy").unlink()  # as if killed while writing the second chunk
     calls.clear()
-    again = cached_embeddings(texts, tmp_path, embed_fn, **common)
+    again = cached_embeddings(sequences, tmp_path, embed_fn, **common)
     assert calls == [4]
     np.testing.assert_array_equal(again, first)
 
     with pytest.raises(ConfigError, match="weights_hash is .* belong to another model or other texts"):
-        cached_embeddings(texts, tmp_path, embed_fn, **(common | {"weights_hash": "other"}))
-    with pytest.raises(ConfigError, match="texts_hash"):
-        cached_embeddings(texts[::-1], tmp_path, embed_fn, **common)
+        cached_embeddings(sequences, tmp_path, embed_fn, **(common | {"key": key | {"weights_hash": "other"}}))
+    with pytest.raises(ConfigError, match="tokens_hash"):
+        cached_embeddings(sequences[::-1], tmp_path, embed_fn, **common)

@@ -61,7 +61,7 @@ def test_hh_dpo_runs_end_to_end_from_local_paths(model_dir, tmp_path, capsys):
     for model in results["models"].values():
         assert set(model["unseen_accuracy"]) == {"0", "1", "3"}
         assert np.isfinite(model["best_val_nll"])
-    assert results["base"]["weights_hash"] and (data.directory / "embeddings" / f"{model_dir.name}-float32"
+    assert results["base"]["weights_hash"] and (data.directory / "embeddings" / f"{model_dir.name}-float32-len1024"
                                                  / "manifest.json").exists()
     assert main(["reproduce", "hh-dpo", "--out", str(out)]) == 2
     assert "needs --model" in capsys.readouterr().err

@@ -89,8 +89,8 @@ def test_bad_input_is_named(tmp_path):
         read_ultrafeedback(tmp_path / "missing.jsonl")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"instruction": "q", "completions": []}\n{not json\n')
-    with pytest.raises(ConfigError, match=r"broken.jsonl:2: not valid JSON"):
-        read_ultrafeedback(broken)
+    with pytest.raises(ConfigError, match=r"broken.jsonl:2: not JSON; fix or delete this record"):
+        read_ultrafeedback(broken, strict=True)
     with pytest.raises(ConfigError, match="attributes \\['helpfullness'\\] are not UltraFeedback's"):
         read_ultrafeedback(broken, ("helpfullness",))
 

@@ -48,9 +48,10 @@ def hf_config(family: str, vocab_size: int = VOCAB, **overrides):
     return config
 
 
-def write_tokenizer(directory: Path, vocab_size: int = VOCAB) -> None:
-    """A byte-level BPE tokenizer (pad 0, bos 1, eos 2, ChatML template) trained on a tiny corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def write_tokenizer(directory: Path, vocab_size: int = VOCAB, bos: bool = False) -> None:
+    """A byte-level BPE tokenizer (pad 0, bos 1, eos 2, ChatML template) trained on a tiny corpus.
+    ``bos``: it puts <|bos|> before every text, as Llama 3's puts <|begin_of_text|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<|pad|>", "<|bos|>", "<|im_end|>", "<|im_start|>"]
@@ -61,6 +62,9 @@ def write_tokenizer(directory: Path, vocab_size: int = VOCAB) -> None:
         vocab_size=vocab_size - 16, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(CORPUS, trainer)
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", 1)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|im_end|>",
     )
@@ -90,7 +94,8 @@ def write_torch_model(directory: Path, family: str, seed: int = 0, tokenizer: bo
     return model
 
 
-def write_nps_model(directory: Path, family: str = "qwen2", seed: int = 0, dtype="float32", tokenizer=True, **overrides):
+def write_nps_model(directory: Path, family: str = "qwen2", seed: int = 0, dtype="float32", tokenizer=True, bos=False,
+                    **overrides):
     """Random weights from nps's own ``Decoder``, exported in HF layout (no torch); returns the hf config dict."""
     import jax.numpy as jnp
     from flax import nnx
@@ -102,7 +107,7 @@ def write_nps_model(directory: Path, family: str = "qwen2", seed: int = 0, dtype
     model = Decoder(DecoderConfig.from_hf(hf), dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
     save_pretrained(model, directory, hf)
     if tokenizer:
-        write_tokenizer(directory, hf["vocab_size"])
+        write_tokenizer(directory, hf["vocab_size"], bos=bos)
     return json.loads((Path(directory) / "config.json").read_text())
 
 

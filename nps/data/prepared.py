@@ -6,10 +6,16 @@ array_record format, which needs no TensorFlow (docs/design.md). Each example is
 the prompt, both responses, their per-attribute ratings and their ids in the source file.
 The dataset's metadata holds the build parameters (recipe, conflict rate, split, seed, the
 source file's hash, what reading skipped) and a content hash over every split's records;
-every checkpoint and results.json trained on the data records that hash.
+every checkpoint and results.json trained on the data records that hash. One process at a
+time writes a dataset (an exclusive lock on its config folder); tfds writes into an
+``incomplete.*`` folder and renames it when done, and such a folder left by a killed run is
+never taken for a dataset and is removed by the next ``nps prepare`` of that config. Nothing
+is looked up remotely and nothing is left outside the dataset's folder.
 
-``load_preferences`` reads a prepared dataset back through Grain, checks the content hash,
-and returns the option table and per-split pairs that the experiments turn into pools.
+``load_preferences`` reads a prepared dataset back through Grain, checks its metadata and
+content hash, and returns the option table and per-split pairs that the experiments turn into
+pools. It reads with nps's own builder class, whose features are defined in code: the folder's
+``features.json`` (whose ``pythonClassName`` tfds would import) is never used.
 ``prepared_or_prepare`` lets a command take either a prepared folder or the raw release.
 """
 
@@ -19,6 +25,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,8 +34,9 @@ import numpy as np
 from nps.data.pairs import choices
 from nps.data.ultrafeedback import Completions, Pairs, hh_pairs, hht_pairs, read_ultrafeedback, split_pairs
 from nps.errors import ConfigError
-from nps.files import file_sha256
+from nps.files import exclusive_lock, file_sha256
 
+INCOMPLETE_PREFIX = "incomplete."  # tfds's name for a dataset folder still being written
 DATASET_NAME = "ultrafeedback_preferences"
 DATASET_VERSION = "1.0.0"
 SPLITS = ("train", "val", "test")
@@ -137,13 +145,30 @@ def _split_records(completions: Completions, pairs: Pairs) -> dict[str, np.ndarr
     }
 
 
+class _NoDownloads:
+    """Stands in for tfds's download manager: the records come from memory, so nothing is downloaded
+    and no ``downloads/`` folder is made."""
+
+    downloaded_size = 0
+
+
 @functools.cache
 def _builder_class():
     # Defined on first use: importing tensorflow_datasets costs seconds, and `nps --help` should not.
     import tensorflow_datasets as tfds
 
+    class LocalDatasetInfo(tfds.core.DatasetInfo):
+        def initialize_from_bucket(self) -> None:
+            """tfds looks a new dataset's metadata up on GCS (through a temporary folder it never
+            removes); an nps dataset has none there, so nothing is looked up."""
+
     class UltrafeedbackPreferences(tfds.core.GeneratorBasedBuilder):
-        """UltraFeedback pairs for one recipe; the records are handed over in memory, not downloaded."""
+        """UltraFeedback pairs for one recipe; the records are handed over in memory, not downloaded.
+
+        ``builder_dir``: read the prepared dataset in that folder (wherever it was moved) instead of
+        ``data_dir/<name>/<config>/<version>``; the features always come from ``_info`` (code), never
+        from the folder's features.json.
+        """
 
         VERSION = tfds.core.Version(DATASET_VERSION)
         RELEASE_NOTES = {DATASET_VERSION: "Pairs with per-attribute ratings (nps)."}
@@ -155,9 +180,25 @@ def _builder_class():
         def code_path(cls):
             return None
 
-        def __init__(self, *, records, attributes, metadata, **kwargs):
+        def __init__(self, *, records, attributes, metadata, builder_dir: Path | None = None, **kwargs):
             self._records, self._attributes, self._metadata = records, attributes, metadata
+            self._builder_dir = builder_dir
             super().__init__(**kwargs)
+
+        def _build_data_dir(self, given_data_dir):
+            if self._builder_dir is not None:
+                return str(self._builder_dir), str(self._builder_dir)
+            return super()._build_data_dir(given_data_dir)
+
+        def _make_download_manager(self, download_dir, download_config):
+            return _NoDownloads()
+
+        # tfds prints "Downloading and preparing ..." where nothing is downloaded; nps prints its own summary.
+        def _log_download_bytes(self) -> None:
+            pass
+
+        def _log_download_done(self) -> None:
+            pass
 
         def _info(self):
             ratings = tfds.features.Tensor(shape=(len(self._attributes),), dtype=np.float32)
@@ -166,7 +207,7 @@ def _builder_class():
                 "prompt": tfds.features.Text(), "response_a": tfds.features.Text(),
                 "response_b": tfds.features.Text(), "ratings_a": ratings, "ratings_b": ratings,
             })
-            return tfds.core.DatasetInfo(
+            return LocalDatasetInfo(
                 builder=self, features=features, disable_shuffling=True,
                 metadata=tfds.core.MetadataDict(self._metadata),
                 description="UltraFeedback preference pairs prepared by nps (see nps.data.prepared).",
@@ -184,16 +225,20 @@ def _builder_class():
 
 
 def prepare_preferences(
-    source: str | Path, out: str | Path, build: BuildParameters = BuildParameters(), echo: Callable = print
+    source: str | Path, out: str | Path, build: BuildParameters = BuildParameters(), echo: Callable = print, *,
+    strict: bool = False,
 ) -> Path:
     """Write the recipe's pairs from the UltraFeedback file ``source`` under ``out``; returns the
     dataset's folder (``out/ultrafeedback_preferences/<config>/1.0.0``). An existing dataset with
     the same parameters and source is reused; a folder is only ever complete (tfds writes to a
-    temporary folder and renames it)."""
+    temporary folder and renames it). ``strict``: a malformed record is an error, not skipped."""
     build.validate()
     source = Path(source)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: is a file; pass a folder for the prepared dataset (--out)")
     attributes = RECIPES[build.recipe]
-    completions, report = read_ultrafeedback(source, attributes)
+    completions, report = read_ultrafeedback(source, attributes, strict=strict)
     echo(f"read {source}: {report.summary()}")
     pairs = hh_pairs(completions, build.conflict_rate, build.seed) if build.recipe == "hh" else hht_pairs(
         completions, build.seed)
@@ -215,32 +260,70 @@ def prepare_preferences(
     import tensorflow_datasets as tfds
 
     config = tfds.core.BuilderConfig(name=f"{build.config_name}-{metadata['source_sha256'][:12]}")
-    builder = _builder_class()(records=records, attributes=attributes, metadata=metadata, config=config,
-                               data_dir=str(Path(out).absolute()), file_format="array_record")
-    directory = Path(builder.data_dir)
-    if (directory / "dataset_info.json").exists() and _read_metadata(directory).get("content_hash") != metadata[
-            "content_hash"]:
-        raise ConfigError(f"{directory} holds a dataset with the same name but other contents; delete it and rerun")
-    tfds.display_progress_bar(False)  # nps prints its own summary below
-    builder.download_and_prepare()
+    config_dir = out.absolute() / DATASET_NAME / config.name
+    config_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(config_dir, f"the prepared dataset {config_dir}"):
+        for unfinished in sorted(config_dir.glob(f"{INCOMPLETE_PREFIX}*")):
+            shutil.rmtree(unfinished)  # the lock says no live `nps prepare` is writing it
+            echo(f"removed {unfinished}, an unfinished dataset left by an interrupted `nps prepare`")
+        directory = config_dir / DATASET_VERSION
+        if (directory / "dataset_info.json").exists() and _read_metadata(directory)["content_hash"] != metadata[
+                "content_hash"]:
+            raise ConfigError(f"{directory} holds a dataset with the same name but other contents; delete it and "
+                              "rerun")
+        builder = _builder_class()(records=records, attributes=attributes, metadata=metadata, config=config,
+                                   data_dir=str(out.absolute()), file_format="array_record")
+        tfds.display_progress_bar(False)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     echo(f"{build.recipe.upper()} pairs: " + ", ".join(f"{n} {s}" for n, s in metadata["split_sizes"].items())
          + f" -> {directory} (content hash {metadata['content_hash']})")
     return directory
 
 
 def _read_metadata(directory: Path) -> dict[str, Any]:
+    """metadata.json of a prepared dataset, checked field by field (it drives the reading)."""
     path = directory / "metadata.json"
     if not path.exists():
         raise ConfigError(f"{directory}: no metadata.json; this folder was not written by `nps prepare`")
-    return json.loads(path.read_text())
+    fix = "this folder was not written by `nps prepare` or was changed since: delete it and prepare again"
+    try:
+        metadata = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    if not isinstance(metadata, dict):
+        raise ConfigError(f"{path}: not a JSON object; {fix}")
+    build = metadata.get("build")
+    if not isinstance(build, dict) or set(build) != {f.name for f in dataclasses.fields(BuildParameters)}:
+        raise ConfigError(f"{path}: 'build' is missing or lacks build parameters; {fix}")
+    try:
+        BuildParameters(**build).validate()
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{path}: 'build' is invalid ({exc}); {fix}") from None
+    if metadata.get("attributes") != list(RECIPES[build["recipe"]]):
+        raise ConfigError(f"{path}: 'attributes' {metadata.get('attributes')!r} are not the {build['recipe']} "
+                          f"recipe's {list(RECIPES[build['recipe']])}; {fix}")
+    for field in ("content_hash", "source_sha256"):
+        if not isinstance(metadata.get(field), str):
+            raise ConfigError(f"{path}: {field!r} is missing or not a string; {fix}")
+    sizes = metadata.get("split_sizes")
+    if not isinstance(sizes, dict) or set(sizes) != set(SPLITS) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes.values()):
+        raise ConfigError(f"{path}: 'split_sizes' must give a positive count for each of {list(SPLITS)}; {fix}")
+    return metadata
 
 
 def find_prepared(path: str | Path) -> Path | None:
-    """The dataset folder at or below ``path`` (the one with dataset_info.json), or None."""
+    """The dataset folder at or below ``path`` (the one with dataset_info.json), or None. Folders that
+    tfds was still writing (``incomplete.*``, left by a killed ``nps prepare``) are not datasets."""
     path = Path(path)
+    if any(part.startswith(INCOMPLETE_PREFIX) for part in path.absolute().parts):
+        raise ConfigError(f"{path}: an unfinished dataset left by an interrupted `nps prepare`; prepare it again "
+                          "(that also removes this folder)")
     if (path / "dataset_info.json").exists():
         return path
-    found = sorted(p.parent for p in path.glob("**/dataset_info.json")) if path.is_dir() else []
+    found = sorted(p.parent for p in path.glob("**/dataset_info.json")
+                   if not any(part.startswith(INCOMPLETE_PREFIX) for part in p.relative_to(path).parts)) \
+        if path.is_dir() else []
     if len(found) > 1:
         raise ConfigError(f"{path} holds {len(found)} prepared datasets ({', '.join(map(str, found))}); pass one")
     return found[0] if found else None
@@ -258,24 +341,44 @@ def _read_split(source, batch_size: int = 4096) -> dict[str, np.ndarray]:
 
 def load_preferences(path: str | Path) -> PreferenceData:
     """A dataset written by ``prepare_preferences`` (its folder, or a folder above it holding one)."""
-    import tensorflow_datasets as tfds
-
     directory = find_prepared(path)
     if directory is None:
         raise ConfigError(f"{path}: no prepared dataset here; make one with `nps prepare hh --data ULTRAFEEDBACK_FILE`")
     metadata = _read_metadata(directory)
-    sources = tfds.builder_from_directory(str(directory)).as_data_source()
-    columns = {split: _read_split(sources[split]) for split in SPLITS}
-    empty = [split for split in SPLITS if not columns[split]]
-    if empty:
-        raise ConfigError(f"{directory}: the {', '.join(empty)} split(s) are empty; prepare from more data")
-    decoded = {
-        split: {name: [t.decode("utf-8") for t in v] if v.dtype.kind in "SO" else v for name, v in c.items()}
-        for split, c in columns.items()
-    }
-    if _content_hash(decoded) != metadata["content_hash"]:
+    again = "delete the folder and prepare it again"
+    try:
+        builder = _builder_class()(records=None, attributes=metadata["attributes"], metadata={},
+                                   builder_dir=directory.absolute(), file_format="array_record")
+        sources = builder.as_data_source()
+    except Exception as exc:  # tfds raises many types (JSON, protobuf, assertion, file errors)
+        raise ConfigError(f"{directory / 'dataset_info.json'}: not a valid description of this dataset "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {again}") from None
+    listed = [split for split in SPLITS if split in builder.info.splits]
+    if listed != list(SPLITS):
+        raise ConfigError(f"{directory / 'dataset_info.json'}: lists no {', '.join(s for s in SPLITS if s not in listed)} "
+                          f"split; {again}")
+    columns = {}
+    for split in SPLITS:
+        try:
+            columns[split] = _read_split(sources[split])
+        except Exception as exc:  # array_record's and the example parser's errors have no common base
+            files = ", ".join(p.name for p in sorted(directory.glob(f"*-{split}.array_record*")))
+            raise ConfigError(f"{directory}/{files or split}: the {split} split cannot be read "
+                              f"({type(exc).__name__}); the file is damaged: {again}") from None
+    sizes = {split: len(c.get("prompt_id", ())) for split, c in columns.items()}
+    if sizes != metadata["split_sizes"]:
+        raise ConfigError(f"{directory}: the splits hold {sizes} records but metadata.json says "
+                          f"{metadata['split_sizes']}; {again}")
+    try:
+        decoded = {
+            split: {name: [t.decode("utf-8") for t in v] if v.dtype.kind in "SO" else v for name, v in c.items()}
+            for split, c in columns.items()
+        }
+    except UnicodeDecodeError:
+        decoded = None
+    if decoded is None or _content_hash(decoded) != metadata["content_hash"]:
         raise ConfigError(f"{directory}: the records do not match the content hash in metadata.json; the dataset "
-                          "was changed after it was prepared: prepare it again")
+                          f"was changed after it was prepared: {again}")
     return _as_preference_data(decoded, metadata, directory)
 
 

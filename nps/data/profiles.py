@@ -13,46 +13,70 @@ prompt/chosen/rejected.
 ``collect`` asks the candidates in order (or in the order a ``next_candidate`` callback picks,
 e.g. the most informative pair first), shows the two responses in a seeded random order so
 that position cannot bias the choice, and appends each answer to the profile at once (flushed
-and fsynced): an interrupted session keeps every answer, and running it again resumes.
+and fsynced): an interrupted session keeps every answer, and running it again resumes. A
+profile is written by one process at a time (an exclusive lock beside it). Scripted answers
+(``nps collect --choices``) are answers by position in the profile: the k-th answer is the
+profile's k-th record, so a resumed session records exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 from nps.errors import ConfigError
-from nps.files import append_json_line, texts_digest
+from nps.files import append_json_line, decode_utf8, exclusive_lock, read_bytes, read_text, texts_digest
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
+PROFILE = "a profile: JSON lines of prompt/chosen/rejected"
 CHOICES = ("first", "second", "skip")
 
 
-def _json_lines(path: Path, what: str) -> list[tuple[int, dict]]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+class _Lines:
+    """A JSON-lines file's records, and the byte offset and text of an unfinished last line (or None)."""
+
+    def __init__(self, records: list[tuple[int, dict]], unfinished_at: int | None = None, unfinished: str = ""):
+        self.records, self.unfinished_at, self.unfinished = records, unfinished_at, unfinished
+
+
+def _json_lines(path: Path, expected: str, *, allow_unfinished: bool = False) -> _Lines:
+    """Every record of a JSON-lines file, each line checked. ``allow_unfinished``: a last line with no
+    newline that begins a record but is not whole (an interrupted write) is returned apart, not refused."""
+    data = read_bytes(path, expected)
+    # Lines end at "\n" only: JSON text may hold U+2028 or U+0085 raw, which str.splitlines would split.
+    lines = data.split(b"\n")
+    records, offset = [], 0
+    for number, raw in enumerate(lines, start=1):
+        last = number == len(lines)
         try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg}); {what}") from None
+            line = decode_utf8(raw, path, expected, first_line=number)
+            record = json.loads(line) if line.strip() else None
+        except (ConfigError, ValueError) as error:
+            if last and allow_unfinished and raw.startswith(b"{"):
+                return _Lines(records, offset, raw.decode("utf-8", "replace"))
+            if isinstance(error, ConfigError):
+                raise
+            cut = " (the last line has no newline: cut off by an interrupted write?)" if last else ""
+            raise ConfigError(f"{path}:{number}: not valid JSON ({error.msg}){cut}; expected {expected}") from None
+        offset += len(raw) + 1
+        if record is None:
+            continue
         if not isinstance(record, dict):
-            raise ConfigError(f"{path}:{number}: expected a JSON object; {what}")
+            raise ConfigError(f"{path}:{number}: not a JSON object; expected {expected}")
         records.append((number, record))
-    return records
+    return _Lines(records)
 
 
 def read_candidates(path: str | Path) -> tuple[list[dict], str]:
     """The candidate pairs ``[{"prompt", "responses": [a, b]}]`` of a file, and the set's hash."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such file (expected JSON lines of prompt and two responses)")
     candidates = []
-    for number, record in _json_lines(path, 'one {"prompt": ..., "responses": [a, b]} per line'):
+    for number, record in _json_lines(path, 'JSON lines of {"prompt": ..., "responses": [a, b]}').records:
         responses = record.get("responses")
         if not isinstance(record.get("prompt"), str) or not (
                 isinstance(responses, list) and len(responses) == 2 and all(isinstance(r, str) for r in responses)):
@@ -71,11 +95,12 @@ def candidates_hash(candidates: Sequence[dict]) -> str:
 def read_profile(path: str | Path, candidates: str | None = None) -> list[dict]:
     """Every record of a profile (answers and skips), checked; ``candidates``: the hash the
     profile must come from (a profile of another candidate set is refused)."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such profile (expected JSON lines of prompt/chosen/rejected)")
+    return _profile_records(Path(path), _json_lines(Path(path), PROFILE).records, candidates)
+
+
+def _profile_records(path: Path, lines: list[tuple[int, dict]], candidates: str | None) -> list[dict]:
     records = []
-    for number, record in _json_lines(path, "one answer per line"):
+    for number, record in lines:
         if record.get("choice") != "skip":
             for field in PAIR_FIELDS:
                 if not isinstance(record.get(field), str):
@@ -100,65 +125,89 @@ def read_pairs(path: str | Path, *, allow_empty: bool = True) -> list[dict[str, 
 def collect(
     candidates_path: str | Path,
     profile_path: str | Path,
-    choose: Callable[[str, str, str], str],
+    choose: Callable[[str, str, str], str] | Sequence[str],
     *,
     next_candidate: Callable[[list[dict], list[dict], set[int]], int | None] | None = None,
     limit: int | None = None,
     seed: int = 0,
 ) -> list[dict]:
     """Ask ``choose(prompt, first, second) -> "first" | "second" | "skip" | "quit"`` about each
-    candidate not yet in the profile, appending each answer at once. ``next_candidate(candidates,
-    answered records, asked indices)`` picks the next index (None: stop); default: file order.
-    ``limit``: at most this many questions in this session. Returns the profile's records."""
+    candidate not yet in the profile, appending each answer at once. ``choose`` may instead be a
+    sequence of scripted answers, the k-th for the profile's k-th record (a resumed session
+    continues with the answer after the profile's last record; "quit" when they run out).
+    ``next_candidate(candidates, answered records, asked indices)`` picks the next index (None:
+    stop); default: file order. ``limit``: at most this many questions in this session.
+    Returns the profile's records.
+
+    The profile is locked for the session (a second ``collect`` on it is refused), and a last
+    line that an interrupted write left unfinished is dropped with a warning (its candidate is
+    asked again)."""
     candidates, digest = read_candidates(candidates_path)
     profile_path = Path(profile_path)
-    records = read_profile(profile_path, digest) if profile_path.exists() else []
-    asked = {int(r["candidate"]) for r in records if "candidate" in r}
-    questions = 0
-    while limit is None or questions < limit:
-        if next_candidate is None:
-            index = next((i for i in range(len(candidates)) if i not in asked), None)
-        else:
-            index = next_candidate(candidates, [r for r in records if r.get("choice") != "skip"], asked)
-        if index is None or index in asked:
-            break
-        candidate = candidates[index]
-        # Seeded per candidate: the same candidate is always shown in the same order.
-        swap = random.Random(f"{seed}:{index}").random() < 0.5
-        shown = candidate["responses"][::-1] if swap else candidate["responses"]
-        answer = choose(candidate["prompt"], shown[0], shown[1])
-        if answer == "quit":
-            break
-        if answer not in CHOICES:
-            raise ConfigError(f"choice {answer!r} for candidate {index}: answer one of first, second, skip (or quit)")
-        record = {"prompt": candidate["prompt"]}
-        if answer == "skip":
-            record["choice"] = "skip"
-        else:
-            chosen = shown[0] if answer == "first" else shown[1]
-            record |= {"chosen": chosen, "rejected": shown[1] if answer == "first" else shown[0]}
-        record |= {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "candidates": digest, "candidate": index}
-        append_json_line(profile_path, record)
-        records.append(record)
-        asked.add(index)
-        questions += 1
+    if profile_path.is_dir():
+        raise ConfigError(f"{profile_path}: is a folder, not a profile; pass a .jsonl file to write the answers to")
+    with exclusive_lock(profile_path, f"the profile {profile_path}"):
+        records = []
+        if profile_path.exists():
+            lines = _json_lines(profile_path, PROFILE, allow_unfinished=True)
+            records = _profile_records(profile_path, lines.records, digest)
+            if lines.unfinished_at is not None:
+                os.truncate(profile_path, lines.unfinished_at)
+                warnings.warn(f"{profile_path}: dropped an unfinished last line ({lines.unfinished[:40]!r}...), "
+                              "left by an interrupted write; its candidate is asked again")
+        ask = choose if callable(choose) else _scripted(list(choose), records)
+        asked = {int(r["candidate"]) for r in records if "candidate" in r}
+        questions = 0
+        while limit is None or questions < limit:
+            if next_candidate is None:
+                index = next((i for i in range(len(candidates)) if i not in asked), None)
+            else:
+                index = next_candidate(candidates, [r for r in records if r.get("choice") != "skip"], asked)
+            if index is None or index in asked:
+                break
+            candidate = candidates[index]
+            # Seeded per candidate: the same candidate is always shown in the same order.
+            swap = random.Random(f"{seed}:{index}").random() < 0.5
+            shown = candidate["responses"][::-1] if swap else candidate["responses"]
+            answer = ask(candidate["prompt"], shown[0], shown[1])
+            if answer == "quit":
+                break
+            if answer not in CHOICES:
+                raise ConfigError(f"choice {answer!r} for candidate {index}: answer one of first, second, skip "
+                                  "(or quit)")
+            record = {"prompt": candidate["prompt"]}
+            if answer == "skip":
+                record["choice"] = "skip"
+            else:
+                chosen = shown[0] if answer == "first" else shown[1]
+                record |= {"chosen": chosen, "rejected": shown[1] if answer == "first" else shown[0]}
+            record |= {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "candidates": digest, "candidate": index}
+            append_json_line(profile_path, record)
+            records.append(record)
+            asked.add(index)
+            questions += 1
     return records
 
 
-def choices_from_file(path: str | Path) -> Callable[[str, str, str], str]:
-    """A scripted user: one answer per line (1 / 2 / s, or first / second / skip); "quit" when done."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such file of choices (one of 1, 2, s per line)")
+def _scripted(answers: list[str], records: list[dict]) -> Callable[[str, str, str], str]:
+    """The chooser that answers the profile's next record with ``answers[len(records)]``."""
+
+    def answer(prompt: str, first: str, second: str) -> str:
+        return answers[len(records)] if len(records) < len(answers) else "quit"
+
+    return answer
+
+
+def choices_from_file(path: str | Path) -> list[str]:
+    """Scripted answers: one per line (1 / 2 / s, or first / second / skip), the k-th for the profile's k-th record."""
     aliases = {"1": "first", "2": "second", "s": "skip", "first": "first", "second": "second", "skip": "skip"}
     answers = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "scripted choices, one of 1, 2, s per line").split("\n"), start=1):
         if line.strip():
             if line.strip().lower() not in aliases:
                 raise ConfigError(f"{path}:{number}: {line.strip()!r} is not a choice; use 1, 2 or s")
             answers.append(aliases[line.strip().lower()])
-    remaining = iter(answers)
-    return lambda prompt, first, second: next(remaining, "quit")
+    return answers
 
 
 def ask_in_terminal(prompt: str, first: str, second: str) -> str:

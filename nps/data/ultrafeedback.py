@@ -5,7 +5,10 @@ with one record per prompt: ``instruction`` and ``completions[]``, each with ``r
 and ``annotations.{helpfulness, honesty, truthfulness, instruction_following}.Rating``.
 Real records hold ratings such as "N/A", completions without a response and prompts
 with fewer than two usable answers: those are skipped and counted (``ReadReport``),
-never a crash half-way.
+never a crash half-way. A malformed line or record (not UTF-8, not JSON, not an object,
+no or an empty instruction, completions or annotations of the wrong type, text that is not
+valid Unicode) is skipped whole and counted by reason, so no pair ever comes from it;
+``strict=True`` (``nps prepare --strict``) makes the first one an error instead.
 
 Pairs are all pairs of a prompt's usable completions (the released code's recipe,
 paper §5.3). Each attribute is a user type whose choice is the higher rating; ties
@@ -27,23 +30,46 @@ from nps.errors import ConfigError
 ATTRIBUTES = ("helpfulness", "honesty", "truthfulness", "instruction_following")
 
 
+MALFORMED = {  # reason → what it means, for the report
+    "not_utf8": "not UTF-8",
+    "not_json": "not JSON",
+    "not_an_object": "not a JSON object",
+    "no_instruction": "no 'instruction' string",
+    "empty_instruction": "an empty 'instruction'",
+    "bad_completions": "'completions' not a list of objects",
+    "bad_annotations": "'annotations' not an object",
+    "invalid_text": "text that is not valid Unicode (a lone surrogate)",
+}
+
+
 @dataclasses.dataclass
 class ReadReport:
     """What reading kept and skipped, for the user to see (every count is of records or completions)."""
 
-    prompts_read: int = 0
+    prompts_read: int = 0  # records read, malformed ones included
     prompts_kept: int = 0
     prompts_with_fewer_than_two_answers: int = 0
     completions_kept: int = 0
     completions_missing_response: int = 0
     completions_unrated: int = 0  # a needed rating missing, "N/A" or not a number
+    malformed: dict[str, int] = dataclasses.field(default_factory=dict)  # skipped records by reason (MALFORMED)
+    first_malformed: str | None = None  # "file:record: reason" of the first, to find it
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{self.prompts_kept} of {self.prompts_read} prompts kept ({self.prompts_with_fewer_than_two_answers} "
             f"with fewer than two usable answers); {self.completions_kept} completions kept, "
             f"{self.completions_missing_response} without a response, {self.completions_unrated} unrated"
         )
+        if self.malformed:
+            reasons = ", ".join(f"{n} {MALFORMED[reason]}" for reason, n in self.malformed.items())
+            text += (f"; {sum(self.malformed.values())} malformed records skipped ({reasons}; the first: "
+                     f"{self.first_malformed})")
+        return text
+
+
+class _Malformed(Exception):
+    """A record to skip whole; ``args[0]`` is its reason (a key of ``MALFORMED``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,23 +103,39 @@ class Pairs:
 
 
 def _records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(record number, record) from a .jsonl/.json-lines or .parquet file."""
+    """(record number, record) from a .jsonl/.json-lines or .parquet file; a line that cannot be
+    decoded comes as ``_Malformed`` in the record's place."""
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as parquet
         except ImportError as exc:  # pragma: no cover - pyarrow comes with tensorflow-datasets
             raise ConfigError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from exc
-        for batch_start, batch in _parquet_batches(parquet.ParquetFile(path)):
-            for offset, record in enumerate(batch):
-                yield batch_start + offset + 1, record
+        try:
+            for batch_start, batch in _parquet_batches(parquet.ParquetFile(path)):
+                for offset, record in enumerate(batch):
+                    yield batch_start + offset + 1, record
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+            raise ConfigError(f"{path}: not a readable parquet file ({exc}); download UltraFeedback's train "
+                              "split again") from None
         return
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    try:
+        f = open(path, "rb")
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; pass UltraFeedback's train file (JSON lines or parquet)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror}); pass UltraFeedback's train file") from None
+    with f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                yield number, _Malformed("not_utf8")
+                continue
             if line.strip():
                 try:
                     yield number, json.loads(line)
-                except ValueError as exc:
-                    raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg}); expected one record per line") from None
+                except ValueError:
+                    yield number, _Malformed("not_json")
 
 
 def _parquet_batches(file) -> Iterator[tuple[int, list[dict[str, Any]]]]:
@@ -104,11 +146,13 @@ def _parquet_batches(file) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         start += len(rows)
 
 
-def _rating(completion: dict[str, Any], attribute: str) -> float | None:
-    annotation = (completion.get("annotations") or {}).get(attribute)
+def _rating(annotations: dict[str, Any], attribute: str) -> float | None:
+    annotation = annotations.get(attribute)
     if isinstance(annotation, list):  # some exports wrap each annotation in a one-element list
         annotation = annotation[0] if annotation else None
     rating = annotation.get("Rating") if isinstance(annotation, dict) else None
+    if isinstance(rating, bool):  # JSON true is not the rating 1
+        return None
     try:
         value = float(rating)
     except (TypeError, ValueError):
@@ -116,11 +160,56 @@ def _rating(completion: dict[str, Any], attribute: str) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def read_ultrafeedback(path: str | Path, attributes: tuple[str, ...] = ATTRIBUTES) -> tuple[Completions, ReadReport]:
+def _text(value: str) -> str:
+    """``value`` if it can be written as UTF-8 (JSON's "\\ud800" escape decodes to a lone surrogate that cannot)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Malformed("invalid_text") from None
+    return value
+
+
+def _usable_completions(record: Any, attributes: tuple[str, ...], report: ReadReport) -> tuple[str, list]:
+    """The record's instruction and its usable (response, ratings); ``_Malformed`` if it must be skipped whole.
+    Completions without a response or a needed rating are counted in ``report`` and left out."""
+    if isinstance(record, _Malformed):
+        raise record
+    if not isinstance(record, dict):
+        raise _Malformed("not_an_object")
+    instruction = record.get("instruction")
+    if not isinstance(instruction, str):
+        raise _Malformed("no_instruction")
+    if not instruction.strip():
+        raise _Malformed("empty_instruction")
+    completions = record.get("completions") or []
+    if not isinstance(completions, list) or not all(isinstance(c, dict) for c in completions):
+        raise _Malformed("bad_completions")
+    if not all(isinstance(c.get("annotations") or {}, dict) for c in completions):
+        raise _Malformed("bad_annotations")
+    usable, missing, unrated = [], 0, 0
+    for completion in completions:
+        response = completion.get("response")
+        if not isinstance(response, str) or not response.strip():
+            missing += 1
+            continue
+        scores = [_rating(completion.get("annotations") or {}, a) for a in attributes]
+        if any(s is None for s in scores):
+            unrated += 1
+            continue
+        usable.append((_text(response), scores))
+    instruction = _text(instruction)
+    report.completions_missing_response += missing  # counted only once the record is known to be well formed
+    report.completions_unrated += unrated
+    return instruction, usable
+
+
+def read_ultrafeedback(path: str | Path, attributes: tuple[str, ...] = ATTRIBUTES, *,
+                       strict: bool = False) -> tuple[Completions, ReadReport]:
     """Every usable completion of the release at ``path``, and counts of what was skipped.
 
     A completion is usable if it has a non-empty response and a numeric rating for every
     attribute in ``attributes``; a prompt is kept if it has at least two usable completions.
+    A malformed record is skipped and counted by reason (``strict``: an error naming it).
     """
     path = Path(path)
     if not path.exists():
@@ -132,19 +221,16 @@ def read_ultrafeedback(path: str | Path, attributes: tuple[str, ...] = ATTRIBUTE
     prompts, prompt_index, responses, ratings = [], [], [], []
     for number, record in _records(path):
         report.prompts_read += 1
-        if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
-            raise ConfigError(f"{path}: record {number} has no 'instruction' string; is this UltraFeedback?")
-        usable = []
-        for completion in record.get("completions") or []:
-            response = completion.get("response") if isinstance(completion, dict) else None
-            if not isinstance(response, str) or not response.strip():
-                report.completions_missing_response += 1
-                continue
-            scores = [_rating(completion, a) for a in attributes]
-            if any(s is None for s in scores):
-                report.completions_unrated += 1
-                continue
-            usable.append((response, scores))
+        try:
+            instruction, usable = _usable_completions(record, tuple(attributes), report)
+        except _Malformed as malformed:
+            reason = malformed.args[0]
+            if strict:
+                raise ConfigError(f"{path}:{number}: {MALFORMED[reason]}; fix or delete this record, or prepare "
+                                  "without --strict to skip and count such records") from None
+            report.malformed[reason] = report.malformed.get(reason, 0) + 1
+            report.first_malformed = report.first_malformed or f"{path.name}:{number}: {MALFORMED[reason]}"
+            continue
         if len(usable) < 2:
             report.prompts_with_fewer_than_two_answers += 1
             continue
@@ -152,9 +238,12 @@ def read_ultrafeedback(path: str | Path, attributes: tuple[str, ...] = ATTRIBUTE
             prompt_index.append(len(prompts))
             responses.append(response)
             ratings.append(scores)
-        prompts.append(record["instruction"])
+        prompts.append(instruction)
         report.prompts_kept += 1
         report.completions_kept += len(usable)
+    if not prompts:
+        raise ConfigError(f"{path}: no prompt with two usable answers ({report.summary()}); is this UltraFeedback's "
+                          "train split, as JSON lines or parquet?")
     completions = Completions(
         prompts=prompts,
         prompt_index=np.asarray(prompt_index, np.int64),

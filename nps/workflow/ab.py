@@ -29,7 +29,7 @@ from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool
 from nps.data.profiles import read_pairs
 from nps.errors import ConfigError
-from nps.files import atomic_write_json, atomic_write_text, file_sha256
+from nps.files import atomic_write_json, atomic_write_text, file_sha256, read_text
 from nps.models.reward import UF_NP_BTL
 from nps.results import save_figure
 from nps.serve.steering import SteeringRun
@@ -53,10 +53,7 @@ def parse_profiles(items: list[str]) -> list[tuple[str, Path]]:
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: no such file (one prompt per line)")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(path, "prompts, one per line").splitlines() if line.strip()]
     if not prompts:
         raise ConfigError(f"{path}: no prompts; write one per line")
     for number, prompt in enumerate(prompts, start=1):

@@ -6,8 +6,11 @@ named by its path, e.g. ``np_btl/unseen_accuracy/10/honesty``. For each metric i
 difference B − A has the standard error √(sem_A² + sem_B²). A difference is a regression when
 the metric got worse (lower for accuracies and win rates; higher for errors and NLLs) by more
 than ``tolerance`` *and* by more than ``sigmas`` standard errors: the first ignores changes too
-small to matter, the second changes that sampling noise explains. Runs trained on different
-data (content hash, or the data record for generated data) are refused unless allowed.
+small to matter, the second changes that sampling noise explains. A metric (or a whole model)
+of A that B lacks, and a metric whose mean in B is NaN or infinite, fail the comparison too,
+unless ``allow_missing``: a run that crashed half-way or diverged must not pass a regression
+gate. Runs trained on different data (content hash, or the data record for generated data) are
+refused unless allowed. A results.json of the wrong shape is one error line naming the field.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from nps.errors import ConfigError
+from nps.files import read_text
 
 LOWER_IS_BETTER = ("error", "nll", "loss")
 
@@ -44,15 +48,22 @@ class Comparison:
     run_b: Path
     experiment: str
     diffs: list[MetricDiff]
-    only_in_a: list[str]
+    only_in_a: list[str]  # metrics of A that B lacks
     only_in_b: list[str]
+    not_finite_in_b: list[str]  # metrics whose mean in B is NaN or infinite
     tolerance: float
     sigmas: float
     data_note: str
+    allow_missing: bool = False
 
     @property
     def regressions(self) -> list[MetricDiff]:
         return [d for d in self.diffs if d.regression]
+
+    @property
+    def failed(self) -> bool:
+        """B regressed, or (unless allowed) lacks a metric of A or has a non-finite one."""
+        return bool(self.regressions) or not self.allow_missing and bool(self.only_in_a or self.not_finite_in_b)
 
 
 def read_results(run: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -62,26 +73,35 @@ def read_results(run: str | Path) -> tuple[Path, dict[str, Any]]:
     if not path.exists():
         raise ConfigError(f"{path}: no results.json; pass a run folder written by `nps reproduce`")
     try:
-        results = json.loads(path.read_text())
+        results = json.loads(read_text(path, "an nps results.json"))
     except ValueError as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc}); the run may not have finished") from None
     if not isinstance(results, dict) or "models" not in results or "experiment" not in results:
         raise ConfigError(f"{path}: no 'experiment' and 'models' fields; is this an nps results.json?")
+    if not isinstance(results["models"], dict) or not all(isinstance(m, dict) for m in results["models"].values()):
+        raise ConfigError(f"{path}: 'models' must map each model's name to its results; is this an nps results.json?")
+    if not isinstance(results.get("data") or {}, dict):
+        raise ConfigError(f"{path}: 'data' must be an object (the data's identity); is this an nps results.json?")
     return path, results
 
 
-def metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """{path: {"mean", "sem", "num_tasks"?}} for every mean/sem entry under each model (not its history)."""
+def metrics(results: dict[str, Any], path: Path | str = "results.json") -> dict[str, dict[str, float]]:
+    """{path: {"mean", "sem", "num_tasks"?}} for every mean/sem entry under each model (not its history);
+    a mean or sem that is not a number is an error naming it (NaN and infinity are numbers here)."""
     found: dict[str, dict[str, float]] = {}
 
-    def walk(node: Any, path: str) -> None:
+    def walk(node: Any, name: str) -> None:
         if isinstance(node, dict):
             if "mean" in node and "sem" in node:
-                found[path] = node
+                for field in ("mean", "sem"):
+                    if isinstance(node[field], bool) or not isinstance(node[field], (int, float)):
+                        raise ConfigError(f"{path}: {name}: {field!r} is {node[field]!r}, not a number; is this an "
+                                          "nps results.json?")
+                found[name] = node
                 return
             for key, value in node.items():
                 if key != "history":
-                    walk(value, f"{path}/{key}")
+                    walk(value, f"{name}/{key}")
 
     for model, entry in results["models"].items():
         walk(entry, model)
@@ -98,7 +118,10 @@ def _lower_is_better(name: str) -> bool:
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, *, tolerance: float = 0.02, sigmas: float = 2.0,
-                 allow_different_data: bool = False) -> Comparison:
+                 allow_different_data: bool = False, allow_missing: bool = False) -> Comparison:
+    for name, value in (("tolerance", tolerance), ("sigmas", sigmas)):
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"--{name} {value} must be a number ≥ 0")
     path_a, a = read_results(run_a)
     path_b, b = read_results(run_b)
     if a["experiment"] != b["experiment"]:
@@ -109,7 +132,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, tolerance: float = 0.0
     if data_a != data_b and not allow_different_data:
         raise ConfigError(f"{path_a} and {path_b} were trained on different data ({data_a} vs {data_b}); "
                           "pass --allow-different-data to compare them anyway")
-    metrics_a, metrics_b = metrics(a), metrics(b)
+    metrics_a, metrics_b = metrics(a, path_a), metrics(b, path_b)
     diffs = []
     for name in (n for n in metrics_a if n in metrics_b):
         ma, mb = metrics_a[name], metrics_b[name]
@@ -117,16 +140,19 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, tolerance: float = 0.0
         sem = math.sqrt(sum(s**2 for s in (ma["sem"], mb["sem"]) if s == s))  # NaN sem (one task) counts 0
         lower = _lower_is_better(name)
         worse = difference if lower else -difference
+        # A non-finite mean has no meaningful difference: it is judged apart (``not_finite_in_b``).
         diffs.append(MetricDiff(name, ma, mb, difference, sem, lower,
-                                regression=worse > tolerance and worse > sigmas * sem))
+                                regression=math.isfinite(difference) and worse > tolerance and worse > sigmas * sem))
+    not_finite = sorted(n for n, m in metrics_b.items() if not math.isfinite(m["mean"]))
     return Comparison(path_a, path_b, a["experiment"], diffs, sorted(set(metrics_a) - set(metrics_b)),
-                      sorted(set(metrics_b) - set(metrics_a)), tolerance, sigmas, note)
+                      sorted(set(metrics_b) - set(metrics_a)), not_finite, tolerance, sigmas, note, allow_missing)
 
 
 def _rows(comparison: Comparison) -> Iterator[list[str]]:
     for d in comparison.diffs:
         yield [d.name, f"{d.a['mean']:.4f} ± {d.a['sem']:.4f}", f"{d.b['mean']:.4f} ± {d.b['sem']:.4f}",
-               f"{d.difference:+.4f} ± {d.sem:.4f}", f"{d.sigmas:+.1f}", "REGRESSION" if d.regression else ""]
+               f"{d.difference:+.4f} ± {d.sem:.4f}", f"{d.sigmas:+.1f}",
+               "REGRESSION" if d.regression else "" if math.isfinite(d.b["mean"]) else "NOT FINITE"]
 
 
 HEADER = ["metric", "A", "B", "B − A", "σ", ""]
@@ -151,7 +177,9 @@ def _summary(comparison: Comparison) -> str:
     parts = [f"{len(comparison.diffs)} metrics compared ({comparison.data_note}); "
              f"{len(comparison.regressions)} regressions (worse by > {comparison.tolerance:g} and "
              f"> {comparison.sigmas:g} standard errors)"]
-    for label, names in (("only in A", comparison.only_in_a), ("only in B", comparison.only_in_b)):
+    verdict = "allowed by --allow-missing" if comparison.allow_missing else "FAILS the comparison"
+    for label, names, fails in (("only in A", comparison.only_in_a, True), ("only in B", comparison.only_in_b, False),
+                                ("not finite in B", comparison.not_finite_in_b, True)):
         if names:
-            parts.append(f"{label}: {', '.join(names)}")
+            parts.append(f"{label} ({len(names)}{', ' + verdict if fails else ''}): {', '.join(names)}")
     return "\n".join(parts)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import chex
-import numpy as np
 import pytest
 
 from nps.cli import main
