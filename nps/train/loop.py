@@ -19,7 +19,7 @@ import functools
 import hashlib
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,15 +53,22 @@ class OptimizerConfig:
     schedule: str
     decay_steps: int  # the cosine schedule's length (0 for schedules that do not depend on it)
 
+    def learning_rate_at(self, step: jax.Array) -> jax.Array:
+        """The learning rate applied at ``step`` (the schedule's value)."""
+        schedule = self.schedule_fn()
+        return schedule(step) if callable(schedule) else jnp.asarray(schedule, jnp.float32)
+
+    def schedule_fn(self) -> optax.Schedule | float:
+        if self.schedule == "cosine":
+            return optax.warmup_cosine_decay_schedule(
+                0.0, self.learning_rate, self.warmup_steps, max(self.decay_steps, self.warmup_steps + 1))
+        if self.warmup_steps:
+            return optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
+        return self.learning_rate
+
     @functools.cache  # one transformation object per setting: a jit cache key, and no re-tracing
     def transformation(self) -> optax.GradientTransformation:
-        if self.schedule == "cosine":
-            schedule = optax.warmup_cosine_decay_schedule(
-                0.0, self.learning_rate, self.warmup_steps, max(self.decay_steps, self.warmup_steps + 1))
-        elif self.warmup_steps:
-            schedule = optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
-        else:
-            schedule = self.learning_rate
+        schedule = self.schedule_fn()
         if self.optimizer == "adamw":
             optimizer = optax.adamw(schedule, eps=self.adam_eps, weight_decay=self.weight_decay)
         else:
@@ -187,6 +194,7 @@ def fit(
     progress: bool = True,
     description: str = "train",
     mesh: jax.sharding.Mesh | None = None,
+    on_chunk: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on episodes from ``train_pool``; keep the best validation NLL.
 
@@ -200,6 +208,10 @@ def fit(
     A model's ``BaseParam`` weights (a pretrained decoder) are frozen: passed to every step as
     they are placed (e.g. sharded by ``from_pretrained(mesh=...)``), never updated nor
     checkpointed; put the base's identity in ``run_config`` so that a checkpoint refuses another base.
+    ``on_chunk(step, metrics)`` receives each chunk's metrics once they are on the host (a metrics
+    logger): train loss and accuracy, gradient norm and learning rate (chunk means; the rate at
+    its last step), validation NLL and unseen accuracy, steps/s, tokens/s for token models, and
+    the devices' peak memory where the backend reports it.
     """
     if mesh is not None:
         check_batch_divisible(mesh, config.batch_size)
@@ -241,12 +253,20 @@ def fit(
         state, train_metrics = _train_chunk(state, frozen, train_pool, data_key, model_key, length=length, **static)
         state, val_metrics = _validate(state, frozen, val_episodes, val_key, graphdef=graphdef)
         metrics = jax.device_get(train_metrics | val_metrics)  # the chunk's one host transfer
+        seconds = time.perf_counter() - chunk_start
         if length in compiled_lengths:  # no compilation in this chunk: time it
-            compiled_seconds += time.perf_counter() - chunk_start
+            compiled_seconds += seconds
             compiled_steps += length
         compiled_lengths.add(length)
         step += length
-        history.append({"step": step} | {name: float(value) for name, value in metrics.items()})
+        metrics = {name: float(value) for name, value in metrics.items()}
+        tokens = metrics.pop("tokens", None)
+        history.append({"step": step} | metrics)
+        if on_chunk is not None:
+            throughput = {"steps_per_second": length / seconds}
+            if tokens is not None:
+                throughput["tokens_per_second"] = tokens * length / seconds
+            on_chunk(step, history[-1] | throughput | _peak_memory())
         bar.update(length)
         bar.set_postfix(val_nll=f"{history[-1]['val_nll']:.4f}")
         if store is not None and (step % config.checkpoint_every == 0 or step == config.steps):
@@ -283,6 +303,12 @@ def _loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh):
     return loss, aux["accuracy"], grads
 
 
+def _tokens(episodes) -> jax.Array | None:
+    """Real tokens the policy reads per step (its targets' chosen and rejected sequences), or None."""
+    masks = [getattr(side, "token_mask", None) for side in (episodes.target_chosen, episodes.target_rejected)]
+    return None if masks[0] is None else sum(jnp.sum(mask, dtype=jnp.float32) for mask in masks)
+
+
 def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphdef, spec, optimizer, mesh):
     step_data_key = jax.random.fold_in(data_key, state.step)
     step_model_key = jax.random.fold_in(model_key, state.step)
@@ -305,17 +331,23 @@ def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphde
         loss, accuracy, grads = jax.tree.map(lambda x: x / accumulate, total)
     updates, opt_state = optimizer.transformation().update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), (loss, accuracy)
+    metrics = {"train_loss": loss, "train_accuracy": accuracy, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": optimizer.learning_rate_at(state.step)}
+    tokens = _tokens(episodes)
+    if tokens is not None:
+        metrics["tokens"] = tokens
+    return state._replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "optimizer", "mesh", "length"),
                    donate_argnames=("state",))
 def _train_chunk(state, frozen, pool, data_key, model_key, *, graphdef, spec, optimizer, mesh, length):
-    """``length`` training steps as one compiled scan; the chunk's mean train loss and accuracy."""
+    """``length`` training steps as one compiled scan; the chunk's mean metrics (the rate: its last)."""
     step = functools.partial(_train_step, graphdef=graphdef, spec=spec, optimizer=optimizer, mesh=mesh)
-    state, (losses, accuracies) = jax.lax.scan(
-        lambda s, _: step(s, frozen, pool, data_key, model_key), state, None, length=length)
-    return state, {"train_loss": jnp.mean(losses), "train_accuracy": jnp.mean(accuracies)}
+    state, per_step = jax.lax.scan(lambda s, _: step(s, frozen, pool, data_key, model_key), state, None,
+                                   length=length)
+    return state, {name: values[-1] if name == "learning_rate" else jnp.mean(values)
+                   for name, values in per_step.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
@@ -344,6 +376,13 @@ def _initial_state(params, *, optimizer: OptimizerConfig) -> TrainState:
         best_val_loss=jnp.asarray(jnp.inf, jnp.float32),
         best_step=jnp.asarray(0, jnp.int32),
     )
+
+
+def _peak_memory() -> dict[str, float]:
+    """The largest peak device memory in use (bytes), where the backend reports it (GPU, TPU; not CPU)."""
+    stats = [device.memory_stats() for device in jax.local_devices()]
+    peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+    return {"peak_memory_bytes": float(max(peaks))} if peaks else {}
 
 
 def load_trained(
