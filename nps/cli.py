@@ -53,6 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     reproduce.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    joining = reproduce.add_argument_group(
+        "multi-process runs", "every process runs the same command; TPU pod slices, SLURM and Open MPI need none of "
+        "these (JAX detects them); elsewhere give all three, or NPS_COORDINATOR, NPS_NUM_PROCESSES, NPS_PROCESS_ID")
+    joining.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and a free port")
+    joining.add_argument("--num-processes", type=int, help="how many processes the run has")
+    joining.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes − 1")
+    joining.add_argument("--join-timeout", type=int, default=120, help="seconds to wait for every process (120)")
+
+    launch = commands.add_parser("launch", help="run an nps command as several local processes of one JAX program")
+    launch.add_argument("--local", type=int, required=True, metavar="N", help="how many processes to start here")
+    launch.add_argument("--cpu-devices", type=int, metavar="D",
+                        help="simulate D CPU devices per process (for trying multi-process runs on one machine)")
+    launch.add_argument("--gpus-per-process", type=int, metavar="G",
+                        help="give process i the GPUs i·G .. i·G + G − 1 (CUDA_VISIBLE_DEVICES)")
+    launch.add_argument("--port", type=int, default=0, help="the coordinator's port (default: a free one)")
+    launch.add_argument("program", nargs=argparse.REMAINDER, help="-- then the nps command, e.g. -- reproduce synthetic")
 
     prepare = commands.add_parser("prepare", help="write UltraFeedback's HH or HHT pairs as a versioned dataset")
     prepare.add_argument("recipe", choices=("hh", "hht"))
@@ -208,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from nps.config import apply_overrides, config_to_dict
 
+        if args.command == "launch":
+            from nps.train.launch import launch_local
+
+            program = args.program[1:] if args.program[:1] == ["--"] else args.program
+            return launch_local(args.local, program, cpu_devices=args.cpu_devices,
+                                gpus_per_process=args.gpus_per_process, port=args.port)
         if args.command == "generate":
             _generate(args)
             return 0
@@ -230,19 +252,32 @@ def main(argv: list[str] | None = None) -> int:
                                 BuildParameters(args.recipe, args.conflict_rate, args.split_by, args.seed),
                                 strict=args.strict)
             return 0
+        from nps.train.distributed import JoinSettings, is_primary, join_run
+
+        if join_run(JoinSettings(args.coordinator, args.num_processes, args.process_id, args.join_timeout)) and \
+                not is_primary():
+            warnings.simplefilter("ignore")  # process 0 says everything once
         defaults, run = EXPERIMENTS[args.experiment].load()
         paths = [f"{name}={value}" for name, value in (("model", args.model), ("data", args.data)) if value]
         config = apply_overrides(defaults(), paths + args.overrides)
         if args.print_config:
             print(json.dumps(config_to_dict(config), indent=2))
             return 0
-        run(config, args.out or f"runs/{args.experiment}", fresh=args.fresh, progress=not args.quiet)
+        run(config, args.out or f"runs/{args.experiment}", fresh=args.fresh, progress=not args.quiet,
+            echo=print if is_primary() else lambda *_: None)
     except NPSError as error:
         print(f"nps: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nps: interrupted: {_what_was_kept(args)}", file=sys.stderr)
         return 130
+    except Exception as error:
+        from nps.train.distributed import is_peer_failure, lost_peers
+
+        if not is_peer_failure(error):
+            raise
+        print(f"nps: error: {lost_peers('a collective with another process failed')}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -267,6 +302,10 @@ def entry() -> None:
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    if code == 0:
+        from nps.train.distributed import leave_run
+
+        leave_run()  # every process of a multi-process run leaves together (JAX's shutdown barrier)
     os._exit(code)
 
 

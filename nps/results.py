@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from nps.errors import OutputDirError  # noqa: E402
 from nps.files import atomic_save_figure, atomic_write_json, exclusive_lock  # noqa: E402
+from nps.train.distributed import barrier, is_primary  # noqa: E402
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -27,7 +28,8 @@ def run_directory(out: str | Path, fresh: bool = False) -> Iterator[Path]:
     """The output folder of a run, created, checked writable and held by an exclusive lock.
 
     A second process on the same folder gets one line naming this one's pid, never a shared
-    folder; ``fresh`` discards earlier checkpoints (after the lock is held).
+    folder; ``fresh`` discards earlier checkpoints (after the lock is held). In a multi-process
+    run the processes share the folder: process 0 holds the lock and discards, the others wait.
     """
     out = Path(out).absolute()
     try:
@@ -39,22 +41,26 @@ def run_directory(out: str | Path, fresh: bool = False) -> Iterator[Path]:
         raise OutputDirError(
             f"output folder {out} is not writable ({error.strerror}); pass --out with a folder you can write to"
         ) from None
-    with exclusive_lock(out, f"output folder {out}"):
-        if fresh:
+    with exclusive_lock(out, f"output folder {out}") if is_primary() else contextlib.nullcontext():
+        if fresh and is_primary():
             for name in ("checkpoints", "checkpoints.corrupt"):
                 shutil.rmtree(out / name, ignore_errors=True)
+        barrier(f"nps-run-directory-{out}")
         yield out
 
 
 def write_results(out: Path, results: dict[str, Any]) -> Path:
-    """Write ``out/results.json`` atomically (a temp file renamed into place)."""
+    """Write ``out/results.json`` atomically (a temp file renamed into place); process 0 alone writes."""
     results = {"schema_version": RESULTS_SCHEMA_VERSION, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")} | results
-    return atomic_write_json(out / "results.json", results)
+    path = out / "results.json"
+    return atomic_write_json(path, results) if is_primary() else path
 
 
 def save_figure(fig, path: Path) -> Path:
-    fig.tight_layout()
-    atomic_save_figure(fig, path, dpi=120)
+    """Save and close a figure, atomically; process 0 alone writes."""
+    if is_primary():
+        fig.tight_layout()
+        atomic_save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -63,9 +69,10 @@ def finish_run(out: Path, start: float, echo, *, tables: list[str], plots: list[
     """Write results.json (with plot names and total wall-clock), print the tables and the paths."""
     results = results | {"plots": [p.name for p in plots], "wall_clock_seconds": time.perf_counter() - start}
     path = write_results(out, results)
-    for table in tables:
-        echo(table + "\n")
-    echo(f"wrote {path}\nplots: {', '.join(str(p) for p in plots)}")
+    if is_primary():
+        for table in tables:
+            echo(table + "\n")
+        echo(f"wrote {path}\nplots: {', '.join(str(p) for p in plots)}")
     return results
 
 

@@ -46,6 +46,7 @@ from nps.results import (
     plot_accuracy_vs_context,
     run_directory,
 )
+from nps.train.distributed import primary_first
 from nps.train.evaluate import check_unseen_targets
 from nps.train.loop import TrainConfig
 from nps.train.mesh import make_mesh
@@ -102,14 +103,14 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
         raise ConfigError("hh-dpo needs --model (a model directory) and --data (UltraFeedback's train file)")
     start = time.perf_counter()
     with run_directory(out, fresh) as out:
-        data = prepared_or_prepare(config.data, out / "dataset",
-                                   BuildParameters("hh", config.conflict_rate, config.split_by, config.seed), echo)
+        build = BuildParameters("hh", config.conflict_rate, config.split_by, config.seed)
+        data = primary_first(lambda: prepared_or_prepare(config.data, out / "dataset", build, echo), "dataset")
         data.require_pairs({"train": config.episodes.num_targets, "val": config.episodes.num_targets,
                             "test": config.eval_num_targets})
         prompts, responses = data.option_prompts(), data.options.responses
-        features, embedder = embed_options_cached(
+        features, embedder = primary_first(lambda: embed_options_cached(
             config.embedder or config.model, prompts, responses, data.directory / "embeddings", dtype=config.dtype,
-            max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo)
+            max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo), "embeddings")
 
         mesh = make_mesh(fsdp=config.mesh_fsdp, tensor=config.mesh_tensor) if jax.device_count() > 1 else None
         base = from_pretrained(config.model, dtype=jnp.dtype(config.dtype), mesh=mesh)

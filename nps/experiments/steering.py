@@ -53,6 +53,7 @@ from nps.results import (
     save_figure,
 )
 from nps.serve.steering import BASE_DIR, PAIRS_FILE, base_identity
+from nps.train.distributed import primary_first
 from nps.train.evaluate import check_unseen_targets, mean_and_sem, win_rate
 from nps.train.loop import TrainConfig
 from nps.train.run import EvalConfig, fit_and_evaluate
@@ -238,8 +239,8 @@ def run_steering(
     """The whole experiment; resumable (base, pairs, then each policy from its checkpoints)."""
     start = time.perf_counter()
     with run_directory(out, fresh) as out:
-        base = from_pretrained(base_model(config, out, echo), tokenizer=False)
-        pairs = preference_pairs(base.model, config, out)
+        base = from_pretrained(primary_first(lambda: base_model(config, out, echo), "base"), tokenizer=False)
+        pairs = primary_first(lambda: preference_pairs(base.model, config, out), "pairs")
         pools = {split: OptionPairPool(pool, pairs.options) for split, pool in pairs.pools().items()}
         models, policies = {}, {}
         for name in config.models:

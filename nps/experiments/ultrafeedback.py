@@ -48,6 +48,7 @@ from nps.results import (
     run_directory,
     save_figure,
 )
+from nps.train.distributed import primary_first
 from nps.train.evaluate import (
     check_unseen_targets,
     evaluate_unseen_accuracy,
@@ -192,11 +193,12 @@ class UFInputsReady(NamedTuple):
 def prepare_inputs(config: UFInputs, out: Path, echo) -> UFInputsReady:
     """Prepare the data (from the raw file if needed) and embed its options (cached)."""
     config.require_inputs()
-    data = prepared_or_prepare(config.data, out / "dataset", config.build(), echo)
+    data = primary_first(lambda: prepared_or_prepare(config.data, out / "dataset", config.build(), echo), "dataset")
     data.require_pairs({split: config.episodes.num_targets for split in data.splits})
-    features, embedder = embed_options_cached(
+    features, embedder = primary_first(lambda: embed_options_cached(
         config.model, data.option_prompts(), data.options.responses, data.directory / "embeddings",
-        dtype=config.dtype, max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo)
+        dtype=config.dtype, max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo),
+        "embeddings")
     if embedder["options_per_second"]:
         echo(f"embedded {embedder['embedded_now']} options at {embedder['options_per_second']:.1f} options/s")
     identity = data.identity() | {"embedder": embedder_identity(embedder)}

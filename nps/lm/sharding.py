@@ -53,7 +53,7 @@ def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSp
 def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh | None) -> jax.sharding.Sharding:
     """Where weight ``name`` lives: its spec on ``mesh``, or the default device without one."""
     if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
     return NamedSharding(mesh, partition_spec(name, shape, mesh))
 
 

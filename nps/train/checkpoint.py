@@ -33,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nps.errors import CheckpointError
+from nps.train.distributed import barrier, host_value, is_primary
 
 
 
@@ -47,8 +48,8 @@ logging.getLogger("absl").addFilter(_not_from_orbax)
 
 
 def abstract_tree(tree):
-    """Shape/dtype skeleton of ``tree``, the restore target Orbax checks against."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    """Shape/dtype/sharding skeleton of ``tree``: the restore target Orbax checks against and places into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
 def _path_name(path) -> str:
@@ -79,10 +80,9 @@ def _stderr_kept_unless_failed() -> Iterator[None]:
             sys.stderr.flush()
             os.dup2(kept, 2)
             os.close(kept)
-            if not failed:
+            if not failed:  # to fd 2 itself: sys.stderr may be no file at all (a notebook kernel's stream)
                 held.seek(0)
-                sys.stderr.buffer.write(held.read())
-                sys.stderr.flush()
+                os.write(2, held.read())
 
 
 def _io_reason(error: Exception) -> str:
@@ -96,7 +96,7 @@ def _io_reason(error: Exception) -> str:
 def state_digest(state: Any) -> str:
     """BLAKE2b-128 over every leaf's path, dtype, shape and bytes (host copy of the state)."""
     digest = hashlib.blake2b(digest_size=16)
-    leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(state))
+    leaves, _ = jax.tree_util.tree_flatten_with_path(host_value(state))
     for path, leaf in leaves:
         leaf = np.ascontiguousarray(leaf)
         digest.update(f"{_path_name(path)}|{leaf.dtype}|{leaf.shape}|".encode())
@@ -201,13 +201,18 @@ class CheckpointStore:
             )
 
     def _quarantine(self, step: int, reason: str) -> None:
+        """Move a corrupted step aside (every process finds the same corruption; process 0 moves it)."""
         aside_root = Path(f"{self.directory}.corrupt")
-        aside_root.mkdir(parents=True, exist_ok=True)
         aside, copy = aside_root / str(step), 1
         while aside.exists():  # an earlier quarantined copy is evidence: never overwrite it
             aside, copy = aside_root / f"{step}.{copy}", copy + 1
-        shutil.move(str(self.directory / str(step)), aside)
+        if is_primary():
+            aside_root.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), aside)
+        barrier(f"nps-quarantine-{self.directory}-{step}")
         self._manager.reload()
+        if not is_primary():
+            return
         warnings.warn(
             f"checkpoint step {step} in {self.directory} is corrupted ({reason}); "
             f"moved it to {aside} and falling back to the previous step",

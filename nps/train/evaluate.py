@@ -12,6 +12,7 @@ from flax import nnx
 
 from nps.data.episodes import Episodes, EpisodeSpec, PairPool, sample_episodes
 from nps.errors import ConfigError
+from nps.train.distributed import alongside, host_value
 from nps.likelihood import choice_accuracy, choice_correct
 
 PAPER_CONTEXT_SIZES = (0, 1, 3, 5, 10)
@@ -115,6 +116,7 @@ def evaluate_unseen_accuracy(
     check_unseen_targets(context_sizes, spec, "context_sizes")
     group_by = group_by or by_user_type(user_names)
     frozen = {} if frozen is None else frozen
+    pool = alongside(pool, params)  # on the devices the parameters span (several, in a multi-device run)
     spec = spec.for_context(max(context_sizes))
     num_batches = -(-num_tasks // batch_size)
     keys = [jax.random.fold_in(jax.random.key(seed), b) for b in range(num_batches)]
@@ -124,7 +126,7 @@ def evaluate_unseen_accuracy(
         for size in context_sizes
     }
     results = {}
-    for size, batches in jax.device_get(on_device).items():  # one host transfer for every N^C
+    for size, batches in host_value(on_device).items():  # one host transfer for every N^C
         accuracy, user_weights = (np.concatenate(part)[:num_tasks] for part in zip(*batches))
         results[str(size)] = summarise_by_user(accuracy, *group_by(user_weights))
     return results
@@ -162,11 +164,12 @@ def identification_errors(graphdef, params, pool: PairPool, probe_a, probe_b, sp
     coin on a tie). Returns per task the 0/1 error of ẑ and the error rate on the probes judged
     by the task's true type, each [num_tasks] (float64). Batches share keys whatever the total.
     """
-    probe_a, probe_b = jnp.asarray(probe_a, jnp.float32), jnp.asarray(probe_b, jnp.float32)
+    pool, probe_a, probe_b = alongside((pool, jnp.asarray(probe_a, jnp.float32), jnp.asarray(probe_b, jnp.float32)),
+                                       params)
     batch = min(num_tasks, batch_size)
-    z_errors, pair_errors = map(np.concatenate, zip(*(
+    z_errors, pair_errors = map(np.concatenate, zip(*host_value([
         _identification_errors(graphdef, params, pool, probe_a, probe_b, jax.random.fold_in(key, b), spec=spec,
                                num_tasks=batch, num_probes=num_probes)
         for b in range(-(-num_tasks // batch))
-    )))
+    ])))
     return z_errors[:num_tasks].astype(np.float64), pair_errors[:num_tasks].astype(np.float64)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -35,7 +36,8 @@ from nps.errors import CheckpointError, ConfigError, invalid
 from nps.layers import BaseParam
 from nps.likelihood import choice_accuracy, choice_nll
 from nps.train.checkpoint import CheckpointStore
-from nps.train.mesh import batch_sharding, check_batch_divisible, replicated
+from nps.train.distributed import host_value, is_primary, put_replicated
+from nps.train.mesh import BATCH_AXES, batch_sharding, check_batch_divisible, make_mesh, replicated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +177,7 @@ class FitResult:
 def pools_digest(*pools: PairPool | OptionPairPool) -> str:
     """BLAKE2b-128 of the pools' arrays: the data a checkpoint was trained on, whatever the caller says."""
     digest = hashlib.blake2b(digest_size=16)
-    for leaf in jax.tree.leaves(jax.device_get(pools)):
+    for leaf in jax.tree.leaves(host_value(pools)):
         leaf = np.ascontiguousarray(leaf)
         digest.update(f"{leaf.dtype}|{leaf.shape}|".encode())
         digest.update(leaf.tobytes())
@@ -213,6 +215,8 @@ def fit(
     its last step), validation NLL and unseen accuracy, steps/s, tokens/s for token models, and
     the devices' peak memory where the backend reports it.
     """
+    if mesh is None and jax.device_count() > 1:
+        mesh = make_mesh()  # several devices (of one process or many): data-parallel over all of them
     if mesh is not None:
         check_batch_divisible(mesh, config.batch_size)
     graphdef, frozen, params = nnx.split(model, BaseParam, ...)
@@ -221,6 +225,11 @@ def fit(
     optimizer = config.optimizer_config()
 
     state = _initial_state(params, optimizer=optimizer)
+    if mesh is not None:
+        # The state and the pools are placed before anything is restored into them: every device holds
+        # the (small) parameters and the pools (tasks are gathered in-jit, each device its own part).
+        # (a base already sharded over the mesh by ``from_pretrained(mesh=...)`` keeps its layout).
+        state, train_pool, val_pool, frozen = put_replicated((state, train_pool, val_pool, frozen), replicated(mesh))
     history: list[dict[str, float]] = []
     store = None
     if checkpoint_dir is not None:
@@ -235,24 +244,21 @@ def fit(
         if restored is not None:
             state, metadata = restored
             history = list(metadata.get("history", []))
-            _check_not_beyond(int(state.step), config.steps, store.directory)
-    if mesh is not None:
-        state = jax.device_put(state, replicated(mesh))
-        # The pools are step arguments: every device holds them (tasks are gathered in-jit).
-        train_pool, val_pool = jax.device_put((train_pool, val_pool), replicated(mesh))
+            _check_not_beyond(int(host_value(state.step)), config.steps, store.directory)
 
     val_episodes = sample_episodes_compiled(val_key, val_pool, spec, config.val_tasks)
     static = {"graphdef": graphdef, "spec": spec, "optimizer": optimizer, "mesh": mesh}
 
-    start, step = time.perf_counter(), int(state.step)
+    start, step = time.perf_counter(), int(host_value(state.step))
     compiled_seconds, compiled_steps, compiled_lengths = 0.0, 0, set()
-    bar = tqdm(total=config.steps, initial=min(step, config.steps), desc=description, disable=not progress, leave=False)
+    bar = tqdm(total=config.steps, initial=min(step, config.steps), desc=description,
+               disable=not (progress and is_primary()), leave=False)
     while step < config.steps:
         length = min(config.eval_every - step % config.eval_every, config.steps - step)
         chunk_start = time.perf_counter()
         state, train_metrics = _train_chunk(state, frozen, train_pool, data_key, model_key, length=length, **static)
         state, val_metrics = _validate(state, frozen, val_episodes, val_key, graphdef=graphdef)
-        metrics = jax.device_get(train_metrics | val_metrics)  # the chunk's one host transfer
+        metrics = host_value(train_metrics | val_metrics)  # the chunk's one host transfer
         seconds = time.perf_counter() - chunk_start
         if length in compiled_lengths:  # no compilation in this chunk: time it
             compiled_seconds += seconds
@@ -262,7 +268,7 @@ def fit(
         metrics = {name: float(value) for name, value in metrics.items()}
         tokens = metrics.pop("tokens", None)
         history.append({"step": step} | metrics)
-        if on_chunk is not None:
+        if on_chunk is not None and is_primary():
             throughput = {"steps_per_second": length / seconds}
             if tokens is not None:
                 throughput["tokens_per_second"] = tokens * length / seconds
@@ -273,7 +279,7 @@ def fit(
             store.save(step, state, {"fingerprint": fingerprint, "history": history,
                                      "sampler": {"seed": config.seed, "step": step}})
     bar.close()
-    best_step, best_val_loss = jax.device_get((state.best_step, state.best_val_loss))
+    best_step, best_val_loss = host_value((state.best_step, state.best_val_loss))
     return FitResult(
         graphdef=graphdef,
         params=state.best_params,
@@ -295,12 +301,41 @@ def _episode_loss(graphdef, frozen, params, episodes, key):
 
 
 def _loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh):
-    if mesh is not None:
-        episodes = jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
+    if mesh is None:
+        (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
+            graphdef, frozen, params, episodes, model_key)
+        return loss, aux["accuracy"], grads
+    episodes = jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
+    if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
+        return _data_parallel_loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh)
+    # A sharded base (FSDP / tensor parallel): XLA partitions the step and places the reductions.
     (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
-        graphdef, frozen, params, episodes, model_key
-    )
+        graphdef, frozen, params, episodes, model_key)
     return loss, aux["accuracy"], grads
+
+
+def _data_parallel_loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh):
+    """Each device's loss and gradients on its tasks, summed in device order on every device.
+
+    The devices' contributions are gathered (exact) and added in one fixed order, never by an
+    all-reduce whose order depends on the topology: 1 process × 4 devices and 2 processes × 2
+    devices give bit-identical updates. Each device's tasks draw model randomness from the step's
+    key folded with the device's position on the batch axis.
+    """
+    axis = BATCH_AXES
+    replicated_spec, batch_spec = PartitionSpec(), PartitionSpec(axis)
+
+    def per_device(frozen, params, episodes, key):
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))
+        (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
+            graphdef, frozen, params, episodes, key)
+        gathered = jax.lax.all_gather((loss, aux["accuracy"], grads), axis)  # [devices, ...] in device order
+        devices = jax.tree.leaves(gathered)[0].shape[0]
+        return jax.tree.map(lambda x: functools.reduce(jnp.add, list(x)) / devices, gathered)
+
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(replicated_spec, replicated_spec, batch_spec,
+                                                          replicated_spec),
+                         out_specs=replicated_spec, check_vma=False)(frozen, params, episodes, model_key)
 
 
 def _tokens(episodes) -> jax.Array | None:

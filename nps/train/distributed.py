@@ -1,0 +1,249 @@
+"""One JAX program across processes and hosts: joining a run, reading global arrays, process 0 writing.
+
+nps runs on JAX's own multi-controller runtime, the engine TPU pods and GPU clusters use, with
+the code path of one host: every process runs the same command, ``join_run`` connects them
+(``jax.distributed.initialize``: the cluster's own detection on TPU pods, SLURM, Open MPI and
+Kubernetes, or an explicit coordinator, process count and id), the mesh spans every process's
+devices, each process computes its part of every global batch inside jit, and process 0 alone
+prints, writes results and plots, and holds the output folder's lock. On CPUs the processes talk
+through gloo collectives, which is how multi-process runs are tested on one machine.
+
+A process that dies is noticed by the others: a watchdog thread asks the coordination service
+which processes are alive and, when one is gone (or the service itself), ends this process with
+one line, well before JAX's own heartbeat timeout would abort it with a page of logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable, TypeVar
+
+import jax
+import numpy as np
+
+from nps.errors import ConfigError, NPSError
+
+T = TypeVar("T")
+
+# Environment variables matching `--coordinator`, `--num-processes`, `--process-id`.
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "NPS_COORDINATOR", "NPS_NUM_PROCESSES", "NPS_PROCESS_ID"
+# Where JAX's own cluster detection applies (it reads these platforms' variables itself).
+CLUSTER_MARKERS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+class PeerLostError(NPSError):
+    """Another process of the run stopped or never joined."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JoinSettings:
+    """How to join a multi-process run. Empty: read ``NPS_*`` variables, then the cluster's own."""
+
+    coordinator: str | None = None  # HOST:PORT of process 0's coordination service
+    num_processes: int | None = None
+    process_id: int | None = None
+    join_timeout: int = 120  # seconds to wait for every process to join
+    peer_timeout: float = 20.0  # seconds after which a silent peer counts as gone (the watchdog)
+
+    def resolved(self) -> JoinSettings:
+        """These settings with unset fields taken from the ``NPS_*`` environment variables."""
+        def env_int(name):
+            value = os.environ.get(name)
+            if value is None:
+                return None
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{name}={value!r} must be an integer", name) from None
+
+        return dataclasses.replace(
+            self,
+            coordinator=self.coordinator or os.environ.get(ENV_COORDINATOR),
+            num_processes=self.num_processes if self.num_processes is not None else env_int(ENV_NUM_PROCESSES),
+            process_id=self.process_id if self.process_id is not None else env_int(ENV_PROCESS_ID),
+        )
+
+    @property
+    def explicit(self) -> bool:
+        return any(v is not None for v in (self.coordinator, self.num_processes, self.process_id))
+
+    def check(self) -> None:
+        missing = [flag for flag, value in (("--coordinator", self.coordinator), ("--num-processes",
+                   self.num_processes), ("--process-id", self.process_id)) if value is None]
+        if missing:
+            raise ConfigError(f"a multi-process run needs --coordinator, --num-processes and --process-id "
+                              f"(or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); missing {', '.join(missing)}")
+        if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(f"--process-id {self.process_id} must be in 0..{self.num_processes - 1} "
+                              f"(--num-processes {self.num_processes})")
+        if ":" not in self.coordinator:
+            raise ConfigError(f"--coordinator {self.coordinator!r} must be HOST:PORT (process 0's address)")
+
+
+def in_cluster_environment() -> bool:
+    """A launcher JAX detects by itself started several processes (TPU pod slice, SLURM, Open MPI)."""
+    sizes = [os.environ.get(name, "") for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")]
+    if any(size.isdigit() and int(size) > 1 for size in sizes):
+        return True
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+
+
+def join_run(settings: JoinSettings = JoinSettings()) -> bool:
+    """Join a multi-process run when this process was launched as one; returns whether it did.
+
+    One process with no flags, no ``NPS_*`` variables and no cluster around is a plain
+    single-process run: nothing is initialised.
+    """
+    settings = settings.resolved()
+    if not settings.explicit and not in_cluster_environment():
+        return False
+    if jax._src.distributed.global_state.client is not None:  # noqa: SLF001 -- already joined (a notebook
+        return True  # calling twice); asking jax.process_count() here would start the backend too early
+    # CPU devices of different processes talk through gloo (the setting only concerns the CPU backend;
+    # it must be made before the backend starts, so it cannot depend on which backend that is).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs: dict[str, Any] = {"initialization_timeout": settings.join_timeout,
+                              "heartbeat_timeout_seconds": max(60, int(3 * settings.peer_timeout))}
+    if settings.explicit:
+        settings.check()
+        kwargs |= {"coordinator_address": settings.coordinator, "num_processes": settings.num_processes,
+                   "process_id": settings.process_id}
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as error:  # noqa: BLE001 -- jaxlib raises several types for a run that never formed
+        raise PeerLostError(
+            f"could not join the run at {settings.coordinator or 'the cluster coordinator'} within "
+            f"{settings.join_timeout} s ({type(error).__name__}); start every process with the same "
+            "--coordinator and --num-processes, and each with its own --process-id"
+        ) from None
+    _start_watchdog(settings.peer_timeout)
+    return True
+
+
+def lost_peers(detail: str) -> str:
+    """The one line a process prints when the run lost another of its processes."""
+    return (f"process {jax.process_index()} of {jax.process_count()} lost its peers ({detail}); stopping. Every "
+            "checkpoint already saved is kept: start all processes again with the same command to resume")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """A collective or the coordination service failed because another process of the run is gone."""
+    if jax._src.distributed.global_state.client is None:  # noqa: SLF001 -- not a multi-process run
+        return False
+    text = str(error)
+    return isinstance(error, jax.errors.JaxRuntimeError) and any(
+        sign in text for sign in ("Gloo", "Connection reset", "Connection closed", "UNAVAILABLE", "heartbeat"))
+
+
+def leave_run() -> None:
+    """Leave a multi-process run cleanly: all processes pass JAX's shutdown barrier together, so no
+    process takes the coordinator's end for a crash. A no-op in a single-process run."""
+    if jax._src.distributed.global_state.client is not None:  # noqa: SLF001
+        _watchdog_stopped.set()
+        jax.distributed.shutdown()
+
+
+_watchdog_stopped = threading.Event()
+
+
+def _start_watchdog(peer_timeout: float) -> None:
+    client = jax._src.distributed.global_state.client  # noqa: SLF001
+    expected = jax.process_count()
+
+    def watch():
+        last_seen = time.monotonic()
+        while not _watchdog_stopped.wait(min(2.0, peer_timeout / 4)):
+            try:
+                alive = len(client.get_live_nodes(list(range(expected))))
+            except Exception:  # noqa: BLE001 -- the coordination service itself is gone
+                alive = 0
+            if alive >= expected:
+                last_seen = time.monotonic()
+            elif time.monotonic() - last_seen > peer_timeout:
+                print(f"nps: error: {lost_peers(f'{alive} of {expected} still running')}", file=sys.stderr)
+                sys.stderr.flush()
+                os._exit(3)
+
+    threading.Thread(target=watch, name="nps-peer-watchdog", daemon=True).start()
+
+
+def is_primary() -> bool:
+    """Process 0: the one that prints, writes results and plots, and holds output locks."""
+    return jax.process_index() == 0
+
+
+def host_value(tree: Any) -> Any:
+    """``jax.device_get`` for arrays of a multi-process run too: a replicated array is read from this
+    process's own copy, a sharded one gathered from every process (all processes must call it)."""
+    def fetch(leaf):
+        if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+            return jax.device_get(leaf)
+        if leaf.sharding.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+    return jax.tree.map(fetch, tree)
+
+
+_barriers = itertools.count()
+
+
+def barrier(name: str, timeout: float = 6 * 3600) -> None:
+    """Every process waits here for the others (a no-op in a single-process run).
+
+    A barrier of the coordination service, not a device collective: one process may work alone
+    for long before it (pretraining a base, embedding a dataset) where a collective would time
+    out. Every process passes the same barriers in the same order, so a counter names them.
+    """
+    client = jax._src.distributed.global_state.client  # noqa: SLF001
+    if client is None or jax.process_count() == 1:
+        return
+    client.wait_at_barrier(f"nps-{next(_barriers)}-{name}", int(timeout * 1000))
+
+
+def primary_first(make: Callable[[], T], name: str) -> T:
+    """``make()`` on process 0 first (it writes: a dataset, a cache, a pretrained base), then on the
+    others, which find the result on disk and read it; no two processes ever write one file."""
+    if is_primary():
+        made = make()
+        barrier(f"nps-primary-first-{name}")
+        return made
+    barrier(f"nps-primary-first-{name}")
+    return make()
+
+
+def put_replicated(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """``tree`` with every array replicated over ``sharding``'s devices, built from this process's
+    copy (every process holds the same values: the pools, the initial state, a base built from
+    one seed). Unlike ``jax.device_put`` across processes, nothing is compared between processes,
+    so no process can wait in a check the others skipped. Arrays already there are kept."""
+    devices = set(sharding.device_set)
+
+    def put(leaf):
+        if isinstance(leaf, jax.Array) and set(leaf.sharding.device_set) == devices:
+            return leaf
+        if jax.process_count() == 1:
+            return jax.device_put(leaf, sharding)
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def alongside(tree: Any, placed: Any) -> Any:
+    """``tree`` replicated on the devices that ``placed`` (e.g. a model's parameters) spans, so the two
+    can meet in one jitted call; unchanged when ``placed`` lives on one device."""
+    reference = next((leaf for leaf in jax.tree.leaves(placed) if isinstance(leaf, jax.Array)), None)
+    sharding = getattr(reference, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding) or len(sharding.device_set) == 1:
+        return tree
+    return put_replicated(tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))

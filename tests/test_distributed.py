@@ -1,0 +1,114 @@
+"""Multi-process runs: two processes × two CPU devices (gloo collectives on 127.0.0.1) against one
+process × four devices, a resume after both processes are killed, and a process that dies.
+
+The data-parallel update sums every device's gradient in device order after an exact all-gather
+(`nps.train.loop._data_parallel_loss_and_grads`), so the two layouts give bit-identical numbers:
+the bound these tests hold is zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nps.train.launch import free_port, process_environment
+
+SYNTHETIC = ["reproduce", "synthetic", "--quiet", "--set", "models=np_btl", "--set", "train.steps=60",
+             "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20", "--set", "train.val_tasks=64",
+             "--set", "num_pairs=2000", "--set", "eval.num_tasks=100", "--set", "eval.context_sizes=0,1,5"]
+STEERING = ["reproduce", "steering", "--quiet", "--set", "models=np_dpo", "--set", "corpus_size=2000",
+            "--set", "pretrain.steps=40", "--set", "num_prompts=800", "--set", "train.steps=20",
+            "--set", "train.eval_every=10", "--set", "train.checkpoint_every=10", "--set", "train.val_tasks=8",
+            "--set", "eval.num_tasks=16", "--set", "eval.context_sizes=0,3", "--set", "generations_per_point=4",
+            "--set", "continuum_points=2"]
+TIMEOUT = 600
+
+
+def one_process(devices: int, args: list[str], out: Path) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-m", "nps.cli", *args, "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def two_processes(args: list[str], out: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "nps.cli", "launch", "--local", "2", "--cpu-devices", "2", "--",
+                             *args, "--out", str(out)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def start_processes(args: list[str], out: Path) -> list[subprocess.Popen]:
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-m", "nps.cli", *args, "--out", str(out)],
+                             env=process_environment(index, 2, port, cpu_devices=2, gpus_per_process=None),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for index in range(2)]
+
+
+def wait_for(path: Path, processes: list[subprocess.Popen], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in processes), "the run ended early"
+        time.sleep(0.05)
+
+
+def trained_models(results: dict) -> dict:
+    """What a run reports about its models (not its wall-clock times)."""
+    return {name: {key: value for key, value in model.items()
+                   if key not in ("wall_clock_seconds", "train_steps_per_second")}
+            for name, model in results["models"].items()}
+
+
+@pytest.fixture(scope="module")
+def two_process_synthetic(tmp_path_factory):
+    return two_processes(SYNTHETIC, tmp_path_factory.mktemp("two") / "run")
+
+
+def test_two_processes_give_the_numbers_of_one_process_with_four_devices(two_process_synthetic, tmp_path):
+    four_devices = one_process(4, SYNTHETIC, tmp_path / "run")
+    assert trained_models(two_process_synthetic) == trained_models(four_devices)
+
+
+def test_np_dpo_on_two_processes_matches_one_process_with_four_devices(tmp_path):
+    two = two_processes(STEERING, tmp_path / "two")
+    four = one_process(4, STEERING, tmp_path / "four")
+    assert trained_models(two) == trained_models(four)
+    assert two["win_rates"] == four["win_rates"] and two["continuum"] == four["continuum"]
+
+
+def test_both_processes_killed_then_relaunched_end_with_the_same_numbers(two_process_synthetic, tmp_path):
+    out = tmp_path / "run"
+    processes = start_processes(SYNTHETIC, out)
+    wait_for(out / "checkpoints" / "np_btl" / "20", processes)
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    assert not (out / "results.json").exists()
+    resumed = two_processes(SYNTHETIC, out)
+    assert trained_models(resumed) == trained_models(two_process_synthetic)
+
+
+def test_a_process_that_dies_stops_the_other_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    processes = start_processes([*SYNTHETIC, "--set", "train.steps=100000"], out)
+    try:
+        wait_for(out / "checkpoints" / "np_btl" / "20", processes)
+        processes[1].send_signal(signal.SIGKILL)
+        start = time.monotonic()
+        code = processes[0].wait(timeout=90)
+        seconds = time.monotonic() - start
+    finally:
+        for process in processes:
+            process.kill()
+    lines = [line for line in processes[0].stderr.read().splitlines() if line.strip()]
+    assert code != 0 and seconds < 60, (code, seconds)
+    assert len(lines) == 1 and lines[0].startswith("nps: error: process 0 of 2 lost its peers"), lines
