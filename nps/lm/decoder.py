@@ -354,9 +354,10 @@ class Linear(nnx.Module):
     def __init__(self, name: str, config: DecoderConfig, dtype, *, rngs: nnx.Rngs):
         out_dim, in_dim = projection_shapes(config)[name]
         axes = PROJECTIONS[name][1]
-        bias = {"q": config.qkv_bias, "k": config.qkv_bias, "v": config.qkv_bias, "o": config.o_bias}
+        has_bias = {"q": config.qkv_bias, "k": config.qkv_bias, "v": config.qkv_bias, "o": config.o_bias}.get(
+            name, config.mlp_bias)
         self.weight = base_param(_normal(rngs, (out_dim, in_dim), dtype), axes)
-        self.bias = base_param(jnp.zeros((out_dim,), dtype), axes[:1]) if bias.get(name, config.mlp_bias) else None
+        self.bias = base_param(jnp.zeros((out_dim,), dtype), axes[:1]) if has_bias else None
         self.lora = nnx.data(None)
         self.dropout_stream = LORA_TARGETS.index(name)  # this projection's LoRA-dropout key within a block
 
