@@ -1,4 +1,5 @@
-"""Test-session settings, applied before any test imports JAX (subprocesses and notebook kernels inherit them).
+"""Test-session settings, applied before any test imports JAX (subprocesses and notebook kernels inherit them),
+and ``run_script``: a real script file run in a fresh Python on simulated CPU devices.
 
 JAX's persistent compilation cache: the suite compiles many identical programs in separate
 processes (CLI runs, a resumed run, the 8-device checks, notebooks); with the cache each is
@@ -6,7 +7,64 @@ compiled once per machine.
 """
 
 import os
+import signal
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"nps-tests-jax-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+
+REPO = Path(__file__).resolve().parent.parent
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def script_environment(devices: int, env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a child on ``devices`` simulated CPU devices that imports
+    this checkout's ``nps`` and the test helpers in tests/ (``env`` entries override)."""
+    environment = dict(os.environ, JAX_PLATFORMS="cpu")
+    flags = [f for f in environment.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    environment["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices}"])
+    paths = [str(REPO), str(REPO / "tests"), *filter(None, [environment.get("PYTHONPATH")])]
+    environment["PYTHONPATH"] = os.pathsep.join(paths)
+    environment.update(env or {})
+    return environment
+
+
+def run_script(
+    script: str | os.PathLike,
+    *args,
+    devices: int = 1,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run ``script`` (a path relative to the repository root, e.g. ``tests/scripts/x.py``) with
+    ``args`` in a fresh Python from the repository root, on ``devices`` simulated CPU devices.
+
+    The child runs in its own process group; past ``timeout`` seconds the whole group is
+    killed and the test fails with the output so far. ``check``: fail the test, with the
+    output's tail, unless the script exits 0. Returns the completed process (text output).
+    """
+    command = [sys.executable, str(REPO / script), *map(str, args)]
+    process = subprocess.Popen(command, cwd=REPO, env=script_environment(devices, env), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the script and anything it started
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{script} did not finish within {timeout} s\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    if check and result.returncode != 0:
+        pytest.fail(f"{script} exited with {result.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(name="run_script")
+def run_script_fixture():
+    """``run_script(script, *args, devices=1, env=None, timeout=300, check=True)``; see ``run_script``."""
+    return run_script

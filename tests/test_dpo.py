@@ -158,48 +158,6 @@ def test_fit_checkpoints_restore_and_refuse_another_base(tmp_path):
             run_config={"base": {"weights_hash": "base-b"}}, progress=False)
 
 
-SHARDED_SCRIPT = """
-import sys, dataclasses, jax, numpy as np
-sys.path.insert(0, "tests")
-from tiny_lm import write_nps_model
-from test_dpo import make_pool, POLICY, SPEC
-from flax import nnx
-from nps.data.episodes import OptionPairPool
-from nps.lm import from_pretrained
-from nps.models.policy import SteerablePolicy, with_reference_log_probs
-from nps.train.loop import TrainConfig, fit
-from nps.train.mesh import make_mesh
-from pathlib import Path
-import tempfile
-
-assert jax.device_count() == 8
-d = Path(tempfile.mkdtemp())
-write_nps_model(d, "qwen2", seed=3, tokenizer=False, vocab_size=40)
-mesh = make_mesh(data=2, fsdp=2, tensor=2)
-def policy(m=None):
-    dec = from_pretrained(d, tokenizer=False, mesh=m).model
-    return SteerablePolicy(dec, 6, POLICY, rngs=nnx.Rngs(1))
-pool = make_pool()
-pool = OptionPairPool(pool.pairs, with_reference_log_probs(policy(), pool.options, batch_size=32))
-train = TrainConfig(steps=6, batch_size=4, learning_rate=1e-2, optimizer="adamw", eval_every=3, checkpoint_every=3, val_tasks=8)
-one = fit(policy(), pool, pool, SPEC, train, progress=False)
-many = fit(policy(mesh), pool, pool, SPEC, train, progress=False, mesh=mesh)
-# Adam turns reduction-order noise in near-zero gradients into small update differences; a
-# real disagreement would be of the size of a step (lr = 1e-2).
-for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3)
-np.testing.assert_allclose([h["val_nll"] for h in one.history], [h["val_nll"] for h in many.history], rtol=1e-3)
-print("POLICY-SHARDED-OK")
-"""
-
-
-def test_policy_training_on_an_eight_device_mesh_matches_one_device():
+def test_policy_training_on_an_eight_device_mesh_matches_one_device(run_script):
     """Base sharded over (data, fsdp, tensor) by from_pretrained, batches split, adapters replicated."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert "POLICY-SHARDED-OK" in result.stdout, result.stderr[-3000:]
+    run_script("tests/scripts/sharded_policy_fit.py", devices=8)

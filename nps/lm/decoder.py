@@ -1,15 +1,30 @@
 """A config-driven decoder-only LM (Qwen2/Qwen2.5, Llama 3.x, Gemma 1) with LoRA and FiLM hooks.
 
-One module serves the three families; what differs between them is a config field
+One module tree serves the three families; what differs between them is a config field
 (q/k/v biases, tied embeddings, the √d embedding scale, (1 + w) RMSNorm, GeGLU vs
 SwiGLU, grouped-query attention, Llama 3 RoPE scaling).
 
-Layout decisions (docs/design.md, "Decoder LM"):
+Structure (docs/design.md, "Decoder LMs")::
+
+    Decoder
+      embed       BaseParam [V, D]
+      blocks      Block, its weights stacked on a leading layer axis [L, ...] (nnx.vmap)
+        attn_norm   RMSNorm            weight [L, D]
+        attn        Attention          q, k, v, o: Linear (weight [L, out, in], bias [L, out], lora)
+        mlp_norm    RMSNorm
+        mlp         MLP                gate, up, down: Linear
+      final_norm  RMSNorm            weight [D]
+      lm_head     BaseParam [V, D] (absent with tied embeddings)
+
 - Projection weights keep Hugging Face's ``[out, in]`` layout, so loading and
-  exporting are plain copies (no transposes); the einsums below contract over ``in``.
-- The L blocks' weights are stacked on a leading layer axis and the blocks run in
-  one ``lax.scan``: compile time does not grow with depth, and FiLM's per-block
-  (γ, β) and the KV cache ride along as scanned inputs.
+  exporting are plain copies (no transposes); the einsums contract over ``in``.
+  ``nps.lm.params`` maps every parameter path to its Hugging Face tensor name.
+- The blocks run in one ``nnx.scan`` over the layer axis: compile time does not grow
+  with depth, and FiLM's per-block (γ, β), the KV cache and the LoRA-dropout keys
+  ride along as scanned inputs.
+- Every weight carries its logical axes as ``out_sharding`` metadata ("vocab",
+  "embed", "heads", "mlp"; "layers" for the stacked axis, added by ``nnx.vmap``);
+  ``nps.lm.sharding`` maps them to a mesh.
 - Pretrained weights are ``BaseParam`` (an ``nnx.Variable`` that is not an
   ``nnx.Param``): every ``nnx.Param`` in a model built on this decoder (LoRA,
   FiLM, the context encoder) is trainable and the base is frozen by construction,
@@ -23,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -30,11 +46,38 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.errors import ConfigError
+from nps.config import check_positive
+from nps.errors import ConfigError, invalid
 from nps.layers import BaseParam
+from nps.lm.sharding import shard_decoder
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "gemma")
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# Each per-block projection (the LoRA targets): the block's sub-module holding it, and the
+# logical axes of its [out, in] weight.
+PROJECTIONS = {
+    "q": ("attn", ("heads", "embed")),
+    "k": ("attn", ("heads", "embed")),
+    "v": ("attn", ("heads", "embed")),
+    "o": ("attn", ("embed", "heads")),
+    "gate": ("mlp", ("mlp", "embed")),
+    "up": ("mlp", ("mlp", "embed")),
+    "down": ("mlp", ("embed", "mlp")),
+}
+LORA_TARGETS = tuple(PROJECTIONS)
+# The logical name of the stacked layer axis (never split: every device runs every layer).
+LAYERS = "layers"
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim", "rope_original_max_positions", "max_position_embeddings")
+_FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor")
+_BOOL_FIELDS = ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings", "scale_embeddings", "norm_weight_offset")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,73 +111,109 @@ class DecoderConfig:
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"model_type {self.model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            supported = ", ".join(SUPPORTED_MODEL_TYPES)
+            raise invalid("model_type", self.model_type, f"is not supported; supported: {supported}")
+        for name in _INT_FIELDS:
+            if not _is_int(getattr(self, name)):
+                raise invalid(name, getattr(self, name), "must be a positive integer")
+        check_positive(self, *_INT_FIELDS)
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise invalid(name, value, "must be a positive finite number")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise invalid(name, getattr(self, name), "must be true or false")
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
-            )
+            raise invalid("num_heads", self.num_heads, f"must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise invalid("head_dim", self.head_dim, "must be even (RoPE rotates pairs of dimensions)")
         if self.activation not in ("silu", "gelu_tanh"):
-            raise ConfigError(f"activation {self.activation!r} must be 'silu' or 'gelu_tanh'")
+            raise invalid("activation", self.activation, "must be 'silu' or 'gelu_tanh'")
         if self.rope_type not in ("default", "llama3"):
-            raise ConfigError(f"rope_type {self.rope_type!r} must be 'default' or 'llama3'")
+            raise invalid("rope_type", self.rope_type, "must be 'default' or 'llama3'")
+        if self.rope_type == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise invalid("rope_high_freq_factor", self.rope_high_freq_factor,
+                          f"must exceed rope_low_freq_factor={self.rope_low_freq_factor} for llama3 RoPE scaling")
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> DecoderConfig:
-        """Read a transformers ``config.json`` dict (v4 and v5 layouts)."""
+    def from_hf(cls, hf: Any, source: str = "config.json") -> DecoderConfig:
+        """Read a transformers ``config.json`` dict (v4 and v5 layouts), checking every field's type.
+
+        Raises ``ConfigError`` naming ``source`` and the field for anything missing, of the
+        wrong type or out of range, so a corrupt or foreign config.json stops here.
+        """
+        fix = f"; fix {source} (is it this model's own config?)"
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source}: must hold a JSON object of config fields, not a {type(hf).__name__}{fix}")
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"{source}: model_type {model_type!r} is not supported; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
+        checks = {int: ("an integer", _is_int), float: ("a number", _is_number), bool: ("true or false", None),
+                  str: ("a string", None), dict: ("a JSON object", None)}
 
-        def need(key):
-            if key not in hf:
-                raise ConfigError(f"{source}: field {key!r} is missing (needed for {model_type})")
-            return hf[key]
+        def read(key, kind, default=dataclasses.MISSING, within=hf, where=""):
+            """``within[key]`` checked to be of ``kind``; a missing or null key gives ``default``."""
+            value = within.get(key)
+            if value is None:
+                if default is dataclasses.MISSING:
+                    raise ConfigError(f"{source}: field {where}{key!r} is missing (needed for {model_type}){fix}")
+                return default
+            description, test = checks[kind]
+            if not (test(value) if test else isinstance(value, kind)):
+                raise ConfigError(f"{source}: {where}{key}={value!r} must be {description}{fix}")
+            return value
 
-        hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+        hidden, heads = read("hidden_size", int), read("num_attention_heads", int)
+        if heads < 1:
+            raise ConfigError(f"{source}: num_attention_heads={heads} must be a positive integer{fix}")
         # v5 nests rope_theta and the scaling under rope_parameters; v4 has rope_theta + rope_scaling.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        rope_key = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
+        rope = read(rope_key, dict, {})
+        inside = f"{rope_key}."
+        rope_type = read("rope_type", str, None, rope, inside) or read("type", str, "default", rope, inside)
         if rope_type not in ("default", "llama3"):
             raise ConfigError(f"{source}: rope type {rope_type!r} is not supported; supported: default, llama3")
-        if model_type == "qwen2" and hf.get("use_sliding_window"):
+        if model_type == "qwen2" and read("use_sliding_window", bool, False):
             raise ConfigError(f"{source}: use_sliding_window=true is not supported; set it to false")
-        activation = hf.get("hidden_activation") or hf.get("hidden_act", "silu")
-        activation = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}.get(activation)
+        act_key = "hidden_activation" if hf.get("hidden_activation") is not None else "hidden_act"
+        act_name = read(act_key, str, "silu")
+        activation = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}.get(act_name)
         if activation is None:
-            raise ConfigError(f"{source}: hidden_act {hf.get('hidden_act')!r} is not supported; supported: silu, gelu_pytorch_tanh")
-        attention_bias = bool(hf.get("attention_bias", False))
+            raise ConfigError(f"{source}: {act_key} {act_name!r} is not supported; supported: silu, gelu_pytorch_tanh")
+        attention_bias = read("attention_bias", bool, False)
         gemma = model_type == "gemma"
-        return cls(
+        fields = dict(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=read("vocab_size", int),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            intermediate_size=read("intermediate_size", int),
+            num_layers=read("num_hidden_layers", int),
             num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
+            num_kv_heads=read("num_key_value_heads", int, heads),
+            head_dim=read("head_dim", int, hidden // heads),
+            rms_norm_eps=float(read("rms_norm_eps", float, 1e-6)),
+            rope_theta=float(read("rope_theta", float, read("rope_theta", float, 10000.0), rope, inside)),
             rope_type=rope_type,
-            rope_factor=float(rope.get("factor", 1.0)),
-            rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-            rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-            rope_original_max_positions=int(rope.get("original_max_position_embeddings", 8192)),
+            rope_factor=float(read("factor", float, 1.0, rope, inside)),
+            rope_low_freq_factor=float(read("low_freq_factor", float, 1.0, rope, inside)),
+            rope_high_freq_factor=float(read("high_freq_factor", float, 4.0, rope, inside)),
+            rope_original_max_positions=read("original_max_position_embeddings", int, 8192, rope, inside),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=False if model_type == "qwen2" else attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+            mlp_bias=read("mlp_bias", bool, False),
+            tie_word_embeddings=read("tie_word_embeddings", bool, gemma),
             scale_embeddings=gemma,
             norm_weight_offset=gemma,
             activation=activation,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+            max_position_embeddings=read("max_position_embeddings", int, 32768),
         )
+        try:  # ranges and the rules between fields
+            return cls(**fields)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}{fix}", error.field) from None
 
     def to_hf(self) -> dict[str, Any]:
         """A transformers ``config.json`` dict for this architecture (inverse of ``from_hf``)."""
@@ -179,11 +258,6 @@ class DecoderConfig:
             hf |= {"hidden_activation": hf["hidden_act"], "attention_bias": self.qkv_bias}
         return hf
 
-    @property
-    def num_params(self) -> int:
-        """Parameters of the base model (LoRA excluded)."""
-        return sum(int(np.prod(shape)) for shape in base_shapes(self).values())
-
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
@@ -195,13 +269,17 @@ class LoRAConfig:
     targets: tuple[str, ...] = ("q", "v")
 
     def __post_init__(self):
+        if not isinstance(self.targets, tuple) or not all(isinstance(t, str) for t in self.targets):
+            raise invalid("lora.targets", self.targets, f"must be a list of projection names from {list(LORA_TARGETS)}")
         unknown = sorted(set(self.targets) - set(LORA_TARGETS))
         if unknown:
             raise ConfigError(f"lora.targets has unknown projections {unknown}; choose from {list(LORA_TARGETS)}")
-        if self.rank < 1:
-            raise ConfigError(f"lora.rank={self.rank} must be at least 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if not _is_int(self.rank) or self.rank < 1:
+            raise invalid("lora.rank", self.rank, "must be a positive integer")
+        if not (_is_number(self.alpha) and math.isfinite(self.alpha)):
+            raise invalid("lora.alpha", self.alpha, "must be a finite number")
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise invalid("lora.dropout", self.dropout, "must be in [0, 1)")
 
     @property
     def scale(self) -> float:
@@ -219,75 +297,79 @@ def projection_shapes(config: DecoderConfig) -> dict[str, tuple[int, int]]:
     return {"q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q), "gate": (f, d), "up": (f, d), "down": (d, f)}
 
 
-def _has_bias(config: DecoderConfig, name: str) -> bool:
-    return {"q": config.qkv_bias, "k": config.qkv_bias, "v": config.qkv_bias, "o": config.o_bias}.get(
-        name, config.mlp_bias
-    )
-
-
-def base_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
-    """Shape of every base weight, by its name in ``Decoder`` (per-block weights lead with L)."""
-    n_layers, d = config.num_layers, config.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"embed": (config.vocab_size, d)}
-    shapes["attn_norm"] = (n_layers, d)
-    shapes["mlp_norm"] = (n_layers, d)
-    for name, (out_dim, in_dim) in projection_shapes(config).items():
-        shapes[name] = (n_layers, out_dim, in_dim)
-        if _has_bias(config, name):
-            shapes[f"{name}_bias"] = (n_layers, out_dim)
-    shapes["final_norm"] = (d,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head"] = (config.vocab_size, d)
-    return shapes
-
-
-def hf_name(name: str, layer: int | None = None) -> str:
-    """The Hugging Face tensor name of a base weight (of one block for per-block weights)."""
-    top = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
-    if name in top:
-        return top[name]
-    block = {
-        "attn_norm": "input_layernorm.weight",
-        "mlp_norm": "post_attention_layernorm.weight",
-    }
-    if name in block:
-        return f"model.layers.{layer}.{block[name]}"
-    proj, _, bias = name.partition("_")
-    module = "mlp" if proj in ("gate", "up", "down") else "self_attn"
-    return f"model.layers.{layer}.{module}.{proj}_proj.{'bias' if bias else 'weight'}"
-
-
-def _init_weight(rngs: nnx.Rngs, shape, dtype) -> jax.Array:
+def _normal(rngs: nnx.Rngs, shape, dtype) -> jax.Array:
     """N(0, 0.02²) drawn directly in ``dtype`` (no full-size fp32 temporary), as transformers initialises."""
     return 0.02 * jax.random.normal(rngs.params(), shape, dtype)
 
 
-class Blocks(nnx.Module):
-    """The L blocks' weights, stacked on a leading layer axis."""
+def base_param(value: jax.Array, axes: tuple[str | None, ...]) -> BaseParam:
+    """A frozen weight with its logical axes as sharding metadata.
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], config: DecoderConfig, dtype, rngs: nnx.Rngs):
-        for name, shape in shapes.items():
-            if name.endswith("norm"):
-                # Gemma stores w of (1 + w), so identity is 0; the others store w itself.
-                value = jnp.full(shape, 0.0 if config.norm_weight_offset else 1.0, dtype)
-            elif name.endswith("bias"):
-                value = jnp.zeros(shape, dtype)
-            else:
-                value = _init_weight(rngs, shape, dtype)
-            setattr(self, name, BaseParam(value))
+    ``eager_sharding=False``: the axes are logical names, placed by ``nps.lm.sharding``
+    (which leaves a dimension whole where a mesh axis does not divide it), not by Flax.
+    """
+    return BaseParam(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, computed in fp32. weight [D]; Gemma scales by (1 + w)."""
+
+    def __init__(self, dim: int, config: DecoderConfig, dtype):
+        # Gemma stores w of (1 + w), so identity is 0; the others store w itself.
+        self.weight = base_param(jnp.full((dim,), 0.0 if config.norm_weight_offset else 1.0, dtype), (None,))
+        self.eps = config.rms_norm_eps
+        self.offset = config.norm_weight_offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., D] -> [..., D] in x's dtype; Gemma applies (1 + w) before the cast, the others w after."""
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+        return self.weight[...] * normed.astype(x.dtype)
 
 
 class LoRA(nnx.Module):
-    """Adapters A [L, r, in] (random) and B [L, out, r] (zero: the adapted model starts as the base)."""
+    """A low-rank adapter: x -> (α/r)·B·A·x. A [r, in] is random, B [out, r] zero (the model starts as its base)."""
 
-    def __init__(self, config: DecoderConfig, lora: LoRAConfig, rngs: nnx.Rngs):
-        shapes = projection_shapes(config)
-        for name in lora.targets:
-            out_dim, in_dim = shapes[name]
-            bound = 1.0 / math.sqrt(in_dim)  # kaiming-uniform(a=√5) bound, as peft initialises A
-            a = jax.random.uniform(rngs.params(), (config.num_layers, lora.rank, in_dim), jnp.float32, -bound, bound)
-            setattr(self, f"{name}_a", nnx.LoRAParam(a))
-            setattr(self, f"{name}_b", nnx.LoRAParam(jnp.zeros((config.num_layers, out_dim, lora.rank), jnp.float32)))
+    def __init__(self, in_dim: int, out_dim: int, config: LoRAConfig, *, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(in_dim)  # kaiming-uniform(a=√5) bound, as peft initialises A
+        self.a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (config.rank, in_dim), jnp.float32, -bound, bound))
+        self.b = nnx.LoRAParam(jnp.zeros((out_dim, config.rank), jnp.float32))
+        self.scale = config.scale
+        self.dropout = config.dropout
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        """The update [..., out] (fp32) for x [..., in]; ``dropout_key`` drops inputs (training)."""
+        x = x.astype(jnp.float32)
+        if dropout_key is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(dropout_key, 1 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1 - self.dropout), 0.0)
+        return jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r", x, self.a[...]), self.b[...]) * self.scale
+
+
+class Linear(nnx.Module):
+    """A pretrained projection: weight [out, in] (Hugging Face's layout), optional bias [out], optional LoRA."""
+
+    def __init__(self, name: str, config: DecoderConfig, dtype, *, rngs: nnx.Rngs):
+        out_dim, in_dim = projection_shapes(config)[name]
+        axes = PROJECTIONS[name][1]
+        has_bias = {"q": config.qkv_bias, "k": config.qkv_bias, "v": config.qkv_bias, "o": config.o_bias}.get(
+            name, config.mlp_bias)
+        self.weight = base_param(_normal(rngs, (out_dim, in_dim), dtype), axes)
+        self.bias = base_param(jnp.zeros((out_dim,), dtype), axes[:1]) if has_bias else None
+        self.lora = nnx.data(None)
+        self.dropout_stream = LORA_TARGETS.index(name)  # this projection's LoRA-dropout key within a block
+
+    def __call__(self, x: jax.Array, context: Context, layer: LayerInputs) -> jax.Array:
+        """[..., in] -> [..., out]."""
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        if context.use_lora and self.lora is not None:
+            key = None if layer.key is None else jax.random.fold_in(layer.key, self.dropout_stream)
+            y = y + self.lora(x, key).astype(y.dtype)
+        return y
 
 
 class KVCache(NamedTuple):
@@ -303,12 +385,105 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool))
 
 
+class Context(NamedTuple):
+    """What every block of one forward pass shares: RoPE tables cos, sin [B, T, hd] (fp32), the
+    attention mask [B, T, S], the cache slot of the first token, and whether LoRA is on (static)."""
+
+    cos: jax.Array
+    sin: jax.Array
+    allowed: jax.Array
+    cache_index: jax.Array | int
+    use_lora: bool
+
+
+class LayerInputs(NamedTuple):
+    """One block's share of the scanned inputs (each None when unused): FiLM's (γ, β) [B, D] each,
+    the cache's (keys, values) [B, S, H_kv, hd], and the LoRA-dropout key."""
+
+    film: tuple[jax.Array, jax.Array] | None
+    cache: tuple[jax.Array, jax.Array] | None
+    key: jax.Array | None
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE: q, k, v, o projections."""
+
+    def __init__(self, config: DecoderConfig, dtype, *, rngs: nnx.Rngs):
+        self.q, self.k, self.v, self.o = (Linear(name, config, dtype, rngs=rngs) for name in ("q", "k", "v", "o"))
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+
+    def __call__(self, x, context: Context, layer: LayerInputs):
+        """x [B, T, D] -> (output [B, T, D], (keys, values) of the cache, or None without one)."""
+        batch, length, _ = x.shape
+        q = self.q(x, context, layer).reshape(batch, length, self.num_heads, self.head_dim)
+        k = self.k(x, context, layer).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v(x, context, layer).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        q, k = rotate(q, context.cos, context.sin), rotate(k, context.cos, context.sin)
+        kv = None
+        if layer.cache is not None:
+            cache_k, cache_v = layer.cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, context.cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, context.cache_index, 0, 0))
+            kv = (k, v)
+        attended = attention(q, k, v, context.allowed)
+        return self.o(attended.reshape(batch, length, self.num_heads * self.head_dim), context, layer), kv
+
+
+class MLP(nnx.Module):
+    """The gated MLP: down(act(gate(x)) · up(x)), SwiGLU or GeGLU (tanh)."""
+
+    def __init__(self, config: DecoderConfig, dtype, *, rngs: nnx.Rngs):
+        self.gate, self.up, self.down = (Linear(name, config, dtype, rngs=rngs) for name in ("gate", "up", "down"))
+        self.activation = config.activation
+
+    def __call__(self, x, context: Context, layer: LayerInputs):
+        """x [B, T, D] -> [B, T, D]."""
+        gate = self.gate(x, context, layer)
+        act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return self.down(act * self.up(x, context, layer), context, layer)
+
+
+class Block(nnx.Module):
+    """One pre-norm block: h + attn(norm(h)), then + mlp(norm(·)), then FiLM's γ·h + β if given."""
+
+    def __init__(self, config: DecoderConfig, dtype, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.hidden_size, config, dtype)
+        self.attn = Attention(config, dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, config, dtype)
+        self.mlp = MLP(config, dtype, rngs=rngs)
+
+    def __call__(self, h: jax.Array, context: Context, layer: LayerInputs):
+        """h [B, T, D] -> (h [B, T, D], this block's cache (keys, values) or None)."""
+        attended, kv = self.attn(self.attn_norm(h), context, layer)
+        h = h + attended
+        h = h + self.mlp(self.mlp_norm(h), context, layer)
+        if layer.film is not None:
+            gamma, beta = layer.film  # [B, D] each: this block's FiLM
+            h = (gamma[:, None, :] * h + beta[:, None, :]).astype(h.dtype)
+        return h, kv
+
+
+# The stacked layer axis is named in every per-block weight's sharding metadata.
+_STACKED = {nnx.PARTITION_NAME: LAYERS}
+
+
+def _stacked(count: int, rngs: nnx.Rngs, make, *args):
+    """``count`` modules ``make(*args, rngs=...)`` with independent random draws, their weights stacked on axis 0."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=_STACKED)
+    def build(rngs):
+        return make(*args, rngs=rngs)
+
+    return build(rngs)
+
+
 class Decoder(nnx.Module):
     """Decoder-only LM: embeddings, L pre-norm blocks (attention + gated MLP), final norm, LM head.
 
     Base weights are ``BaseParam`` in ``dtype`` (bf16 or fp32); LoRA adapters are fp32
-    ``nnx.LoRAParam``. Build random weights with ``Decoder(config, rngs=...)``; load
-    pretrained ones with ``nps.models.from_pretrained``.
+    ``nnx.LoRAParam`` inside the projections they adapt. Build random weights with
+    ``Decoder(config, rngs=...)``; load pretrained ones with ``nps.lm.from_pretrained``.
     """
 
     def __init__(
@@ -320,25 +495,38 @@ class Decoder(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.config = config
-        self.lora_config = lora
+        self.lora_config = None
         self.dtype = jnp.dtype(dtype)
-        shapes = base_shapes(config)
-        self.embed = BaseParam(_init_weight(rngs, shapes["embed"], dtype))
-        block_shapes = {k: v for k, v in shapes.items() if k not in ("embed", "final_norm", "lm_head")}
-        self.blocks = Blocks(block_shapes, config, dtype, rngs)
-        self.final_norm = BaseParam(jnp.full(shapes["final_norm"], 0.0 if config.norm_weight_offset else 1.0, dtype))
-        if not config.tie_word_embeddings:
-            self.lm_head = BaseParam(_init_weight(rngs, shapes["lm_head"], dtype))
-        self.lora = nnx.data(LoRA(config, lora, rngs) if lora is not None else None)
+        vocab, d = config.vocab_size, config.hidden_size
+        self.embed = base_param(_normal(rngs, (vocab, d), dtype), ("vocab", "embed"))
+        self.blocks = _stacked(config.num_layers, rngs, Block, config, dtype)
+        self.final_norm = RMSNorm(d, config, dtype)
+        tied = config.tie_word_embeddings
+        self.lm_head = None if tied else base_param(_normal(rngs, (vocab, d), dtype), ("vocab", "embed"))
+        if lora is not None:
+            self.add_lora(lora, rngs=rngs)
+
+    def projections(self) -> dict[str, Linear]:
+        """Each per-block projection (stacked over layers) by its LoRA target name."""
+        return {name: getattr(getattr(self.blocks, group), name) for name, (group, _) in PROJECTIONS.items()}
 
     def add_lora(self, lora: LoRAConfig, *, rngs: nnx.Rngs, mesh=None) -> None:
         """Attach fresh adapters (B = 0, so the model's function is unchanged); replaces any present."""
         self.lora_config = lora
-        self.lora = nnx.data(LoRA(self.config, lora, rngs))
+        for name, linear in self.projections().items():
+            out_dim, in_dim = linear.weight.shape[1:]
+            adapter = None
+            if name in lora.targets:
+                adapter = _stacked(self.config.num_layers, rngs, LoRA, in_dim, out_dim, lora)
+            linear.lora = nnx.data(adapter)
         if mesh is not None:
-            from nps.lm.sharding import shard_decoder
+            shard_decoder(self, mesh, nnx.LoRAParam)
 
-            shard_decoder(self.lora, mesh)
+    def remove_lora(self) -> None:
+        """Drop every adapter (after merging them, or to return to the base)."""
+        for linear in self.projections().values():
+            linear.lora = nnx.data(None)
+        self.lora_config = None
 
     # -- forward -----------------------------------------------------------------------------
     def hidden_states(
@@ -377,7 +565,6 @@ class Decoder(nnx.Module):
         h = jnp.take(self.embed[...], tokens, axis=0)
         if config.scale_embeddings:
             h = h * jnp.asarray(math.sqrt(config.hidden_size), self.dtype)
-        cos, sin = rope_tables(config, positions)
 
         if cache is None:
             key_valid, query_slots, key_slots = token_mask, jnp.arange(length), jnp.arange(length)
@@ -387,51 +574,36 @@ class Decoder(nnx.Module):
             key_slots = jnp.arange(cache.valid.shape[1])
         # [B, T, S]: causal over slots, and only real keys.
         allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :]
+        cos, sin = rope_tables(config, positions)
+        context = Context(cos, sin, allowed, cache_index, use_lora)
+        layers = LayerInputs(
+            film=None if film is None else (jnp.swapaxes(film[0], 0, 1), jnp.swapaxes(film[1], 0, 1)),
+            cache=None if cache is None else (cache.keys, cache.values),
+            key=None if dropout_key is None else jax.random.split(dropout_key, config.num_layers),
+        )
 
-        weights = {name: var[...] for name, var in vars(self.blocks).items() if isinstance(var, BaseParam)}
-        adapters = {}
-        if use_lora and self.lora is not None:
-            adapters = {name: var[...] for name, var in vars(self.lora).items() if isinstance(var, nnx.LoRAParam)}
-        n_layers = config.num_layers
-        gamma, beta = film if film is not None else (None, None)
-        layer_keys = jax.random.split(dropout_key, n_layers) if dropout_key is not None else None
-        scanned = {
-            "w": weights,
-            "lora": adapters,
-            "film": None if film is None else (jnp.swapaxes(gamma, 0, 1), jnp.swapaxes(beta, 0, 1)),
-            "cache": None if cache is None else (cache.keys, cache.values),
-            "key": layer_keys,
-        }
-
-        def block(h, layer):
-            h, kv = _block(config, self.lora_config, h, layer, cos, sin, allowed, cache_index)
-            return h, kv
+        def run(block: Block, h: jax.Array, layer: LayerInputs):
+            return block(h, context, layer)
 
         if remat:
-            block = jax.checkpoint(block)
-        h, new_kv = jax.lax.scan(block, h, scanned, length=n_layers)
-        h = rms_norm(h, self.final_norm[...], config)
+            run = nnx.remat(run)
+        # graph_updates=False: the blocks are read, never written, so the scan passes no state back out.
+        h, new_kv = nnx.scan(run, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), graph_updates=False)(
+            self.blocks, h, layers
+        )
+        h = self.final_norm(h)
         new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], key_valid)
         return h, new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM-head logits [..., V] (fp32 accumulation) of hidden states [..., D]."""
-        head = self.embed[...] if self.config.tie_word_embeddings else self.lm_head[...]
+        head = self.embed[...] if self.lm_head is None else self.lm_head[...]
         return jnp.einsum("...d,vd->...v", hidden, head, preferred_element_type=jnp.float32)
 
     def __call__(self, tokens, token_mask=None, **kwargs) -> jax.Array:
         """Logits [B, T, V] (see ``hidden_states`` for the arguments; no cache)."""
         hidden, _ = self.hidden_states(tokens, token_mask, **kwargs)
         return self.logits(hidden)
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, config: DecoderConfig) -> jax.Array:
-    """RMSNorm computed in fp32; Gemma scales by (1 + w) before the cast, the others by w after."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + config.rms_norm_eps)
-    if config.norm_weight_offset:
-        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
-    return weight * normed.astype(x.dtype)
 
 
 def rope_frequencies(config: DecoderConfig) -> np.ndarray:
@@ -459,7 +631,7 @@ def rope_tables(config: DecoderConfig, positions: jax.Array) -> tuple[jax.Array,
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """RoPE on [B, T, H, hd] in the half-split convention (as transformers)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -467,56 +639,10 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def _project(x, layer, name, lora_config, index):
-    """x [..., in] -> [..., out] through the base weight [out, in], its bias and its LoRA adapter."""
-    w = layer["w"]
-    y = jnp.einsum("...i,oi->...o", x, w[name])
-    if f"{name}_bias" in w:
-        y = y + w[f"{name}_bias"]
-    if f"{name}_a" in layer["lora"]:
-        a, b = layer["lora"][f"{name}_a"], layer["lora"][f"{name}_b"]
-        x_in = x.astype(jnp.float32)
-        if layer["key"] is not None and lora_config.dropout > 0:
-            keep = jax.random.bernoulli(jax.random.fold_in(layer["key"], index), 1 - lora_config.dropout, x.shape)
-            x_in = jnp.where(keep, x_in / (1 - lora_config.dropout), 0.0)
-        delta = jnp.einsum("...r,or->...o", jnp.einsum("...i,ri->...r", x_in, a), b) * lora_config.scale
-        y = y + delta.astype(y.dtype)
-    return y
-
-
-def _block(config: DecoderConfig, lora_config, h, layer, cos, sin, allowed, cache_index):
-    """One pre-norm block on h [B, T, D]; returns (output, (keys, values) of the cache or of these tokens)."""
-    batch, length, _ = h.shape
-    heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-    w = layer["w"]
-    x = rms_norm(h, w["attn_norm"], config)
-    q = _project(x, layer, "q", lora_config, 0).reshape(batch, length, heads, head_dim)
-    k = _project(x, layer, "k", lora_config, 1).reshape(batch, length, kv_heads, head_dim)
-    v = _project(x, layer, "v", lora_config, 2).reshape(batch, length, kv_heads, head_dim)
-    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-    if layer["cache"] is not None:
-        cache_k, cache_v = layer["cache"]
-        k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
-        v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
-    attended = attention(q, k, v, allowed)
-    h = h + _project(attended.reshape(batch, length, heads * head_dim), layer, "o", lora_config, 3)
-    x = rms_norm(h, w["mlp_norm"], config)
-    gate = _project(x, layer, "gate", lora_config, 4)
-    act = jax.nn.silu(gate) if config.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    h = h + _project(act * _project(x, layer, "up", lora_config, 5), layer, "down", lora_config, 6)
-    if layer["film"] is not None:
-        gamma, beta = layer["film"]  # [B, D] each: this block's FiLM
-        h = (gamma[:, None, :] * h + beta[:, None, :]).astype(h.dtype)
-    return h, (k, v)
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, hd]; k, v [B, S, H_kv, hd]; allowed [B, T, S] -> [B, T, H, hd]."""
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, length, heads, head_dim)
+    """Grouped-query attention. q [B, T, H, hd]; k, v [B, S, H_kv, hd]; allowed [B, T, S] -> [B, T, H, hd].
+
+    Scores and softmax in fp32; a query with no allowed key (padding) gets a finite
+    average of the values, never NaN.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None])

@@ -1,65 +1,43 @@
 """Partition specs for decoder weights over a ("data", "fsdp", "tensor") mesh.
 
-Each base weight is named by its dimensions' roles (logical axes); the roles map to
-mesh axes: the model dimension is split over "fsdp" (ZeRO-3 style: gathered for the
-matmul, stored split), heads / MLP width / vocabulary over "tensor" (Megatron
-style). A dimension that a mesh axis does not divide stays whole, so any mesh is
-valid for any model. LoRA and FiLM weights are small and replicated.
+Each weight carries the roles of its dimensions (logical axes) as its ``out_sharding``
+metadata, set where the module creates it (``nps.lm.decoder``); the roles map to mesh
+axes here: the model dimension is split over "fsdp" (ZeRO-3 style: gathered for the
+matmul, stored split), heads / MLP width / vocabulary over "tensor" (Megatron style),
+the stacked layer axis never. A dimension that a mesh axis does not divide stays
+whole, so any mesh is valid for any model. Variables without axes (LoRA, FiLM: small)
+are replicated.
 """
 
 from __future__ import annotations
 
 import jax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LOGICAL_TO_MESH = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 
-# Logical axes of every base weight (per-block weights lead with the unsplit layer axis).
-LOGICAL_AXES = {
-    "embed": ("vocab", "embed"),
-    "lm_head": ("vocab", "embed"),
-    "final_norm": (None,),
-    "attn_norm": (None, None),
-    "mlp_norm": (None, None),
-    "q": (None, "heads", "embed"),
-    "k": (None, "heads", "embed"),
-    "v": (None, "heads", "embed"),
-    "o": (None, "embed", "heads"),
-    "gate": (None, "mlp", "embed"),
-    "up": (None, "mlp", "embed"),
-    "down": (None, "embed", "mlp"),
-    "q_bias": (None, "heads"),
-    "k_bias": (None, "heads"),
-    "v_bias": (None, "heads"),
-    "o_bias": (None, None),
-    "gate_bias": (None, "mlp"),
-    "up_bias": (None, "mlp"),
-    "down_bias": (None, None),
-}
 
-
-def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """The spec of base weight ``name`` with ``shape`` on ``mesh`` (unknown names: replicated)."""
-    axes = []
-    for logical, size in zip(LOGICAL_AXES.get(name, (None,) * len(shape)), shape):
+def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The spec of a weight with logical ``axes`` and ``shape`` on ``mesh``."""
+    spec = []
+    for logical, size in zip(axes, shape, strict=True):
         mesh_axis = LOGICAL_TO_MESH.get(logical)
-        if mesh_axis in mesh.shape and mesh.shape[mesh_axis] > 1 and size % mesh.shape[mesh_axis] == 0:
-            axes.append(mesh_axis)
-        else:
-            axes.append(None)
-    return PartitionSpec(*axes)
+        divides = mesh_axis in mesh.shape and mesh.shape[mesh_axis] > 1 and size % mesh.shape[mesh_axis] == 0
+        spec.append(mesh_axis if divides else None)
+    return PartitionSpec(*spec)
 
 
-def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh | None) -> jax.sharding.Sharding:
-    """Where weight ``name`` lives: its spec on ``mesh``, or the default device without one."""
+def variable_sharding(var: nnx.Variable, mesh: Mesh | None) -> jax.sharding.Sharding | None:
+    """Where a variable lives on ``mesh``, by its logical axes (None without a mesh: the default device)."""
     if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's own
-    return NamedSharding(mesh, partition_spec(name, shape, mesh))
+        return None
+    axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    return NamedSharding(mesh, partition_spec(tuple(axes), tuple(var.shape), mesh))
 
 
-def shard_decoder(model, mesh: Mesh) -> None:
-    """Move every variable of a decoder (base, LoRA, FiLM) to its sharding on ``mesh`` in place."""
-    from flax import nnx
-
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        var[...] = jax.device_put(var[...], param_sharding(str(path[-1]), var[...].shape, mesh))
+def shard_decoder(model, mesh: Mesh, *filters) -> None:
+    """Move the variables of a decoder (or a model holding one) that match ``filters`` (default:
+    all) to their shardings on ``mesh``, in place."""
+    for _, var in nnx.to_flat_state(nnx.state(model, *filters)):
+        var[...] = jax.device_put(var[...], variable_sharding(var, mesh))

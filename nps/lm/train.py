@@ -52,10 +52,29 @@ def train_language_model(
     """Train every base weight of ``model`` on sequences [N, L]; returns the trained model and a loss log."""
     graphdef, base, rest = nnx.split(model, BaseParam, ...)
     base, rest = nnx.to_pure_dict(base), nnx.to_pure_dict(rest)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, config.steps)
-    optimizer = optax.adamw(schedule, weight_decay=0.0)
-    data_key = jax.random.key(config.seed)
     tokens, token_mask = jnp.asarray(tokens), jnp.asarray(token_mask)
+    carry, history, done = (base, _optimizer(config).init(base)), [], 0
+    while done < config.steps:
+        length = min(config.log_every, config.steps - done)
+        carry, losses = _train_chunk(carry, jnp.int32(done), rest, tokens, token_mask, graphdef=graphdef,
+                                     config=config, length=length)
+        done += length
+        history.append({"step": done, "loss": float(jnp.mean(losses))})
+    return nnx.merge(graphdef, carry[0], rest), history
+
+
+def _optimizer(config: LMTrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps, config.steps)
+    return optax.adamw(schedule, weight_decay=0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "length"))
+def _train_chunk(carry, start, rest, tokens, token_mask, *, graphdef, config: LMTrainConfig, length: int):
+    """``length`` steps from step ``start``: (base weights, optimiser state) -> the same, and the losses [length].
+
+    Each step's batch is drawn in jit from ``fold_in(seed, step)``, so the data depend on the step alone.
+    """
+    optimizer, data_key = _optimizer(config), jax.random.key(config.seed)
 
     def step(carry, index):
         base, opt_state = carry
@@ -66,14 +85,4 @@ def train_language_model(
         updates, opt_state = optimizer.update(grads, opt_state, base)
         return (optax.apply_updates(base, updates), opt_state), loss
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def chunk(carry, start, length):
-        return jax.lax.scan(step, carry, start + jnp.arange(length))
-
-    carry, history, done = (base, optimizer.init(base)), [], 0
-    while done < config.steps:
-        length = min(config.log_every, config.steps - done)
-        carry, losses = chunk(carry, done, length)
-        done += length
-        history.append({"step": done, "loss": float(jnp.mean(losses))})
-    return nnx.merge(graphdef, carry[0], rest), history
+    return jax.lax.scan(step, carry, start + jnp.arange(length))
