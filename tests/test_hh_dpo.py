@@ -28,15 +28,22 @@ def model_dir(tmp_path_factory):
     return directory
 
 
-def test_targets_start_after_the_templated_prompt(model_dir):
+def test_targets_start_after_the_templated_prompt_and_a_long_prompt_is_cut_from_the_left(model_dir):
     tokenizer = from_pretrained(model_dir).tokenizer
-    tokens, token_mask, response_mask, truncated = tokenise_chat(
-        tokenizer, ["what is a fox?", "hi"], ["a fox is a dog", "hello " * 40], max_length=40)
+    long_prompt = "why " * 60 + "is the sky blue?"
+    tokens, token_mask, response_mask, cut = tokenise_chat(
+        tokenizer, ["what is a fox?", long_prompt, "hi"], ["a fox is a dog", "because of light", "hello " * 40],
+        max_length=40)
     head = tokenizer.apply_chat_template([{"role": "user", "content": "what is a fox?"}], add_generation_prompt=True,
                                          tokenize=False)
     assert tokenizer.decode(tokens[0][token_mask[0] & ~response_mask[0]]) == head
     assert tokenizer.decode(tokens[0][response_mask[0]]).startswith("a fox is a dog<|im_end|>")
-    assert truncated == 1 and token_mask[1].all()
+    # A prompt too long for the sequence loses its start, never the response DPO scores.
+    assert token_mask[1].all() and tokenizer.decode(tokens[1][response_mask[1]]).startswith("because of light")
+    assert tokenizer.decode(tokens[1][~response_mask[1]]).endswith("sky blue?<|im_end|>\n<|im_start|>assistant\n")
+    # A response longer than the sequence keeps a quarter for the prompt and is cut from the right.
+    assert token_mask[2].all() and (~response_mask[2]).sum() == 10
+    assert cut == {"prompts_cut": 2, "responses_cut": 1}
 
 
 def test_hh_dpo_runs_end_to_end_from_local_paths(model_dir, tmp_path, capsys):

@@ -114,7 +114,7 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
 
         mesh = make_mesh(fsdp=config.mesh_fsdp, tensor=config.mesh_tensor) if jax.device_count() > 1 else None
         base = from_pretrained(config.model, dtype=jnp.dtype(config.dtype), mesh=mesh)
-        tokens, token_mask, response_mask, truncated = tokenise_chat(base.tokenizer, prompts, responses,
+        tokens, token_mask, response_mask, cut = tokenise_chat(base.tokenizer, prompts, responses,
                                                                      config.max_length)
         options = PolicyOptions(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(response_mask),
                                 jnp.asarray(features), jnp.full((len(responses),), jnp.nan, jnp.float32))
@@ -123,7 +123,7 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
                                     rngs=nnx.Rngs(0), mesh=mesh)
         options = with_reference_log_probs(reference, options, batch_size=config.reference_batch_size)
         pools = {name: option_pair_pool(part, data.options.ratings, options) for name, part in data.splits.items()}
-        data_identity = data.identity() | {"truncated_targets": truncated, "embedder": embedder_identity(embedder)}
+        data_identity = data.identity() | {"targets_cut": cut, "embedder": embedder_identity(embedder)}
         base_identity = {"path": base.identity, "weights_hash": base.weights_hash}
         eval_episodes = dataclasses.replace(config.episodes, num_targets=config.eval_num_targets,
                                             max_context=max(config.eval.context_sizes))
