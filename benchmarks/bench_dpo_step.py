@@ -25,11 +25,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool, sample_episodes
+from nps.data.episodes import EpisodeSpec, sample_episodes
+from nps.data.pairs import OptionPairPool, PairPool, PolicyOptions
 from nps.encoder import EncoderConfig
 from nps.layers import BaseParam
 from nps.lm import Decoder, DecoderConfig, LoRAConfig
-from nps.data.pairs import PolicyOptions
 from nps.models.policy import PolicyConfig, SteerablePolicy
 
 QWEN_1P5B = DecoderConfig(

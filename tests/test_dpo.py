@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nps.data.episodes import EpisodeSpec, OptionPairPool, PairPool, sample_episodes
+from nps.data.episodes import EpisodeSpec, sample_episodes
+from nps.data.pairs import OptionPairPool, PairPool, PolicyOptions
 from nps.dpo import response_log_probs
 from nps.encoder import EncoderConfig
 from nps.errors import CheckpointError
 from nps.layers import BaseParam
 from nps.lm import Decoder, DecoderConfig, LoRAConfig
-from nps.data.pairs import PolicyOptions
 from nps.models.policy import PolicyConfig, SteerablePolicy, with_reference_log_probs
 from nps.train.loop import TrainConfig, fit, load_trained
 

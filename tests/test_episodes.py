@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from nps.config import config_from_dict
-from nps.data.episodes import EpisodeSpec, PairPool, sample_episodes
+from nps.data.episodes import EpisodeSpec, sample_episodes
+from nps.data.pairs import PairPool
 from nps.data.synthetic import two_user_pools, two_user_reward
 from nps.errors import ConfigError
 

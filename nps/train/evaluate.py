@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.data.episodes import Episodes, EpisodeSpec, PairPool, sample_episodes
+from nps.data.episodes import Episodes, EpisodeSpec, sample_episodes
+from nps.data.pairs import PairPool
 from nps.errors import ConfigError
-from nps.train.distributed import alongside, host_value
 from nps.likelihood import choice_accuracy, choice_correct
+from nps.train.distributed import alongside, host_value
 
 PAPER_CONTEXT_SIZES = (0, 1, 3, 5, 10)
 

@@ -13,7 +13,7 @@ from flax import nnx
 from test_dpo import POLICY, SPEC, make_pool
 from tiny_lm import write_nps_model
 
-from nps.data.episodes import OptionPairPool
+from nps.data.pairs import OptionPairPool
 from nps.lm import from_pretrained
 from nps.models.policy import SteerablePolicy, with_reference_log_probs
 from nps.train.loop import TrainConfig, fit
