@@ -85,17 +85,8 @@ def atomic_write_json(path: str | Path, value: Any) -> Path:
 def atomic_save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
     """``fig.savefig`` into a temporary file, renamed into place (a kill never leaves a 0-byte PNG)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, **savefig_kwargs)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
     return path
 
 
