@@ -213,8 +213,8 @@ def test_a_figure_that_fails_half_way_leaves_no_file(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [0, 1])
 
-    def broken_savefig(path, **kwargs):
-        Path(path).write_bytes(b"\x89PNG half")
+    def broken_savefig(target, **kwargs):
+        target.write(b"\x89PNG half")  # part of the image reaches the file, then the disk is full
         raise OSError(28, "No space left on device")
 
     fig.savefig = broken_savefig
