@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if not is_peer_failure(error):
             raise
-        print(f"nps: error: {lost_peers('a collective with another process failed')}", file=sys.stderr)
+        cause = str(error).strip().splitlines()[0][:160]
+        print(f"nps: error: {lost_peers(f'a collective with another process failed: {cause}')}", file=sys.stderr)
         return 3
     return 0
 

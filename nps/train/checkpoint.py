@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nps.errors import CheckpointError
-from nps.train.distributed import barrier, host_value, is_primary
+from nps.train.distributed import PeerLostError, barrier, host_value, is_peer_failure, is_primary, lost_peers
 
 
 
@@ -145,6 +145,8 @@ class CheckpointStore:
                     time.sleep(0.5)
                     raise
         except (OSError, ValueError, RuntimeError) as error:  # tensorstore reports I/O failures as ValueError
+            if is_peer_failure(error):  # another process of the run died during the collective save
+                raise PeerLostError(lost_peers(f"checkpoint step {step} was being saved")) from None
             raise CheckpointError(
                 f"could not write checkpoint step {step} in {self.directory} ({_io_reason(error)}); "
                 "free disk space or choose another --out, then rerun to resume from the last saved step"

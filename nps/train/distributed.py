@@ -180,6 +180,9 @@ def is_primary() -> bool:
 def host_value(tree: Any) -> Any:
     """``jax.device_get`` for arrays of a multi-process run too: a replicated array is read from this
     process's own copy, a sharded one gathered from every process (all processes must call it)."""
+    if all(not isinstance(leaf, jax.Array) or leaf.is_fully_addressable for leaf in jax.tree.leaves(tree)):
+        return jax.device_get(tree)  # one transfer for the whole tree
+
     def fetch(leaf):
         if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
             return jax.device_get(leaf)

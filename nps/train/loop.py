@@ -231,7 +231,7 @@ def fit(
         # (a base already sharded over the mesh by ``from_pretrained(mesh=...)`` keeps its layout).
         state, train_pool, val_pool, frozen = put_replicated((state, train_pool, val_pool, frozen), replicated(mesh))
     history: list[dict[str, float]] = []
-    store = None
+    store, step = None, 0
     if checkpoint_dir is not None:
         store = CheckpointStore(checkpoint_dir)
         fingerprint = dict(run_config or {}) | {
@@ -244,12 +244,13 @@ def fit(
         if restored is not None:
             state, metadata = restored
             history = list(metadata.get("history", []))
-            _check_not_beyond(int(host_value(state.step)), config.steps, store.directory)
+            step = int(host_value(state.step))
+            _check_not_beyond(step, config.steps, store.directory)
 
     val_episodes = sample_episodes_compiled(val_key, val_pool, spec, config.val_tasks)
     static = {"graphdef": graphdef, "spec": spec, "optimizer": optimizer, "mesh": mesh}
 
-    start, step = time.perf_counter(), int(host_value(state.step))
+    start = time.perf_counter()
     compiled_seconds, compiled_steps, compiled_lengths = 0.0, 0, set()
     bar = tqdm(total=config.steps, initial=min(step, config.steps), desc=description,
                disable=not (progress and is_primary()), leave=False)
@@ -301,7 +302,7 @@ def _episode_loss(graphdef, frozen, params, episodes, key):
 
 
 def _loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh):
-    if mesh is None:
+    if mesh is None or mesh.size == 1:  # one device: the step as written, with the step's own key
         (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
             graphdef, frozen, params, episodes, model_key)
         return loss, aux["accuracy"], grads
@@ -320,7 +321,9 @@ def _data_parallel_loss_and_grads(frozen, params, episodes, model_key, graphdef,
     The devices' contributions are gathered (exact) and added in one fixed order, never by an
     all-reduce whose order depends on the topology: 1 process × 4 devices and 2 processes × 2
     devices give bit-identical updates. Each device's tasks draw model randomness from the step's
-    key folded with the device's position on the batch axis.
+    key folded with the device's position on the batch axis, so runs with the same number of
+    batch shards are bit-identical, and runs with different numbers draw different (equally
+    distributed) latent samples and dropout masks.
     """
     axis = BATCH_AXES
     replicated_spec, batch_spec = PartitionSpec(), PartitionSpec(axis)

@@ -34,7 +34,7 @@ pool = make_pool()
 pool = OptionPairPool(pool.pairs, with_reference_log_probs(policy(), pool.options, batch_size=32))
 train = TrainConfig(steps=6, batch_size=4, learning_rate=1e-2, optimizer="adamw", eval_every=3, checkpoint_every=3,
                     val_tasks=8)
-one = fit(policy(), pool, pool, SPEC, train, progress=False)
+one = fit(policy(), pool, pool, SPEC, train, progress=False, mesh=make_mesh(data=1))  # one device
 many = fit(policy(mesh), pool, pool, SPEC, train, progress=False, mesh=mesh)
 # Adam turns reduction-order noise in near-zero gradients into small update differences; a
 # real disagreement would be of the size of a step (lr = 1e-2).
