@@ -18,6 +18,7 @@ from nps.errors import CheckpointError
 from nps.layers import BaseParam
 from nps.lm import Decoder, DecoderConfig, LoRAConfig
 from nps.models.policy import PolicyConfig, SteerablePolicy, with_reference_log_probs
+from nps.train import loop
 from nps.train.loop import TrainConfig, fit, load_trained
 
 DECODER = DecoderConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -30,6 +31,7 @@ NUM_PAIRS, LENGTH, PROMPT = 48, 10, 3
 
 def make_policy(kind="np", seed=0, **overrides):
     decoder = Decoder(DECODER, rngs=nnx.Rngs(seed))
+    nnx.update(decoder, jax.device_put(nnx.state(decoder), jax.devices()[0]))  # committed, as a loaded base is
     return SteerablePolicy(decoder, 6, dataclasses.replace(POLICY, kind=kind, **overrides), rngs=nnx.Rngs(1))
 
 
@@ -145,9 +147,11 @@ def test_fit_checkpoints_restore_and_refuse_another_base(tmp_path):
     train = TrainConfig(steps=20, batch_size=4, learning_rate=1e-2, optimizer="adamw", eval_every=10,
                         checkpoint_every=10, val_tasks=8, grad_accum_steps=2, grad_clip_norm=1.0)
     run_config = {"base": {"weights_hash": "base-a"}}
+    compiled_before = loop._train_chunk._cache_size()
     result = fit(make_policy("np"), filled, filled, SPEC, train, tmp_path / "np", run_config=run_config,
                  progress=False)
     assert [h["step"] for h in result.history] == [10, 20]
+    assert loop._train_chunk._cache_size() - compiled_before == 1  # the first chunk's program serves the second
     restored = load_trained(make_policy("np"), tmp_path / "np", train, run_config=run_config)
     episodes = sample_episodes(jax.random.key(5), filled, SPEC, 4, context_size=2)
     np.testing.assert_allclose(predict(restored, episodes), predict(result.model(), episodes), rtol=1e-6)

@@ -1,9 +1,11 @@
-"""The paper's UltraFeedback NP-DPO configuration, end to end on a tiny random Qwen2 and a fixture file."""
+"""The paper's UltraFeedback NP-DPO configuration, end to end on a tiny random Qwen2 and a fixture file
+(through notebooks/hh_dpo.ipynb, whose offline stand-in is exactly that)."""
 
 import json
 
 import numpy as np
 import pytest
+from notebook_runner import execute_notebook
 from tiny_lm import write_nps_model
 from uf_fixture import write_random_jsonl
 
@@ -11,15 +13,6 @@ from nps.cli import main
 from nps.data.prepared import load_preferences
 from nps.lm.text import tokenise_chat
 from nps.lm import from_pretrained
-
-SMALL = [
-    "dtype=float32", "max_length=48", "policy.encoder.hidden_dim=16", "policy.encoder.latent_dim=8",
-    "policy.lora.rank=2", "policy.lora.alpha=4", "episodes.num_targets=4", "episodes.max_context=2",
-    "eval_num_targets=5", "eval.context_sizes=0,1,3", "eval.num_tasks=8", "train.steps=4", "train.eval_every=2",
-    "train.checkpoint_every=2", "train.val_tasks=4", "train.batch_size=2", "reference_batch_size=64",
-    "models=np_dpo,btl_dpo_oracles",
-]
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -46,29 +39,41 @@ def test_targets_start_after_the_templated_prompt_and_a_long_prompt_is_cut_from_
     assert cut == {"prompts_cut": 2, "responses_cut": 1}
 
 
-def test_hh_dpo_runs_end_to_end_from_local_paths(model_dir, tmp_path, capsys):
-    # The prepared dataset (the raw file's path is exercised by tests/test_uf_rewards.py).
+@pytest.fixture(scope="module")
+def notebook_run(tmp_path_factory):
+    """notebooks/hh_dpo.ipynb, executed top to bottom: on a CPU it runs NP-DPO, BTL-DPO on the mixture and
+    the per-user oracles on its offline stand-in (a tiny random Qwen2, random UltraFeedback records)."""
+    folder = tmp_path_factory.mktemp("notebook")
+    outputs = execute_notebook("hh_dpo.ipynb", folder)
+    assert not [o for o in outputs if o.output_type == "error"]
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert sum(o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs) == 1
+    return folder, printed
+
+
+def test_hh_dpo_runs_end_to_end_in_the_notebook_on_the_offline_stand_in(notebook_run):
+    folder, printed = notebook_run
+    assert "Offline stand-in (a CPU runtime; set USE_HUB = True to use the hub anyway)" in printed
+    assert "80 of 80 prompts kept" in printed
+    out = folder / "hh-dpo-run"
+    results = json.loads((out / "results.json").read_text())
+    assert results["experiment"] == "hh-dpo" and results["config"]["dtype"] == "float32"
+    assert set(results["models"]) == {"np_dpo", "btl_dpo_mixed", "btl_dpo_helpfulness", "btl_dpo_honesty"}
+    sizes = results["data"]["split_sizes"]
+    assert sizes["train"] == int(0.8 * sum(sizes.values()))
+    data = load_preferences(out / "dataset")
+    assert results["data"]["content_hash"] == data.content_hash
+    for name, model in results["models"].items():
+        assert set(model["unseen_accuracy"]) == {"0", "1", "3"}
+        assert np.isfinite(model["best_val_nll"])
+        assert f"{name:14s} N^C=3: helpfulness" in printed
+    assert results["base"]["weights_hash"] and (data.directory / "embeddings" / "tiny-qwen2-float32-len1024"
+                                                 / "manifest.json").exists()
+
+
+def test_prepare_and_a_missing_model_on_the_command_line(tmp_path, capsys):
     release = write_random_jsonl(tmp_path / "ultrafeedback.jsonl", num_prompts=80)
     assert main(["prepare", "hh", "--data", str(release), "--out", str(tmp_path / "datasets")]) == 0
     assert "80 of 80 prompts kept" in capsys.readouterr().out
-    data = load_preferences(tmp_path / "datasets")
-    out = tmp_path / "run"
-    args = ["reproduce", "hh-dpo", "--model", str(model_dir), "--data", str(data.directory), "--out", str(out),
-            "--quiet"]
-    for item in SMALL:
-        args += ["--set", item]
-    assert main(args) == 0, capsys.readouterr().err
-    capsys.readouterr()
-    results = json.loads((out / "results.json").read_text())
-    assert results["experiment"] == "hh-dpo"
-    assert set(results["models"]) == {"np_dpo", "btl_dpo_helpfulness", "btl_dpo_honesty"}
-    sizes = results["data"]["split_sizes"]
-    assert sizes["train"] == int(0.8 * sum(sizes.values()))
-    assert results["data"]["content_hash"] == data.content_hash
-    for model in results["models"].values():
-        assert set(model["unseen_accuracy"]) == {"0", "1", "3"}
-        assert np.isfinite(model["best_val_nll"])
-    assert results["base"]["weights_hash"] and (data.directory / "embeddings" / f"{model_dir.name}-float32-len1024"
-                                                 / "manifest.json").exists()
-    assert main(["reproduce", "hh-dpo", "--out", str(out)]) == 2
+    assert main(["reproduce", "hh-dpo", "--out", str(tmp_path / "run")]) == 2
     assert "needs --model" in capsys.readouterr().err

@@ -114,3 +114,31 @@ def test_pair_pool_utilities_reproduce_the_choices(release):
     assert np.all(completions.ratings[chosen, user] > completions.ratings[rejected, user])
     with pytest.raises(ConfigError, match="the option table has 3 rows but there are 11 rated options"):
         option_pair_pool(pairs, completions.ratings[:, :2], features[:3])
+
+
+def test_a_release_subset_is_the_first_records_of_a_downloaded_file(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from nps.data.ultrafeedback import download_release_subset, write_random_release
+
+    release = write_random_release(tmp_path / "evol_instruct.jsonl", 7)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, name, repo_type: asked.append((repo, name, repo_type)) or str(release))
+    subset = download_release_subset(tmp_path / "data", 5)
+    assert asked == [("openbmb/UltraFeedback", "evol_instruct.jsonl", "dataset")]
+    assert subset == tmp_path / "data" / "ultrafeedback-evol_instruct-5.jsonl"
+    assert subset.read_text().splitlines() == release.read_text().splitlines()[:5]
+    assert read_ultrafeedback(subset)[1].prompts_kept == 5
+    assert download_release_subset(tmp_path / "data", 100).name == "ultrafeedback-evol_instruct-7.jsonl"
+
+
+def test_an_unreachable_hub_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from nps.data.ultrafeedback import download_release_subset
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1, read at import
+    with pytest.raises(ConfigError, match=r"^openbmb/UltraFeedback/flan.jsonl: could not download from the Hugging Face "
+                                          r"hub \(\w+\); download UltraFeedback elsewhere and pass the file$"):
+        download_release_subset(tmp_path, 10, "flan.jsonl")

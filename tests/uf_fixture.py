@@ -11,6 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# Random files in the release's schema live in the library (the notebooks' offline fallback uses them too).
+from nps.data.ultrafeedback import random_release_records as random_records  # noqa: F401
+from nps.data.ultrafeedback import release_completion as completion
+from nps.data.ultrafeedback import write_random_release as write_random_jsonl  # noqa: F401
+
 NA = "N/A"
 PROMPTS = {
     "p0": [(5, 1, 3), (4, 2, 3), (3, 3, 2)],
@@ -20,16 +25,6 @@ PROMPTS = {
     "p4": [(1, 4, 1), (5, 4, 2)],
     "p5": [(5, 5, 5), (1, 1, 1), (3, 2, 4)],
 }
-
-
-def completion(index: int, ratings) -> dict:
-    if ratings is None:
-        return {"model": "m", "response": "", "annotations": {}}
-    names = ("helpfulness", "honesty", "truthfulness")
-    annotations = {name: {"Rating": str(value), "Rationale": "..."} for name, value in zip(names, ratings)}
-    annotations["instruction_following"] = {"Rating": "3", "Rationale": "..."}
-    return {"model": f"model-{index}", "response": f"answer {index}", "annotations": annotations,
-            "fine-grained_score": 3.0, "overall_score": 6.0}
 
 
 def records() -> list[dict]:
@@ -47,30 +42,4 @@ def write_parquet(path: Path) -> Path:
     import pyarrow.parquet as parquet
 
     parquet.write_table(pa.Table.from_pylist(records()), path)
-    return path
-
-
-WORDS = ["the", "answer", "is", "helpful", "honest", "maybe", "clearly", "because", "fox", "dog", "step", "first"]
-
-
-def random_records(num_prompts: int, seed: int = 0, answers: int = 4) -> list[dict]:
-    """Records with random 1–5 ratings and short random texts (for end-to-end runs)."""
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for p in range(num_prompts):
-        completions = []
-        for a in range(answers):
-            ratings = (rng.randint(1, 5), rng.randint(1, 5), rng.randint(1, 5))
-            item = completion(a, ratings)
-            item["response"] = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
-            completions.append(item)
-        out.append({"source": "fixture", "instruction": f"question {p}: " + " ".join(rng.choice(WORDS) for _ in range(4)),
-                    "models": [], "completions": completions})
-    return out
-
-
-def write_random_jsonl(path: Path, num_prompts: int, seed: int = 0) -> Path:
-    path.write_text("\n".join(json.dumps(r) for r in random_records(num_prompts, seed)) + "\n")
     return path

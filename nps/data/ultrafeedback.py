@@ -26,6 +26,7 @@ import numpy as np
 
 from nps.data.pairs import SPLIT_FRACTIONS, OptionPairPool, PairPool, choices, conflicting, split_indices
 from nps.errors import ConfigError
+from nps.files import atomic_write_bytes, atomic_write_text
 
 ATTRIBUTES = ("helpfulness", "honesty", "truthfulness", "instruction_following")
 
@@ -363,3 +364,73 @@ def conflict_test_pools(test_pairs, ratings: np.ndarray, features, context_rate:
     context_pairs = with_conflict_rate(test_pairs.take(np.concatenate([held, agree])), context_rate, seed)
     return (option_pair_pool(test_pairs.take(np.sort(targets)), ratings, features),
             option_pair_pool(context_pairs, ratings, features))
+
+
+RELEASE_REPO = "openbmb/UltraFeedback"  # the release on the Hugging Face hub: six JSON-lines files, one per prompt source
+RELEASE_FILES = ("evol_instruct.jsonl", "false_qa.jsonl", "flan.jsonl", "sharegpt.jsonl", "truthful_qa.jsonl",
+                 "ultrachat.jsonl")
+
+
+def download_release_subset(out: str | Path, num_prompts: int, source: str = "evol_instruct.jsonl",
+                            repo: str = RELEASE_REPO) -> Path:
+    """The first ``num_prompts`` records of one of the release's files, fetched from the Hugging Face hub
+    (the whole file, once, into the hub's cache) and written to ``out/ultrafeedback-<source>-<n>.jsonl``.
+    ``source``: one of ``RELEASE_FILES``. Needs the network; an unreachable hub or an unknown file is one
+    ``ConfigError`` line."""
+    if num_prompts < 1:
+        raise ConfigError(f"num_prompts={num_prompts}: must be a positive integer")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(repo, source, repo_type="dataset"))
+    except Exception as exc:  # no network, HF_HUB_OFFLINE, auth or an unknown file: one line with the fix
+        raise ConfigError(f"{repo}/{source}: could not download from the Hugging Face hub ({type(exc).__name__}); "
+                          "download UltraFeedback elsewhere and pass the file") from exc
+    lines = []
+    with path.open("rb") as release:
+        for line in release:
+            if line.strip():
+                lines.append(line if line.endswith(b"\n") else line + b"\n")
+                if len(lines) == num_prompts:
+                    break
+    target = Path(out) / f"ultrafeedback-{Path(source).stem}-{len(lines)}.jsonl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(target, b"".join(lines))
+
+
+# A stand-in for the release where it cannot be downloaded (the notebooks' offline fallback; the tests' files).
+SAMPLE_WORDS = ["the", "answer", "is", "helpful", "honest", "maybe", "clearly", "because", "fox", "dog", "step", "first"]
+
+
+def release_completion(index: int, ratings: tuple | None) -> dict[str, Any]:
+    """One completion in the release's schema, rated (helpfulness, honesty, truthfulness) with
+    instruction_following 3; ``None``: a completion with an empty response and no annotations."""
+    if ratings is None:
+        return {"model": "m", "response": "", "annotations": {}}
+    names = ("helpfulness", "honesty", "truthfulness")
+    annotations = {name: {"Rating": str(value), "Rationale": "..."} for name, value in zip(names, ratings)}
+    annotations["instruction_following"] = {"Rating": "3", "Rationale": "..."}
+    return {"model": f"model-{index}", "response": f"answer {index}", "annotations": annotations,
+            "fine-grained_score": 3.0, "overall_score": 6.0}
+
+
+def random_release_records(num_prompts: int, seed: int = 0, answers: int = 4) -> list[dict[str, Any]]:
+    """Records in the release's schema with random 1–5 ratings and short random texts."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for p in range(num_prompts):
+        completions = []
+        for a in range(answers):
+            item = release_completion(a, (rng.randint(1, 5), rng.randint(1, 5), rng.randint(1, 5)))
+            item["response"] = " ".join(rng.choice(SAMPLE_WORDS) for _ in range(rng.randint(3, 12)))
+            completions.append(item)
+        prompt = f"question {p}: " + " ".join(rng.choice(SAMPLE_WORDS) for _ in range(4))
+        out.append({"source": "random", "instruction": prompt, "models": [], "completions": completions})
+    return out
+
+
+def write_random_release(path: str | Path, num_prompts: int, seed: int = 0) -> Path:
+    """``random_release_records`` as a JSON-lines file that ``read_ultrafeedback`` and ``nps prepare`` take."""
+    return atomic_write_text(path, "\n".join(json.dumps(r) for r in random_release_records(num_prompts, seed)) + "\n")

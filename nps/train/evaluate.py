@@ -119,6 +119,7 @@ def evaluate_unseen_accuracy(
     frozen = {} if frozen is None else frozen
     pool = alongside(pool, params)  # on the devices the parameters span (several, in a multi-device run)
     spec = spec.for_context(max(context_sizes))
+    batch_size = min(batch_size, num_tasks)  # a few tasks are not computed as a whole batch and cut
     num_batches = -(-num_tasks // batch_size)
     keys = [jax.random.fold_in(jax.random.key(seed), b) for b in range(num_batches)]
     on_device = {

@@ -230,6 +230,8 @@ def fit(
         # the (small) parameters and the pools (tasks are gathered in-jit, each device its own part).
         # (a base already sharded over the mesh by ``from_pretrained(mesh=...)`` keeps its layout).
         state, train_pool, val_pool, frozen = put_replicated((state, train_pool, val_pool, frozen), replicated(mesh))
+    else:  # committed from the start, as every chunk's output is: the first chunk's compilation serves them all
+        state = jax.device_put(state, jax.devices()[0])
     history: list[dict[str, float]] = []
     store, step = None, 0
     if checkpoint_dir is not None:
