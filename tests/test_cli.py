@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from event_files import TRAINING_TAGS, steps
 
 from nps.cli import main
 
@@ -97,27 +98,16 @@ def test_corrupted_checkpoint_message_and_fallback(finished_run, tmp_path):
     assert metrics(out) == metrics(finished_run)
 
 
-def scalars(directory: Path):
-    """{tag: [steps]} of a TensorBoard run folder, as TensorBoard's reader shows them."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    reader = EventAccumulator(str(directory))
-    reader.Reload()
-    return {tag: [event.step for event in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
-
-
-TRAINING_TAGS = ["train/loss", "train/accuracy", "train/grad_norm", "train/learning_rate", "val/nll",
-                 "val/unseen_accuracy"]
 EVAL_TAGS = {f"eval/unseen_accuracy/{user}/NC={n}" for user in ("z=0", "z=1", "all") for n in (0, 1, 5)}
 
 
 def test_a_run_logs_its_curves_evaluation_and_plots(finished_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    curves = scalars(finished_run / "logs" / "np_btl")
+    curves = steps(finished_run / "logs" / "np_btl")
     assert {tag: curves[tag] for tag in TRAINING_TAGS} == {tag: [30, 60, 90] for tag in TRAINING_TAGS}
     assert curves["perf/steps_per_second"] == [60, 90]  # the first chunk compiled
-    assert scalars(finished_run / "logs" / "np_btl" / "eval") == {tag: [90] for tag in EVAL_TAGS}
+    assert steps(finished_run / "logs" / "np_btl" / "eval") == {tag: [90] for tag in EVAL_TAGS}
     plots = EventAccumulator(str(finished_run / "logs" / "plots"))
     plots.Reload()
     assert sorted(plots.Tags()["images"]) == ["plots/accuracy_vs_context", "plots/reward_curves"]
@@ -150,10 +140,11 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(finished_ru
     # The curves continue: every step once, as TensorBoard shows them; the killed run's points at
     # 60 (and 90) are still in its file, hidden by the resumed file's start at step 60.
     logs = out / "logs" / "np_btl"
-    curves = scalars(logs)
+    curves = steps(logs)
     assert {tag: curves[tag] for tag in TRAINING_TAGS} == {tag: [30, 60, 90] for tag in TRAINING_TAGS}
     assert curves["perf/steps_per_second"] == [90]  # the resumed run compiled at 60
-    assert scalars(logs / "eval") == {tag: [90] for tag in EVAL_TAGS}
+    assert steps(logs / "eval") == {tag: [90] for tag in EVAL_TAGS}
     written = [event.step for path in sorted(logs.glob("events.out.tfevents.*"))
-               for event in EventFileLoader(str(path)).Load() if any(v.tag == "train/loss" for v in event.summary.value)]
+               for event in EventFileLoader(str(path)).Load()
+               if any(value.tag == "train/loss" for value in event.summary.value)]
     assert written[:2] == [30, 60] and written[-2:] == [60, 90] and len(written) > 3

@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
+from event_files import TRAINING_TAGS, scalars
 
 from nps.config import apply_overrides, config_from_dict
 from nps.data.episodes import EpisodeSpec
@@ -25,22 +26,11 @@ from nps.train.run import EvalConfig, train_and_evaluate
 SPEC = EpisodeSpec(num_targets=8, max_context=4)
 MODEL = RewardModelConfig(kind="np", hidden_dim=32, encoder=EncoderConfig(hidden_dim=32, latent_dim=16))
 TRAIN = TrainConfig(steps=60, batch_size=16, learning_rate=3e-3, eval_every=20, checkpoint_every=20, val_tasks=64)
-TRAINING_TAGS = ["train/loss", "train/accuracy", "train/grad_norm", "train/learning_rate", "val/nll",
-                 "val/unseen_accuracy"]
 
 
 @pytest.fixture(scope="module")
 def pools():
     return two_user_pools(num_pairs=2000, seed=1)
-
-
-def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag of a TensorBoard run folder as TensorBoard's reader sees it: (step, value) points."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    reader = EventAccumulator(str(directory), size_guidance={"scalars": 0, "images": 0})
-    reader.Reload()
-    return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
 
 
 def test_bad_log_settings_are_one_line_naming_the_field():
@@ -182,3 +172,25 @@ def test_wandb_offline_gets_the_same_tags_and_resumes_its_run(monkeypatch, tmp_p
     assert [(row["_step"], row.get("train/loss")) for row in rows if "train/loss" in row] == [(20, 0.5), (40, 0.3)]
     assert any(row.get("eval/unseen_accuracy/z=0/NC=0") == 0.75 for row in rows)
     assert any(row.get("perf/steps_per_second") == 10.0 for row in rows)
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_a_run_and_headless_chromium_screenshots_it(pools, tmp_path):
+    """docs/tensorboard_screenshot.py (which made docs/tensorboard.png) on a fresh run."""
+    import importlib.util
+    import shutil
+
+    from PIL import Image
+
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    train_and_evaluate("np_btl", MODEL, pools, data_identity={}, train=TRAIN, episodes=SPEC,
+                       evaluation=EvalConfig(context_sizes=(0,), num_tasks=20), out=tmp_path, user_names=["z=0", "z=1"],
+                       progress=False)
+    path = Path(__file__).parents[1] / "docs" / "tensorboard_screenshot.py"
+    spec = importlib.util.spec_from_file_location("tensorboard_screenshot", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shot = module.screenshot(tmp_path / "logs", tmp_path / "shot.png")
+    with Image.open(shot) as image:
+        assert image.size[0] >= 1600 and len(image.convert("L").getcolors(256)) > 50  # drawn, not blank

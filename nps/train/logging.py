@@ -56,7 +56,8 @@ TAGS = {
 class LogConfig:
     """Where a run's metrics go (``--set log.backend=...``) and which steps to profile."""
 
-    backend: str = "tensorboard"  # "tensorboard" (event files, no TensorFlow), "wandb" (pip install 'nps[wandb]'), "none"
+    # "tensorboard" (event files, no TensorFlow), "wandb" (pip install 'nps[wandb]') or "none"
+    backend: str = "tensorboard"
     # "START:END": a jax.profiler trace of the steps START..END-1 (END - START steps) into logs/<model>.
     profile_steps: str = ""
     wandb_project: str = "nps"
