@@ -154,11 +154,21 @@ class RunLog:
     def images(self, step: int, paths: Sequence[Path]) -> None:
         """PNG files as images ``plots/<file name>``."""
         if self.active and paths:
-            self._writer("train").images(step, {f"plots/{Path(p).stem}": Path(p) for p in paths})
+            self._guarded(lambda: self._writer("train").images(step, {f"plots/{Path(p).stem}": Path(p) for p in paths}))
 
     def _write(self, part: str, step: int, scalars: dict[str, float]) -> None:
         if self.active and scalars:
-            self._writer(part).scalars(step, scalars)
+            self._guarded(lambda: self._writer(part).scalars(step, scalars))
+
+    def _guarded(self, write: Callable[[], None]) -> None:
+        """A log that cannot be written (a full disk, W&B unreachable) must not end an hours-long run:
+        one warning line, and this log writes nothing more."""
+        try:
+            write()
+        except OSError as error:
+            self.active = False
+            warnings.warn(f"{self.directory}: cannot write the log ({error}); logging to it stopped, training "
+                          "goes on", stacklevel=4)
 
     def _writer(self, part: str):
         if self.config.backend == "wandb":
@@ -283,11 +293,14 @@ class _WandbWriter:
         if not run_id:
             run_id = uuid.uuid4().hex[:8]  # W&B's id alphabet: lowercase letters and digits
             id_file.write_text(run_id)
-        self._run = wandb.init(
-            project=self.project, name=self.name, group=self.directory.parent.parent.name, id=run_id,
-            resume="allow", dir=self.directory, config=dict(self.run_config),
-            settings=wandb.Settings(silent=True, console="off"),
-        )
+        try:
+            self._run = wandb.init(
+                project=self.project, name=self.name, group=self.directory.parent.parent.name, id=run_id,
+                resume="allow", dir=self.directory, config=dict(self.run_config),
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+        except wandb.Error as error:  # e.g. no network and no WANDB_MODE=offline
+            raise OSError(f"W&B: {error}; set WANDB_MODE=offline to log to disk") from None
         return self._run
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
