@@ -123,7 +123,10 @@ def test_only_process_zero_writes(monkeypatch, tmp_path):
     with RunLog(LogConfig(profile_steps="0:10"), tmp_path / "np_btl") as run_log:
         run_log.on_chunk(20, {"train_loss": 0.5})
         run_log.evaluation(20, {"0": {"all": {"mean": 0.5}}})
-        assert run_log.profile_window() is None
+        window = run_log.profile_window()  # every process splits its scans at the window: the same programs
+        assert (window.start, window.end) == (0, 10)
+        window.begin()
+        window.finish()  # ... but only process 0 traces
     assert not tmp_path.joinpath("np_btl").exists()
 
 

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 
 from nps.errors import ConfigError, invalid
+from nps.train.distributed import is_primary
 
 BACKENDS = ("tensorboard", "wandb", "none")
 
@@ -83,7 +84,11 @@ class LogConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ProfileWindow:
-    """A ``jax.profiler`` trace of the steps ``start``..``end - 1``, written under ``directory``."""
+    """A ``jax.profiler`` trace of the steps ``start``..``end - 1``, written under ``directory``.
+
+    Every process of a multi-process run holds the window (``fit`` splits its scans at the same
+    steps everywhere: the processes must run the same programs); process 0 alone traces.
+    """
 
     start: int
     end: int
@@ -96,16 +101,20 @@ class ProfileWindow:
             raise ConfigError(f"log.profile_steps={self.start}:{self.end} ends after train.steps={steps}; choose "
                               f"steps inside the run, e.g. {max(steps - 10, 0)}:{steps}", "log.profile_steps")
         if trained > self.start:
-            warnings.warn(f"log.profile_steps={self.start}:{self.end}: {self.directory.name} resumed at step "
-                          f"{trained}, after the window; no trace taken (use a later window, or --fresh)", stacklevel=3)
+            if is_primary():
+                warnings.warn(f"log.profile_steps={self.start}:{self.end}: {self.directory.name} resumed at step "
+                              f"{trained}, after the window; no trace taken (use a later window, or --fresh)",
+                              stacklevel=3)
             return False
         return True
 
     def begin(self) -> None:
-        jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+        if is_primary():
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
 
     def finish(self) -> None:
-        jax.profiler.stop_trace()
+        if is_primary():
+            jax.profiler.stop_trace()
 
 
 def training_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -132,16 +141,14 @@ class RunLog:
         self.config = config
         self.directory = Path(directory)
         self.name = name or self.directory.name
-        self.active = config.backend != "none" and jax.process_index() == 0  # process 0 alone writes
+        self.active = config.backend != "none" and is_primary()  # process 0 alone writes
         self._run_config = dict(run_config or {})
         self._writers: dict[str, Any] = {}
 
     def profile_window(self) -> ProfileWindow | None:
-        """The trace ``log.profile_steps`` asks for (process 0 only), for ``fit(profile=...)``."""
+        """The trace ``log.profile_steps`` asks for, for ``fit(profile=...)`` (on every process)."""
         bounds = self.config.profile_range()
-        if bounds is None or jax.process_index() != 0:
-            return None
-        return ProfileWindow(*bounds, self.directory)
+        return None if bounds is None else ProfileWindow(*bounds, self.directory)
 
     def on_chunk(self, step: int, metrics: Mapping[str, float]) -> None:
         """``fit``'s ``on_chunk``: the chunk's metrics as training scalars."""
