@@ -270,7 +270,7 @@ def fit(
     while step < config.steps:
         chunk_end = min(step + config.eval_every - step % config.eval_every, config.steps)
         chunk_start = time.perf_counter()
-        parts, timed = [], True
+        first, parts, timed = step, [], True
         for end in _part_ends(step, chunk_end, profile):
             length = end - step
             new_length = length not in compiled_lengths
@@ -285,15 +285,15 @@ def fit(
                 profile.begin()
                 timed = False  # the profiler slows what it records
             state, part = train(state, frozen, train_pool, data_key, model_key)
-            parts.append((length, part))
+            parts.append(part)
             step = end
             if profile is not None and step == profile.end:
                 jax.block_until_ready(state)
                 profile.finish()
         state, val_metrics = _validate(state, frozen, val_episodes, val_key, graphdef=graphdef)
-        metrics = host_value(_chunk_means(parts) | val_metrics)  # the chunk's one host transfer
+        metrics = host_value(_chunk_means(tuple(parts)) | val_metrics)  # the chunk's one host transfer
         seconds = time.perf_counter() - chunk_start
-        length = sum(part_length for part_length, _ in parts)
+        length = step - first
         if timed:
             compiled_seconds += seconds
             compiled_steps += length
@@ -413,12 +413,9 @@ def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphde
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "optimizer", "mesh", "length"),
                    donate_argnames=("state",))
 def _train_chunk(state, frozen, pool, data_key, model_key, *, graphdef, spec, optimizer, mesh, length):
-    """``length`` training steps as one compiled scan; the chunk's mean metrics (the rate: its last)."""
+    """``length`` training steps as one compiled scan; each metric per step ([length]; ``_chunk_means`` reduces)."""
     step = functools.partial(_train_step, graphdef=graphdef, spec=spec, optimizer=optimizer, mesh=mesh)
-    state, per_step = jax.lax.scan(lambda s, _: step(s, frozen, pool, data_key, model_key), state, None,
-                                   length=length)
-    return state, {name: values[-1] if name == "learning_rate" else jnp.mean(values)
-                   for name, values in per_step.items()}
+    return jax.lax.scan(lambda s, _: step(s, frozen, pool, data_key, model_key), state, None, length=length)
 
 
 def _part_ends(step: int, chunk_end: int, profile: ProfileWindow | None) -> list[int]:
@@ -428,14 +425,13 @@ def _part_ends(step: int, chunk_end: int, profile: ProfileWindow | None) -> list
     return sorted({chunk_end, *(b for b in bounds if step < b < chunk_end)})
 
 
-def _chunk_means(parts: list[tuple[int, dict[str, jax.Array]]]) -> dict[str, jax.Array]:
-    """A chunk's metrics from its scans' (length, metrics): step-weighted means, the rate at the last step.
-    On the device (no transfer); a chunk of one scan is that scan's metrics."""
-    if len(parts) == 1:
-        return parts[0][1]
-    total = sum(length for length, _ in parts)
-    return {name: parts[-1][1][name] if name == "learning_rate" else
-            sum(length * metrics[name] for length, metrics in parts) / total for name in parts[0][1]}
+@jax.jit
+def _chunk_means(parts: tuple[dict[str, jax.Array], ...]) -> dict[str, jax.Array]:
+    """A chunk's metrics from its scans' per-step values: means over its steps, the rate at the last.
+    One reduction of the same values however the chunk was split, so a profiled run reports what an
+    unprofiled one does bit for bit (averaging the parts' means differs in the last bit)."""
+    values = {name: jnp.concatenate([part[name] for part in parts]) for name in parts[0]}
+    return {name: series[-1] if name == "learning_rate" else jnp.mean(series) for name, series in values.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
