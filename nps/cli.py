@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(a model directory; same as --set model=...)")
     reproduce.add_argument("--data", help="UltraFeedback experiments: the train file or a prepared dataset folder "
                            "(same as --set data=...)")
-    reproduce.add_argument("--fresh", action="store_true", help="discard checkpoints in --out and start over")
+    reproduce.add_argument("--fresh", action="store_true", help="discard checkpoints and logs in --out and start over")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     reproduce.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     joining = reproduce.add_argument_group(

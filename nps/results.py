@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from nps.errors import OutputDirError  # noqa: E402
 from nps.files import atomic_save_figure, atomic_write_json, exclusive_lock  # noqa: E402
 from nps.train.distributed import barrier, is_primary  # noqa: E402
+from nps.train.logging import LogConfig, RunLog  # noqa: E402
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -28,7 +29,7 @@ def run_directory(out: str | Path, fresh: bool = False) -> Iterator[Path]:
     """The output folder of a run, created, checked writable and held by an exclusive lock.
 
     A second process on the same folder gets one line naming this one's pid, never a shared
-    folder; ``fresh`` discards earlier checkpoints (after the lock is held). In a multi-process
+    folder; ``fresh`` discards earlier checkpoints and logs (after the lock is held). In a multi-process
     run the processes share the folder: process 0 holds the lock and discards, the others wait.
     """
     out = Path(out).absolute()
@@ -43,7 +44,7 @@ def run_directory(out: str | Path, fresh: bool = False) -> Iterator[Path]:
         ) from None
     with exclusive_lock(out, f"output folder {out}") if is_primary() else contextlib.nullcontext():
         if fresh and is_primary():
-            for name in ("checkpoints", "checkpoints.corrupt"):
+            for name in ("checkpoints", "checkpoints.corrupt", "logs"):
                 shutil.rmtree(out / name, ignore_errors=True)
         barrier(f"nps-run-directory-{out}")
         yield out
@@ -65,10 +66,15 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def finish_run(out: Path, start: float, echo, *, tables: list[str], plots: list[Path], **results) -> dict[str, Any]:
-    """Write results.json (with plot names and total wall-clock), print the tables and the paths."""
+def finish_run(out: Path, start: float, echo, *, tables: list[str], plots: list[Path], log: LogConfig | None = None,
+               **results) -> dict[str, Any]:
+    """Write results.json (with plot names and total wall-clock), print the tables and the paths;
+    with ``log``, the plots also go to the run's log as images (``logs/plots``)."""
     results = results | {"plots": [p.name for p in plots], "wall_clock_seconds": time.perf_counter() - start}
     path = write_results(out, results)
+    if log is not None:
+        with RunLog(log, out / "logs" / "plots") as run_log:  # process 0 alone writes
+            run_log.images(0, plots)
     if is_primary():
         for table in tables:
             echo(table + "\n")

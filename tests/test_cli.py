@@ -1,4 +1,4 @@
-"""The `nps` command: one-line errors, --print-config, and resume after SIGKILL."""
+"""The `nps` command: one-line errors, --print-config, and resume after SIGKILL (checkpoints and logs)."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from event_files import TRAINING_TAGS, steps
 
 from nps.cli import main
 
@@ -43,6 +44,7 @@ def nps(*args, **kwargs):
         (["np_btl.encoder.aggregation=max"], "np_btl.encoder.aggregation='max' is unknown; use one of"),
         (["models=gpt"], "models=('gpt',) must choose from"),
         (["train.stepz=3"], "unknown config field 'train.stepz'"),
+        (["log.profile_steps=5"], "log.profile_steps='5' must be START:END with 0 <= START < END, e.g. 100:110"),
     ],
 )
 def test_bad_configs_give_one_line_errors(overrides, message, capsys, tmp_path):
@@ -96,19 +98,53 @@ def test_corrupted_checkpoint_message_and_fallback(finished_run, tmp_path):
     assert metrics(out) == metrics(finished_run)
 
 
+EVAL_TAGS = {f"eval/unseen_accuracy/{user}/NC={n}" for user in ("z=0", "z=1", "all") for n in (0, 1, 5)}
+
+
+def test_a_run_logs_its_curves_evaluation_and_plots(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves = steps(finished_run / "logs" / "np_btl")
+    assert {tag: curves[tag] for tag in TRAINING_TAGS} == {tag: [30, 60, 90] for tag in TRAINING_TAGS}
+    assert curves["perf/steps_per_second"] == [60, 90]  # the first chunk compiled
+    assert steps(finished_run / "logs" / "np_btl" / "eval") == {tag: [90] for tag in EVAL_TAGS}
+    plots = EventAccumulator(str(finished_run / "logs" / "plots"))
+    plots.Reload()
+    assert sorted(plots.Tags()["images"]) == ["plots/accuracy_vs_context", "plots/reward_curves"]
+
+
 def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(finished_run, tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
     out = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "nps.cli", "reproduce", "synthetic", "--out", str(out),
                                 "--quiet", *SMALL], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_checkpoint = out / "checkpoints" / "np_btl" / "30"
+    checkpoints = out / "checkpoints" / "np_btl"
     deadline = time.time() + 240
-    while not first_checkpoint.exists() and time.time() < deadline and process.poll() is None:
+    while not (checkpoints / "60").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
     assert process.poll() is None, "the run finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (out / "results.json").exists()
+    # A kill can land anywhere after a chunk is logged; dropping the checkpoints after step 30 makes
+    # it one that landed before they were written: the rerun trains steps 31-90 again, which the
+    # killed run has already logged.
+    for path in checkpoints.iterdir():
+        if path.name[:1].isdigit() and int(path.name.split(".")[0]) > 30:
+            shutil.rmtree(path)
 
     resumed = nps("reproduce", "synthetic", "--out", str(out), "--quiet", *SMALL)
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(out) == metrics(finished_run)
+    # The curves continue: every step once, as TensorBoard shows them; the killed run's points at
+    # 60 (and 90) are still in its file, hidden by the resumed file's start at step 60.
+    logs = out / "logs" / "np_btl"
+    curves = steps(logs)
+    assert {tag: curves[tag] for tag in TRAINING_TAGS} == {tag: [30, 60, 90] for tag in TRAINING_TAGS}
+    assert curves["perf/steps_per_second"] == [90]  # the resumed run compiled at 60
+    assert steps(logs / "eval") == {tag: [90] for tag in EVAL_TAGS}
+    written = [event.step for path in sorted(logs.glob("events.out.tfevents.*"))
+               for event in EventFileLoader(str(path)).Load()
+               if any(value.tag == "train/loss" for value in event.summary.value)]
+    assert written[:2] == [30, 60] and written[-2:] == [60, 90] and len(written) > 3

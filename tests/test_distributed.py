@@ -1,5 +1,7 @@
 """Multi-process runs: two processes × two CPU devices (gloo collectives on 127.0.0.1) against one
-process × four devices, a resume after both processes are killed, and a process that dies.
+process × four devices, a resume after both processes are killed, a process that dies, and process
+0 alone logging and tracing (the two-process run profiles steps 30-39: every process splits its scans
+there, and the numbers stay those of the unprofiled one-process run).
 
 The data-parallel update sums every device's gradient in device order after an exact all-gather
 (`nps.train.loop._data_parallel_loss_and_grads`), so the two layouts give bit-identical numbers:
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from event_files import steps
 
 from nps.train.launch import free_port, process_environment
 
@@ -70,12 +73,21 @@ def trained_models(results: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def two_process_synthetic(tmp_path_factory):
-    return two_processes(SYNTHETIC, tmp_path_factory.mktemp("two") / "run")
+    """The results and the output folder of a two-process run."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    return two_processes([*SYNTHETIC, "--set", "log.profile_steps=30:40"], out), out
 
 
 def test_two_processes_give_the_numbers_of_one_process_with_four_devices(two_process_synthetic, tmp_path):
     four_devices = one_process(4, SYNTHETIC, tmp_path / "run")
-    assert trained_models(two_process_synthetic) == trained_models(four_devices)
+    assert trained_models(two_process_synthetic[0]) == trained_models(four_devices)
+
+
+def test_process_zero_alone_writes_the_log_and_the_trace(two_process_synthetic):
+    logs = two_process_synthetic[1] / "logs" / "np_btl"
+    assert len(list(logs.glob("events.out.tfevents.*"))) == 1  # one writer
+    assert steps(logs)["train/loss"] == [20, 40, 60]
+    assert len(list(logs.glob("plugins/profile/*/*.xplane.pb"))) == 1  # one host's trace
 
 
 def test_np_dpo_on_two_processes_matches_one_process_with_four_devices(tmp_path):
@@ -94,7 +106,7 @@ def test_both_processes_killed_then_relaunched_end_with_the_same_numbers(two_pro
         process.wait(timeout=60)
     assert not (out / "results.json").exists()
     resumed = two_processes(SYNTHETIC, out)
-    assert trained_models(resumed) == trained_models(two_process_synthetic)
+    assert trained_models(resumed) == trained_models(two_process_synthetic[0])
 
 
 def test_a_process_that_dies_stops_the_other_with_one_line(tmp_path):

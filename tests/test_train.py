@@ -5,19 +5,14 @@ import dataclasses
 import chex
 import numpy as np
 import pytest
+from small_task import MODEL, SPEC, TRAIN
 
 from nps.config import config_from_dict
-from nps.data.episodes import EpisodeSpec
 from nps.data.synthetic import two_user_pools
-from nps.encoder import EncoderConfig
 from nps.errors import CheckpointError, ConfigError
 from nps.models.reward import RewardModelConfig, build_reward_model
 from nps.train.checkpoint import CheckpointStore
 from nps.train.loop import TrainConfig, fit
-
-SPEC = EpisodeSpec(num_targets=8, max_context=4)
-MODEL = RewardModelConfig(kind="np", hidden_dim=32, encoder=EncoderConfig(hidden_dim=32, latent_dim=16))
-TRAIN = TrainConfig(steps=60, batch_size=16, learning_rate=3e-3, eval_every=20, checkpoint_every=20, val_tasks=64)
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,7 @@ from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
 from nps.results import finish_run, run_directory, save_figure
 from nps.serve.steering import SteeringRun
 from nps.train.evaluate import check_unseen_targets, mean_and_sem
+from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
 from nps.train.run import EvalConfig, train_and_evaluate
 
@@ -77,6 +78,7 @@ class ActiveConfig:
     synthetic_train: TrainConfig = TrainConfig()
     correlation_train: TrainConfig = TrainConfig(steps=2000, checkpoint_every=200)
     eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()  # training curves, evaluation, plots, traces: --set log.backend=...
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -140,7 +142,7 @@ def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
     train = config.synthetic_train if task == "synthetic" else config.correlation_train
     fit, entry = train_and_evaluate(
         f"np_btl_{task}", config.model, pools, data_identity=identity, train=train, episodes=config.episodes,
-        evaluation=config.eval, out=out, user_names=TWO_USER_NAMES, progress=progress)
+        evaluation=config.eval, out=out, user_names=TWO_USER_NAMES, progress=progress, log=config.log)
     candidates, evaluation = _pair_sets(pools["test"], None, config, config.num_users)
     return fit.model(), entry, candidates, evaluation, pools["val"]
 
@@ -176,7 +178,8 @@ def run_active(config: ActiveConfig, out: str | Path, *, fresh: bool = False, pr
             }
         plots = [plot_active(tasks, out / "accuracy_vs_answered_pairs.png")]
         return finish_run(out, start, echo, tables=[format_active_table(tasks)], plots=plots, experiment="active",
-                          config=config_to_dict(config), tasks=tasks, models=models, user_types=TWO_USER_NAMES)
+                          config=config_to_dict(config), tasks=tasks, models=models, user_types=TWO_USER_NAMES,
+                          log=config.log)
 
 
 def format_active_table(tasks: dict[str, Any]) -> str:

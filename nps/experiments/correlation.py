@@ -48,6 +48,7 @@ from nps.results import (
     save_figure,
 )
 from nps.train.evaluate import check_unseen_targets, identification_errors, mean_and_sem
+from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
 from nps.train.run import EvalConfig, train_and_evaluate
 
@@ -71,6 +72,7 @@ class CorrelationConfig:
     # 2,000 steps: at 1,000 the ρ_tr = −1 model is still 2.8 points above the Bayes error at ρ = −1.
     train: TrainConfig = TrainConfig(steps=2000, checkpoint_every=200)
     eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()  # training curves, evaluation, plots, traces: --set log.backend=...
     model: RewardModelConfig = SYNTHETIC_NP_BTL
 
     def __post_init__(self):
@@ -148,6 +150,7 @@ def run_correlation(
                 name, config.model, correlated_pools(rho, config.num_pairs, config.seed),
                 data_identity=correlated_identity(rho, config.num_pairs, config.seed), train=config.train,
                 episodes=config.episodes, evaluation=config.eval, out=out, user_names=USER_NAMES, progress=progress,
+                log=config.log,
             )
             entry["train_rho"] = rho
             errors = {
@@ -167,4 +170,5 @@ def run_correlation(
         return finish_run(
             out, start, echo, tables=tables, plots=plots,
             experiment="correlation", config=config_to_dict(config), user_types=USER_NAMES, models=models,
+            log=config.log,
         )

@@ -48,6 +48,7 @@ from nps.results import (
 )
 from nps.train.distributed import primary_first
 from nps.train.evaluate import check_unseen_targets
+from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
 from nps.train.mesh import make_mesh
 from nps.train.run import EvalConfig, fit_and_evaluate
@@ -86,6 +87,7 @@ class HHDPOConfig:
         checkpoint_every=200, val_tasks=32,
     )
     eval: EvalConfig = EvalConfig(num_tasks=500)
+    log: LogConfig = LogConfig()  # training curves, evaluation, plots, traces: --set log.backend=...
 
     def __post_init__(self):
         if self.dtype not in ("bfloat16", "float32"):
@@ -143,12 +145,12 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
             _, models[name] = fit_and_evaluate(
                 name, policy, job_pools, kind=policy_config.kind, episodes=config.episodes, train=config.train,
                 evaluation=config.eval, out=out, user_names=USER_NAMES, run_config=run_config,
-                eval_episodes=eval_episodes, mesh=mesh, progress=progress,
+                eval_episodes=eval_episodes, mesh=mesh, progress=progress, log=config.log,
             )
         plots = [plot_accuracy_vs_context(models, USER_NAMES, out / "accuracy_vs_context.png",
                                           "UltraFeedback HH: implicit-reward accuracy")]
         return finish_run(
             out, start, echo, tables=[format_accuracy_table(models, USER_NAMES)], plots=plots, experiment="hh-dpo",
             config=config_to_dict(config), data=data_identity, embedder=embedder, base=base_identity,
-            user_types=USER_NAMES, models=models,
+            user_types=USER_NAMES, models=models, log=config.log,
         )

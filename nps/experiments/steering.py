@@ -55,6 +55,7 @@ from nps.results import (
 from nps.serve.steering import BASE_DIR, PAIRS_FILE, base_identity
 from nps.train.distributed import primary_first
 from nps.train.evaluate import check_unseen_targets, mean_and_sem, win_rate
+from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
 from nps.train.run import EvalConfig, fit_and_evaluate
 
@@ -88,6 +89,7 @@ class SteeringConfig:
         val_tasks=64, grad_clip_norm=1.0,
     )
     eval: EvalConfig = EvalConfig(num_tasks=400)
+    log: LogConfig = LogConfig()  # training curves, evaluation, plots, traces: --set log.backend=...
     models: tuple[str, ...] = MODEL_NAMES
     generations_per_point: int = 256  # tasks (prompt + context) per (user, N^C) for win rates
     temperature: float = 1.0
@@ -254,7 +256,7 @@ def run_steering(
                                       rngs=nnx.Rngs(config.train.seed)),
                 pools if user is None else oracle_pools(pools, user),  # an oracle: its user's labels, scored on both
                 kind=kind, episodes=config.episodes, train=config.train, evaluation=config.eval, out=out,
-                user_names=USER_NAMES, run_config=run_config, progress=progress,
+                user_names=USER_NAMES, run_config=run_config, progress=progress, log=config.log,
             )
             policies[name] = fitted.model()
         rates, continuum = generation_report(policies, base.model, pools["test"], config)
@@ -269,5 +271,5 @@ def run_steering(
             out, start, echo, tables=[format_accuracy_table(models, USER_NAMES), format_win_table(rates)],
             plots=plots, experiment="steering", config=config_to_dict(config), data=pairs.identity,
             base=base_identity(base.weights_hash), user_types=USER_NAMES, models=models, win_rates=rates,
-            continuum=continuum,
+            continuum=continuum, log=config.log,
         )

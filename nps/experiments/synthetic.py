@@ -29,6 +29,7 @@ from nps.results import (
     save_figure,
 )
 from nps.train.evaluate import check_unseen_targets
+from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
 from nps.train.run import EvalConfig, train_and_evaluate
 
@@ -48,6 +49,7 @@ class SyntheticConfig:
     episodes: EpisodeSpec = EpisodeSpec()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()  # training curves, evaluation, plots, traces: --set log.backend=...
     btl: RewardModelConfig = RewardModelConfig(kind="btl")
     dpl: RewardModelConfig = RewardModelConfig(kind="dpl")
     np_btl: RewardModelConfig = SYNTHETIC_NP_BTL
@@ -132,6 +134,7 @@ def run_synthetic(
             fits[name], models[name] = train_and_evaluate(
                 name, getattr(config, name), pools, data_identity=data_identity, train=config.train,
                 episodes=config.episodes, evaluation=config.eval, out=out, user_names=USER_NAMES, progress=progress,
+                log=config.log,
             )
         grid = np.linspace(0.0, 1.0, 201)
         plots = [
@@ -143,5 +146,5 @@ def run_synthetic(
             out, start, echo, tables=[format_accuracy_table(models, USER_NAMES)], plots=plots,
             experiment="synthetic", config=config_to_dict(config),
             data=data_identity | {"split_sizes": {k: p.num_pairs for k, p in pools.items()}},
-            user_types=USER_NAMES, models=models,
+            user_types=USER_NAMES, models=models, log=config.log,
         )

@@ -54,6 +54,7 @@ from nps.train.evaluate import (
     evaluate_unseen_accuracy,
     weight_cells,
 )
+from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
 from nps.train.run import EvalConfig, train_and_evaluate
 
@@ -80,6 +81,7 @@ class UFInputs:
     episodes: EpisodeSpec = EpisodeSpec()
     train: TrainConfig = TrainConfig(steps=450, seed=2)
     eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()  # training curves, evaluation, plots, traces: --set log.backend=...
 
     def __post_init__(self):
         if self.dtype not in ("bfloat16", "float32"):
@@ -228,7 +230,8 @@ def run_uf_rewards(config: UFRewardConfig, out: str | Path, *, fresh: bool = Fal
         for name, model_config, job_pools, labels in jobs:
             fits[name], models[name] = train_and_evaluate(
                 name, model_config, job_pools, data_identity=identity | {"labels": labels}, train=config.train,
-                episodes=config.episodes, evaluation=config.eval, out=out, user_names=users, progress=progress)
+                episodes=config.episodes, evaluation=config.eval, out=out, user_names=users, progress=progress,
+                log=config.log)
         title = f"UltraFeedback {config.recipe.upper()}: reward-model accuracy on unseen pairs"
         plots = [plot_accuracy_vs_context(models, users, out / "accuracy_vs_context.png", title)]
         for name in ("np_btl", "np_btl_variational"):
@@ -238,7 +241,7 @@ def run_uf_rewards(config: UFRewardConfig, out: str | Path, *, fresh: bool = Fal
         return finish_run(
             out, start, echo, tables=[format_accuracy_table(models, users)], plots=plots,
             experiment=config.recipe, config=config_to_dict(config), data=identity, embedder=embedder,
-            user_types=users, models=models,
+            user_types=users, models=models, log=config.log,
         )
 
 
@@ -292,7 +295,7 @@ def run_conflict(config: ConflictConfig, out: str | Path, *, fresh: bool = False
             fit, entry = train_and_evaluate(
                 name, config.np_btl, pools, data_identity=identity | {"train_conflict_rate": rate},
                 train=config.train, episodes=config.episodes, evaluation=config.eval, out=out, user_names=users,
-                progress=progress)
+                progress=progress, log=config.log)
             entry["train_conflict_rate"] = rate
             entry["by_context_conflict_rate"] = {
                 f"{c:g}": evaluate_unseen_accuracy(
@@ -305,7 +308,7 @@ def run_conflict(config: ConflictConfig, out: str | Path, *, fresh: bool = False
         return finish_run(
             out, start, echo, tables=[format_conflict_table(models, config.context_rates)], plots=plots,
             experiment="conflict", config=config_to_dict(config), data=identity, embedder=embedder,
-            user_types=users, models=models,
+            user_types=users, models=models, log=config.log,
         )
 
 
@@ -358,7 +361,7 @@ def run_continuum(config: ContinuumConfig, out: str | Path, *, fresh: bool = Fal
             fit, entry = train_and_evaluate(
                 name, config.btl if name == "btl_mixed" else config.np_btl, pools, data_identity=identity,
                 train=config.train, episodes=config.episodes, evaluation=config.eval, out=out,
-                user_names=attributes, progress=progress)
+                user_names=attributes, progress=progress, log=config.log)
             entry["unseen_accuracy_by_weight"] = evaluate_unseen_accuracy(
                 fit.graphdef, fit.params, pools["test"], config.episodes, attributes, config.eval.context_sizes,
                 config.eval.num_tasks, config.eval.seed, group_by=group_by)
@@ -367,7 +370,7 @@ def run_continuum(config: ContinuumConfig, out: str | Path, *, fresh: bool = Fal
         return finish_run(
             out, start, echo, tables=[format_accuracy_table(models, attributes)], plots=plots,
             experiment="continuum", config=config_to_dict(config), data=identity, embedder=embedder,
-            user_types=attributes, models=models,
+            user_types=attributes, models=models, log=config.log,
         )
 
 

@@ -37,6 +37,7 @@ from nps.layers import BaseParam
 from nps.likelihood import choice_accuracy, choice_nll
 from nps.train.checkpoint import CheckpointStore
 from nps.train.distributed import host_value, is_primary, put_replicated
+from nps.train.logging import ProfileWindow, matmul_flops, peak_flops_per_second
 from nps.train.mesh import BATCH_AXES, batch_sharding, check_batch_divisible, make_mesh, replicated
 
 
@@ -197,6 +198,7 @@ def fit(
     description: str = "train",
     mesh: jax.sharding.Mesh | None = None,
     on_chunk: Callable[[int, dict[str, float]], None] | None = None,
+    profile: ProfileWindow | None = None,
 ) -> FitResult:
     """Train ``model`` on episodes from ``train_pool``; keep the best validation NLL.
 
@@ -212,8 +214,13 @@ def fit(
     checkpointed; put the base's identity in ``run_config`` so that a checkpoint refuses another base.
     ``on_chunk(step, metrics)`` receives each chunk's metrics once they are on the host (a metrics
     logger): train loss and accuracy, gradient norm and learning rate (chunk means; the rate at
-    its last step), validation NLL and unseen accuracy, steps/s, tokens/s for token models, and
-    the devices' peak memory where the backend reports it.
+    its last step), validation NLL and unseen accuracy, and the devices' peak memory where the
+    backend reports it; for chunks that compiled nothing and were not profiled, also steps/s,
+    tokens/s for token models and MFU where the devices' peak FLOP/s is known
+    (``nps.train.logging.PEAK_FLOPS``).
+    ``profile``: a ``jax.profiler`` trace of its steps. A chunk is split into scans at its bounds
+    (with no validation between them, so the run computes what an unprofiled one does); a scan
+    length new to this run is a compilation of its own, done before the trace starts.
     """
     if mesh is None and jax.device_count() > 1:
         mesh = make_mesh()  # several devices (of one process or many): data-parallel over all of them
@@ -254,27 +261,56 @@ def fit(
 
     start = time.perf_counter()
     compiled_seconds, compiled_steps, compiled_lengths = 0.0, 0, set()
+    if profile is not None and not profile.applies(step, config.steps):
+        profile = None
+    peak = peak_flops_per_second(mesh.devices.flat if mesh is not None else jax.devices()[:1])
+    flops_per_step = None
+    if on_chunk is not None and peak is not None and is_primary():  # traced once, before any timed chunk
+        flops_per_step = matmul_flops(functools.partial(_train_step, **static), state, frozen, train_pool,
+                                      data_key, model_key)
     bar = tqdm(total=config.steps, initial=min(step, config.steps), desc=description,
                disable=not (progress and is_primary()), leave=False)
     while step < config.steps:
-        length = min(config.eval_every - step % config.eval_every, config.steps - step)
+        chunk_end = min(step + config.eval_every - step % config.eval_every, config.steps)
         chunk_start = time.perf_counter()
-        state, train_metrics = _train_chunk(state, frozen, train_pool, data_key, model_key, length=length, **static)
+        first, parts, timed = step, [], True
+        for end in _part_ends(step, chunk_end, profile):
+            length = end - step
+            new_length = length not in compiled_lengths
+            timed &= not new_length  # a chunk that compiled is not throughput
+            compiled_lengths.add(length)
+            train = functools.partial(_train_chunk, length=length, **static)
+            if profile is not None and step == profile.start:
+                if new_length:  # compiled before the trace starts: the trace holds these steps' work only
+                    train = _train_chunk.lower(state, frozen, train_pool, data_key, model_key, length=length,
+                                               **static).compile()
+                jax.block_until_ready(state)
+                profile.begin()
+                timed = False  # the profiler slows what it records
+            state, part = train(state, frozen, train_pool, data_key, model_key)
+            parts.append(part)
+            step = end
+            if profile is not None and step == profile.end:
+                jax.block_until_ready(state)
+                profile.finish()
         state, val_metrics = _validate(state, frozen, val_episodes, val_key, graphdef=graphdef)
-        metrics = host_value(train_metrics | val_metrics)  # the chunk's one host transfer
+        metrics = host_value(_chunk_means(tuple(parts)) | val_metrics)  # the chunk's one host transfer
         seconds = time.perf_counter() - chunk_start
-        if length in compiled_lengths:  # no compilation in this chunk: time it
+        length = step - first
+        if timed:
             compiled_seconds += seconds
             compiled_steps += length
-        compiled_lengths.add(length)
-        step += length
         metrics = {name: float(value) for name, value in metrics.items()}
         tokens = metrics.pop("tokens", None)
         history.append({"step": step} | metrics)
         if on_chunk is not None and is_primary():
-            throughput = {"steps_per_second": length / seconds}
-            if tokens is not None:
-                throughput["tokens_per_second"] = tokens * length / seconds
+            throughput = {}
+            if timed:
+                throughput["steps_per_second"] = length / seconds
+                if tokens is not None:
+                    throughput["tokens_per_second"] = tokens * length / seconds
+                if flops_per_step is not None:
+                    throughput["mfu"] = flops_per_step * length / seconds / peak
             on_chunk(step, history[-1] | throughput | _peak_memory())
         bar.update(length)
         bar.set_postfix(val_nll=f"{history[-1]['val_nll']:.4f}")
@@ -382,12 +418,25 @@ def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphde
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "optimizer", "mesh", "length"),
                    donate_argnames=("state",))
 def _train_chunk(state, frozen, pool, data_key, model_key, *, graphdef, spec, optimizer, mesh, length):
-    """``length`` training steps as one compiled scan; the chunk's mean metrics (the rate: its last)."""
+    """``length`` training steps as one compiled scan; each metric per step ([length]; ``_chunk_means`` reduces)."""
     step = functools.partial(_train_step, graphdef=graphdef, spec=spec, optimizer=optimizer, mesh=mesh)
-    state, per_step = jax.lax.scan(lambda s, _: step(s, frozen, pool, data_key, model_key), state, None,
-                                   length=length)
-    return state, {name: values[-1] if name == "learning_rate" else jnp.mean(values)
-                   for name, values in per_step.items()}
+    return jax.lax.scan(lambda s, _: step(s, frozen, pool, data_key, model_key), state, None, length=length)
+
+
+def _part_ends(step: int, chunk_end: int, profile: ProfileWindow | None) -> list[int]:
+    """Where the scans of the chunk from ``step`` to ``chunk_end`` end: the chunk's end, and a
+    profile window's bounds inside it (a scan never crosses one)."""
+    bounds = () if profile is None else (profile.start, profile.end)
+    return sorted({chunk_end, *(b for b in bounds if step < b < chunk_end)})
+
+
+@jax.jit
+def _chunk_means(parts: tuple[dict[str, jax.Array], ...]) -> dict[str, jax.Array]:
+    """A chunk's metrics from its scans' per-step values: means over its steps, the rate at the last.
+    One reduction of the same values however the chunk was split, so a profiled run reports what an
+    unprofiled one does bit for bit (averaging the parts' means differs in the last bit)."""
+    values = {name: jnp.concatenate([part[name] for part in parts]) for name in parts[0]}
+    return {name: series[-1] if name == "learning_rate" else jnp.mean(series) for name, series in values.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))

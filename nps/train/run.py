@@ -16,6 +16,7 @@ from nps.train.evaluate import (
     check_unseen_targets,
     evaluate_unseen_accuracy,
 )
+from nps.train.logging import LogConfig, RunLog
 from nps.train.loop import FitResult, TrainConfig, fit
 
 
@@ -49,6 +50,7 @@ def fit_and_evaluate(
     eval_episodes: EpisodeSpec | None = None,
     mesh=None,
     progress: bool = True,
+    log: LogConfig = LogConfig(),
 ) -> tuple[FitResult, dict[str, Any]]:
     """Fit any ``fit``-able model (resuming from ``out/checkpoints/<name>``) and evaluate it.
 
@@ -56,19 +58,23 @@ def fit_and_evaluate(
     ``run_config`` identifies the run (model, data,
     base LM); a checkpoint made under another one is refused. ``eval_episodes``: the test tasks'
     shape when it differs from training's (e.g. N^T = 13 at test for DPO trained with N^T = 9).
+    ``log``: the training curves, the accuracy table and any profile trace go to ``out/logs/<name>``.
     Returns the fit and the model's results entry.
     """
     eval_episodes = eval_episodes or episodes
     check_unseen_targets(evaluation.context_sizes, eval_episodes)
     start = time.perf_counter()
-    result = fit(
-        model, pools["train"], pools["val"], episodes, train, out / "checkpoints" / name,
-        run_config=run_config, progress=progress, description=name, mesh=mesh,
-    )
-    accuracy = evaluate_unseen_accuracy(
-        result.graphdef, result.params, pools["test"], eval_episodes, user_names, evaluation.context_sizes,
-        evaluation.num_tasks, evaluation.seed, frozen=result.frozen,
-    )
+    with RunLog(log, out / "logs" / name, run_config=run_config) as run_log:
+        result = fit(
+            model, pools["train"], pools["val"], episodes, train, out / "checkpoints" / name,
+            run_config=run_config, progress=progress, description=name, mesh=mesh,
+            on_chunk=run_log.on_chunk if run_log.active else None, profile=run_log.profile_window(),
+        )
+        accuracy = evaluate_unseen_accuracy(
+            result.graphdef, result.params, pools["test"], eval_episodes, user_names, evaluation.context_sizes,
+            evaluation.num_tasks, evaluation.seed, frozen=result.frozen,
+        )
+        run_log.evaluation(result.steps, accuracy)
     entry = {
         "kind": kind,
         "unseen_accuracy": accuracy,
