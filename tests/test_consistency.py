@@ -4,7 +4,7 @@
 the mean (chosen − rejected) of the context, and the log-odds of a pair is scale · z · (a − b). A
 simulated user of type ±1 prefers the option with the larger ±first coordinate, so these tests
 know every answer's truth. The rates measured with trained NP-BTL and NP-DPO models are in
-docs/results.md (scripts/drift_consistency.py).
+docs/results.md (`nps reproduce consistency`).
 """
 
 import jax
