@@ -161,18 +161,20 @@ def _profile_check(args) -> None:
         raise ConfigError(f"{args.profile}: the profile has no answered pairs; nothing to check")
     pairs = [{field: r[field] for field in PAIR_FIELDS} for r in records]
     run = SteeringRun.load(args.run, "np_dpo" if args.model == "np_btl_reward" else args.model)
-    try:
-        if args.model == "np_btl_reward":
-            from nps.workflow.ab import load_np_btl_scorer
+    if args.model == "np_btl_reward":
+        from nps.workflow.ab import load_np_btl_scorer
 
-            model = load_np_btl_scorer(run)
+        model = load_np_btl_scorer(run)
+    elif run.conditioned:
+        model = run.policy
+    else:
+        raise ConfigError(f"--model {args.model} takes no user; check with np_dpo or np_btl_reward")
+    try:  # the model's options of each answer: features for NP-BTL, token rows for the policy
+        if args.model == "np_btl_reward":
             prompts = [p["prompt"] for p in pairs]
             chosen = run.option_features(prompts, [p["chosen"] for p in pairs])
             rejected = run.option_features(prompts, [p["rejected"] for p in pairs])
         else:
-            if not run.conditioned:
-                raise ConfigError(f"--model {args.model} takes no user; check with np_dpo or np_btl_reward")
-            model = run.policy
             chosen, rejected = run.pair_options(pairs)
     except ConfigError as error:
         raise ConfigError(f"{args.profile}: {error}") from None

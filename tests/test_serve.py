@@ -306,6 +306,10 @@ def test_cli_errors_are_one_line(steering_run, tmp_path, capsys):
     words.write_text('{"prompt": "quantum music", "chosen": "example", "rejected": "perhaps"}\n')
     assert main(["profile", "check", str(words), "--run", str(steering_run)]) == 2
     assert "'quantum' is not a word of the steering language" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "physics music", "chosen": "example", "rejected": "perhaps"}\n')
+    assert main(["profile", "check", str(good), "--run", str(steering_run), "--model", "np_btl_reward"]) == 2
+    assert "no NP-BTL reward model in this run; train it once with `nps ab" in capsys.readouterr().err
     assert main(["serve", "--run", str(steering_run), "--candidates", str(CANDIDATES), "--store",
                  str(tmp_path / "s"), "--host", "0.0.0.0"]) == 2
     assert "--host 0.0.0.0 exposes the app beyond this machine; set --admin-token" in capsys.readouterr().err

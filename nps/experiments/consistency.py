@@ -33,10 +33,9 @@ from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool, order_pairs
 from nps.data.synthetic import TWO_USER_NAMES, two_user_identity, two_user_pools
 from nps.errors import invalid
-from nps.experiments.steering import SteeringConfig, run_steering
+from nps.experiments.steering import trained_run
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
 from nps.results import finish_run, run_directory
-from nps.serve.steering import SteeringRun
 from nps.train.evaluate import mean_and_sem
 from nps.train.loop import TrainConfig
 from nps.train.run import EvalConfig, train_and_evaluate
@@ -163,11 +162,7 @@ def _synthetic(config: ConsistencyConfig, out: Path, progress: bool) -> tuple[_T
 
 
 def _steering(config: ConsistencyConfig, out: Path, progress: bool, echo) -> _Task:
-    directory = Path(config.steering_run) if config.steering_run else out / "steering"
-    if not (directory / "results.json").exists():
-        echo(f"training the steering policies under {directory} (nps reproduce steering)")
-        run_steering(SteeringConfig(), directory, progress=progress, echo=echo)
-    run = SteeringRun.load(directory)
+    run = trained_run(config.steering_run, out, progress, echo)
     pairs = run.preference_pairs()
     test = OptionPairPool(pairs.pools("all")["test"], pairs.options)
     rows = lambda ids: jax.tree.map(lambda x: x[ids[:, 0]], pairs.options)  # noqa: E731

@@ -94,7 +94,7 @@ def create_app(service, admin_token: str | None = None):
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             raise Problem(413, f"The request is larger than {MAX_BODY} bytes; forms here are a few words long.")
         body = b""
-        async for chunk in request.stream():
+        async for chunk in request.stream():  # counted as it arrives: a missing or false length changes nothing
             body += chunk
             if len(body) > MAX_BODY:
                 raise Problem(413, f"The request is larger than {MAX_BODY} bytes; forms here are a few words long.")
@@ -102,7 +102,8 @@ def create_app(service, admin_token: str | None = None):
             values = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
                                     max_num_fields=16))
         except (UnicodeDecodeError, ValueError):
-            raise Problem(400, "The form could not be read (not URL-encoded UTF-8); reload the page and try again.")
+            raise Problem(400, "The form could not be read (not URL-encoded UTF-8); reload the page and "
+                               "try again.") from None
         missing = [f for f in fields if f not in values]
         if missing:
             raise Problem(400, f"The form lacks {', '.join(missing)}; reload the page and try again.")

@@ -333,12 +333,12 @@ class PreferenceService:
         records = self.answered_pairs(name)
         pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records]
         key = (name, profile_hash(pairs))
-        if key not in self._reports:
-            with self.model_lock:
+        with self.model_lock:
+            if key not in self._reports:  # checked again under the lock: a profile version is checked once
                 chosen, rejected = self.run.pair_options(pairs) if pairs else (None, None)
                 self._reports[key] = check_profile(self.run.policy, pairs, chosen, rejected,
                                                    [r.get("position") for r in records])
-        return self._reports[key]
+            return self._reports[key]
 
     def confidence(self, name: str) -> float | None:
         """How sure the model is of the person's choices on the pairs they have not answered: the mean

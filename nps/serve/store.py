@@ -161,8 +161,11 @@ class Store:
         """Whether ``key`` is the person's key (constant-time comparison of digests)."""
         if not NAME_PATTERN.fullmatch(name or ""):
             return False
-        record = self.person(name)
-        return record is not None and hmac.compare_digest(record.get("key_sha256", ""), _key_digest(key))
+        try:
+            record = self.person(name)
+        except StoreError:  # an unreadable person.json signs nobody in
+            return False
+        return isinstance(record, dict) and hmac.compare_digest(str(record.get("key_sha256", "")), _key_digest(key))
 
     # -- profiles and A/B judgements -----------------------------------------------------------------
     def profile(self, name: str, candidates: str) -> list[dict[str, Any]]:

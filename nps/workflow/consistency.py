@@ -9,8 +9,8 @@ tasks need no text), a policy's ``PolicyOptions`` for NP-DPO (``SteeringRun.pair
 
 - **Leave-one-out**: for every answer i, p_i = p(recorded choice | z(all answers but i)), the
   posterior predictive probability of what the person answered, given the rest of the profile.
-  Computed as N masks over one fixed context capacity (a power of two ≥ N), vmapped: one compiled
-  program serves every profile of a capacity bucket. Answers with p_i below ``implausible_below``
+  Computed as N masks over one fixed context capacity (the next multiple of 8 ≥ N), vmapped: one
+  compiled program serves every profile of a capacity bucket. Answers with p_i below ``implausible_below``
   are listed; flipping an answer by mistake makes it the least plausible one.
 - **The same pair answered both ways**, and a **position bias**: an exact two-sided binomial test
   of the number of "first" (left) choices among the answers whose display position was recorded.
@@ -41,14 +41,15 @@ from flax import nnx
 
 from nps.data.episodes import Episodes
 
-MIN_CAPACITY = 8
+CAPACITY_STEP = 8
 ORDERS_PER_BATCH = 8  # permuted orders whose latents are computed in one compiled call
 PAIRS_PER_CALL = 512  # (latent, answer) log-likelihoods per compiled call
 
 
 def capacity_for(count: int) -> int:
-    """The context capacity of a profile of ``count`` answers: a power of two ≥ count, at least 8."""
-    return max(MIN_CAPACITY, 1 << max(count - 1, 0).bit_length())
+    """The context capacity of a profile of ``count`` answers: the next multiple of 8 (at least 8), so a
+    profile compiles a new program once per 8 answers and pads at most 7 rows."""
+    return max(CAPACITY_STEP, -(-count // CAPACITY_STEP) * CAPACITY_STEP)
 
 
 def _num_rows(tree: Any) -> int:
@@ -156,8 +157,8 @@ class _SplitStatistics:
         self.graphdef, self.state = nnx.split(model)
         self.chosen, self.rejected = _padded(chosen, self.capacity), _padded(rejected, self.capacity)
         self.splits = np.arange(min_segment, self.count - min_segment + 1)  # k: the number of earlier answers
-        everyone = np.zeros((ORDERS_PER_BATCH * self.capacity * 2, self.capacity), bool)
-        everyone[:, : self.count] = True
+        everyone = np.zeros((ORDERS_PER_BATCH * capacity_for(len(self.splits)) * 2, self.capacity), bool)
+        everyone[:, : self.count] = True  # the shape of a batch's masks: no program of its own
         latents = self._latents(everyone)
         self.one_latent = self._log_likelihoods(latents, np.zeros(self.count, np.int64), np.arange(self.count)).sum()
 
@@ -183,15 +184,16 @@ class _SplitStatistics:
         num_orders = orders.shape[0]
         ranks = np.full((ORDERS_PER_BATCH, capacity), capacity, np.int64)  # padding rows rank past every split
         ranks[np.arange(num_orders)[:, None], orders] = np.arange(count)
-        split_at = np.full(capacity, capacity)  # splits padded to the capacity: one compiled shape per bucket
+        slots = capacity_for(len(splits))  # splits padded to a bucket too: one compiled shape per bucket
+        split_at = np.full(slots, capacity)
         split_at[: len(splits)] = splits
-        earlier = ranks[:, None, :] < split_at[None, :, None]  # [O, C splits, C answers]
+        earlier = ranks[:, None, :] < split_at[None, :, None]  # [O, S splits, C answers]
         recent = (ranks[:, None, :] >= split_at[None, :, None]) & (ranks[:, None, :] < count)
-        latents = self._latents(np.stack([earlier, recent], axis=2).reshape(-1, capacity))  # [O·C·2, d]
+        latents = self._latents(np.stack([earlier, recent], axis=2).reshape(-1, capacity))  # [O·S·2, d]
         # Every answer of every real (order, split) under its own segment's latent.
         order_ids, split_ids, answer_ids = np.nonzero(np.ones((num_orders, len(splits), count), bool))
         side = ~earlier[order_ids, split_ids, answer_ids]
-        log_likelihood = self._log_likelihoods(latents, (order_ids * capacity + split_ids) * 2 + side, answer_ids)
+        log_likelihood = self._log_likelihoods(latents, (order_ids * slots + split_ids) * 2 + side, answer_ids)
         statistics = np.zeros((num_orders, len(splits)))
         np.add.at(statistics, (order_ids, split_ids), log_likelihood)
         return statistics - self.one_latent
