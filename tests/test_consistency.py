@@ -7,6 +7,8 @@ know every answer's truth. The rates measured with trained NP-BTL and NP-DPO mod
 docs/results.md (`nps reproduce consistency`).
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,3 +157,16 @@ def test_np_btl_reward_models_plug_in_as_they_are(stochastic):
     drift = drift_test(model, chosen, rejected, permutations=9)
     assert probabilities.shape == (7,) and np.all((probabilities > 0) & (probabilities < 1))
     assert np.isfinite(drift.statistic) and 0 < drift.p_value <= 1
+
+
+@pytest.mark.slow
+def test_trained_np_btl_meets_the_bars_on_the_synthetic_task(tmp_path):
+    """`nps reproduce consistency` on the synthetic task (NP-BTL, 1,000 steps), 40 users of each kind."""
+    from nps.cli import main
+
+    assert main(["reproduce", "consistency", "--out", str(tmp_path), "--quiet", "--set", "tasks=synthetic",
+                 "--set", "candidate_sets=conflicting", "--set", "num_users=40"]) == 0
+    study = json.loads((tmp_path / "results.json").read_text())["tasks"]["synthetic"]["conflicting"]
+    assert study["stable_flagged"]["mean"] <= 0.10  # the bar is 5 %; 40 users leave room for chance
+    assert study["switching_flagged_at_any_look"]["mean"] >= 0.90
+    assert study["flipped_are_least_plausible"]["mean"] >= 0.80

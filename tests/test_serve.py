@@ -368,14 +368,16 @@ def test_fifty_people_answer_2000_pairs_through_a_sigkill_and_restart(server):
         time.sleep(0.05)
     before_kill = progress["answers"], time.monotonic() - began
     server.kill()  # mid-load: acknowledged answers must survive, in-flight ones be retried
+    killed = time.monotonic()
     server.start()
+    restart = time.monotonic() - killed
     for thread in threads:
         thread.join(timeout=max(1.0, stop - time.monotonic()))
     elapsed = time.monotonic() - began
     assert not errors, errors[:3]
     print(f"\nload: {before_kill[0]} answers in {before_kill[1]:.1f} s before the kill "
-          f"({before_kill[0] / before_kill[1]:.0f} answers/s); {people * per_person} in {elapsed:.1f} s "
-          "with the restart")
+          f"({before_kill[0] / before_kill[1]:.0f} answers/s); restart {restart:.1f} s; "
+          f"{people * per_person} answers in {elapsed:.1f} s in all")
     for name, mine in acknowledged.items():
         assert len(mine) == per_person, name
         recorded = [r["candidate"] for r in read_profile(server.store / "people" / name / "profile.jsonl")]

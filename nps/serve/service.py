@@ -170,6 +170,10 @@ class PreferenceService:
             if not isinstance(index, int) or not 0 <= index < len(self.candidates):
                 raise StoreError(f"{path}: record {number} names candidate {index!r}, not one of 0..."
                                  f"{len(self.candidates) - 1}; fix or delete that line", 409)
+            answer = {record.get("chosen"), record.get("rejected")}
+            if record.get("choice") != "skip" and answer != set(self.candidates[index]["responses"]):
+                raise StoreError(f"{path}: record {number} does not answer candidate {index} (its chosen and "
+                                 "rejected are not that candidate's two responses); fix or delete that line", 409)
         answered = [r for r in records if r.get("choice") != "skip"]
         log_weights = jnp.zeros((1, self.probabilities.shape[0]))
         if answered:
