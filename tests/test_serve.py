@@ -301,7 +301,8 @@ def test_cli_errors_are_one_line(steering_run, tmp_path, capsys):
     junk = tmp_path / "junk.jsonl"
     junk.write_text('{"prompt": "physics music", "chosen": "example", "rejected": "perhaps"}\nnot json\n')
     assert main(["profile", "check", str(junk), "--run", str(steering_run)]) == 2
-    assert capsys.readouterr().err == f"nps: error: {junk}:2: not valid JSON (Expecting value); one answer per line\n"
+    assert capsys.readouterr().err == (f"nps: error: {junk}:2: not valid JSON (Expecting value); expected a profile: "
+                                       "JSON lines of prompt/chosen/rejected\n")
     words = tmp_path / "words.jsonl"
     words.write_text('{"prompt": "quantum music", "chosen": "example", "rejected": "perhaps"}\n')
     assert main(["profile", "check", str(words), "--run", str(steering_run)]) == 2

@@ -32,14 +32,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from nps.data.profiles import PAIR_FIELDS, read_profile
+from nps.data.profiles import PAIR_FIELDS, read_json_records, read_profile
 from nps.errors import ConfigError, NPSError
-from nps.files import append_json_line, atomic_write_json, exclusive_lock, texts_digest
+from nps.files import LockedError, append_json_line, atomic_write_json, exclusive_lock, texts_digest
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 NAME_RULE = "1–32 characters: lower-case letters, digits, '-' or '_', starting with a letter or digit"
 EXPORT_FORMAT = "nps-preferences"
 EXPORT_VERSION = 1
+HISTORY = "the history of z, one JSON object per line"
 
 
 class StoreError(NPSError):
@@ -67,22 +68,15 @@ def _key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _read_json_lines(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file the app wrote; a broken line is a StoreError (409) naming it."""
+def _read_json_lines(path: Path, expected: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file the app wrote (none if it is not there yet); a broken line
+    is a StoreError (409) naming it."""
     if not path.exists():
         return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise StoreError(f"{path}:{number}: not valid JSON; fix or delete that line", 409) from None
-        if not isinstance(record, dict):
-            raise StoreError(f"{path}:{number}: expected a JSON object; fix or delete that line", 409)
-        records.append(record)
-    return records
+    try:
+        return read_json_records(path, expected)
+    except ConfigError as error:
+        raise StoreError(f"{error}; fix or delete that line", 409) from None
 
 
 class Store:
@@ -175,17 +169,21 @@ class Store:
             return []
         try:
             return read_profile(path, candidates)
-        except UnicodeDecodeError:
-            raise StoreError(f"{path}: not UTF-8 text; fix or delete the profile", 409) from None
         except ConfigError as error:
             raise StoreError(f"{error} (the profile is left as it is until someone repairs it)", 409) from None
 
     def append_answer(self, name: str, record: dict[str, Any]) -> None:
-        """Append one profile record, fsynced (the caller holds the person's lock)."""
-        append_json_line(self.profile_path(name), record)
+        """Append one profile record, fsynced (the caller holds the person's lock). The profile's own
+        lock is held while writing, as ``nps collect`` holds it: the two never write one profile at once."""
+        path = self.profile_path(name)
+        try:
+            with exclusive_lock(path, f"the profile {path}"):
+                append_json_line(path, record)
+        except LockedError as error:
+            raise StoreError(f"{error}; nothing was recorded", 409) from None
 
     def judgements(self, name: str) -> list[dict[str, Any]]:
-        return _read_json_lines(self.ab_path(name))
+        return _read_json_lines(self.ab_path(name), "blind A/B judgements, one JSON object per line")
 
     def append_judgement(self, name: str, record: dict[str, Any]) -> None:
         append_json_line(self.ab_path(name), record)
@@ -194,7 +192,7 @@ class Store:
     def _history_index(self) -> dict[tuple[str, str, str], dict[str, Any]]:
         if self._history is None:
             index = {}
-            for record in _read_json_lines(self.history_path):
+            for record in _read_json_lines(self.history_path, HISTORY):
                 index.setdefault((record.get("person"), record.get("profile_hash"), record.get("run_fingerprint")),
                                  record)
             self._history = index
@@ -221,7 +219,7 @@ class Store:
 
     def history(self, name: str | None = None) -> list[dict[str, Any]]:
         """The recorded z of one person (or of everyone), oldest first."""
-        return [r for r in _read_json_lines(self.history_path) if name is None or r.get("person") == name]
+        return [r for r in _read_json_lines(self.history_path, HISTORY) if name is None or r.get("person") == name]
 
     # -- export -------------------------------------------------------------------------------------------
     def export(self, candidates: str, run_fingerprint: str) -> tuple[Path, dict[str, Any]]:
