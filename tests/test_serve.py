@@ -246,6 +246,11 @@ def test_bad_requests_get_a_4xx_write_nothing_and_the_server_keeps_serving(serve
         status, _, html = server.request(method, path, form, who, body, headers)
         assert 400 <= status < 500, (method, path, form, status)
         assert 'id="message"' in html, (path, html[:200])
+    # The personal link signs the person in from another browser (and names nobody else).
+    link = re.search(r"http://[^/]+(/p/mallory/[^<\s]+)", server.request("GET", "/?new=1", cookie=cookie)[2]).group(1)
+    status, headers, _ = server.request("GET", link)
+    assert status == 303 and headers["set-cookie"].startswith(cookie + ";")
+    assert server.request("GET", link.replace("/mallory/", "/trent/"))[0] == 403
     status, _, html = server.request("GET", "/admin", headers={"cookie": "nps_admin=guess"})
     assert status == 200 and 'id="token"' in html and 'id="people"' not in html  # the sign-in form, no data
     after = sorted(p.relative_to(server.store) for p in server.store.rglob("*") if "cache" not in p.parts)

@@ -49,8 +49,8 @@ CANDIDATE_SETS = ("conflicting", "all")
 class ConsistencyConfig:
     tasks: tuple[str, ...] = TASKS
     candidate_sets: tuple[str, ...] = CANDIDATE_SETS
-    num_users: int = 200  # of each kind, per task and candidate set
-    steering_users: int = 60  # NP-DPO scores every answer with its language model: fewer users there
+    num_users: int = 100  # of each kind, per task and candidate set
+    steering_users: int = 50  # NP-DPO scores every answer with its language model: fewer users there
     answers: int = 20
     switch_after: int = 10
     flip_answers: int = 15
@@ -110,7 +110,8 @@ def _prefixes(tree: Any, count: int) -> Any:
     return jax.tree.map(lambda x: x[:count], tree)
 
 
-def _study(task: _Task, config: ConsistencyConfig, num_users: int, rng: np.random.Generator) -> dict[str, Any]:
+def _study(task: _Task, config: ConsistencyConfig, num_users: int, rng: np.random.Generator,
+           echo=lambda *_: None) -> dict[str, Any]:
     settings = {"threshold": config.threshold, "permutations": config.permutations, "window": config.window,
                 "min_segment": config.min_segment}
     started = time.perf_counter()
@@ -136,6 +137,8 @@ def _study(task: _Task, config: ConsistencyConfig, num_users: int, rng: np.rando
         flipped = rng.choice(config.flip_answers, config.flipped, replace=False)
         probabilities = leave_one_out(task.model, *task.profile(rng, np.full(config.flip_answers, first_type), flipped))
         found.append(set(np.argsort(probabilities)[: config.flipped].tolist()) == set(flipped.tolist()))
+        if (user + 1) % 10 == 0:
+            echo(f"  {user + 1}/{num_users} users, {time.perf_counter() - started:.0f} s")
     rate = lambda values: mean_and_sem(np.asarray(values, np.float64))  # noqa: E731
     return {
         "num_users": num_users, "num_candidates": len(task.a_preferred),
@@ -181,8 +184,11 @@ def run_consistency(config: ConsistencyConfig, out: str | Path, *, fresh: bool =
             else:
                 task = _steering(config, out, progress, echo)
             users = config.num_users if name == "synthetic" else config.steering_users
-            results[name] = {which: _study(task.subset(which), config, users, np.random.default_rng(config.seed))
-                             for which in config.candidate_sets}
+            results[name] = {}
+            for which in config.candidate_sets:
+                echo(f"{name}, {which} candidates:")
+                results[name][which] = _study(task.subset(which), config, users, np.random.default_rng(config.seed),
+                                              echo if progress else lambda *_: None)
         return finish_run(out, start, echo, tables=[format_table(results)], plots=[], experiment="consistency",
                           config=config_to_dict(config), tasks=results, models=models, user_types=TWO_USER_NAMES)
 

@@ -24,7 +24,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qsl, quote
+from urllib.parse import parse_qsl
 
 from nps.errors import ConfigError
 from nps.serve.store import NAME_PATTERN, NAME_RULE, Store, StoreError, check_name
@@ -75,6 +75,11 @@ def create_app(service, admin_token: str | None = None):
         name, _, key = request.cookies.get(PERSON_COOKIE, "").partition(".")
         return name if name and key and store.verify(name, key) else None
 
+    def personal_link(request: Request) -> str | None:
+        """The signed-in person's link back (from their own cookie: the store keeps only the key's digest)."""
+        name, _, key = request.cookies.get(PERSON_COOKIE, "").partition(".")
+        return f"{request.base_url}p/{name}/{key}" if current_person(request) else None
+
     def require_person(request: Request) -> str:
         name = current_person(request)
         if name is None:
@@ -118,9 +123,8 @@ def create_app(service, admin_token: str | None = None):
 
     # -- start ---------------------------------------------------------------------------------------
     async def home(request: Request):
-        name = current_person(request)
         return page(request, "home.html", name_rule=NAME_RULE, total=len(service.candidates),
-                    link=request.query_params.get("link") if name else None)
+                    link=personal_link(request) if request.query_params.get("new") else None)
 
     async def start(request: Request):
         values = await form(request, "name")
@@ -134,10 +138,9 @@ def create_app(service, admin_token: str | None = None):
         if key is None:
             raise Problem(409, f"The name {name!r} is taken. Open your personal link to continue as {name}, "
                                "or pick another name.")
-        link = f"/p/{name}/{key}"
-        return with_person_cookie(see_other(f"/?link={quote(link)}"), name, key)
+        return with_person_cookie(see_other("/?new=1"), name, key)
 
-    async def personal_link(request: Request):
+    async def sign_in_by_link(request: Request):
         name, key = request.path_params["name"], request.path_params["key"]
         if not store.verify(name, key):
             raise Problem(403, "This personal link is not valid. Check that you copied all of it.")
@@ -204,7 +207,7 @@ def create_app(service, admin_token: str | None = None):
         skipped = await run_in_threadpool(service.skipped, name)
         return page(request, "profile.html", records=records, report=report, confidence=confidence,
                     version=version, history=history, summary=summary, skipped=skipped,
-                    total=len(service.candidates), fingerprint=service.run.fingerprint)
+                    total=len(service.candidates), fingerprint=service.run.fingerprint, link=personal_link(request))
 
     async def latent_map(request: Request):
         name = require_person(request)
@@ -282,7 +285,7 @@ def create_app(service, admin_token: str | None = None):
 
     routes = [
         Route("/", home), Route("/start", start, methods=["POST"]),
-        Route("/p/{name}/{key}", personal_link), Route("/leave", leave, methods=["POST"]),
+        Route("/p/{name}/{key}", sign_in_by_link), Route("/leave", leave, methods=["POST"]),
         Route("/teach", teach), Route("/teach", teach_answer, methods=["POST"]),
         Route("/try", try_page), Route("/try", try_submit, methods=["POST"]),
         Route("/try/judge", try_judge, methods=["POST"]),
