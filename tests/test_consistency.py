@@ -16,13 +16,14 @@ import pytest
 from flax import nnx
 
 from nps.workflow.consistency import (
-    _leave_one_out_log_odds,
+    _log_likelihood_table,
     check_profile,
     contradictions,
     drift_test,
     format_report,
     leave_one_out,
     position_bias,
+    proposal_masks,
 )
 
 
@@ -56,26 +57,60 @@ def simulated_profile(rng, count, switch_at=None, flipped=()):
     return chosen.astype(np.float32), rejected.astype(np.float32)
 
 
-def test_leave_one_out_matches_each_answer_predicted_from_the_others_alone():
+def test_leave_one_out_is_the_posterior_over_the_z_of_the_other_answers():
     model = PreferenceDirection()
     chosen, rejected = simulated_profile(np.random.default_rng(0), 6)
-    probabilities = leave_one_out(model, chosen, rejected)
+    probabilities = leave_one_out(model, chosen, rejected, subsets=8)
+    masks = proposal_masks(6, subsets=8)[:, :6]
+    difference = chosen - rejected
+    log_likelihood = np.zeros((len(masks), 6))
+    for m, mask in enumerate(masks):  # the model by hand, on unpadded answers: z_m, then every answer
+        mean = difference[mask].mean(axis=0) if mask.any() else np.zeros(2)
+        z = mean / max(np.linalg.norm(mean), 1e-6)
+        log_likelihood[m] = -np.log1p(np.exp(-model.scale * difference @ z))
     for i in range(6):
-        rest = np.arange(6) != i
-        z = np.mean(chosen[rest] - rejected[rest], axis=0)
-        expected = jax.nn.sigmoid(model.scale * (chosen[i] - rejected[i]) @ (z / np.linalg.norm(z)))
-        assert probabilities[i] == pytest.approx(float(expected), abs=1e-5)
+        usable = ~masks[:, i]  # the z's that never read answer i
+        evidence = log_likelihood[usable].sum(axis=1) - log_likelihood[usable, i]
+        weights = np.exp(evidence - evidence.max())
+        expected = np.sum(weights * np.exp(log_likelihood[usable, i])) / weights.sum()
+        assert probabilities[i] == pytest.approx(expected, abs=1e-4)
+    # Capacity 8: one row per slot (the two empty slots' rows read every answer and are never used), then 8 halves.
+    assert masks[:8].sum(axis=1).tolist() == [5] * 6 + [6] * 2 and masks[8:].sum(axis=1).tolist() == [3] * 8
+
+
+class OneAnswerDecides(PreferenceDirection):
+    """A gullible encoder: z follows the context's most decisive answer alone, so one mistaken
+    answer in a context throws off the z of everything else (as an encoder that never saw a
+    mistake in training may)."""
+
+    def context_latent(self, episodes):
+        difference = episodes.context_chosen - episodes.context_rejected
+        strength = jnp.where(episodes.context_mask, jnp.abs(difference[..., 0]), -1.0)
+        decisive = jnp.take_along_axis(difference, jnp.argmax(strength, axis=1)[:, None, None], axis=1)[:, 0]
+        return decisive / jnp.maximum(jnp.linalg.norm(decisive, axis=-1, keepdims=True), 1e-6)
+
+
+def test_the_posterior_finds_mistakes_that_throw_off_the_plain_leave_one_out_z():
+    model, rng = OneAnswerDecides(), np.random.default_rng(8)
+    found = {"plain": 0, "posterior": 0}
+    for _ in range(20):
+        flipped = rng.choice(15, 2, replace=False)
+        chosen, rejected = simulated_profile(rng, 15, flipped=flipped)
+        for name, subsets in (("plain", 0), ("posterior", 64)):
+            probabilities = leave_one_out(model, chosen, rejected, subsets=subsets)
+            found[name] += set(np.argsort(probabilities)[:2]) == set(flipped)
+    assert found["posterior"] >= 18 and found["posterior"] > found["plain"], found
 
 
 def test_one_compilation_serves_every_profile_size_of_a_capacity_bucket():
     model, rng = PreferenceDirection(), np.random.default_rng(1)
     leave_one_out(model, *simulated_profile(rng, 3))
-    compiled = _leave_one_out_log_odds._cache_size()
+    compiled = _log_likelihood_table._cache_size()
     for count in (1, 5, 8):
         assert leave_one_out(model, *simulated_profile(rng, count)).shape == (count,)
-    assert _leave_one_out_log_odds._cache_size() == compiled  # 1..8 answers: one capacity, one program
+    assert _log_likelihood_table._cache_size() == compiled  # 1..8 answers: one capacity, one program
     leave_one_out(model, *simulated_profile(rng, 9))
-    assert _leave_one_out_log_odds._cache_size() == compiled + 1
+    assert _log_likelihood_table._cache_size() == compiled + 1
 
 
 def test_two_flipped_answers_of_fifteen_are_the_least_plausible():

@@ -7,11 +7,18 @@ profile's N answers are given as two option pytrees with leading axis N, ``chose
 ``rejected``, in the model's own form: feature arrays [N, D] for a reward model (the synthetic
 tasks need no text), a policy's ``PolicyOptions`` for NP-DPO (``SteeringRun.pair_options``).
 
-- **Leave-one-out**: for every answer i, p_i = p(recorded choice | z(all answers but i)), the
-  posterior predictive probability of what the person answered, given the rest of the profile.
-  Computed as N masks over one fixed context capacity (the next multiple of 8 ≥ N), vmapped: one
-  compiled program serves every profile of a capacity bucket. Answers with p_i below ``implausible_below``
-  are listed; flipping an answer by mistake makes it the least plausible one.
+- **Leave-one-out**: for every answer i, p_i = p(y_i | the other answers), the posterior
+  predictive probability of what the person answered given the rest of the profile:
+
+      p_i = Σ_m w_m p(y_i | z_m),   w_m ∝ Π_{k ≠ i} p(y_k | z_m)   over the z_m that did not read y_i,
+
+  a posterior over z on proposals from the model's own encoder: z of all answers but one (the
+  plain leave-one-out z) and z of random halves of the profile. An encoder trained on consistent
+  users reads a context with a mistaken answer as evidence for another user, so the plain z of the
+  rest is thrown off by every other mistake in it; the weights keep the z's that explain the rest
+  (measured in docs/results.md). Every z comes from a mask over one fixed context capacity (the
+  next multiple of 8 ≥ N), vmapped with the masks: one compiled program serves every profile of a
+  capacity bucket. Answers with p_i below ``implausible_below`` are listed.
 - **The same pair answered both ways**, and a **position bias**: an exact two-sided binomial test
   of the number of "first" (left) choices among the answers whose display position was recorded.
 - **Drift**: for a split k of the last ``window`` answers into earlier ones E and recent ones R,
@@ -42,6 +49,7 @@ from flax import nnx
 from nps.data.episodes import Episodes
 
 CAPACITY_STEP = 8
+SUBSETS = 64  # random halves of a profile whose z's the leave-one-out posterior weighs
 ORDERS_PER_BATCH = 8  # permuted orders whose latents are computed in one compiled call
 PAIRS_PER_CALL = 512  # (latent, answer) log-likelihoods per compiled call
 
@@ -75,31 +83,50 @@ def _tasks(chosen: Any, rejected: Any, context_mask: jax.Array, target_chosen: A
 
 # -- leave-one-out ----------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _leave_one_out_log_odds(graphdef, state, chosen, rejected, valid):
-    """Log-odds [C] of each recorded choice given the other valid answers (valid [C] bool)."""
+def _log_likelihood_table(graphdef, state, chosen, rejected, masks):
+    """log p(recorded choice of every answer | z of mask m) [M, C], masks [M, C] over the answers [C, ...]."""
     model = nnx.merge(graphdef, state)
-    capacity = valid.shape[0]
+    everyone = lambda tree: jax.tree.map(lambda x: x[None], tree)  # noqa: E731
 
-    def held_out(index):
-        mask = (valid & (jnp.arange(capacity) != index))[None]
-        target = lambda tree: jax.tree.map(lambda x: x[index][None, None], tree)  # noqa: E731
-        episodes = _tasks(chosen, rejected, mask, target(chosen), target(rejected))
-        return model.target_log_odds(episodes, model.context_latent(episodes))[0, 0]
+    def under(mask):
+        task = _tasks(chosen, rejected, mask[None], everyone(chosen), everyone(rejected))
+        return jax.nn.log_sigmoid(model.target_log_odds(task, model.context_latent(task))[0])
 
-    return jax.vmap(held_out)(jnp.arange(capacity))
+    return jax.vmap(under)(masks)
 
 
-def leave_one_out(model, chosen: Any, rejected: Any) -> np.ndarray:
-    """p [N]: each recorded choice's posterior predictive probability given the other N − 1 answers.
+def proposal_masks(count: int, subsets: int = SUBSETS, seed: int = 0) -> np.ndarray:
+    """The contexts whose z the leave-one-out posterior weighs [capacity + subsets, capacity]: all
+    answers but one (one row per slot), then ``subsets`` random halves of the ``count`` answers."""
+    capacity = capacity_for(count)
+    masks = np.zeros((capacity + subsets, capacity), bool)
+    masks[:capacity, :count] = True
+    masks[np.arange(capacity), np.arange(capacity)] = False
+    rng = np.random.default_rng(seed)
+    for row in range(capacity, capacity + subsets):
+        masks[row, rng.choice(count, count // 2, replace=False)] = True
+    return masks
+
+
+def leave_one_out(model, chosen: Any, rejected: Any, *, subsets: int = SUBSETS, seed: int = 0) -> np.ndarray:
+    """p [N]: each recorded choice's posterior predictive probability given the other N − 1 answers
+    (the module's docstring has the posterior).
 
     chosen, rejected: option pytrees with leading axis N (N ≥ 1; with N = 1 the context is empty).
+    ``subsets`` random halves of the profile (fixed by ``seed``) propose z's beside the N plain
+    leave-one-out ones.
     """
     count = _num_rows(chosen)
-    capacity = capacity_for(count)
+    masks = proposal_masks(count, subsets, seed)
     graphdef, state = nnx.split(model)
-    log_odds = _leave_one_out_log_odds(graphdef, state, _padded(chosen, capacity), _padded(rejected, capacity),
-                                       jnp.arange(capacity) < count)
-    return np.asarray(jax.nn.sigmoid(log_odds))[:count]
+    capacity = masks.shape[1]
+    log_likelihood = np.asarray(_log_likelihood_table(graphdef, state, _padded(chosen, capacity),
+                                                      _padded(rejected, capacity), jnp.asarray(masks)),
+                                np.float64)[:, :count]  # [M, N]
+    # Each z's evidence from every answer but i, and only the z's that did not read answer i.
+    evidence = np.where(masks[:, :count], -np.inf, log_likelihood.sum(axis=1, keepdims=True) - log_likelihood)
+    weights = np.exp(evidence - evidence.max(axis=0, keepdims=True))
+    return np.sum(weights * np.exp(log_likelihood), axis=0) / np.sum(weights, axis=0)
 
 
 # -- drift ------------------------------------------------------------------------------------------
