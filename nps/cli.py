@@ -14,6 +14,8 @@
            [--scorer oracle|np_btl]
     nps compare RUN_A RUN_B [--tolerance 0.02] [--sigmas 2] [--markdown REPORT.md] [--allow-different-data]
                 [--allow-missing]
+    nps serve --run RUN --candidates CANDIDATES.jsonl --store DIR [--host 127.0.0.1] [--port 8000] [--admin-token T]
+    nps profile check PROFILE.jsonl --run RUN [--model np_dpo|np_btl_reward] [--json REPORT.json]
 
 A re-run with the same --out resumes each model from its last checkpoint.
 """
@@ -125,7 +127,81 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--allow-different-data", action="store_true", help="compare runs on different datasets")
     diff.add_argument("--allow-missing", action="store_true", help="do not fail when B lacks a model or metric of A "
                       "or has a NaN or infinite one (they are still listed)")
+
+    web = commands.add_parser("serve", help="the preference web app: people teach nps, try it and judge it")
+    web.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
+    web.add_argument("--candidates", required=True, help='JSON lines of {"prompt": ..., "responses": [a, b]}')
+    web.add_argument("--store", required=True, help="folder for profiles, A/B judgements and the history of z")
+    web.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                     "any other needs --admin-token)")
+    web.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    web.add_argument("--admin-token", default=os.environ.get("NPS_ADMIN_TOKEN"),
+                     help="turns on the Admin page for whoever gives this token (default: $NPS_ADMIN_TOKEN)")
+    web.add_argument("--model", default="np_dpo", help="the steered policy (default np_dpo)")
+    web.add_argument("--baseline", default="base", help="blind A/B baseline: 'base' or RUN_DIR[:MODEL]")
+    web.add_argument("--particles", type=int, default=256, help="plausible users that choose the questions (256)")
+
+    profile = commands.add_parser("profile", help="check a profile: implausible answers, position bias, drift")
+    profile_commands = profile.add_subparsers(dest="profile_command", required=True)
+    check = profile_commands.add_parser("check", help="leave-one-out plausibility of each answer, answers given "
+                                        "both ways, position bias and drift, judged by a trained run")
+    check.add_argument("profile", help="a profile (JSON lines of prompt/chosen/rejected, e.g. from nps collect/serve)")
+    check.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
+    check.add_argument("--model", default="np_dpo", help="np_dpo (default) or np_btl_reward (the NP-BTL scorer "
+                       "`nps ab --scorer np_btl` trained)")
+    check.add_argument("--threshold", type=float, default=0.05, help="p-value at which drift and position bias "
+                       "are flagged (0.05)")
+    check.add_argument("--implausible-below", type=float, default=0.2,
+                       help="list answers whose leave-one-out probability is below this (0.2)")
+    check.add_argument("--permutations", type=int, default=99, help="most permutations of the drift test (99)")
+    check.add_argument("--window", type=int, default=24, help="the drift test reads the last this many answers (24)")
+    check.add_argument("--min-segment", type=int, default=3, help="fewest answers on each side of a drift (3)")
+    check.add_argument("--json", help="also write the report as JSON here")
     return parser
+
+
+def _profile_check(args) -> None:
+    from nps.data.profiles import PAIR_FIELDS, read_profile
+    from nps.files import atomic_write_json, file_sha256
+    from nps.serve.steering import SteeringRun
+    from nps.workflow.consistency import check_profile, format_report
+
+    for name in ("threshold", "implausible_below"):
+        if not 0 < getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be between 0 and 1")
+    for name in ("permutations", "window", "min_segment"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    records = [r for r in read_profile(args.profile) if r.get("choice") != "skip"]
+    if not records:
+        raise ConfigError(f"{args.profile}: the profile has no answered pairs; nothing to check")
+    pairs = [{field: r[field] for field in PAIR_FIELDS} for r in records]
+    run = SteeringRun.load(args.run, "np_dpo" if args.model == "np_btl_reward" else args.model)
+    if args.model == "np_btl_reward":
+        from nps.workflow.ab import load_np_btl_scorer
+
+        model = load_np_btl_scorer(run)
+    elif run.conditioned:
+        model = run.policy
+    else:
+        raise ConfigError(f"--model {args.model} takes no user; check with np_dpo or np_btl_reward")
+    try:  # the model's options of each answer: features for NP-BTL, token rows for the policy
+        if args.model == "np_btl_reward":
+            prompts = [p["prompt"] for p in pairs]
+            chosen = run.option_features(prompts, [p["chosen"] for p in pairs])
+            rejected = run.option_features(prompts, [p["rejected"] for p in pairs])
+        else:
+            chosen, rejected = run.pair_options(pairs)
+    except ConfigError as error:
+        raise ConfigError(f"{args.profile}: {error}") from None
+    report = check_profile(model, pairs, chosen, rejected, [r.get("position") for r in records],
+                           implausible_below=args.implausible_below, threshold=args.threshold,
+                           permutations=args.permutations, window=args.window, min_segment=args.min_segment)
+    print(format_report(report, args.profile))
+    if args.json:
+        inputs = {"profile": str(Path(args.profile).absolute()), "profile_sha256": file_sha256(args.profile),
+                  "run": str(Path(args.run).absolute()), "model": args.model, "run_fingerprint": run.fingerprint}
+        atomic_write_json(args.json, inputs | report.to_json())
 
 
 def _collect(args) -> int:
@@ -237,6 +313,15 @@ def main(argv: list[str] | None = None) -> int:
             return _collect(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "profile":
+            _profile_check(args)
+            return 0
+        if args.command == "serve":
+            from nps.serve.app import serve
+
+            serve(args.run, args.candidates, args.store, host=args.host, port=args.port, admin_token=args.admin_token,
+                  model=args.model, baseline=args.baseline, particles=args.particles)
+            return 0
         if args.command == "ab":
             from nps.workflow.ab import format_markdown, parse_profiles, run_ab
 
@@ -289,6 +374,8 @@ def _what_was_kept(args) -> str:
         return f"every checkpoint already saved under {out} is kept; run the same command again to resume"
     if args.command == "collect":
         return f"every answer given so far is saved in {args.profile}; run the same command again to continue"
+    if args.command == "serve":
+        return f"every acknowledged answer is saved in {args.store}; run the same command again to serve it"
     return "nothing was half-written; run the same command again"
 
 

@@ -68,3 +68,11 @@ def run_script(
 def run_script_fixture():
     """``run_script(script, *args, devices=1, env=None, timeout=300, check=True)``; see ``run_script``."""
     return run_script
+
+
+@pytest.fixture(scope="session")
+def steering_run():
+    """The tiny `nps reproduce steering` run that the preference app's tests share (tests/serve_fixture.py)."""
+    from serve_fixture import tiny_steering_run
+
+    return tiny_steering_run()

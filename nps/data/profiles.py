@@ -72,6 +72,12 @@ def _json_lines(path: Path, expected: str, *, allow_unfinished: bool = False) ->
     return _Lines(records)
 
 
+def read_json_records(path: str | Path, expected: str) -> list[dict]:
+    """Every record of a JSON-lines file, each line checked as a profile's are; ``expected`` says what
+    the file should hold (for the one-line error)."""
+    return [record for _, record in _json_lines(Path(path), expected).records]
+
+
 def read_candidates(path: str | Path) -> tuple[list[dict], str]:
     """The candidate pairs ``[{"prompt", "responses": [a, b]}]`` of a file, and the set's hash."""
     path = Path(path)

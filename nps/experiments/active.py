@@ -43,10 +43,9 @@ from nps.data.synthetic import (
     two_user_pools,
 )
 from nps.errors import ConfigError, invalid
-from nps.experiments.steering import SteeringConfig, run_steering
+from nps.experiments.steering import trained_run
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
 from nps.results import finish_run, run_directory, save_figure
-from nps.serve.steering import SteeringRun
 from nps.train.evaluate import check_unseen_targets, mean_and_sem
 from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
@@ -123,11 +122,7 @@ def _pair_sets(test: PairPool, options: Any, config: ActiveConfig, num_users: in
 def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
     """(model, its results entry or None, candidates, evaluation, population pool for the particles)."""
     if task == "steering":
-        directory = Path(config.steering_run) if config.steering_run else out / "steering"
-        if not (directory / "results.json").exists():
-            echo(f"training the steering policies under {directory} (nps reproduce steering)")
-            run_steering(SteeringConfig(), directory, progress=progress, echo=echo)
-        run = SteeringRun.load(directory)
+        run = trained_run(config.steering_run, out, progress, echo)
         pairs = run.preference_pairs()
         # Candidates as sampling produces them: conflicting pairs and pairs both users rank alike.
         pools = pairs.pools("all")

@@ -52,7 +52,7 @@ from nps.results import (
     run_directory,
     save_figure,
 )
-from nps.serve.steering import BASE_DIR, PAIRS_FILE, base_identity
+from nps.serve.steering import BASE_DIR, PAIRS_FILE, SteeringRun, base_identity
 from nps.train.distributed import primary_first
 from nps.train.evaluate import check_unseen_targets, mean_and_sem, win_rate
 from nps.train.logging import LogConfig
@@ -273,3 +273,13 @@ def run_steering(
             base=base_identity(base.weights_hash), user_types=USER_NAMES, models=models, win_rates=rates,
             continuum=continuum, log=config.log,
         )
+
+
+def trained_run(steering_run: str, out: Path, progress: bool, echo) -> SteeringRun:
+    """The steering run another experiment builds on: ``steering_run`` (a folder) if given, else the
+    default run trained under ``out/steering`` (reused when it is already there)."""
+    directory = Path(steering_run) if steering_run else out / "steering"
+    if not (directory / "results.json").exists():
+        echo(f"training the steering policies under {directory} (nps reproduce steering)")
+        run_steering(SteeringConfig(), directory, progress=progress, echo=echo)
+    return SteeringRun.load(directory)

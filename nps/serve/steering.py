@@ -10,6 +10,7 @@ rebuilds a policy from those files alone; ``nps generate``, ``nps collect --acti
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +25,7 @@ from nps.data import steering as language
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool, PolicyOptions
 from nps.errors import ConfigError
+from nps.files import texts_digest
 from nps.lm import Decoder, embed_tokens, from_pretrained, generate
 from nps.lm.generate import pad_sequences
 from nps.models.policy import (
@@ -32,6 +34,7 @@ from nps.models.policy import (
     policy_kind,
     with_reference_log_probs,
 )
+from nps.train.checkpoint import state_digest
 from nps.train.loop import TrainConfig, load_trained
 
 BASE_DIR = "base_lm"  # under checkpoints/: the pretrained base, a Hugging Face-format model directory
@@ -87,6 +90,13 @@ class SteeringRun:
                    float(config["temperature"]), config_from_dict(EpisodeSpec, config["episodes"], "episodes"),
                    model, run_dir, base.weights_hash)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """This run's identity wherever a z it inferred is recorded: a digest of the policy's name,
+        the base's weights hash and the trained parameters' bytes (another training, another fingerprint)."""
+        trained = state_digest(nnx.to_pure_dict(nnx.state(self.policy, nnx.Param)))
+        return texts_digest([self.model_name, self.weights_hash, trained])
+
     @property
     def conditioned(self) -> bool:
         """Whether this policy takes a user (NP-DPO) or serves everyone alike (the DPO baselines)."""
@@ -99,6 +109,25 @@ class SteeringRun:
             raise ConfigError(f"{path}: missing; run `nps reproduce steering --out {self.directory}` again to "
                               "store the run's preference pairs (trained policies are kept)")
         return language.PreferencePairs.load(path)
+
+    def sampled_candidates(self, count: int, split: str = "test", seed: int = 0) -> list[dict[str, Any]]:
+        """``count`` of the run's sampled pairs of ``split`` as a candidate set, ``{"prompt", "responses":
+        [a, b]}``: pairs as sampling produced them (the two users rank some oppositely, others alike),
+        leaving out responses that are empty, equal or hold a special token (nothing a person should read)."""
+        pairs = self.preference_pairs()
+        words, special = language.vocabulary(), set(language.SPECIAL_TOKENS)
+        tokens = np.asarray(pairs.options.tokens)
+        candidates = []
+        for pair in np.random.default_rng(seed).permutation(pairs.splits["all"][split]):
+            rows = tokens[pair], tokens[pair + pairs.num_pairs]
+            responses = [language.decode_response(row[language.PROMPT_LENGTH:]) for row in rows]
+            if any(not r or special & set(r.split()) for r in responses) or responses[0] == responses[1]:
+                continue
+            prompt = " ".join(words[t] for t in rows[0][1 : language.PROMPT_LENGTH - 1])
+            candidates.append({"prompt": prompt, "responses": responses})
+            if len(candidates) == count:
+                return candidates
+        raise ConfigError(f"the run's {split} split has {len(candidates)} readable pairs; ask for at most that many")
 
     # -- features as the encoders read them -----------------------------------------------------
     def check_lengths(self, sequences: Sequence[Sequence[int]], what: str, room: int = 0) -> None:
@@ -141,14 +170,22 @@ class SteeringRun:
                                 jnp.asarray(self.features(ids)), jnp.zeros((len(ids),), jnp.float32))
         return with_reference_log_probs(self.policy, options)
 
-    def candidate_options(self, candidates: list[dict[str, Any]]) -> tuple[PolicyOptions, PolicyOptions]:
-        """Options of each candidate's first and second response (``{"prompt", "responses": [a, b]}``),
-        built as one table so that both share a padded width."""
-        prompts = [c["prompt"] for c in candidates]
-        responses = [c["responses"][0] for c in candidates] + [c["responses"][1] for c in candidates]
-        both = self.options(prompts * 2, responses)
-        count = len(candidates)
+    def _option_pairs(self, prompts: list[str], first: list[str],
+                      second: list[str]) -> tuple[PolicyOptions, PolicyOptions]:
+        """Options [N] of two responses per prompt, built as one table so that both share a padded width."""
+        both = self.options(prompts * 2, first + second)
+        count = len(prompts)
         return (jax.tree.map(lambda x: x[:count], both), jax.tree.map(lambda x: x[count:], both))
+
+    def candidate_options(self, candidates: list[dict[str, Any]]) -> tuple[PolicyOptions, PolicyOptions]:
+        """Options of each candidate's first and second response (``{"prompt", "responses": [a, b]}``)."""
+        return self._option_pairs([c["prompt"] for c in candidates], [c["responses"][0] for c in candidates],
+                                  [c["responses"][1] for c in candidates])
+
+    def pair_options(self, pairs: list[dict[str, str]]) -> tuple[PolicyOptions, PolicyOptions]:
+        """Options [N] of each answered pair's chosen and rejected response ({"prompt", "chosen", "rejected"})."""
+        return self._option_pairs([p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
+                                  [p["rejected"] for p in pairs])
 
     # -- users -----------------------------------------------------------------------------------
     def encode_user(self, pairs: list[dict[str, str]]) -> jax.Array | None:
@@ -162,8 +199,9 @@ class SteeringRun:
         from nps.active import particle_latents
 
         pairs = self.preference_pairs()
-        return particle_latents(self.policy, OptionPairPool(pairs.pools()["val"], pairs.options), self.episodes,
-                                count, context_size, jax.random.key(seed))
+        sample = jax.jit(particle_latents, static_argnames=("spec", "num_particles", "context_size"))
+        return sample(self.policy, OptionPairPool(pairs.pools()["val"], pairs.options), spec=self.episodes,
+                      num_particles=count, context_size=context_size, key=jax.random.key(seed))
 
     # -- generation and scores ---------------------------------------------------------------------
     def generate(

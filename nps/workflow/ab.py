@@ -24,17 +24,18 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from nps.config import config_to_dict
 from nps.data import steering as two_styles
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool
 from nps.data.profiles import read_pairs
 from nps.errors import ConfigError
 from nps.files import atomic_write_json, atomic_write_text, file_sha256, read_text
-from nps.models.reward import UF_NP_BTL
+from nps.models.reward import UF_NP_BTL, NPReward, build_reward_model
 from nps.results import save_figure
 from nps.serve.steering import SteeringRun
 from nps.train.evaluate import mean_and_sem, pairwise_wins, win_rate
-from nps.train.loop import TrainConfig
+from nps.train.loop import TrainConfig, load_trained
 from nps.train.run import EvalConfig, train_and_evaluate
 
 
@@ -61,15 +62,19 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+NP_BTL_SCORER = "np_btl_reward"  # under a steering run's checkpoints/
+NP_BTL_SCORER_CONFIG = dataclasses.replace(UF_NP_BTL, encoder=dataclasses.replace(UF_NP_BTL.encoder,
+                                                                                   attention_dropout=0.0))
+
+
 def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
     """An NP-BTL reward model on the run's preference pairs (features: the base's option states),
     trained once into ``run_dir/checkpoints/np_btl_reward`` (resumed after); returns
     ``score(pairs, prompts, responses) -> rewards [N]`` for the user of ``pairs`` and its results."""
     pairs = run.preference_pairs()
     feature_pools = {split: OptionPairPool(pool, pairs.options.features) for split, pool in pairs.pools().items()}
-    config = dataclasses.replace(UF_NP_BTL, encoder=dataclasses.replace(UF_NP_BTL.encoder, attention_dropout=0.0))
     fit, entry = train_and_evaluate(
-        "np_btl_reward", config, feature_pools, data_identity=pairs.identity,
+        NP_BTL_SCORER, NP_BTL_SCORER_CONFIG, feature_pools, data_identity=pairs.identity,
         train=TrainConfig(steps=steps, eval_every=min(50, steps), checkpoint_every=min(50, steps)),
         episodes=EpisodeSpec(), evaluation=EvalConfig(num_tasks=500), out=run_dir,
         user_names=list(two_styles.USER_NAMES), progress=False)
@@ -82,11 +87,24 @@ def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
     return score, entry
 
 
+def load_np_btl_scorer(run: SteeringRun) -> NPReward:
+    """The NP-BTL reward model that ``nps ab --scorer np_btl`` trained for this run (never trains one)."""
+    directory = run.directory / "checkpoints" / NP_BTL_SCORER
+    if not directory.exists():
+        raise ConfigError(f"{directory}: no NP-BTL reward model in this run; train it once with "
+                          f"`nps ab --run {run.directory} --scorer np_btl --profile ... --prompts ...`")
+    train = TrainConfig()
+    model = build_reward_model(run.base.config.hidden_size, NP_BTL_SCORER_CONFIG, seed=train.seed)
+    return load_trained(model, directory, train, run_config={"model": config_to_dict(NP_BTL_SCORER_CONFIG),
+                                                            "data": run.preference_pairs().identity})
+
+
 def _user_reward(responses: list[str], user_type: str) -> np.ndarray:
     return two_styles.user_rewards(two_styles.response_tokens(responses))[:, two_styles.USER_NAMES.index(user_type)]
 
 
-def _baseline(spec: str) -> tuple[str, SteeringRun | None]:
+def load_baseline(spec: str) -> tuple[str, SteeringRun | None]:
+    """``--baseline``: "base" (the unconditioned base LM; None) or RUN_DIR[:MODEL] (another run's policy)."""
     if spec == "base":
         return "base", None
     run_dir, _, model = spec.partition(":")
@@ -102,7 +120,7 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
         raise ConfigError(f"--scorer {scorer!r}: use 'oracle' or 'np_btl'")
     prompts = read_prompts(prompts_path)
     run = SteeringRun.load(run_dir, model)
-    baseline_name, baseline_run = _baseline(baseline)
+    baseline_name, baseline_run = load_baseline(baseline)
     scorer_entry = None
     if scorer == "np_btl":
         score_np_btl, scorer_entry = np_btl_scorer(run, Path(run_dir), scorer_steps)
