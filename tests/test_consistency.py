@@ -9,7 +9,6 @@ docs/results.md (`nps reproduce consistency`).
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
