@@ -65,10 +65,21 @@ def wait_for(path: Path, processes: list[subprocess.Popen], timeout: float = TIM
 
 
 def trained_models(results: dict) -> dict:
-    """What a run reports about its models (not its wall-clock times)."""
+    """What a run reports about its models (not its wall-clock times nor its training curves)."""
     return {name: {key: value for key, value in model.items()
-                   if key not in ("wall_clock_seconds", "train_steps_per_second")}
+                   if key not in ("wall_clock_seconds", "train_steps_per_second", "history")}
             for name, model in results["models"].items()}
+
+
+def assert_same_numbers(a: dict, b: dict, profiled: bool = False) -> None:
+    """Bit-identical models and evaluations. A profiled run splits its scans at the profile window:
+    its parameters and losses are the same, but a gradient norm reduced inside another program may
+    differ in the last bit, so its curves are compared to 1e-6."""
+    assert trained_models(a) == trained_models(b)
+    for name in a["models"]:
+        curves = a["models"][name]["history"]
+        expected = b["models"][name]["history"]
+        assert curves == ([pytest.approx(h, rel=1e-6) for h in expected] if profiled else expected)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +91,7 @@ def two_process_synthetic(tmp_path_factory):
 
 def test_two_processes_give_the_numbers_of_one_process_with_four_devices(two_process_synthetic, tmp_path):
     four_devices = one_process(4, SYNTHETIC, tmp_path / "run")
-    assert trained_models(two_process_synthetic[0]) == trained_models(four_devices)
+    assert_same_numbers(two_process_synthetic[0], four_devices, profiled=True)
 
 
 def test_process_zero_alone_writes_the_log_and_the_trace(two_process_synthetic):
@@ -90,10 +101,11 @@ def test_process_zero_alone_writes_the_log_and_the_trace(two_process_synthetic):
     assert len(list(logs.glob("plugins/profile/*/*.xplane.pb"))) == 1  # one host's trace
 
 
+@pytest.mark.slow  # two small steering runs, 2 minutes on 2 cores
 def test_np_dpo_on_two_processes_matches_one_process_with_four_devices(tmp_path):
     two = two_processes(STEERING, tmp_path / "two")
     four = one_process(4, STEERING, tmp_path / "four")
-    assert trained_models(two) == trained_models(four)
+    assert_same_numbers(two, four)
     assert two["win_rates"] == four["win_rates"] and two["continuum"] == four["continuum"]
 
 
@@ -106,7 +118,7 @@ def test_both_processes_killed_then_relaunched_end_with_the_same_numbers(two_pro
         process.wait(timeout=60)
     assert not (out / "results.json").exists()
     resumed = two_processes(SYNTHETIC, out)
-    assert trained_models(resumed) == trained_models(two_process_synthetic[0])
+    assert_same_numbers(resumed, two_process_synthetic[0], profiled=True)
 
 
 def test_a_process_that_dies_stops_the_other_with_one_line(tmp_path):

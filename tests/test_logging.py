@@ -69,7 +69,9 @@ def test_profile_steps_trace_those_steps_and_change_nothing(pools, tmp_path):
     profiled = fit(build_reward_model(1, MODEL, 0), pools["train"], pools["val"], SPEC, train, progress=False,
                    profile=window, on_chunk=lambda step, metrics: chunks.append((step, metrics)))
     chex.assert_trees_all_equal(profiled.params, plain.params)
-    assert profiled.history == plain.history and [h["step"] for h in profiled.history] == [20, 40]
+    # The same parameters, so the same losses; a norm reduced inside another program may differ in the last bit.
+    assert [h["step"] for h in profiled.history] == [20, 40]
+    assert profiled.history == [pytest.approx(h, rel=1e-6) for h in plain.history]
     assert all("steps_per_second" not in metrics for _, metrics in chunks)  # compiled, then profiled
     traces = list((tmp_path / "np_btl" / "plugins" / "profile").glob("*/*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 10_000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from notebook_runner import execute_notebook
@@ -114,6 +115,11 @@ def test_generate_command_and_python_api(small_run, tmp_path, capsys):
                 - run.log_prob("physics music", "perhaps unsure caveat might", user_z))
 
     assert preference_for_detail(z) > preference_for_detail(z_caution)
+    with pytest.raises(ConfigError, match=r"z has non-finite values"):
+        run.generate(["physics music"], z.at[0].set(jnp.nan))
+    positions = run.base.config.max_position_embeddings
+    with pytest.raises(ConfigError, match=rf"prompts\[0\] has \d+ tokens plus \d+ to generate, more than this model's {positions} positions"):
+        run.generate([" ".join(["physics"] * positions)], z)
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "physics", "chosen": "example"}\n')
