@@ -31,6 +31,7 @@ from pathlib import Path
 
 from nps.errors import ConfigError, NPSError
 from nps.experiments import EXPERIMENTS
+from nps.workflow.consistency import ALERT_THRESHOLD
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
     check.add_argument("--model", default="np_dpo", help="np_dpo (default) or np_btl_reward (the NP-BTL scorer "
                        "`nps ab --scorer np_btl` trained)")
-    check.add_argument("--threshold", type=float, default=0.05, help="p-value at which drift and position bias "
-                       "are flagged (0.05)")
+    check.add_argument("--threshold", type=float, default=ALERT_THRESHOLD, help="p-value at which drift and "
+                       f"position bias are flagged ({ALERT_THRESHOLD})")
     check.add_argument("--implausible-below", type=float, default=0.2,
                        help="list answers whose leave-one-out probability is below this (0.2)")
     check.add_argument("--permutations", type=int, default=99, help="most permutations of the drift test (99)")

@@ -131,7 +131,7 @@ def test_drift_is_flagged_for_users_who_switch_and_rarely_for_stable_users():
     # Where the drift starts: the first answer after the switch, within two answers.
     assert all(abs(d.change_at - 10) <= 2 for d in switched if d.flagged)
     # Most stable profiles stop drawing permutations early; their p-values are valid all the same.
-    assert np.mean([d.permutations for d in stable]) < 99 and all(d.p_value > 0.05 for d in stable if not d.flagged)
+    assert np.mean([d.permutations for d in stable]) < 99 and all(d.p_value > d.threshold for d in stable if not d.flagged)
 
 
 def test_stopping_early_never_changes_the_verdict_and_a_seed_fixes_the_p_value():

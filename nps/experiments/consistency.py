@@ -39,7 +39,7 @@ from nps.results import finish_run, run_directory
 from nps.train.evaluate import mean_and_sem
 from nps.train.loop import TrainConfig
 from nps.train.run import EvalConfig, train_and_evaluate
-from nps.workflow.consistency import drift_test, leave_one_out
+from nps.workflow.consistency import ALERT_THRESHOLD, drift_test, leave_one_out
 
 TASKS = ("synthetic", "steering")
 CANDIDATE_SETS = ("conflicting", "all")
@@ -55,7 +55,7 @@ class ConsistencyConfig:
     switch_after: int = 10
     flip_answers: int = 15
     flipped: int = 2
-    threshold: float = 0.05
+    threshold: float = ALERT_THRESHOLD
     permutations: int = 99
     window: int = 24
     min_segment: int = 3

@@ -226,8 +226,15 @@ class _SplitStatistics:
         return statistics - self.one_latent
 
 
+# The p-value at which drift and position bias are flagged. Both tests are exact (a permutation
+# p-value, a binomial one), so a stable user is flagged with probability at most this; at 0.05 the
+# measured false-alarm rate sat on the 5 % a study can tolerate (5.3 ± 0.8 % of 700 simulated
+# stable users), so the default keeps a margin below it (docs/results.md, `nps reproduce consistency`).
+ALERT_THRESHOLD = 0.04
+
+
 def drift_test(
-    model, chosen: Any, rejected: Any, *, threshold: float = 0.05, min_segment: int = 3, window: int = 24,
+    model, chosen: Any, rejected: Any, *, threshold: float = ALERT_THRESHOLD, min_segment: int = 3, window: int = 24,
     permutations: int = 99, stop_after: int | None = None, seed: int = 0,
 ) -> Drift:
     """Whether the recent answers are better explained by their own z than by the earlier answers' z.
@@ -292,7 +299,7 @@ class PositionBias(NamedTuple):
     flagged: bool
 
 
-def position_bias(positions: Sequence[str | None], threshold: float = 0.05) -> PositionBias:
+def position_bias(positions: Sequence[str | None], threshold: float = ALERT_THRESHOLD) -> PositionBias:
     """positions: per answer "first", "second" or None (not recorded, e.g. a hand-written profile)."""
     from scipy.stats import binomtest
 
@@ -346,7 +353,7 @@ class ConsistencyReport:
 
 def check_profile(
     model, pairs: Sequence[dict[str, str]], chosen: Any, rejected: Any, positions: Sequence[str | None] | None = None,
-    *, implausible_below: float = 0.2, threshold: float = 0.05, **drift_settings,
+    *, implausible_below: float = 0.2, threshold: float = ALERT_THRESHOLD, **drift_settings,
 ) -> ConsistencyReport:
     """Every check of one profile: ``pairs`` (prompt/chosen/rejected, for the report), their options
     ``chosen`` / ``rejected`` as the model reads them (leading axis N = len(pairs); None when N = 0), and the display
