@@ -7,6 +7,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from event_files import TRAINING_TAGS, steps
 from notebook_runner import execute_notebook
 
 from nps.cli import main
@@ -76,6 +77,10 @@ def test_small_run_writes_results_plots_and_adapts(small_run):
     assert set(saved["win_rates"]["np_dpo"]) == {"0", "3"} and set(saved["win_rates"]["oracle_detail"]) == {"0"}
     assert len(saved["continuum"]["detail_share"]) == 3
     assert "win vs base" in printed and "caution user:" in printed
+    # A token model's curves: the training tags at every chunk, and tokens/s for chunks that compiled nothing.
+    curves = steps(out / "logs" / "np_dpo")
+    assert all(curves[tag] == [20, 40, 60] for tag in TRAINING_TAGS), curves
+    assert curves["perf/tokens_per_second"] and set(curves["perf/tokens_per_second"]) <= {40, 60}
 
 
 def write_profiles(folder):
@@ -120,6 +125,8 @@ def test_generate_command_and_python_api(small_run, tmp_path, capsys):
     positions = run.base.config.max_position_embeddings
     with pytest.raises(ConfigError, match=rf"prompts\[0\] has \d+ tokens plus \d+ to generate, more than this model's {positions} positions"):
         run.generate([" ".join(["physics"] * positions)], z)
+    with pytest.raises(ConfigError, match=rf"pairs\[0\] has \d+ tokens, more than this model's {positions} positions"):
+        run.encode_user([{"prompt": "physics", "chosen": " ".join(["example"] * 5000), "rejected": "perhaps"}])
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "physics", "chosen": "example"}\n')
