@@ -76,3 +76,15 @@ def steering_run():
     from serve_fixture import tiny_steering_run
 
     return tiny_steering_run()
+
+
+# The modules that take longest (subprocess runs of several processes, the app's browser and load
+# tests, notebooks) go to the workers first: scheduled last, one of them kept a worker busy for
+# minutes after the other had run out of tests.
+LONGEST_FIRST = ("test_distributed.py", "test_serve.py", "test_steering.py", "test_dpo.py", "test_hh_dpo.py",
+                 "test_uf_rewards.py", "test_runs.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable: each module keeps its order

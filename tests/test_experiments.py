@@ -38,6 +38,7 @@ def test_correlated_pools_have_the_paper_conflict_rate(rho):
     assert np.all((probe_a[:, 0] > probe_b[:, 0]) != (probe_a[:, 1] > probe_b[:, 1]))
 
 
+@pytest.mark.slow  # an experiment end to end; -m slow runs it
 def test_small_correlation_run_reports_errors_next_to_the_bayes_bound(tmp_path):
     overrides = SMALL_TRAIN + [f"model.{f}" for f in SMALL_MODEL] + ["train_rhos=-1.0", "test_rhos=-1.0,0.0",
                                                                      "z_error_tasks=400"]

@@ -106,6 +106,7 @@ def test_reproduce_hh_end_to_end_and_resume_from_the_prepared_folder(inputs, tmp
     assert again["models"]["np_btl"]["unseen_accuracy"] == results["models"]["np_btl"]["unseen_accuracy"]
 
 
+@pytest.mark.slow  # an experiment end to end; -m slow runs it
 def test_reproduce_conflict_and_continuum(inputs, tmp_path, capsys):
     extra = ["train_rates=0.5", "episodes.num_targets=4"]
     assert reproduce("conflict", inputs, tmp_path / "conflict", extra=extra) == 0, capsys.readouterr().err

@@ -148,6 +148,7 @@ def test_pairs_needed_is_the_first_answer_count_at_the_target():
     np.testing.assert_array_equal(pairs_needed(accuracy, 0.95), [2, 4, 0])  # 4 = never within 3 answers
 
 
+@pytest.mark.slow  # a small `nps reproduce active` end to end; -m slow runs it
 def test_active_choice_needs_fewer_answers_than_random_on_the_synthetic_task(tmp_path, capsys):
     settings = ["tasks=synthetic", "synthetic_train.steps=150", "synthetic_train.eval_every=50",
                 "synthetic_train.checkpoint_every=50", "eval.num_tasks=50", "eval.context_sizes=0,1",
