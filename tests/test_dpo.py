@@ -162,6 +162,8 @@ def test_fit_checkpoints_restore_and_refuse_another_base(tmp_path):
             run_config={"base": {"weights_hash": "base-b"}}, progress=False)
 
 
+@pytest.mark.slow  # 8 simulated devices, a minute of compilation; -m slow runs it (tests/test_sharding.py keeps the
+# reward model's 8-device check and tests/test_model_loading.py the sharded base's logits in the default run)
 def test_policy_training_on_an_eight_device_mesh_matches_one_device(run_script):
     """Base sharded over (data, fsdp, tensor) by from_pretrained, batches split, adapters replicated."""
     run_script("tests/scripts/sharded_policy_fit.py", devices=8)
