@@ -340,14 +340,12 @@ def _episode_loss(graphdef, frozen, params, episodes, key):
 
 
 def _loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh):
-    if mesh is None or mesh.size == 1:  # one device: the step as written, with the step's own key
-        (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
-            graphdef, frozen, params, episodes, model_key)
-        return loss, aux["accuracy"], grads
-    episodes = jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
-    if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
-        return _data_parallel_loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh)
-    # A sharded base (FSDP / tensor parallel): XLA partitions the step and places the reductions.
+    if mesh is not None and mesh.size > 1:
+        episodes = jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
+        if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
+            return _data_parallel_loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh)
+    # One device (the step as written, with the step's own key), or a sharded base (FSDP / tensor
+    # parallel), where XLA partitions the step and places the reductions.
     (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
         graphdef, frozen, params, episodes, model_key)
     return loss, aux["accuracy"], grads
@@ -433,8 +431,9 @@ def _part_ends(step: int, chunk_end: int, profile: ProfileWindow | None) -> list
 @jax.jit
 def _chunk_means(parts: tuple[dict[str, jax.Array], ...]) -> dict[str, jax.Array]:
     """A chunk's metrics from its scans' per-step values: means over its steps, the rate at the last.
-    One reduction of the same values however the chunk was split, so a profiled run reports what an
-    unprofiled one does bit for bit (averaging the parts' means differs in the last bit)."""
+    One reduction however the chunk was split (averaging the parts' means would add its own rounding).
+    A split chunk's parameters and losses equal an unsplit one's; a gradient norm reduced inside
+    another scan's program may differ in the last bit."""
     values = {name: jnp.concatenate([part[name] for part in parts]) for name in parts[0]}
     return {name: series[-1] if name == "learning_rate" else jnp.mean(series) for name, series in values.items()}
 
