@@ -4,6 +4,14 @@ and ``run_script``: a real script file run in a fresh Python on simulated CPU de
 JAX's persistent compilation cache: the suite compiles many identical programs in separate
 processes (CLI runs, a resumed run, the 8-device checks, notebooks); with the cache each is
 compiled once per machine.
+
+XLA's CPU code generation at LLVM -O0 for the default (not ``slow``) selection: that suite runs tiny
+models, so XLA compilation is most of its time (71 % of tests/test_decoder.py's, by py-spy), and -O0
+halves each compilation (the tiny decoder's gradient: 2.7 s -> 1.3 s). It changes no operation, only
+how fast the machine code runs and, through instruction selection (fused multiply-adds), the
+last bits of some results, so every process of a test compiles with the same flags: subprocesses
+inherit them (``script_environment`` and the multi-process launcher keep the session's XLA flags).
+The ``slow`` experiment runs, which time and benchmark real work, keep XLA's default -O2.
 """
 
 import os
@@ -20,6 +28,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 REPO = Path(__file__).resolve().parent.parent
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+OPTIMIZATION_FLAG = "--xla_backend_optimization_level"
+
+
+def pytest_configure(config):
+    """-O0 unless slow tests are selected or XLA_FLAGS already sets the level (see the module's docstring)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "slow" not in (config.getoption("markexpr") or "").replace("not slow", "") and OPTIMIZATION_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = " ".join(filter(None, [flags, f"{OPTIMIZATION_FLAG}=0"]))
 
 
 def script_environment(devices: int, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -71,18 +87,27 @@ def run_script_fixture():
 
 
 @pytest.fixture(scope="session")
-def steering_run():
-    """The tiny `nps reproduce steering` run that the preference app's tests share (tests/serve_fixture.py)."""
-    from serve_fixture import tiny_steering_run
+def steering_notebook():
+    """notebooks/steering.ipynb executed once per machine: its run and what it displayed (tests/steering_fixture.py)."""
+    from steering_fixture import steering_notebook
 
-    return tiny_steering_run()
+    return steering_notebook()
+
+
+@pytest.fixture(scope="session")
+def steering_run(steering_notebook):
+    """The steering notebook's `nps reproduce steering` folder, which the steering and app tests share (read only)."""
+    return steering_notebook.run
 
 
 # The modules that take longest (subprocess runs of several processes, the app's browser and load
 # tests, notebooks) go to the workers first: scheduled last, one of them kept a worker busy for
 # minutes after the other had run out of tests.
-LONGEST_FIRST = ("test_distributed.py", "test_serve.py", "test_steering.py", "test_dpo.py", "test_hh_dpo.py",
-                 "test_uf_rewards.py", "test_runs.py", "test_cli.py")
+# test_steering.py builds the shared steering run while test_distributed.py runs on the other worker;
+# test_serve.py, which needs that run too, comes after them.
+LONGEST_FIRST = ("test_distributed.py", "test_steering.py", "test_serve.py", "test_api_doc.py", "test_notebook.py",
+                 "test_hh_dpo.py", "test_runs.py", "test_dpo.py", "test_cli.py", "test_model_loading.py",
+                 "test_uf_rewards.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,4 +1,4 @@
-"""The preference app (`nps serve`) and `nps profile check` on the tests' tiny steering run.
+"""The preference app (`nps serve`) and `nps profile check` on the tests' shared steering run (the notebook's).
 
 One server process serves the whole module (it is started as a person would start it, with
 `python -m nps.cli serve`): a real browser (headless Chromium from Debian's packages) goes through
@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 
 import numpy as np
 import pytest
-from serve_fixture import CANDIDATES, ROOT
+from steering_fixture import CANDIDATES, ROOT
 
 from nps.cli import main
 from nps.data import steering as language

@@ -8,9 +8,10 @@ devices, each process computes its part of every global batch inside jit, and pr
 prints, writes results and plots, and holds the output folder's lock. On CPUs the processes talk
 through gloo collectives, which is how multi-process runs are tested on one machine.
 
-A process that dies is noticed by the others: a watchdog thread asks the coordination service
-which processes are alive and, when one is gone (or the service itself), ends this process with
-one line, well before JAX's own heartbeat timeout would abort it with a page of logs.
+A process that dies is noticed by the others: a watchdog thread in every process beats a counter in
+the coordination service's key-value store and, when another process's counter stops (or the
+service itself), ends this process with one line, well before JAX's own heartbeat timeout would
+abort it with a page of logs.
 """
 
 from __future__ import annotations
@@ -143,33 +144,65 @@ def is_peer_failure(error: BaseException) -> bool:
 def leave_run() -> None:
     """Leave a multi-process run cleanly: all processes pass JAX's shutdown barrier together, so no
     process takes the coordinator's end for a crash. A no-op in a single-process run."""
-    if jax._src.distributed.global_state.client is not None:  # noqa: SLF001
+    client = jax._src.distributed.global_state.client  # noqa: SLF001
+    if client is not None:
         _watchdog_stopped.set()
+        try:  # the others' watchdogs take a process that has left for one still alive
+            client.key_value_set(f"{HEARTBEATS}{jax.process_index()}", "done", allow_overwrite=True)
+        except Exception:  # noqa: BLE001 -- the service is gone; shutdown below says so
+            pass
         jax.distributed.shutdown()
 
 
 _watchdog_stopped = threading.Event()
 
 
+HEARTBEATS = "nps/heartbeat/"  # coordination-service keys: each process's beat count, or "done" once it left
+
+
 def _start_watchdog(peer_timeout: float) -> None:
+    """Every process beats a counter in the coordination service's key-value store and watches the
+    others' counters: a peer whose counter has not moved for ``peer_timeout`` seconds (or a service
+    that stopped answering for as long) ends this process with one line and exit code 3.
+
+    The service's own liveness (``get_live_nodes``) would notice a dead peer only after JAX's
+    heartbeat timeout (60 s), and a process waiting at a barrier sees no broken collective."""
     client = jax._src.distributed.global_state.client  # noqa: SLF001
-    expected = jax.process_count()
+    me, expected = jax.process_index(), jax.process_count()
 
     def watch():
-        last_seen = time.monotonic()
+        beat, seen, changed = 0, {}, {peer: time.monotonic() for peer in range(expected) if peer != me}
+        unreachable_since = None
         while not _watchdog_stopped.wait(min(2.0, peer_timeout / 4)):
+            now = time.monotonic()
             try:
-                alive = len(client.get_live_nodes(list(range(expected))))
-            except Exception:  # noqa: BLE001 -- the coordination service itself is gone
-                alive = 0
-            if alive >= expected:
-                last_seen = time.monotonic()
-            elif time.monotonic() - last_seen > peer_timeout:
-                print(f"nps: error: {lost_peers(f'{alive} of {expected} still running')}", file=sys.stderr)
-                sys.stderr.flush()
-                os._exit(3)
+                beat += 1
+                client.key_value_set(f"{HEARTBEATS}{me}", str(beat), allow_overwrite=True)
+                values = dict(client.key_value_dir_get(HEARTBEATS))
+                unreachable_since = None
+            except Exception:  # noqa: BLE001 -- the coordination service itself is gone (process 0 died)
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > peer_timeout:
+                    _lost(f"the coordination service stopped answering {now - unreachable_since:.0f} s ago")
+                continue
+            for peer in changed:
+                value = values.get(f"{HEARTBEATS}{peer}")
+                if value == "done":  # it left the run cleanly and waits at the shutdown barrier
+                    changed[peer] = now
+                elif value != seen.get(peer):
+                    seen[peer], changed[peer] = value, now
+            silent = sorted(peer for peer, at in changed.items() if now - at > peer_timeout)
+            if silent:
+                _lost(f"process {', '.join(map(str, silent))} silent for over {peer_timeout:.0f} s; "
+                      f"{expected - len(silent)} of {expected} still running")
 
     threading.Thread(target=watch, name="nps-peer-watchdog", daemon=True).start()
+
+
+def _lost(detail: str) -> None:
+    print(f"nps: error: {lost_peers(detail)}", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(3)
 
 
 def is_primary() -> bool:

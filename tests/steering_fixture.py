@@ -1,0 +1,71 @@
+"""One steering run for every test that needs one: notebooks/steering.ipynb, executed top to bottom
+once per machine (its CPU settings are small: about a minute on 2 cores).
+
+tests/test_steering.py checks the notebook and its run; the preference app's tests
+(tests/test_serve.py) and the CLI's steering commands use the same run. It lives in the system temp
+folder under a name keyed by the notebook and by the code that shapes the run, so a later test
+session reuses it. Two pytest-xdist workers never build it twice: the builder holds an exclusive
+lock, the other waits for the finished run. A test that writes into a run (the A/B scorer) copies it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from notebook_runner import execute_notebook
+
+from nps.files import LockedError, exclusive_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+CANDIDATES = ROOT / "examples" / "steering" / "candidates.jsonl"
+NOTEBOOK = "steering.ipynb"
+# A change to any of these files may change what the run holds: it gets a new folder.
+SHAPING_CODE = (f"notebooks/{NOTEBOOK}", "nps/experiments/steering.py", "nps/data/steering.py", "nps/models/policy.py",
+                "nps/serve/steering.py", "nps/lm/decoder.py", "nps/encoder.py", "nps/accelerator.py")
+OUTPUTS = "notebook_outputs.json"  # written last: the run is complete once it exists
+
+
+@dataclasses.dataclass(frozen=True)
+class SteeringNotebook:
+    run: Path  # the notebook's `nps reproduce steering` folder
+    errors: list[str]  # error outputs of its cells
+    images: int  # PNG images it displayed
+    printed: str  # everything its cells printed
+
+
+def steering_notebook(timeout: float = 900.0) -> SteeringNotebook:
+    """The executed steering notebook (run here if no session has run it yet)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name in SHAPING_CODE:
+        digest.update((ROOT / name).read_bytes())
+    folder = Path(tempfile.gettempdir()) / f"nps-tests-steering-{os.getuid()}-{digest.hexdigest()}"
+    deadline = time.monotonic() + timeout
+    while not (folder / OUTPUTS).exists():
+        try:
+            with exclusive_lock(folder.with_name(folder.name + ".build"), "the tests' steering run"):
+                if not (folder / OUTPUTS).exists():
+                    folder.mkdir(exist_ok=True)
+                    outputs = execute_notebook(NOTEBOOK, folder)  # a killed build resumes the run
+                    summary = {
+                        "errors": [f"{o.ename}: {o.evalue}" for o in outputs if o.output_type == "error"],
+                        "images": sum(o.output_type == "display_data" and "image/png" in o.get("data", {})
+                                      for o in outputs),
+                        "printed": "".join(o.get("text", "") for o in outputs if o.output_type == "stream"),
+                    }
+                    partial = folder / (OUTPUTS + ".partial")
+                    partial.write_text(json.dumps(summary))
+                    partial.rename(folder / OUTPUTS)
+        except LockedError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"waited {timeout:.0f} s for another worker to build {folder}") from None
+            time.sleep(1.0)
+    summary = json.loads((folder / OUTPUTS).read_text())
+    return SteeringNotebook(folder / "steering-run", **summary)
+
+
