@@ -146,3 +146,10 @@ def test_a_process_whose_peer_dies_stops_with_one_line(two_process_synthetic):
     said = [line for line in stopped.stderr.splitlines() if line.startswith("nps:")]
     assert len(said) == 1 and said[0].startswith("nps: error: process 0 of 2 lost its peers"), stopped.stderr
     assert "Traceback" not in stopped.stderr, stopped.stderr
+
+
+def test_the_lost_peer_line_gets_out_while_a_checkpoint_save_holds_stderr(run_script):
+    # Found by the test above: process 0 stopped in 20 s but said nothing, its line held by a save.
+    result = run_script("tests/scripts/lost_peer_line_during_a_save.py", check=False, env={"JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 3 and result.stdout == "held by the save\n"
+    assert result.stderr.startswith("nps: error: process 0 of 1 lost its peers (a test)"), result.stderr

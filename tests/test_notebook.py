@@ -1,6 +1,7 @@
 """notebooks/synthetic.ipynb runs top to bottom (small settings) in a fresh kernel; its run is checked here.
 
-(notebooks/steering.ipynb is executed by tests/test_steering.py, whose tests use its run.)
+(notebooks/steering.ipynb is executed once per machine by tests/steering_fixture.py; tests/test_steering.py
+checks it, and its run serves the steering and app tests.)
 """
 
 import json

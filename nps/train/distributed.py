@@ -169,6 +169,7 @@ def _start_watchdog(peer_timeout: float) -> None:
     heartbeat timeout (60 s), and a process waiting at a barrier sees no broken collective."""
     client = jax._src.distributed.global_state.client  # noqa: SLF001
     me, expected = jax.process_index(), jax.process_count()
+    say = _error_writer()
 
     def watch():
         beat, seen, changed = 0, {}, {peer: time.monotonic() for peer in range(expected) if peer != me}
@@ -183,7 +184,7 @@ def _start_watchdog(peer_timeout: float) -> None:
             except Exception:  # noqa: BLE001 -- the coordination service itself is gone (process 0 died)
                 unreachable_since = unreachable_since or now
                 if now - unreachable_since > peer_timeout:
-                    _lost(f"the coordination service stopped answering {now - unreachable_since:.0f} s ago")
+                    _lost(say, f"the coordination service stopped answering {now - unreachable_since:.0f} s ago")
                 continue
             for peer in changed:
                 value = values.get(f"{HEARTBEATS}{peer}")
@@ -193,15 +194,27 @@ def _start_watchdog(peer_timeout: float) -> None:
                     seen[peer], changed[peer] = value, now
             silent = sorted(peer for peer, at in changed.items() if now - at > peer_timeout)
             if silent:
-                _lost(f"process {', '.join(map(str, silent))} silent for over {peer_timeout:.0f} s; "
+                _lost(say, f"process {', '.join(map(str, silent))} silent for over {peer_timeout:.0f} s; "
                       f"{expected - len(silent)} of {expected} still running")
 
     threading.Thread(target=watch, name="nps-peer-watchdog", daemon=True).start()
 
 
-def _lost(detail: str) -> None:
-    print(f"nps: error: {lost_peers(detail)}", file=sys.stderr)
-    sys.stderr.flush()
+def _error_writer() -> Callable[[str], Any]:
+    """Writes to this process's stderr as it is now, even while a checkpoint save holds file
+    descriptor 2 in a temporary file (``nps.train.checkpoint``), whose contents an exit would lose:
+    a copy of the descriptor where stderr is one, else ``sys.stderr`` (a notebook kernel's stream)."""
+    try:
+        if sys.stderr.fileno() == 2:
+            copy = os.dup(2)
+            return lambda text: os.write(copy, text.encode())
+    except (AttributeError, OSError, ValueError):  # no file descriptor behind sys.stderr
+        pass
+    return lambda text: (sys.stderr.write(text), sys.stderr.flush())
+
+
+def _lost(say: Callable[[str], Any], detail: str) -> None:
+    say(f"nps: error: {lost_peers(detail)}\n")
     os._exit(3)
 
 
