@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     joining.add_argument("--num-processes", type=int, help="how many processes the run has")
     joining.add_argument("--process-id", type=int, help="this process's index, 0 .. num-processes − 1")
     joining.add_argument("--join-timeout", type=int, default=120, help="seconds to wait for every process (120)")
+    joining.add_argument("--peer-timeout", type=float, default=20.0,
+                         help="seconds after which a silent process counts as gone and the others stop (20)")
 
     launch = commands.add_parser("launch", help="run an nps command as several local processes of one JAX program")
     launch.add_argument("--local", type=int, required=True, metavar="N", help="how many processes to start here")
@@ -340,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from nps.train.distributed import JoinSettings, is_primary, join_run
 
-        if join_run(JoinSettings(args.coordinator, args.num_processes, args.process_id, args.join_timeout)) and \
+        if join_run(JoinSettings(args.coordinator, args.num_processes, args.process_id, args.join_timeout,
+                                 args.peer_timeout)) and \
                 not is_primary():
             warnings.simplefilter("ignore")  # process 0 says everything once
         defaults, run = EXPERIMENTS[args.experiment].load()

@@ -27,7 +27,7 @@ def test_synthetic_notebook_executes(synthetic_run):
 def test_small_synthetic_run_writes_results_and_plots(synthetic_run):
     out, _ = synthetic_run
     results = json.loads((out / "results.json").read_text())
-    assert results["experiment"] == "synthetic" and results["config"]["train"]["steps"] == 300
+    assert results["experiment"] == "synthetic" and results["config"]["train"]["steps"] == 200
     assert set(results["models"]) == {"btl", "dpl", "np_btl"}
     num_tasks = results["config"]["eval"]["num_tasks"]
     for model in results["models"].values():

@@ -103,6 +103,8 @@ def join_run(settings: JoinSettings = JoinSettings()) -> bool:
     settings = settings.resolved()
     if not settings.explicit and not in_cluster_environment():
         return False
+    if not settings.peer_timeout > 0:
+        raise ConfigError(f"--peer-timeout {settings.peer_timeout} must be a positive number of seconds")
     if jax._src.distributed.global_state.client is not None:  # noqa: SLF001 -- already joined (a notebook
         return True  # calling twice); asking jax.process_count() here would start the backend too early
     # CPU devices of different processes talk through gloo (the setting only concerns the CPU backend;
