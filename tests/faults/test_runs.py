@@ -178,11 +178,12 @@ def test_ctrl_c_prints_one_line_and_a_rerun_ends_with_the_same_numbers(tmp_path)
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_step(tmp_path):
-    # RLIMIT_FSIZE makes any write past 60 kB fail with EFBIG, as a full disk fails with ENOSPC.
+    # RLIMIT_FSIZE makes any write past 60 kB fail with EFBIG, as a full disk fails with ENOSPC. The model is
+    # large enough (a 256 × 256 layer: 262 kB) that no batching of the checkpoint's files stays under it.
     script = ("import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
               "resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))\nfrom nps.cli import entry\nentry()\n")
     result = subprocess.run([sys.executable, "-c", script, "reproduce", "synthetic", "--out", str(tmp_path), *SMALL_RUN,
-                             "--set", "btl.hidden_dim=64"], capture_output=True, text=True, timeout=300,
+                             "--set", "btl.hidden_dim=256"], capture_output=True, text=True, timeout=300,
                             env=os.environ | {"JAX_ENABLE_COMPILATION_CACHE": "false"})  # its files are large too
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
