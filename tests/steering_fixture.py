@@ -3,9 +3,9 @@ once per machine (its CPU settings are small: about a minute on 2 cores).
 
 tests/test_steering.py checks the notebook and its run; the preference app's tests
 (tests/test_serve.py) and the CLI's steering commands use the same run. It lives in the system temp
-folder under a name keyed by the notebook and by the code that shapes the run, so a later test
-session reuses it. Two pytest-xdist workers never build it twice: the builder holds an exclusive
-lock, the other waits for the finished run. A test that writes into a run (the A/B scorer) copies it.
+folder under a name keyed by the notebook, every library file and the XLA flags, so a later test
+session reuses it only while none of them changed. Two pytest-xdist workers never build it twice:
+the builder holds an exclusive lock, the other waits for the finished run. A test that writes into a run (the A/B scorer) copies it.
 """
 
 from __future__ import annotations
@@ -25,9 +25,14 @@ from nps.files import LockedError, exclusive_lock
 ROOT = Path(__file__).resolve().parents[1]
 CANDIDATES = ROOT / "examples" / "steering" / "candidates.jsonl"
 NOTEBOOK = "steering.ipynb"
-# A change to any of these files may change what the run holds: it gets a new folder.
-SHAPING_CODE = (f"notebooks/{NOTEBOOK}", "nps/experiments/steering.py", "nps/data/steering.py", "nps/models/policy.py",
-                "nps/serve/steering.py", "nps/lm/decoder.py", "nps/encoder.py", "nps/accelerator.py")
+
+
+def shaping_inputs() -> list[Path]:
+    """What the run depends on: the notebook and every library file (the run goes through most of nps,
+    and the notebook's own checks read it, so a change anywhere must not leave a stale run trusted)."""
+    return [ROOT / "notebooks" / NOTEBOOK, *sorted((ROOT / "nps").rglob("*.py"))]
+
+
 OUTPUTS = "notebook_outputs.json"  # written last: the run is complete once it exists
 
 
@@ -41,9 +46,9 @@ class SteeringNotebook:
 
 def steering_notebook(timeout: float = 900.0) -> SteeringNotebook:
     """The executed steering notebook (run here if no session has run it yet)."""
-    digest = hashlib.blake2b(digest_size=8)
-    for name in SHAPING_CODE:
-        digest.update((ROOT / name).read_bytes())
+    digest = hashlib.blake2b(os.environ.get("XLA_FLAGS", "").encode(), digest_size=8)  # -O0 or not: other bits
+    for path in shaping_inputs():
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     folder = Path(tempfile.gettempdir()) / f"nps-tests-steering-{os.getuid()}-{digest.hexdigest()}"
     deadline = time.monotonic() + timeout
     while not (folder / OUTPUTS).exists():
