@@ -356,18 +356,18 @@ def main(argv: list[str] | None = None) -> int:
             echo=print if is_primary() else lambda *_: None)
     except NPSError as error:
         print(f"nps: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     except KeyboardInterrupt:
         print(f"nps: interrupted: {_what_was_kept(args)}", file=sys.stderr)
         return 130
     except Exception as error:
-        from nps.train.distributed import is_peer_failure, lost_peers
+        from nps.train.distributed import PeerLostError, is_peer_failure, lost_peers
 
         if not is_peer_failure(error):
             raise
         cause = str(error).strip().splitlines()[0][:160]
         print(f"nps: error: {lost_peers(f'a collective with another process failed: {cause}')}", file=sys.stderr)
-        return 3
+        return PeerLostError.exit_code
     return 0
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class NPSError(Exception):
-    """Base class; the CLI prints these as a single `nps: error: ...` line."""
+    """Base class; the CLI prints these as a single `nps: error: ...` line and exits with ``exit_code``."""
+
+    exit_code = 2
 
 
 class ConfigError(NPSError, ValueError):

@@ -65,6 +65,20 @@ def test_unwritable_output_folder_is_a_one_line_error(capsys, tmp_path):
     assert "is not writable" in err and "--out" in err and "\n" not in err
 
 
+def test_a_lost_peer_exits_3_however_it_is_noticed(capsys, monkeypatch):
+    # A peer lost while joining or during a collective checkpoint save surfaces as PeerLostError,
+    # which once took the other errors' exit code 2; the watchdog and a broken collective give 3.
+    import nps.train.distributed as distributed
+
+    def never_joins(settings):
+        raise distributed.PeerLostError("could not join the run at 127.0.0.1:1 within 1 s (a test)")
+
+    monkeypatch.setattr(distributed, "join_run", never_joins)
+    assert main(["reproduce", "synthetic", "--coordinator", "127.0.0.1:1", "--num-processes", "2",
+                 "--process-id", "1", *SMALL]) == 3
+    assert capsys.readouterr().err == "nps: error: could not join the run at 127.0.0.1:1 within 1 s (a test)\n"
+
+
 def test_print_config_shows_the_resolved_fields(capsys):
     assert main(["reproduce", "correlation", "--print-config", "--set", "train.steps=5"]) == 0
     config = json.loads(capsys.readouterr().out)

@@ -38,7 +38,10 @@ CLUSTER_MARKERS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES
 
 
 class PeerLostError(NPSError):
-    """Another process of the run stopped or never joined."""
+    """Another process of the run stopped or never joined: exit code 3, however it was noticed (the
+    watchdog, a broken collective, a collective checkpoint save)."""
+
+    exit_code = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,7 +220,7 @@ def _error_writer() -> Callable[[str], Any]:
 
 def _lost(say: Callable[[str], Any], detail: str) -> None:
     say(f"nps: error: {lost_peers(detail)}\n")
-    os._exit(3)
+    os._exit(PeerLostError.exit_code)
 
 
 def is_primary() -> bool:
