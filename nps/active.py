@@ -104,6 +104,29 @@ def update_log_weights(log_weights: jax.Array, probabilities: jax.Array, asked: 
     return log_weights + jnp.where(first_chosen[:, None], jnp.log(p), jnp.log1p(-p))
 
 
+@jax.jit
+def _log_weights_after(probabilities: jax.Array, asked: jax.Array, first_chosen: jax.Array,
+                       answered: jax.Array) -> jax.Array:
+    def add(log_weights, answer):
+        index, first, real = answer
+        return jnp.where(real, update_log_weights(log_weights, probabilities, index[None], first[None]),
+                         log_weights), None
+
+    return jax.lax.scan(add, jnp.zeros((1, probabilities.shape[0])), (asked, first_chosen, answered))[0]
+
+
+def log_weights_after(probabilities: jax.Array, answers: list[tuple[int, bool]]) -> jax.Array:
+    """One user's particle log weights [1, P] after ``answers`` (candidate id, first option chosen),
+    given probabilities [P, M]: Bayes' rule one answer at a time, in their order, so the result is
+    the same as ``update_log_weights`` applied answer by answer (a rebuilt posterior is the live one).
+    Answers are padded to a power of two (at least 16): one compiled program per bucket."""
+    slots = max(16, 1 << max(len(answers) - 1, 0).bit_length())
+    asked, first, answered = np.zeros(slots, np.int32), np.zeros(slots, bool), np.zeros(slots, bool)
+    for row, (index, chosen_first) in enumerate(answers):
+        asked[row], first[row], answered[row] = index, chosen_first, True
+    return _log_weights_after(probabilities, asked, first, answered)
+
+
 def most_informative(log_weights: jax.Array, probabilities: jax.Array, already_asked: jax.Array,
                      fallback: jax.Array | None = None, min_gain: float = 1e-3) -> jax.Array:
     """The candidate id [U] with the largest EIG among those not yet asked (``already_asked`` [U, M]).
@@ -118,6 +141,11 @@ def most_informative(log_weights: jax.Array, probabilities: jax.Array, already_a
     if fallback is None:
         return best
     return jnp.where(jnp.max(gain, axis=-1) >= min_gain, best, fallback)
+
+
+# Compiled once per shape, for callers outside a jit (the preference app, `nps collect --active`).
+most_informative_compiled = jax.jit(most_informative, static_argnames=("min_gain",))
+update_log_weights_compiled = jax.jit(update_log_weights)
 
 
 def _accuracy(model, context_ids, context_first, context_mask, candidates: PairSet, evaluation: PairSet, key):
@@ -199,12 +227,10 @@ def informative_chooser(model, particles: jax.Array, option_a: Any, option_b: An
         unasked = [i for i in range(len(candidates)) if i not in asked]
         if not unasked:
             return None
-        log_weights = jnp.zeros((1, particles.shape[0]))
-        for record in answered:
-            index = int(record["candidate"])
-            first = record["chosen"] == candidates[index]["responses"][0]
-            log_weights = update_log_weights(log_weights, probabilities, jnp.array([index]), jnp.array([first]))
-        asked_mask = jnp.zeros((1, len(candidates)), bool).at[0, jnp.array(sorted(asked), int)].set(True)
-        return int(most_informative(log_weights, probabilities, asked_mask, jnp.array([unasked[0]]))[0])
+        log_weights = log_weights_after(probabilities, [
+            (int(r["candidate"]), r["chosen"] == candidates[int(r["candidate"])]["responses"][0]) for r in answered])
+        asked_mask = np.zeros((1, len(candidates)), bool)
+        asked_mask[0, sorted(asked)] = True
+        return int(most_informative_compiled(log_weights, probabilities, asked_mask, np.array([unasked[0]]))[0])
 
     return next_candidate

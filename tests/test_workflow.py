@@ -8,7 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nps.active import expected_information_gain, most_informative, update_log_weights
+from nps.active import (
+    expected_information_gain,
+    log_weights_after,
+    most_informative,
+    update_log_weights,
+    update_log_weights_compiled,
+)
 from nps.cli import main
 from nps.data.profiles import collect, read_candidates, read_pairs, read_profile
 from nps.errors import ConfigError
@@ -102,6 +108,23 @@ def test_information_gain_is_zero_where_plausible_users_agree_and_log2_where_the
     log_weights = update_log_weights(jnp.zeros((1, 2)), probabilities, jnp.array([2]), jnp.array([True]))
     chex.assert_trees_all_close(jax.nn.softmax(log_weights)[0], jnp.array([0.999, 0.001]), atol=1e-6)
     assert float(expected_information_gain(log_weights, probabilities)[0, 2]) < 0.01
+
+
+@pytest.mark.parametrize("count", [0, 5, 16, 17])  # empty, inside the first bucket, at its end, past it
+def test_a_posterior_rebuilt_from_answers_is_the_one_updated_answer_by_answer(count):
+    # The app rebuilds a person's posterior from their profile after a restart and updates it live
+    # after each answer: the two must agree exactly, whatever bucket the answers are padded to.
+    probabilities = jax.random.uniform(jax.random.key(0), (64, 40), minval=0.01, maxval=0.99)
+    answers = [(int(i), bool(b)) for i, b in zip(np.random.default_rng(count).permutation(40)[:count],
+                                                 np.random.default_rng(count + 1).random(count) < 0.5)]
+    live = jnp.zeros((1, 64))
+    for index, first in answers:
+        live = update_log_weights_compiled(live, probabilities, np.array([index]), np.array([first]))
+    rebuilt = log_weights_after(probabilities, answers)
+    chex.assert_shape(rebuilt, (1, 64))
+    np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(live))
+    if count:
+        assert float(jnp.std(rebuilt)) > 0  # the answers moved the weights
 
 
 # -- compare ---------------------------------------------------------------------------------------

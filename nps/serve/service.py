@@ -33,7 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nps.active import most_informative, particle_choice_probabilities, update_log_weights
+from nps.active import (
+    log_weights_after,
+    most_informative_compiled,
+    particle_choice_probabilities,
+    update_log_weights_compiled,
+)
 from nps.data import steering as language
 from nps.data.profiles import read_candidates
 from nps.errors import ConfigError
@@ -81,10 +86,6 @@ class Trial:
     responses: dict[str, str]
     order: tuple[str, str]
     profile_hash: str
-
-
-_choose = jax.jit(most_informative, static_argnames=("min_gain",))
-_update = jax.jit(update_log_weights)
 
 
 def read_serving_candidates(path: str | Path) -> tuple[list[dict[str, Any]], str]:
@@ -175,13 +176,8 @@ class PreferenceService:
                 raise StoreError(f"{path}: record {number} does not answer candidate {index} (its chosen and "
                                  "rejected are not that candidate's two responses); fix or delete that line", 409)
         answered = [r for r in records if r.get("choice") != "skip"]
-        log_weights = jnp.zeros((1, self.probabilities.shape[0]))
-        if answered:
-            asked = jnp.asarray([r["candidate"] for r in answered])
-            first = jnp.asarray([r["chosen"] == self.candidates[r["candidate"]]["responses"][0] for r in answered])
-            per_answer = update_log_weights(jnp.zeros((len(answered), log_weights.shape[1])), self.probabilities,
-                                            asked, first)
-            log_weights = jnp.sum(per_answer, axis=0, keepdims=True)
+        log_weights = log_weights_after(self.probabilities, [
+            (r["candidate"], r["chosen"] == self.candidates[r["candidate"]]["responses"][0]) for r in answered])
         state = _PersonState(signature, records, log_weights)
         self._people[name] = state
         return state
@@ -199,7 +195,7 @@ class PreferenceService:
         # Once no pair is informative, the person's own random order (seeded by name) decides.
         order = random.Random(f"order:{name}").sample(range(len(self.candidates)), len(self.candidates))
         fallback = next(i for i in order if not asked[0, i])
-        return int(_choose(state.log_weights, self.probabilities, jnp.asarray(asked), jnp.asarray([fallback]))[0])
+        return int(most_informative_compiled(state.log_weights, self.probabilities, asked, np.array([fallback]))[0])
 
     def next_question(self, name: str) -> Question | None:
         """The most informative unanswered candidate for this person, or None when all are answered."""
@@ -238,8 +234,8 @@ class PreferenceService:
             state.records.append(record)
             if choice != "skip":
                 first = record["chosen"] == self.candidates[candidate]["responses"][0]
-                state.log_weights = _update(state.log_weights, self.probabilities, jnp.asarray([candidate]),
-                                            jnp.asarray([first]))
+                state.log_weights = update_log_weights_compiled(state.log_weights, self.probabilities,
+                                                                np.array([candidate]), np.array([first]))
             return record
 
     def answered_pairs(self, name: str) -> list[dict[str, Any]]:
