@@ -107,8 +107,9 @@ def test_corrupted_checkpoint_message_and_fallback(finished_run, tmp_path):
             path.write_bytes(b"\x00garbage")
     rerun = nps("reproduce", "synthetic", "--out", str(out), "--quiet", *SMALL)
     assert rerun.returncode == 0, rerun.stderr
-    warning = [line for line in rerun.stderr.splitlines() if "checkpoint step 90" in line]
-    assert len(warning) == 1 and warning[0].startswith("nps: warning: ") and "falling back to the previous step" in warning[0]
+    lines = [line for line in rerun.stderr.splitlines() if line.strip()]  # one line, not a page of noise
+    assert len(lines) == 1 and lines[0].startswith("nps: warning: checkpoint step 90"), lines
+    assert "is corrupted" in lines[0] and "falling back to the previous step" in lines[0], lines
     assert metrics(out) == metrics(finished_run)
 
 
@@ -162,3 +163,22 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(finished_ru
                for event in EventFileLoader(str(path)).Load()
                if any(value.tag == "train/loss" for value in event.summary.value)]
     assert written[:2] == [30, 60] and written[-2:] == [60, 90] and len(written) > 3
+
+
+def test_ctrl_c_prints_one_line_and_a_rerun_ends_with_the_same_numbers(finished_run, tmp_path):
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "-m", "nps.cli", "reproduce", "synthetic", "--out", str(out),
+                                "--quiet", *SMALL], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints" / "np_btl" / "30").is_dir():
+        assert time.monotonic() < deadline and process.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    lines = [line for line in process.stderr.read().splitlines() if line.strip()]
+    assert lines == [f"nps: interrupted: every checkpoint already saved under {out} is kept; "
+                     "run the same command again to resume"]
+    assert not (out / "results.json").exists()
+    resumed = nps("reproduce", "synthetic", "--out", str(out), "--quiet", *SMALL)
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(out) == metrics(finished_run)
