@@ -17,17 +17,24 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+# Random weights drawn by NumPy into the shapes of an abstract model: JAX's initialisers (threefry)
+# take ~10 s for 400 MB on a CPU, and the load measured below does not depend on the values.
 WRITE = textwrap.dedent(
     """
-    import sys, jax.numpy as jnp
+    import sys, jax, jax.numpy as jnp, numpy as np
     from flax import nnx
+    from nps.layers import BaseParam
     from nps.lm import Decoder, DecoderConfig
     from nps.lm.loading import save_pretrained
     directory, hidden, layers, vocab, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     hf = dict(model_type="qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
               num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
               tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6)
-    save_pretrained(Decoder(DecoderConfig.from_hf(hf), dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)), directory, hf)
+    abstract = nnx.eval_shape(lambda: Decoder(DecoderConfig.from_hf(hf), dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
+    graphdef, weights, rest = nnx.split(abstract, BaseParam, ...)
+    rng = np.random.default_rng(0)
+    weights = jax.tree.map(lambda w: (0.02 * rng.standard_normal(w.shape, np.float32)).astype(w.dtype), weights)
+    save_pretrained(nnx.merge(graphdef, weights, rest), directory, hf)
     """
 )
 

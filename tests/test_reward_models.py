@@ -115,7 +115,7 @@ def test_variational_prediction_is_finite_and_one_trace_serves_every_context_siz
 def test_gradients_are_finite_with_empty_contexts(episodes):
     graphdef, params = nnx.split(build_reward_model(1, config("np"), 0))
     empty = episodes._replace(context_mask=jnp.zeros_like(episodes.context_mask))
-    grads = jax.grad(lambda p: nnx.merge(graphdef, p).objective(empty, jax.random.key(0))[0])(params)
+    grads = jax.jit(jax.grad(lambda p: nnx.merge(graphdef, p).objective(empty, jax.random.key(0))[0]))(params)
     chex.assert_tree_all_finite(grads)
 
 
