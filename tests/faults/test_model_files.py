@@ -162,37 +162,40 @@ def hf_dict(family: str) -> dict:
 
 
 CONFIG_FAULTS = {
-    # name: (config.json content, error class, message)
+    # name: (config.json's content, built when the test runs, error class, message). Built at collection,
+    # the transformers configs would import transformers and torch into every worker.
     "vocab 10^7 on a 0.7 MB checkpoint": (
-        dict(hf_dict("qwen2"), vocab_size=10**7), CheckpointFormatError,
+        lambda: dict(hf_dict("qwen2"), vocab_size=10**7), CheckpointFormatError,
         r"tensor 'model.embed_tokens.weight' has shape \[320, 64\] but .*config.json implies \[10000000, 64\]"),
-    "vocab 10^12": (dict(hf_dict("qwen2"), vocab_size=10**12), CheckpointFormatError, r"implies \[1000000000000, 64\]"),
-    "10^9 layers": (dict(hf_dict("qwen2"), num_hidden_layers=10**9), CheckpointFormatError,
+    "vocab 10^12": (lambda: dict(hf_dict("qwen2"), vocab_size=10**12), CheckpointFormatError,
+                    r"implies \[1000000000000, 64\]"),
+    "10^9 layers": (lambda: dict(hf_dict("qwen2"), num_hidden_layers=10**9), CheckpointFormatError,
                     r"tensor 'model.layers.3.input_layernorm.weight' is missing"),
-    "zero heads": (dict(hf_dict("qwen2"), num_attention_heads=0), ConfigError, r"num_attention_heads=0 must be"),
-    "a string vocabulary size": (dict(hf_dict("qwen2"), vocab_size="320"), ConfigError,
+    "zero heads": (lambda: dict(hf_dict("qwen2"), num_attention_heads=0), ConfigError,
+                   r"num_attention_heads=0 must be"),
+    "a string vocabulary size": (lambda: dict(hf_dict("qwen2"), vocab_size="320"), ConfigError,
                                  r"vocab_size='320' must be an integer"),
-    "a negative vocabulary size": (dict(hf_dict("qwen2"), vocab_size=-5), ConfigError,
+    "a negative vocabulary size": (lambda: dict(hf_dict("qwen2"), vocab_size=-5), ConfigError,
                                    r"vocab_size=-5 must be a positive integer"),
-    "a JSON list": ([hf_dict("qwen2")], ConfigError, r"must hold a JSON object of config fields, not a list"),
-    "heads not a multiple of key/value heads": (dict(hf_dict("qwen2"), num_key_value_heads=3), ConfigError,
+    "a JSON list": (lambda: [hf_dict("qwen2")], ConfigError, r"must hold a JSON object of config fields, not a list"),
+    "heads not a multiple of key/value heads": (lambda: dict(hf_dict("qwen2"), num_key_value_heads=3), ConfigError,
                                                 r"num_heads=4 must be a multiple of num_kv_heads=3"),
-    "an odd head_dim": (dict(hf_dict("qwen2"), head_dim=15), ConfigError, r"head_dim=15 must be even"),
-    "a NaN epsilon": (dict(hf_dict("qwen2"), rms_norm_eps=float("nan")), ConfigError,
+    "an odd head_dim": (lambda: dict(hf_dict("qwen2"), head_dim=15), ConfigError, r"head_dim=15 must be even"),
+    "a NaN epsilon": (lambda: dict(hf_dict("qwen2"), rms_norm_eps=float("nan")), ConfigError,
                       r"rms_norm_eps=nan must be a positive finite number"),
-    "a string boolean": (dict(hf_dict("qwen2"), tie_word_embeddings="false"), ConfigError,
+    "a string boolean": (lambda: dict(hf_dict("qwen2"), tie_word_embeddings="false"), ConfigError,
                          r"tie_word_embeddings='false' must be true or false"),
-    "rope parameters that are not an object": (dict(hf_dict("qwen2"), rope_parameters="linear"), ConfigError,
+    "rope parameters that are not an object": (lambda: dict(hf_dict("qwen2"), rope_parameters="linear"), ConfigError,
                                                r"rope_parameters='linear' must be a JSON object"),
-    "qwen2: a string use_sliding_window": (dict(hf_dict("qwen2"), use_sliding_window="no"), ConfigError,
+    "qwen2: a string use_sliding_window": (lambda: dict(hf_dict("qwen2"), use_sliding_window="no"), ConfigError,
                                            r"use_sliding_window='no' must be true or false"),
     "llama: a string RoPE factor": (
-        dict(hf_dict("llama"), rope_parameters=dict(hf_dict("llama")["rope_parameters"], factor="8")), ConfigError,
-        r"rope_parameters.factor='8' must be a number"),
+        lambda: dict(hf_dict("llama"), rope_parameters=dict(hf_dict("llama")["rope_parameters"], factor="8")),
+        ConfigError, r"rope_parameters.factor='8' must be a number"),
     "llama: RoPE high frequency factor not above the low": (
-        dict(hf_dict("llama"), rope_parameters=dict(hf_dict("llama")["rope_parameters"], high_freq_factor=1.0)),
+        lambda: dict(hf_dict("llama"), rope_parameters=dict(hf_dict("llama")["rope_parameters"], high_freq_factor=1.0)),
         ConfigError, r"rope_high_freq_factor=1.0 must exceed rope_low_freq_factor=1.0"),
-    "gemma: a numeric activation": (dict(hf_dict("gemma"), hidden_activation=5), ConfigError,
+    "gemma: a numeric activation": (lambda: dict(hf_dict("gemma"), hidden_activation=5), ConfigError,
                                     r"hidden_activation=5 must be a string"),
 }
 
@@ -201,7 +204,7 @@ CONFIG_FAULTS = {
 def test_config_is_checked_field_by_field_before_any_allocation(fault, model_copy, no_allocation):
     content, error, message = CONFIG_FAULTS[fault]
     path = model_copy / "config.json"
-    path.write_text(json.dumps(content))
+    path.write_text(json.dumps(content()))
     with pytest.raises(error, match=message) as caught:
         from_pretrained(model_copy, tokenizer=False)
     if error is ConfigError:  # the file first, the fix last, each once
