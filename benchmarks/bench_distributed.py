@@ -71,7 +71,9 @@ def layout(processes: int, devices_per_process: int, workload: str, steps: int) 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     program = [sys.executable, os.path.abspath(__file__), "--worker", workload, "--steps", str(steps)]
     if processes == 1:
-        env |= {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}", "JAX_PLATFORMS": "cpu"}
+        from nps.train.launch import cpu_devices_environment
+
+        env = cpu_devices_environment(env, devices_per_process)  # other XLA flags kept, as in the launched layouts
         output = subprocess.run(program, env=env, capture_output=True, text=True, check=True).stdout
     else:
         from nps.train.launch import free_port, process_environment

@@ -146,6 +146,7 @@ def most_informative(log_weights: jax.Array, probabilities: jax.Array, already_a
 # Compiled once per shape, for callers outside a jit (the preference app, `nps collect --active`).
 most_informative_compiled = jax.jit(most_informative, static_argnames=("min_gain",))
 update_log_weights_compiled = jax.jit(update_log_weights)
+particle_choice_probabilities_compiled = jax.jit(particle_choice_probabilities)
 
 
 def _accuracy(model, context_ids, context_first, context_mask, candidates: PairSet, evaluation: PairSet, key):
@@ -221,7 +222,7 @@ def informative_chooser(model, particles: jax.Array, option_a: Any, option_b: An
     """A ``next_candidate`` for ``nps.data.profiles.collect``: after the answers so far, the unasked
     candidate with the largest EIG (file order once none is informative, or None when all were asked).
     ``option_a`` / ``option_b``: the model's options of each candidate's two responses, in file order."""
-    probabilities = jax.jit(particle_choice_probabilities)(model, particles, option_a, option_b)
+    probabilities = particle_choice_probabilities_compiled(model, particles, option_a, option_b)
 
     def next_candidate(candidates: list[dict], answered: list[dict], asked: set[int]) -> int | None:
         unasked = [i for i in range(len(candidates)) if i not in asked]

@@ -5,7 +5,7 @@ JAX's persistent compilation cache: the suite compiles many identical programs i
 processes (CLI runs, a resumed run, the 8-device checks, notebooks); with the cache each is
 compiled once per machine. Every program is cached, however fast it compiled: a fresh process
 compiles hundreds of eager operations (~30 ms each), the same ones in every CLI run; caching
-them too took a cold suite from 1,102 to 997 CPU-seconds (610 -> 561 s).
+them too took a cold suite from 664 s to 561 s (1,275 to 1,060 CPU-seconds).
 
 XLA's CPU code generation at LLVM -O0 for the default (not ``slow``) selection: that suite runs tiny
 models, so XLA compilation is most of its time (71 % of tests/test_decoder.py's, by py-spy), and -O0
@@ -29,7 +29,6 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettemp
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = Path(__file__).resolve().parent.parent
-DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 OPTIMIZATION_FLAG = "--xla_backend_optimization_level"
 
 
@@ -43,9 +42,9 @@ def pytest_configure(config):
 def script_environment(devices: int, env: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment for a child on ``devices`` simulated CPU devices that imports
     this checkout's ``nps`` and the test helpers in tests/ (``env`` entries override)."""
-    environment = dict(os.environ, JAX_PLATFORMS="cpu")
-    flags = [f for f in environment.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
-    environment["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices}"])
+    from nps.train.launch import cpu_devices_environment
+
+    environment = cpu_devices_environment(dict(os.environ), devices)
     paths = [str(REPO), str(REPO / "tests"), *filter(None, [environment.get("PYTHONPATH")])]
     environment["PYTHONPATH"] = os.pathsep.join(paths)
     environment.update(env or {})

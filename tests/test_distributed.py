@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from event_files import steps
 
-from nps.train.launch import free_port, process_environment
+from nps.train.launch import cpu_devices_environment, free_port, process_environment
 
 SYNTHETIC = ["reproduce", "synthetic", "--quiet", "--set", "models=np_btl", "--set", "train.steps=60",
              "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20", "--set", "train.val_tasks=64",
@@ -37,9 +37,7 @@ TIMEOUT = 600
 
 
 def one_process(devices: int, args: list[str], out: Path) -> dict:
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env = dict(os.environ, XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
-               JAX_PLATFORMS="cpu")  # the session's other XLA flags kept: both layouts compile alike
+    env = cpu_devices_environment(dict(os.environ), devices)  # the session's other XLA flags kept, as launch does
     result = subprocess.run([sys.executable, "-m", "nps.cli", *args, "--out", str(out)], env=env,
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -36,7 +36,7 @@ import numpy as np
 from nps.active import (
     log_weights_after,
     most_informative_compiled,
-    particle_choice_probabilities,
+    particle_choice_probabilities_compiled,
     update_log_weights_compiled,
 )
 from nps.data import steering as language
@@ -112,7 +112,6 @@ class PreferenceService:
         self._trials: dict[str, Trial] = {}
         self._trials_guard = threading.Lock()
         self._reports: dict[tuple[str, str], ConsistencyReport] = {}
-        self._choice_probabilities = jax.jit(particle_choice_probabilities)
 
     # -- start-up ------------------------------------------------------------------------------------
     @property
@@ -135,7 +134,7 @@ class PreferenceService:
             except (OSError, ValueError, KeyError):
                 pass  # an unreadable cache is recomputed below
         particles = self.run.particles(count)
-        probabilities = jax.jit(particle_choice_probabilities)(self.run.policy, particles, *self.candidate_options)
+        probabilities = particle_choice_probabilities_compiled(self.run.policy, particles, *self.candidate_options)
         cache.parent.mkdir(exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, particles=np.asarray(particles), probabilities=np.asarray(probabilities))
@@ -350,8 +349,8 @@ class PreferenceService:
         if not open_pairs:
             return None
         with self.model_lock:
-            p = np.asarray(self._choice_probabilities(self.run.policy, jnp.asarray(z)[None],
-                                                      *self.candidate_options))[0]
+            p = np.asarray(particle_choice_probabilities_compiled(self.run.policy, jnp.asarray(z)[None],
+                                                                  *self.candidate_options))[0]
         return float(np.mean(np.maximum(p, 1 - p)[open_pairs]))
 
     def latent_map(self, name: str) -> bytes:

@@ -27,15 +27,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_devices_environment(env: dict[str, str], count: int) -> dict[str, str]:
+    """``env`` for a process on ``count`` simulated CPU devices. Its other XLA flags are kept: two
+    processes compared bit for bit must compile alike (an optimisation level changes last bits)."""
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
+    return dict(env, XLA_FLAGS=" ".join([*flags, f"{DEVICE_COUNT_FLAG}={count}"]), JAX_PLATFORMS="cpu")
+
+
 def process_environment(index: int, count: int, port: int, cpu_devices: int | None,
                         gpus_per_process: int | None) -> dict[str, str]:
     """The environment of process ``index`` of ``count``."""
     env = dict(os.environ, **{ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(count),
                               ENV_PROCESS_ID: str(index)})
     if cpu_devices:
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-        env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={cpu_devices}"])
-        env["JAX_PLATFORMS"] = "cpu"
+        env = cpu_devices_environment(env, cpu_devices)
     if gpus_per_process:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(index * gpus_per_process + g) for g in range(gpus_per_process))
     return env
