@@ -33,6 +33,7 @@ from nps.data.episodes import (
     Episodes,
     EpisodeSpec,
     PairPool,
+    context_capacity,
     order_pairs,
     sample_episodes,
     user_utility,
@@ -119,8 +120,8 @@ def log_weights_after(probabilities: jax.Array, answers: list[tuple[int, bool]])
     """One user's particle log weights [1, P] after ``answers`` (candidate id, first option chosen),
     given probabilities [P, M]: Bayes' rule one answer at a time, in their order, so the result is
     the same as ``update_log_weights`` applied answer by answer (a rebuilt posterior is the live one).
-    Answers are padded to a power of two (at least 16): one compiled program per bucket."""
-    slots = max(16, 1 << max(len(answers) - 1, 0).bit_length())
+    Answers are padded to ``context_capacity``: one compiled program per bucket."""
+    slots = context_capacity(len(answers))
     asked, first, answered = np.zeros(slots, np.int32), np.zeros(slots, bool), np.zeros(slots, bool)
     for row, (index, chosen_first) in enumerate(answers):
         asked[row], first[row], answered[row] = index, chosen_first, True
@@ -143,10 +144,19 @@ def most_informative(log_weights: jax.Array, probabilities: jax.Array, already_a
     return jnp.where(jnp.max(gain, axis=-1) >= min_gain, best, fallback)
 
 
-# Compiled once per shape, for callers outside a jit (the preference app, `nps collect --active`).
+# Compiled once per shape, for callers outside a jit (the preference app, `nps collect --active`,
+# `nps ab`): eager, each operation of a model would compile a program of its own.
 most_informative_compiled = jax.jit(most_informative, static_argnames=("min_gain",))
 update_log_weights_compiled = jax.jit(update_log_weights)
 particle_choice_probabilities_compiled = jax.jit(particle_choice_probabilities)
+particle_latents_compiled = jax.jit(particle_latents, static_argnames=("spec", "num_particles", "context_size"))
+
+
+@jax.jit
+def encode_compiled(model, chosen: jax.Array, rejected: jax.Array, mask: jax.Array) -> jax.Array:
+    """``model.encode(chosen, rejected, mask)``: z [B, d] of contexts [B, C, E] by a conditioned
+    policy or a deterministic NP-BTL, one program per capacity C (see ``context_capacity``)."""
+    return model.encode(chosen, rejected, mask)
 
 
 def _accuracy(model, context_ids, context_first, context_mask, candidates: PairSet, evaluation: PairSet, key):

@@ -20,6 +20,13 @@ from nps.data.pairs import OptionPairPool, PairPool, order_pairs, user_utility
 from nps.errors import ConfigError, invalid
 
 
+def context_capacity(count: int) -> int:
+    """The slots that hold ``count`` answered pairs of one user (a context, a profile, its answers
+    in order) outside a sampler: the next power of two, at least 16. Sizes are masks over the slots,
+    so each bucket compiles one program and a growing profile compiles a new one at 17, 33, 65, ... answers."""
+    return max(16, 1 << max(count - 1, 0).bit_length())
+
+
 class Episodes(NamedTuple):
     """A batch of B tasks; context capacity C, N^T = T targets, options ``[..., D]``.
 

@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nps.active import particle_latents_compiled
 from nps.config import check_models, config_to_dict
 from nps.data import steering as two_styles
-from nps.data.episodes import EpisodeSpec, sample_episodes
+from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool, oracle_pools, single_user
 from nps.encoder import EncoderConfig
 from nps.errors import invalid
@@ -146,10 +147,9 @@ def steered_latents(policy, pool: OptionPairPool, user: int, context_size: int, 
     """z [count, d] of ``count`` tasks of ``user`` with N^C = ``context_size`` (None for unconditioned)."""
     if policy.encoder is None:
         return None
-    spec = EpisodeSpec(num_targets=1, max_context=0).for_context(context_size)
     users_pool = OptionPairPool(single_user(pool.pairs, user), pool.options)
-    episodes = sample_episodes(jax.random.key(seed), users_pool, spec, count, context_size)
-    return policy.encode_context(episodes)
+    return particle_latents_compiled(policy, users_pool, spec=EpisodeSpec(num_targets=1, max_context=0),
+                                     num_particles=count, context_size=context_size, key=jax.random.key(seed))
 
 
 def generation_report(policies: dict[str, Any], base, pool: OptionPairPool, config: SteeringConfig):

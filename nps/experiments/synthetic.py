@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nps.config import check_models, config_to_dict
-from nps.data.episodes import EpisodeSpec, sample_episodes
+from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import check_splittable
 from nps.data.synthetic import (
     TWO_USER_NAMES,
@@ -28,7 +28,7 @@ from nps.results import (
     run_directory,
     save_figure,
 )
-from nps.train.evaluate import check_unseen_targets
+from nps.train.evaluate import check_unseen_targets, rewards_given_context
 from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
 from nps.train.run import EvalConfig, train_and_evaluate
@@ -71,20 +71,15 @@ def _reward_curves(fits: dict[str, Any], pools, spec: EpisodeSpec, grid: np.ndar
     options = jnp.asarray(grid[:, None], jnp.float32)
     curves: dict[str, Any] = {}
     for name, result in fits.items():
-        model = result.model()
         if name == "btl":
-            curves[name] = {"all": np.asarray(model.reward(options))}
+            curves[name] = {"all": np.asarray(result.model().reward(options))}
         elif name == "dpl":
-            mean, std = model.reward_distribution(options)
+            mean, std = result.model().reward_distribution(options)
             curves[name] = {"all": np.asarray(mean), "all_std": np.asarray(std)}
         else:
-            episodes = sample_episodes(jax.random.key(7), pools["test"], spec, 64, spec.max_context)
-            curves[name] = {}
-            for user in range(2):
-                row = int(np.argmax(np.asarray(episodes.user) == user))
-                one = jax.tree.map(lambda x: x[row : row + 1], episodes)
-                z = model.context_latent(one)
-                curves[name][USER_NAMES[user]] = np.asarray(model.reward(options[None], z)[0])
+            rewards, user = rewards_given_context(result.graphdef, result.params, pools["test"], spec, options, 64,
+                                                  jax.random.key(7))
+            curves[name] = {USER_NAMES[u]: rewards[np.argmax(user == u)] for u in range(2)}
     return curves
 
 

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nps.active import encode_compiled, particle_latents_compiled
 from nps.config import config_from_dict
 from nps.data import steering as language
-from nps.data.episodes import EpisodeSpec
+from nps.data.episodes import EpisodeSpec, context_capacity
 from nps.data.pairs import OptionPairPool, PolicyOptions
 from nps.errors import ConfigError
 from nps.files import texts_digest
@@ -144,11 +145,11 @@ class SteeringRun:
         return embed_tokens(self.base, sequences)
 
     def pair_features(self, pairs: list[dict[str, str]]) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """A context of one user: chosen and rejected features [1, C, E] and the mask [1, C]; C ≥ 1
-        (an empty context is a mask over one unused slot)."""
+        """A context of one user: chosen and rejected features [1, C, E] and the mask [1, C], with
+        C = ``context_capacity(len(pairs))`` (an empty context is a mask over unused slots)."""
         chosen = [language.option_tokens(p["prompt"], p["chosen"], f"pairs[{i}]") for i, p in enumerate(pairs)]
         rejected = [language.option_tokens(p["prompt"], p["rejected"], f"pairs[{i}]") for i, p in enumerate(pairs)]
-        capacity = max(len(pairs), 1)
+        capacity = context_capacity(len(pairs))
         features = np.zeros((2, capacity, self.base.config.hidden_size), np.float32)
         if pairs:
             features[:, : len(pairs)] = self.features(chosen + rejected, "pairs").reshape(2, len(pairs), -1)
@@ -192,16 +193,14 @@ class SteeringRun:
         """z [d] from a user's pairs ({"prompt", "chosen", "rejected"}; may be empty); None if unconditioned."""
         if not self.conditioned:
             return None
-        return self.policy.encode(*self.pair_features(pairs))[0]
+        return encode_compiled(self.policy, *self.pair_features(pairs))[0]
 
     def particles(self, count: int = 256, context_size: int = 10, seed: int = 0) -> jax.Array:
         """z [count, d] of plausible users: the policy's latents for tasks of the run's validation pairs."""
-        from nps.active import particle_latents
-
         pairs = self.preference_pairs()
-        sample = jax.jit(particle_latents, static_argnames=("spec", "num_particles", "context_size"))
-        return sample(self.policy, OptionPairPool(pairs.pools()["val"], pairs.options), spec=self.episodes,
-                      num_particles=count, context_size=context_size, key=jax.random.key(seed))
+        return particle_latents_compiled(self.policy, OptionPairPool(pairs.pools()["val"], pairs.options),
+                                         spec=self.episodes, num_particles=count, context_size=context_size,
+                                         key=jax.random.key(seed))
 
     # -- generation and scores ---------------------------------------------------------------------
     def generate(

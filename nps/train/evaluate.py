@@ -134,6 +134,22 @@ def evaluate_unseen_accuracy(
     return results
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "num_tasks"))
+def _rewards_given_context(graphdef, params, pool, options, key, *, spec, num_tasks):
+    episodes = sample_episodes(key, pool, spec, num_tasks, spec.max_context)
+    model = nnx.merge(graphdef, params)
+    return model.reward(options[None], model.context_latent(episodes)), episodes.user
+
+
+def rewards_given_context(graphdef, params, pool: PairPool, spec: EpisodeSpec, options, num_tasks: int,
+                          key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A conditioned reward model's rewards of ``options`` [N, D] for ``num_tasks`` users of ``pool``,
+    each known by ``spec.max_context`` of their pairs: (rewards [num_tasks, N], user type [num_tasks]).
+    One compiled program (an eager encoder pass compiles each of its operations)."""
+    pool, options = alongside((pool, jnp.asarray(options, jnp.float32)), params)
+    return host_value(_rewards_given_context(graphdef, params, pool, options, key, spec=spec, num_tasks=num_tasks))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "num_tasks", "num_probes"))
 def _identification_errors(graphdef, params, pool, probe_a, probe_b, key, *, spec, num_tasks, num_probes):
     """Per task: 0/1 error of ẑ from one context pair, and the error rate on the probes."""

@@ -24,6 +24,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from nps.active import encode_compiled
 from nps.config import config_to_dict
 from nps.data import steering as two_styles
 from nps.data.episodes import EpisodeSpec
@@ -81,7 +82,7 @@ def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
     model = fit.model()
 
     def score(pairs, prompts, responses):
-        z = model.encode(*run.pair_features(pairs))
+        z = encode_compiled(model, *run.pair_features(pairs))
         return np.asarray(model.reward(jnp.asarray(run.option_features(prompts, responses))[None], z)[0])
 
     return score, entry

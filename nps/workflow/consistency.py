@@ -16,8 +16,8 @@ tasks need no text), a policy's ``PolicyOptions`` for NP-DPO (``SteeringRun.pair
   plain leave-one-out z) and z of random halves of the profile. An encoder trained on consistent
   users reads a context with a mistaken answer as evidence for another user, so the plain z of the
   rest is thrown off by every other mistake in it; the weights keep the z's that explain the rest
-  (measured in docs/results.md). Every z comes from a mask over one fixed context capacity (the
-  next multiple of 8 ≥ N), vmapped with the masks: one compiled program serves every profile of a
+  (measured in docs/results.md). Every z comes from a mask over one fixed context capacity
+  (``context_capacity``: the next power of two ≥ N, at least 16), vmapped with the masks: one compiled program serves every profile of a
   capacity bucket. Answers with p_i below ``implausible_below`` are listed.
 - **The same pair answered both ways**, and a **position bias**: an exact two-sided binomial test
   of the number of "first" (left) choices among the answers whose display position was recorded.
@@ -46,18 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.data.episodes import Episodes
+from nps.data.episodes import Episodes, context_capacity
 
-CAPACITY_STEP = 8
 SUBSETS = 64  # random halves of a profile whose z's the leave-one-out posterior weighs
 ORDERS_PER_BATCH = 8  # permuted orders whose latents are computed in one compiled call
 PAIRS_PER_CALL = 512  # (latent, answer) log-likelihoods per compiled call
-
-
-def capacity_for(count: int) -> int:
-    """The context capacity of a profile of ``count`` answers: the next multiple of 8 (at least 8), so a
-    profile compiles a new program once per 8 answers and pads at most 7 rows."""
-    return max(CAPACITY_STEP, -(-count // CAPACITY_STEP) * CAPACITY_STEP)
 
 
 def _num_rows(tree: Any) -> int:
@@ -98,7 +91,7 @@ def _log_likelihood_table(graphdef, state, chosen, rejected, masks):
 def proposal_masks(count: int, subsets: int = SUBSETS, seed: int = 0) -> np.ndarray:
     """The contexts whose z the leave-one-out posterior weighs [capacity + subsets, capacity]: all
     answers but one (one row per slot), then ``subsets`` random halves of the ``count`` answers."""
-    capacity = capacity_for(count)
+    capacity = context_capacity(count)
     masks = np.zeros((capacity + subsets, capacity), bool)
     masks[:capacity, :count] = True
     masks[np.arange(capacity), np.arange(capacity)] = False
@@ -180,11 +173,11 @@ class _SplitStatistics:
 
     def __init__(self, model, chosen: Any, rejected: Any, min_segment: int):
         self.count = _num_rows(chosen)
-        self.capacity = capacity_for(self.count)
+        self.capacity = context_capacity(self.count)
         self.graphdef, self.state = nnx.split(model)
         self.chosen, self.rejected = _padded(chosen, self.capacity), _padded(rejected, self.capacity)
         self.splits = np.arange(min_segment, self.count - min_segment + 1)  # k: the number of earlier answers
-        everyone = np.zeros((ORDERS_PER_BATCH * capacity_for(len(self.splits)) * 2, self.capacity), bool)
+        everyone = np.zeros((ORDERS_PER_BATCH * context_capacity(len(self.splits)) * 2, self.capacity), bool)
         everyone[:, : self.count] = True  # the shape of a batch's masks: no program of its own
         latents = self._latents(everyone)
         self.one_latent = self._log_likelihoods(latents, np.zeros(self.count, np.int64), np.arange(self.count)).sum()
@@ -211,7 +204,7 @@ class _SplitStatistics:
         num_orders = orders.shape[0]
         ranks = np.full((ORDERS_PER_BATCH, capacity), capacity, np.int64)  # padding rows rank past every split
         ranks[np.arange(num_orders)[:, None], orders] = np.arange(count)
-        slots = capacity_for(len(splits))  # splits padded to a bucket too: one compiled shape per bucket
+        slots = context_capacity(len(splits))  # splits padded to a bucket too: one compiled shape per bucket
         split_at = np.full(slots, capacity)
         split_at[: len(splits)] = splits
         earlier = ranks[:, None, :] < split_at[None, :, None]  # [O, S splits, C answers]
