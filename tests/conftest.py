@@ -7,13 +7,17 @@ compiled once per machine. Every program is cached, however fast it compiled: a 
 compiles hundreds of eager operations (~30 ms each), the same ones in every CLI run; caching
 them too took a cold suite from 664 s to 561 s (1,275 to 1,060 CPU-seconds).
 
-XLA's CPU code generation at LLVM -O0 for the default (not ``slow``) selection: that suite runs tiny
-models, so XLA compilation is most of its time (71 % of tests/test_decoder.py's, by py-spy), and -O0
-halves each compilation (the tiny decoder's gradient: 2.7 s -> 1.3 s). It changes no operation, only
-how fast the machine code runs and, through instruction selection (fused multiply-adds), the
-last bits of some results, so every process of a test compiles with the same flags: subprocesses
-inherit them (``script_environment`` and the multi-process launcher keep the session's XLA flags).
-The ``slow`` experiment runs, which time and benchmark real work, keep XLA's default -O2.
+XLA's CPU code generation set for compile speed in the default (not ``slow``) selection: that suite
+runs tiny models, so XLA compilation is most of its time (71 % of tests/test_decoder.py's, by
+py-spy). LLVM -O0 halves each compilation (the tiny decoder's gradient: 2.7 s -> 1.3 s); XLA's
+older elemental emitters instead of its MLIR fusion emitters (``xla_cpu_use_fusion_emitters``)
+and code generation in one piece rather than split for threads take it to 0.35-0.4 s, and a
+40-step NP-BTL fit from 6.7-7.1 s to 4.6-5.4 s, at the same steps/s (benchmarks.md). None changes an
+operation, only how fast the machine code runs and, through instruction selection (fused
+multiply-adds), the last bits of some results, so every process of a test compiles with the same
+flags: subprocesses inherit them (``script_environment`` and the multi-process launcher keep the
+session's XLA flags). The ``slow`` experiment runs, which time and benchmark real work, keep XLA's
+defaults. The flags are those of the pinned jaxlib (constraints.txt): XLA stops at an unknown one.
 """
 
 import os
@@ -30,13 +34,16 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = Path(__file__).resolve().parent.parent
 OPTIMIZATION_FLAG = "--xla_backend_optimization_level"
+FAST_COMPILATION = (f"{OPTIMIZATION_FLAG}=0", "--xla_cpu_use_fusion_emitters=false",
+                    "--xla_cpu_parallel_codegen_split_count=1")
 
 
 def pytest_configure(config):
-    """-O0 unless slow tests are selected or XLA_FLAGS already sets the level (see the module's docstring)."""
+    """XLA's fast-compiling settings unless slow tests are selected or XLA_FLAGS already sets the
+    optimisation level (see the module's docstring)."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "slow" not in (config.getoption("markexpr") or "").replace("not slow", "") and OPTIMIZATION_FLAG not in flags:
-        os.environ["XLA_FLAGS"] = " ".join(filter(None, [flags, f"{OPTIMIZATION_FLAG}=0"]))
+        os.environ["XLA_FLAGS"] = " ".join(filter(None, [flags, *FAST_COMPILATION]))
 
 
 def script_environment(devices: int, env: dict[str, str] | None = None) -> dict[str, str]:
