@@ -1,5 +1,5 @@
 """One steering run for every test that needs one: notebooks/steering.ipynb, executed top to bottom
-once per machine (its CPU settings are small: 76-87 s alone on 2 cores).
+once per machine (its CPU settings are small: 63 s alone on 2 cores, with a cold compilation cache).
 
 tests/test_steering.py checks the notebook and its run; the preference app's tests
 (tests/test_serve.py) and the CLI's steering commands use the same run. It lives in the system temp
