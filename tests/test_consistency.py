@@ -74,7 +74,8 @@ def test_leave_one_out_is_the_posterior_over_the_z_of_the_other_answers():
         weights = np.exp(evidence - evidence.max())
         expected = np.sum(weights * np.exp(log_likelihood[usable, i])) / weights.sum()
         assert probabilities[i] == pytest.approx(expected, abs=1e-4)
-    # One row per slot of the capacity (16: the ten empty slots' rows read every answer and are never used), then 8 halves.
+    # One row per slot of the capacity (8: the two empty slots' rows read every answer and are never
+    # used), then 8 halves.
     capacity = context_capacity(6)
     assert masks[:capacity].sum(axis=1).tolist() == [5] * 6 + [6] * (capacity - 6)
     assert masks[capacity:].sum(axis=1).tolist() == [3] * 8
@@ -111,7 +112,7 @@ def test_one_compilation_serves_every_profile_size_of_a_capacity_bucket():
     largest = context_capacity(1)
     for count in (1, 5, largest):
         assert leave_one_out(model, *simulated_profile(rng, count)).shape == (count,)
-    assert _log_likelihood_table._cache_size() == compiled  # 1..16 answers: one capacity, one program
+    assert _log_likelihood_table._cache_size() == compiled  # 1..8 answers: one capacity, one program
     leave_one_out(model, *simulated_profile(rng, largest + 1))
     assert _log_likelihood_table._cache_size() == compiled + 1
 

@@ -16,6 +16,7 @@ from nps.active import (
     update_log_weights_compiled,
 )
 from nps.cli import main
+from nps.data.episodes import context_capacity
 from nps.data.profiles import collect, read_candidates, read_pairs, read_profile
 from nps.errors import ConfigError
 from nps.workflow.compare import compare_runs
@@ -110,7 +111,8 @@ def test_information_gain_is_zero_where_plausible_users_agree_and_log2_where_the
     assert float(expected_information_gain(log_weights, probabilities)[0, 2]) < 0.01
 
 
-@pytest.mark.parametrize("count", [0, 5, 16, 17])  # empty, inside the first bucket, at its end, past it
+# empty, inside the first bucket, at its end, past it
+@pytest.mark.parametrize("count", [0, 5, context_capacity(1), context_capacity(1) + 1])
 def test_a_posterior_rebuilt_from_answers_is_the_one_updated_answer_by_answer(count):
     # The app rebuilds a person's posterior from their profile after a restart and updates it live
     # after each answer: the two must agree exactly, whatever bucket the answers are padded to.

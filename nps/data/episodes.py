@@ -20,11 +20,15 @@ from nps.data.pairs import OptionPairPool, PairPool, order_pairs, user_utility
 from nps.errors import ConfigError, invalid
 
 
+CAPACITY_STEP = 8
+
+
 def context_capacity(count: int) -> int:
     """The slots that hold ``count`` answered pairs of one user (a context, a profile, its answers
-    in order) outside a sampler: the next power of two, at least 16. Sizes are masks over the slots,
-    so each bucket compiles one program and a growing profile compiles a new one at 17, 33, 65, ... answers."""
-    return max(16, 1 << max(count - 1, 0).bit_length())
+    in order) outside a sampler: the next multiple of 8, at least 8. Sizes are masks over the slots,
+    so a growing profile compiles a new program once per 8 answers, and at most 7 slots are padding
+    (a policy's profile checks run the LM on every slot, for every proposed z)."""
+    return max(CAPACITY_STEP, -(-count // CAPACITY_STEP) * CAPACITY_STEP)
 
 
 class Episodes(NamedTuple):

@@ -17,8 +17,8 @@ tasks need no text), a policy's ``PolicyOptions`` for NP-DPO (``SteeringRun.pair
   users reads a context with a mistaken answer as evidence for another user, so the plain z of the
   rest is thrown off by every other mistake in it; the weights keep the z's that explain the rest
   (measured in docs/results.md). Every z comes from a mask over one fixed context capacity
-  (``context_capacity``: the next power of two ≥ N, at least 16), vmapped with the masks: one compiled program serves every profile of a
-  capacity bucket. Answers with p_i below ``implausible_below`` are listed.
+  (``context_capacity``: the next multiple of 8 ≥ N), vmapped with the masks: one compiled program
+  serves every profile of a capacity bucket. Answers with p_i below ``implausible_below`` are listed.
 - **The same pair answered both ways**, and a **position bias**: an exact two-sided binomial test
   of the number of "first" (left) choices among the answers whose display position was recorded.
 - **Drift**: for a split k of the last ``window`` answers into earlier ones E and recent ones R,
