@@ -13,7 +13,7 @@ py-spy). LLVM -O0 halves each compilation (the tiny decoder's gradient: 2.7 s ->
 elemental emitters instead of its MLIR fusion emitters (``xla_cpu_use_fusion_emitters``) and code
 generation in one piece rather than split for threads take it to 0.28-0.38 s, a 40-step NP-BTL
 fit with its compilations to 0.68-0.82x, at 0.90-0.96x the steps/s, and a clean-clone CI run from
-620 s to 438 s (benchmarks/bench_test_compile_flags.py, docs/benchmarks.md). None changes an
+620 s to 438-503 s (benchmarks/bench_test_compile_flags.py, docs/benchmarks.md). None changes an
 operation, only how fast the machine code runs and, through instruction selection (fused
 multiply-adds), the last bits of some results, so every process of a test compiles with the same
 flags: subprocesses inherit them (``script_environment`` and the multi-process launcher keep the
