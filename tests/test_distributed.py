@@ -1,8 +1,9 @@
 """Multi-process runs: two processes × two CPU devices (gloo collectives on 127.0.0.1): one is killed
 after the first checkpoint, the other must stop by itself with one line, and both are launched
 again, against one uninterrupted process × four devices; process 0 alone logging and tracing (the
-relaunch profiles steps 20-39, its first chunk, whose program the first launch compiled: the numbers
-stay those of the unprofiled one-process run. tests/test_logging.py splits a chunk at a window).
+relaunch profiles steps 20-39, its only chunk, whose program process 0 finds in the compilation cache
+from the first launch: the numbers stay those of the unprofiled one-process run.
+tests/test_logging.py splits a chunk at a window).
 
 The data-parallel update sums every device's gradient in device order after an exact all-gather
 (`nps.train.loop._data_parallel_loss_and_grads`), so the two layouts give bit-identical numbers:

@@ -13,6 +13,7 @@ from nps.errors import ConfigError
 from nps.latent import gaussian_kl
 from nps.likelihood import btl_log_odds, choice_nll, dpl_log_odds
 from nps.models.reward import RewardModelConfig, build_reward_model
+from nps.train.evaluate import rewards_given_context
 
 SPEC = EpisodeSpec(num_targets=8, max_context=4)
 ENCODER = EncoderConfig(hidden_dim=16, latent_dim=8)
@@ -130,3 +131,14 @@ def test_gradients_are_finite_with_empty_contexts(episodes):
 def test_bad_model_config_names_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(RewardModelConfig, fields, "model")
+
+
+def test_rewards_given_context_are_each_tasks_reward_under_its_own_full_context():
+    pool = two_user_pools(num_pairs=500, seed=2)["test"]
+    model = build_reward_model(1, config("np"), 0)
+    options = jnp.linspace(0.0, 1.0, 11)[:, None]
+    rewards, user = rewards_given_context(*nnx.split(model), pool, SPEC, options, 6, jax.random.key(3))
+    episodes = sample_episodes(jax.random.key(3), pool, SPEC, 6, SPEC.max_context)  # the same tasks, eagerly
+    chex.assert_shape(rewards, (6, 11))
+    np.testing.assert_allclose(rewards, model.reward(options[None], model.context_latent(episodes)), atol=1e-5)
+    np.testing.assert_array_equal(user, episodes.user)
