@@ -34,7 +34,7 @@ from flax import nnx
 import nps.lm.decoder
 from nps.layers import BaseParam
 from nps.lm.generate import SamplingConfig, generate
-from nps.lm.train import next_token_loss
+from nps.train.next_token import next_token_loss
 
 
 def load(name: str, path: str):

@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--feature-dim", type=int, default=4096, help="context features (Llama-3-8B: 4096)")
     parser.add_argument("--lora-rank", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
     parser.add_argument("--bf16", action="store_true", help="bf16 base weights (fp32 LoRA/FiLM/encoder)")
     parser.add_argument("--qwen-1.5b", dest="qwen", action="store_true", help="the Qwen2.5-1.5B shape")
     args = parser.parse_args()

@@ -7,7 +7,7 @@ the trainable state (the LoRA adapters, or every weight with --full-finetune); n
 optimiser update is applied, so the figure is the model's own cost. Compilation is
 timed on its own, then --steps steps are timed after two warm-up steps.
 
-    python benchmarks/bench_lm_train_step.py [--batch 8] [--seq 512] [--steps 10] [--remat]
+    python benchmarks/bench_lm_train_step.py [--batch 8] [--seq 512] [--steps 10] [--remat none|full|dots]
         [--lora-rank 128] [--full-finetune] [--loss-chunk 128] [--peak-tflops X]
     python benchmarks/bench_lm_train_step.py --tiny --batch 2 --seq 64 --steps 2   # CPU smoke test
 
@@ -122,7 +122,7 @@ def chunked_next_token_loss(model: Decoder, hidden: jax.Array, tokens: jax.Array
     return jnp.sum(losses) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def build_step(config: DecoderConfig, lora: LoRAConfig, full_finetune: bool, remat: bool, loss_chunk: int):
+def build_step(config: DecoderConfig, lora: LoRAConfig, full_finetune: bool, remat: str, loss_chunk: int):
     """Random weights made on device, split into (trainable, frozen), and the jitted loss-and-grad."""
     # Built inside jit so each fp32 random draw fuses with its bf16 cast instead of being
     # materialised in fp32 first (and the allocator's peak stays that of the step).
@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10, help="timed steps, after 2 warm-up steps")
-    parser.add_argument("--remat", action="store_true", help="recompute each block in the backward pass")
+    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"], help="what each block keeps for the backward pass")
     parser.add_argument("--lora-rank", type=int, default=128)
     parser.add_argument("--full-finetune", action="store_true",
                         help="train the base weights too (gradient w.r.t. every weight)")

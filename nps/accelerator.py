@@ -8,10 +8,68 @@ TPU. ``Accelerator.dtype`` is the dtype for frozen base weights on that hardware
 from __future__ import annotations
 
 import dataclasses
-from typing import TypeVar
+from typing import Sequence, TypeVar
 
 KINDS = ("cpu", "gpu", "tpu")
 T = TypeVar("T")
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """What one JAX device of a kind can do: peak dense bf16 matmul FLOP/s, memory (what XLA may
+    use, bytes), memory bandwidth and chip-to-chip bandwidth (bytes/s each way; None: unknown)."""
+
+    peak_flops: float
+    memory: float | None
+    memory_bandwidth: float | None
+    interconnect_bandwidth: float | None
+
+
+# By jax's device_kind, matched by prefix, longest first. Peak FLOP/s (the usual MFU denominator,
+# as MaxText and levanter use): NVIDIA's H100/H200 datasheets (SXM 989 TFLOP/s dense BF16, half the
+# 1,979 with sparsity; H100 PCIe 756, NVL 835), A100 (312), L4 (121); Google Cloud's TPU
+# system-architecture pages (v2 45, v3 123, v4 275, v5e 197, v5p 459, v6e 918 per chip), with
+# their HBM bandwidth (v5e 819 GB/s, v5p 2,765, v6e 1,640) and ICI bandwidth per chip (v5e 1,600
+# Gb/s, v5p 4,800, v6e 3,584). Memory: for TPUs what libtpu's compiler says it may use (its
+# out-of-memory message: v5e 15.75 GiB, v5p 95.74, v6e 31.25); for the H100, the 80 GB SXM's
+# device memory (../shared/targets/h100.txtpb, 84,929,347,584 bytes), 3.35 TB/s and NVLink's
+# 450 GB/s each way; the H200's 141 GB and 4.8 TB/s from its datasheet.
+CHIPS = {
+    "NVIDIA H100 PCIe": Chip(756e12, None, None, None),
+    "NVIDIA H100 NVL": Chip(835e12, None, None, None),
+    "NVIDIA H100": Chip(989e12, 84_929_347_584, 3.35e12, 450e9),
+    "NVIDIA H200": Chip(989e12, 141e9, 4.8e12, 450e9),
+    "NVIDIA GH200": Chip(989e12, None, None, None),
+    "NVIDIA A100": Chip(312e12, None, None, None),
+    "NVIDIA L4": Chip(121e12, None, None, None),
+    "TPU v2": Chip(45e12, None, None, None),
+    "TPU v3": Chip(123e12, None, None, None),
+    "TPU v4": Chip(275e12, None, None, None),
+    "TPU v5 lite": Chip(197e12, 15.75 * GIB, 819e9, 200e9),
+    "TPU v5e": Chip(197e12, 15.75 * GIB, 819e9, 200e9),
+    "TPU v5p": Chip(459e12, 95.74 * GIB, 2765e9, 600e9),
+    "TPU v5": Chip(459e12, 95.74 * GIB, 2765e9, 600e9),
+    "TPU v6 lite": Chip(918e12, 31.25 * GIB, 1640e9, 448e9),
+    "TPU v6e": Chip(918e12, 31.25 * GIB, 1640e9, 448e9),
+}
+
+
+def chip(device_kind: str) -> Chip | None:
+    """The ``Chip`` of a device kind (``jax.Device.device_kind``), or None for one not listed (a CPU)."""
+    kind = next((k for k in sorted(CHIPS, key=len, reverse=True) if device_kind.startswith(k)), None)
+    return None if kind is None else CHIPS[kind]
+
+
+def peak_flops_per_second(devices: Sequence) -> float | None:
+    """The devices' summed peak FLOP/s, or None when any device's kind is not in ``CHIPS``."""
+    total = 0.0
+    for device in devices:
+        spec = chip(device.device_kind)
+        if spec is None:
+            return None
+        total += spec.peak_flops
+    return total
 
 
 @dataclasses.dataclass(frozen=True)

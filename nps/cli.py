@@ -16,6 +16,8 @@
                 [--allow-missing]
     nps serve --run RUN --candidates CANDIDATES.jsonl --store DIR [--host 127.0.0.1] [--port 8000] [--admin-token T]
     nps profile check PROFILE.jsonl --run RUN [--model np_dpo|np_btl_reward] [--json REPORT.json]
+    nps plan [--model qwen2.5-7b|CONFIG.json] [--job np-dpo] [--topology v5e:4x4|h100:8|local] [--mesh data=1,fsdp=16]
+             [--batch 16] [--targets 4] [--length 512] [--remat full] [--json PLAN.json] [--measure STEPS]
 
 A re-run with the same --out resumes each model from its last checkpoint.
 """
@@ -160,7 +162,65 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--window", type=int, default=24, help="the drift test reads the last this many answers (24)")
     check.add_argument("--min-segment", type=int, default=3, help="fewest answers on each side of a drift (3)")
     check.add_argument("--json", help="also write the report as JSON here")
+
+    plan = commands.add_parser("plan", help="compile a job for a TPU topology or GPU cluster (no device needed): "
+                               "per-device memory, FLOPs, roofline step time; exit 1 if it does not fit")
+    plan.add_argument("--model", default="qwen2.5-7b",
+                      help="a preset (qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, llama-3.1-8b, gemma-7b), a Hugging Face "
+                           "config.json or a model folder (default qwen2.5-7b)")
+    plan.add_argument("--job", default="np-dpo", help="np-dpo (default), dpo, full-ft, np-btl, embed or generate")
+    plan.add_argument("--topology", default="v5e:4x4", help="v5e:2x2 … v5e:16x16, v5p:2x2x2, v6e:4x4 (needs "
+                      "'nps[tpu]'), h100:8 or h100:2x8 (needs 'nps[cuda12]'), or local (this process's devices)")
+    plan.add_argument("--num-slices", type=int, default=1, help="TPU slices joined over the data-centre network")
+    plan.add_argument("--mesh", default="", help="data=N,fsdp=N,tensor=N (default: fsdp over a slice, data over "
+                      "slices; generate: tensor parallel where the heads divide)")
+    plan.add_argument("--batch", type=int, default=16, help="tasks per step (np-dpo, dpo, np-btl) or sequences "
+                      "(full-ft, embed, generate); default 16")
+    plan.add_argument("--targets", type=int, default=4, help="target pairs per task, N^T (default 4)")
+    plan.add_argument("--context", type=int, default=6, help="context capacity, N^C at most (default 6)")
+    plan.add_argument("--length", type=int, default=512, help="tokens per sequence; generate: the prompt (512)")
+    plan.add_argument("--new-tokens", type=int, default=3584, help="generate: tokens after the prompt (3584)")
+    plan.add_argument("--remat", default="full", help="none, full (default) or dots")
+    plan.add_argument("--dtype", default="bfloat16", help="the base's weights: bfloat16 (default) or float32")
+    plan.add_argument("--lora-rank", type=int, default=128, help="LoRA rank (128, the paper's)")
+    plan.add_argument("--lora-targets", default="q,v", help="projections with LoRA (q,v)")
+    plan.add_argument("--feature-dim", type=int, default=4096, help="option features of the context encoder (4096)")
+    plan.add_argument("--pairs", type=int, default=28763, help="pairs in the training pool (UltraFeedback HH's)")
+    plan.add_argument("--options", type=int, default=71890, help="rows of the pool's options table")
+    plan.add_argument("--no-search", action="store_true", help="when it does not fit, do not search for the "
+                      "largest batch that does")
+    plan.add_argument("--measure", type=int, default=0, metavar="STEPS",
+                      help="with --topology local: also run the program STEPS times and time it")
+    plan.add_argument("--json", help="also write the plan as JSON here ('-' for stdout only)")
     return parser
+
+
+def _plan(args) -> int:
+    from nps.plan.topology import GPU_TARGETS, gpu_compile_environment
+
+    if args.topology.partition(":")[0].lower() in GPU_TARGETS:
+        os.environ.update(gpu_compile_environment())  # before JAX starts its CUDA plugin
+    import dataclasses as dc
+
+    from nps.files import atomic_write_json
+    from nps.lm.decoder import LoRAConfig
+    from nps.plan import Workload, decoder_config, format_plan, make_plan, parse_mesh, resolve
+
+    name, decoder = decoder_config(args.model)
+    lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, targets=tuple(args.lora_targets.split(",")))
+    workload = Workload(args.job, decoder, args.dtype, args.batch, args.targets, args.context, args.length,
+                        args.new_tokens, args.remat, lora, args.feature_dim, pairs=args.pairs, options=args.options)
+    target = resolve(args.topology, args.num_slices)
+    plan = make_plan(workload, target, parse_mesh(args.mesh, target) if args.mesh else None, model_name=name,
+                     search=not args.no_search, measure_steps=args.measure)
+    report = dc.asdict(plan) | {"checks": plan.checks}
+    if args.json == "-":
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_plan(plan))
+        if args.json:
+            atomic_write_json(Path(args.json), report)
+    return 0 if plan.fits else 1
 
 
 def _profile_check(args) -> None:
@@ -319,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "profile":
             _profile_check(args)
             return 0
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "serve":
             from nps.serve.app import serve
 

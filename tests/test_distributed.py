@@ -5,9 +5,9 @@ relaunch profiles steps 20-39, its only chunk, whose program process 0 finds in 
 from the first launch: the numbers stay those of the unprofiled one-process run.
 tests/test_logging.py splits a chunk at a window).
 
-The data-parallel update sums every device's gradient in device order after an exact all-gather
-(`nps.train.loop._data_parallel_loss_and_grads`), so the two layouts give bit-identical numbers:
-the bound these tests hold is zero.
+With `train.gradient_sum=ordered` the data-parallel update sums every device's gradient in device
+order after an exact all-gather (`nps.train.loop._data_parallel_loss_and_grads`), so the two layouts
+give bit-identical numbers: the bound these tests hold is zero.
 """
 
 from __future__ import annotations
@@ -26,10 +26,14 @@ from event_files import steps
 
 from nps.train.launch import cpu_devices_environment, free_port, process_environment
 
+# train.gradient_sum=ordered: the layouts' bit-identity needs the ordered sum (XLA's all-reduce, the default,
+# adds in an order that follows the topology).
 SYNTHETIC = ["reproduce", "synthetic", "--quiet", "--set", "models=np_btl", "--set", "train.steps=40",
+             "--set", "train.gradient_sum=ordered",
              "--set", "train.eval_every=20", "--set", "train.checkpoint_every=20", "--set", "train.val_tasks=64",
              "--set", "num_pairs=2000", "--set", "eval.num_tasks=100", "--set", "eval.context_sizes=0,1,5"]
 STEERING = ["reproduce", "steering", "--quiet", "--set", "models=np_dpo", "--set", "corpus_size=2000",
+            "--set", "train.gradient_sum=ordered",
             "--set", "pretrain.steps=40", "--set", "num_prompts=800", "--set", "train.steps=20",
             "--set", "train.eval_every=10", "--set", "train.checkpoint_every=10", "--set", "train.val_tasks=8",
             "--set", "eval.num_tasks=16", "--set", "eval.context_sizes=0,3", "--set", "generations_per_point=4",

@@ -13,13 +13,14 @@ import pytest
 from event_files import TRAINING_TAGS, scalars
 from small_task import MODEL, SPEC, TRAIN
 
+from nps.accelerator import peak_flops_per_second
 from nps.config import apply_overrides, config_from_dict
 from nps.data.synthetic import two_user_pools
 from nps.errors import ConfigError
 from nps.experiments.synthetic import SyntheticConfig
 from nps.models.reward import build_reward_model
 from nps.train import logging as run_logging
-from nps.train.logging import LogConfig, RunLog, matmul_flops, peak_flops_per_second
+from nps.train.logging import LogConfig, RunLog, matmul_flops
 from nps.train.loop import fit
 from nps.train.run import EvalConfig, train_and_evaluate
 

@@ -39,7 +39,7 @@ from nps.encoder import EncoderConfig
 from nps.errors import invalid
 from nps.latent import interpolate
 from nps.lm import Decoder, DecoderConfig, LoRAConfig, from_pretrained, save_pretrained
-from nps.lm.train import LMTrainConfig, train_language_model
+from nps.train.next_token import LMTrainConfig, train_language_model
 from nps.models.policy import (
     PolicyConfig,
     SteerablePolicy,

@@ -20,6 +20,7 @@ from flax import nnx
 
 from nps.errors import ConfigError
 from nps.lm.decoder import KVCache
+from nps.lm.sharding import constrain, mesh_of, on_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,14 +136,21 @@ def generate(
         raise ConfigError("every prompt needs at least one token (a row of prompt_mask is all False)")
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key, z, sampling)
+    return _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key, z, sampling, mesh_of(state))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"))
-def _generate(graphdef, state, tokens, mask, key, z, sampling: SamplingConfig) -> Generation:
-    model = nnx.merge(graphdef, state)
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "mesh"))
+def _generate(graphdef, state, tokens, mask, key, z, sampling: SamplingConfig, mesh=None) -> Generation:
+    """The decode loop of ``generate``; on the ``mesh`` the weights live on, each device holds its
+    sequences' cache (and its key-value heads under tensor parallelism)."""
+    with on_mesh(mesh):
+        return _decode(nnx.merge(graphdef, state), tokens, mask, key, z, sampling)
+
+
+def _decode(model, tokens, mask, key, z, sampling: SamplingConfig) -> Generation:
     decoder = getattr(model, "decoder", model)
     film = model.modulation(z) if z is not None else None
+    tokens, mask = (constrain(x, ("activation_batch", "activation_length")) for x in (tokens, mask))
     batch, prompt_len = tokens.shape
     steps = sampling.max_new_tokens
     cache = KVCache.empty(decoder.config, batch, prompt_len + steps, decoder.dtype)
@@ -248,14 +256,16 @@ def embed_tokens(model, sequences: Sequence[Sequence[int]], *, batch_size: int =
             tokens[row, : len(sequences[i])] = sequences[i]
             mask[row, : len(sequences[i])] = True
         mask[len(rows) :, 0] = True  # filler rows: one token, discarded
-        vectors = _last_token_states(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask))
+        vectors = _last_token_states(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), mesh_of(state))
         out[rows] = np.asarray(vectors[: len(rows)], np.float32)
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _last_token_states(graphdef, state, tokens, mask):
-    model = nnx.merge(graphdef, state)
-    hidden, _ = model.hidden_states(tokens, mask)
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def _last_token_states(graphdef, state, tokens, mask, mesh=None):
+    """Last-token final hidden states [B, D] (fp32) of tokens [B, T], each device its sequences."""
+    with on_mesh(mesh):
+        tokens, mask = (constrain(x, ("activation_batch", "activation_length")) for x in (tokens, mask))
+        hidden, _ = nnx.merge(graphdef, state).hidden_states(tokens, mask)
     last = jnp.sum(mask, axis=1) - 1
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)

@@ -20,10 +20,12 @@ class FiLM(nnx.Module):
 
     def __init__(self, latent_dim: int, num_layers: int, hidden_size: int):
         shape = (latent_dim, num_layers, hidden_size)
-        self.gamma_kernel = nnx.Param(jnp.zeros(shape, jnp.float32))
-        self.gamma_bias = nnx.Param(jnp.ones(shape[1:], jnp.float32))
-        self.beta_kernel = nnx.Param(jnp.zeros(shape, jnp.float32))
-        self.beta_bias = nnx.Param(jnp.zeros(shape[1:], jnp.float32))
+        # Logical axes as the decoder's weights (nps.lm.sharding): split with the model dimension.
+        kernel, bias = (None, "layers", "embed"), ("layers", "embed")
+        self.gamma_kernel = nnx.Param(jnp.zeros(shape, jnp.float32), out_sharding=kernel, eager_sharding=False)
+        self.gamma_bias = nnx.Param(jnp.ones(shape[1:], jnp.float32), out_sharding=bias, eager_sharding=False)
+        self.beta_kernel = nnx.Param(jnp.zeros(shape, jnp.float32), out_sharding=kernel, eager_sharding=False)
+        self.beta_bias = nnx.Param(jnp.zeros(shape[1:], jnp.float32), out_sharding=bias, eager_sharding=False)
 
     def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
         gamma = jnp.einsum("bz,zld->bld", z, self.gamma_kernel[...]) + self.gamma_bias[...]

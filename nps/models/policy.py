@@ -24,7 +24,8 @@ from nps.dpo import dpo_log_odds, response_log_probs
 from nps.encoder import ContextEncoder, EncoderConfig
 from nps.errors import invalid
 from nps.likelihood import choice_accuracy, choice_nll
-from nps.lm.decoder import Decoder, LoRAConfig
+from nps.lm.decoder import REMAT_POLICIES, Decoder, LoRAConfig
+from nps.lm.sharding import constrain, mesh_of, on_mesh
 from nps.models.film import ConditionedDecoder
 
 POLICY_KINDS = ("np", "btl")
@@ -43,7 +44,9 @@ class PolicyConfig:
     # ``with_reference_log_probs``); "on_the_fly": a second, gradient-free forward per step.
     reference: str = "precomputed"
     logits_chunk: int = 32  # sequence positions per LM-head chunk: B·32·V fp32 logits at a time
-    remat: bool = False
+    # What each decoder block keeps for the backward pass: "none", "full" (its input alone) or
+    # "dots" (its weight matmuls' outputs); see nps.lm.decoder.REMAT_POLICIES.
+    remat: str = "none"
 
     def __post_init__(self):
         if self.kind not in POLICY_KINDS:
@@ -52,6 +55,8 @@ class PolicyConfig:
             raise invalid("reference", self.reference, f"is unknown; use one of {list(REFERENCE_MODES)}")
         if self.beta <= 0:
             raise invalid("beta", self.beta, "must be positive")
+        if self.remat not in REMAT_POLICIES:
+            raise invalid("remat", self.remat, f"is unknown; use one of {list(REMAT_POLICIES)}")
         check_positive(self, "logits_chunk")
 
 
@@ -107,7 +112,7 @@ class SteerablePolicy(nnx.Module):
             remat=self.config.remat,
         )
         return response_log_probs(
-            self.lm.decoder.logits, hidden, options.tokens, options.response_mask, self.config.logits_chunk
+            self.lm.decoder.logits_function(), hidden, options.tokens, options.response_mask, self.config.logits_chunk
         )
 
     def reference_log_probs(self, options: PolicyOptions) -> jax.Array:
@@ -145,16 +150,20 @@ class SteerablePolicy(nnx.Module):
 def with_reference_log_probs(policy: SteerablePolicy, options: PolicyOptions, batch_size: int = 64) -> PolicyOptions:
     """``options`` with ``reference_log_prob`` filled by the base model, computed once in batches."""
     graphdef, state = nnx.split(policy)
+    mesh = mesh_of(state)
     count = options.tokens.shape[0]
     pad = -count % batch_size
     padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]), options)
     values = [
-        _reference_log_probs(graphdef, state, jax.tree.map(lambda x: x[start : start + batch_size], padded))
+        _reference_log_probs(graphdef, state, jax.tree.map(lambda x: x[start : start + batch_size], padded), mesh)
         for start in range(0, count + pad, batch_size)
     ]
     return options._replace(reference_log_prob=jnp.concatenate(values)[:count])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _reference_log_probs(graphdef, state, batch: PolicyOptions) -> jax.Array:
-    return nnx.merge(graphdef, state).reference_log_probs(batch)
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def _reference_log_probs(graphdef, state, batch: PolicyOptions, mesh=None) -> jax.Array:
+    """log π_ref [N] of a batch of options, each device its sequences on the weights' ``mesh``."""
+    with on_mesh(mesh):
+        batch = jax.tree.map(lambda x: constrain(x, ("activation_batch", *(None,) * (x.ndim - 1))), batch)
+        return nnx.merge(graphdef, state).reference_log_probs(batch)

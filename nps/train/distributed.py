@@ -273,24 +273,31 @@ def primary_first(make: Callable[[], T], name: str) -> T:
     return make()
 
 
-def put_replicated(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-    """``tree`` with every array replicated over ``sharding``'s devices, built from this process's
-    copy (every process holds the same values: the pools, the initial state, a base built from
-    one seed). Unlike ``jax.device_put`` across processes, nothing is compared between processes,
-    so no process can wait in a check the others skipped. Arrays already there are kept."""
-    devices = set(sharding.device_set)
+def put_global(tree: Any, shardings: Any) -> Any:
+    """``tree`` with every array on its sharding (``shardings``: a tree whose leaves are shardings and
+    whose structure is a prefix of ``tree``'s; one sharding for the whole tree), each process building it from its own copy (every process holds the same
+    values: the pools, the initial state, a base built from one seed). Unlike ``jax.device_put``
+    across processes, nothing is compared between processes, so no process can wait in a check the
+    others skipped. Arrays already committed to their sharding are kept; an abstract leaf
+    (``jax.ShapeDtypeStruct``, for ``nps plan``) gets its sharding attached."""
 
-    def put(leaf):
-        if isinstance(leaf, jax.Array) and set(leaf.sharding.device_set) == devices:
+    def put(leaf, sharding):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+        if isinstance(leaf, jax.Array) and leaf.committed and leaf.sharding.is_equivalent_to(sharding, leaf.ndim):
             return leaf
         if jax.process_count() == 1:
             return jax.device_put(leaf, sharding)
         if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(put(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
+            key_data = put(jax.random.key_data(leaf), sharding)
+            return jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(leaf))
         host = np.asarray(leaf)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return jax.tree.map(put, tree)
+    def put_all(sharding, subtree):
+        return jax.tree.map(lambda leaf: put(leaf, sharding), subtree)
+
+    return jax.tree.map(put_all, shardings, tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
 def alongside(tree: Any, placed: Any) -> Any:
@@ -300,4 +307,4 @@ def alongside(tree: Any, placed: Any) -> Any:
     sharding = getattr(reference, "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding) or len(sharding.device_set) == 1:
         return tree
-    return put_replicated(tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+    return put_global(tree, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))

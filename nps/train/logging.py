@@ -324,44 +324,7 @@ class _WandbWriter:
             self._run = None
 
 
-# -- MFU: the step's FLOPs and the devices' peak ---------------------------------------------------
-
-# Peak dense bf16 matrix-multiply throughput per chip, FLOP/s, by jax's device_kind (the usual
-# MFU denominator, as MaxText and levanter use; fp32 runs reach a fraction of it). Sources:
-# NVIDIA's H100 and H200 datasheets (SXM: 989 TFLOP/s dense BF16, half the 1,979 with sparsity;
-# H100 PCIe 756, NVL 835), the A100 datasheet (312), the L4 datasheet (121); Google Cloud's TPU
-# system-architecture pages (v2 45, v3 123, v4 275, v5e 197, v5p 459, v6e Trillium 918 TFLOP/s
-# bf16 per chip). Matched by prefix, longest first; a kind not listed (CPU) reports no MFU.
-PEAK_FLOPS = {
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H100 NVL": 835e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA GH200": 989e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA L4": 121e12,
-    "TPU v2": 45e12,
-    "TPU v3": 123e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-}
-
-
-def peak_flops_per_second(devices: Sequence[jax.Device]) -> float | None:
-    """The devices' summed peak (``PEAK_FLOPS``), or None when any device's kind is unknown."""
-    total = 0.0
-    for device in devices:
-        kind = next((k for k in sorted(PEAK_FLOPS, key=len, reverse=True) if device.device_kind.startswith(k)), None)
-        if kind is None:
-            return None
-        total += PEAK_FLOPS[kind]
-    return total
-
+# -- MFU: the step's FLOPs (the devices' peak: nps.accelerator.peak_flops_per_second) -------------
 
 def matmul_flops(fn: Callable, *args, **kwargs) -> float:
     """Matrix-multiply FLOPs of one call of ``fn`` (2·M·N·K per ``dot_general``), counted from its jaxpr.

@@ -36,9 +36,14 @@ from nps.errors import CheckpointError, ConfigError, invalid
 from nps.layers import BaseParam
 from nps.likelihood import choice_accuracy, choice_nll
 from nps.train.checkpoint import CheckpointStore
-from nps.train.distributed import host_value, is_primary, put_replicated
-from nps.train.logging import ProfileWindow, matmul_flops, peak_flops_per_second
-from nps.train.mesh import BATCH_AXES, batch_sharding, check_batch_divisible, make_mesh, replicated
+from nps.train.distributed import host_value, is_primary, put_global
+from nps.lm.sharding import on_mesh, shardings_of
+from nps.accelerator import peak_flops_per_second
+from nps.train.logging import ProfileWindow, matmul_flops
+from nps.train.mesh import BATCH_AXES, batch_shards, batch_sharding, check_batch_divisible, make_mesh, replicated
+
+
+GRADIENT_SUMS = ("all_reduce", "ordered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,7 @@ class OptimizerConfig:
     warmup_steps: int
     schedule: str
     decay_steps: int  # the cosine schedule's length (0 for schedules that do not depend on it)
+    gradient_sum: str  # how data-parallel devices' gradients meet: "all_reduce" or "ordered"
 
     def learning_rate_at(self, step: jax.Array) -> jax.Array:
         """The learning rate applied at ``step`` (the schedule's value)."""
@@ -97,6 +103,11 @@ class TrainConfig:
     # Split each batch into this many equal micro-batches and average their gradients: the
     # same update as the whole batch, with one micro-batch's activations in memory.
     grad_accum_steps: int = 1
+    # How the devices of a data-parallel mesh add their gradients: "all_reduce" (XLA's, whose
+    # order follows the topology), or "ordered": gathered exactly and added in device order, so
+    # that 1 process × 4 devices and 2 processes × 2 devices give bit-identical runs (memory and
+    # traffic grow with the device count: for layout-equality tests, not for pods).
+    gradient_sum: str = "all_reduce"
     # Validate every eval_every steps and keep the best parameters (the released code validates
     # every 7 iterations); checkpoint every checkpoint_every steps (a multiple of eval_every): a
     # killed run loses at most checkpoint_every steps of work.
@@ -119,6 +130,8 @@ class TrainConfig:
                 raise invalid(name, getattr(self, name), "cannot be negative")
         if self.schedule not in ("constant", "cosine"):
             raise invalid("schedule", self.schedule, "is unknown; use 'constant' or 'cosine'")
+        if self.gradient_sum not in GRADIENT_SUMS:
+            raise invalid("gradient_sum", self.gradient_sum, f"is unknown; use one of {list(GRADIENT_SUMS)}")
         if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
             raise invalid("grad_accum_steps", self.grad_accum_steps,
                           f"must be a positive divisor of batch_size={self.batch_size}")
@@ -132,7 +145,7 @@ class TrainConfig:
         return OptimizerConfig(
             self.batch_size, self.grad_accum_steps, self.optimizer, self.learning_rate, self.adam_eps,
             self.weight_decay, self.grad_clip_norm, self.warmup_steps, self.schedule,
-            self.steps if self.schedule_uses_steps else 0,
+            self.steps if self.schedule_uses_steps else 0, self.gradient_sum,
         )
 
     def fingerprint(self) -> dict[str, Any]:
@@ -185,6 +198,111 @@ def pools_digest(*pools: PairPool | OptionPairPool) -> str:
     return digest.hexdigest()
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """What ``fit`` compiles for one model and where its inputs live: the model's graph, the task
+    shape, the optimiser, the mesh and the shardings of the train state and of the frozen base.
+
+    ``fit`` runs these programs; ``nps plan`` compiles the same ones for a TPU or GPU topology
+    with abstract weights (``jax.ShapeDtypeStruct`` leaves, from ``nnx.eval_shape``): every method
+    takes real arrays and abstract ones alike.
+    """
+
+    graphdef: Any
+    spec: EpisodeSpec
+    optimizer: OptimizerConfig
+    mesh: jax.sharding.Mesh | None
+    state_shardings: TrainState | None  # None without a mesh
+    frozen_shardings: Any
+
+    @classmethod
+    def of(cls, model: nnx.Module, spec: EpisodeSpec, config: TrainConfig, mesh: jax.sharding.Mesh | None):
+        """The program for ``model`` on ``mesh``, and the model's frozen and trainable parameters
+        (pure dicts). The trainable parameters, their optimiser state and the base are laid out by
+        their logical axes (``nps.lm.sharding``): on a data-parallel mesh that is replicated; with
+        fsdp or tensor axes, split."""
+        optimizer = config.optimizer_config()
+        if mesh is not None:
+            check_batch_divisible(mesh, config.batch_size)
+            check_batch_divisible(mesh, config.val_tasks, "train.val_tasks")
+            if optimizer.gradient_sum == "ordered" and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:
+                raise ConfigError(f"train.gradient_sum=ordered needs a data-parallel mesh, not fsdp={mesh.shape['fsdp']} "
+                                  f"× tensor={mesh.shape['tensor']}; use all_reduce", "train.gradient_sum")
+        graphdef, frozen_state, params_state = nnx.split(model, BaseParam, ...)
+        frozen, params = nnx.to_pure_dict(frozen_state), nnx.to_pure_dict(params_state)
+        state_shardings = frozen_shardings = None
+        if mesh is not None:
+            param_shardings, whole = shardings_of(params_state, mesh), replicated(mesh)
+            opt_shardings = optimizer_state_shardings(optimizer, params, param_shardings, whole)
+            state_shardings = TrainState(whole, param_shardings, opt_shardings, param_shardings, whole, whole)
+            frozen_shardings = shardings_of(frozen_state, mesh)
+        return cls(graphdef, spec, optimizer, mesh, state_shardings, frozen_shardings), frozen, params
+
+    def static(self) -> dict[str, Any]:
+        """The static arguments of the train step and chunk (what shapes their program)."""
+        return {"graphdef": self.graphdef, "spec": self.spec, "optimizer": self.optimizer, "mesh": self.mesh}
+
+    def initial_state(self, params) -> TrainState:
+        """The state before the first step (abstract for abstract parameters)."""
+        if _is_abstract(params):
+            return jax.eval_shape(functools.partial(_initial_state, optimizer=self.optimizer), params)
+        return _initial_state(params, optimizer=self.optimizer)
+
+    def place(self, state: TrainState, frozen, *pools):
+        """(state, frozen, *pools) on their shardings; abstract leaves get their sharding attached.
+
+        A pool's pairs are on every device. A policy's options table (token rows and features, the
+        bulk of the data: UltraFeedback HH's at 512 tokens and 4,096-d features is 1.2 GB) is split
+        by rows over the batch axes, its rows padded to a multiple of the shards with copies of its
+        last row (no pair names them): each device stores 1/shards of it, and a step's gather of
+        its tasks' rows costs one small all-reduce.
+        """
+        if self.mesh is None:
+            return (put_global(state, jax.sharding.SingleDeviceSharding(jax.devices()[0])), frozen, *pools)
+        whole = replicated(self.mesh)
+        rows = batch_sharding(self.mesh)
+        pools = tuple(_rows_padded(pool, batch_shards(self.mesh)) for pool in pools)
+        layouts = tuple(OptionPairPool(whole, rows) if isinstance(pool, OptionPairPool) else whole for pool in pools)
+        return put_global((state, frozen, *pools), (self.state_shardings, self.frozen_shardings, *layouts))
+
+    def step_flops(self, state, frozen, pool, data_key, model_key) -> float:
+        """Matmul FLOPs of one training step as written (global: before any partitioning), counted
+        from its jaxpr (``nps.train.logging.matmul_flops``)."""
+        return matmul_flops(functools.partial(_train_step, **self.static()), state, frozen, pool, data_key, model_key)
+
+    def lower_chunk(self, state, frozen, pool, data_key, model_key, length: int):
+        """The chunk of ``length`` steps that ``fit`` runs, lowered for these inputs (call ``.compile()``)."""
+        return _train_chunk.lower(state, frozen, pool, data_key, model_key, length=length, **self.static())
+
+
+def optimizer_state_shardings(optimizer: OptimizerConfig, params, param_shardings, other):
+    """The shardings of ``optimizer``'s state for ``params``: each copy of the parameters in it (Adam's
+    moments) as the parameters, everything else (step counts) ``other``."""
+    transformation = optimizer.transformation()
+    return optax.tree_utils.tree_map_params(transformation, lambda _, sharding: sharding,
+                                            jax.eval_shape(transformation.init, params), param_shardings,
+                                            transform_non_params=lambda _: other)
+
+
+def _rows_padded(pool, multiple: int):
+    """An ``OptionPairPool`` whose options table has a multiple of ``multiple`` rows (its last row
+    repeated); any other pool as it is."""
+    if not isinstance(pool, OptionPairPool):
+        return pool
+
+    def pad(table):
+        extra = -table.shape[0] % multiple
+        if isinstance(table, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((table.shape[0] + extra, *table.shape[1:]), table.dtype)
+        return jnp.concatenate([table, jnp.repeat(table[-1:], extra, axis=0)]) if extra else table
+
+    return pool._replace(options=jax.tree.map(pad, pool.options))
+
+
+def _is_abstract(tree) -> bool:
+    return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
+
+
 def fit(
     model: nnx.Module,
     train_pool: PairPool | OptionPairPool,
@@ -217,28 +335,24 @@ def fit(
     its last step), validation NLL and unseen accuracy, and the devices' peak memory where the
     backend reports it; for chunks that compiled nothing and were not profiled, also steps/s,
     tokens/s for token models and MFU where the devices' peak FLOP/s is known
-    (``nps.train.logging.PEAK_FLOPS``).
+    (``nps.accelerator.CHIPS``).
     ``profile``: a ``jax.profiler`` trace of its steps. A chunk is split into scans at its bounds
     (with no validation between them, so the run computes what an unprofiled one does); a scan
     length new to this run is a compilation of its own, done before the trace starts.
     """
     if mesh is None and jax.device_count() > 1:
         mesh = make_mesh()  # several devices (of one process or many): data-parallel over all of them
-    if mesh is not None:
-        check_batch_divisible(mesh, config.batch_size)
-    graphdef, frozen, params = nnx.split(model, BaseParam, ...)
-    frozen, params = nnx.to_pure_dict(frozen), nnx.to_pure_dict(params)
+    program, frozen, params = TrainProgram.of(model, spec, config, mesh)
+    # The data as the caller gave it (placement pads a table's rows on some meshes).
+    digest = pools_digest(train_pool, val_pool) if checkpoint_dir is not None else None
     data_key, model_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
-    optimizer = config.optimizer_config()
-
-    state = _initial_state(params, optimizer=optimizer)
-    if mesh is not None:
-        # The state and the pools are placed before anything is restored into them: every device holds
-        # the (small) parameters and the pools (tasks are gathered in-jit, each device its own part).
-        # (a base already sharded over the mesh by ``from_pretrained(mesh=...)`` keeps its layout).
-        state, train_pool, val_pool, frozen = put_replicated((state, train_pool, val_pool, frozen), replicated(mesh))
-    else:  # committed from the start, as every chunk's output is: the first chunk's compilation serves them all
-        state = jax.device_put(state, jax.devices()[0])
+    # Everything is placed before anything is restored into it: the state by its logical axes (on a
+    # data-parallel mesh: replicated), the base likewise (one already placed by
+    # ``from_pretrained(mesh=...)`` keeps its arrays), the pools on every device (tasks are gathered
+    # in-jit, each device its own part). Without a mesh the state is committed to the first device
+    # from the start, as every chunk's output is: the first chunk's compilation serves them all.
+    state, frozen, train_pool, val_pool = program.place(program.initial_state(params), frozen, train_pool, val_pool)
+    optimizer, graphdef = program.optimizer, program.graphdef
     history: list[dict[str, float]] = []
     store, step = None, 0
     if checkpoint_dir is not None:
@@ -246,7 +360,7 @@ def fit(
         fingerprint = dict(run_config or {}) | {
             "train": config.fingerprint(),
             "episodes": config_to_dict(spec),
-            "pools": pools_digest(train_pool, val_pool),
+            "pools": digest,
         }
         restored = store.restore_latest(
             state, accept=lambda metadata: _check_same_run(metadata.get("fingerprint"), fingerprint, store.directory))
@@ -257,7 +371,7 @@ def fit(
             _check_not_beyond(step, config.steps, store.directory)
 
     val_episodes = sample_episodes_compiled(val_key, val_pool, spec, config.val_tasks)
-    static = {"graphdef": graphdef, "spec": spec, "optimizer": optimizer, "mesh": mesh}
+    static = program.static()
 
     start = time.perf_counter()
     compiled_seconds, compiled_steps, compiled_lengths = 0.0, 0, set()
@@ -266,8 +380,7 @@ def fit(
     peak = peak_flops_per_second(mesh.devices.flat if mesh is not None else jax.devices()[:1])
     flops_per_step = None
     if on_chunk is not None and peak is not None and is_primary():  # traced once, before any timed chunk
-        flops_per_step = matmul_flops(functools.partial(_train_step, **static), state, frozen, train_pool,
-                                      data_key, model_key)
+        flops_per_step = program.step_flops(state, frozen, train_pool, data_key, model_key)
     bar = tqdm(total=config.steps, initial=min(step, config.steps), desc=description,
                disable=not (progress and is_primary()), leave=False)
     while step < config.steps:
@@ -293,7 +406,7 @@ def fit(
             if profile is not None and step == profile.end:
                 jax.block_until_ready(state)
                 profile.finish()
-        state, val_metrics = _validate(state, frozen, val_episodes, val_key, graphdef=graphdef)
+        state, val_metrics = _validate(state, frozen, val_episodes, val_key, graphdef=graphdef, mesh=mesh)
         metrics = host_value(_chunk_means(tuple(parts)) | val_metrics)  # the chunk's one host transfer
         seconds = time.perf_counter() - chunk_start
         length = step - first
@@ -339,20 +452,28 @@ def _episode_loss(graphdef, frozen, params, episodes, key):
     return nnx.merge(graphdef, frozen, params).objective(episodes, key)
 
 
-def _loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh):
+def _loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh, gradient_sum):
     if mesh is not None and mesh.size > 1:
-        episodes = jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
-        if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
+        episodes = _tasks_split(episodes, mesh)
+        if gradient_sum == "ordered":
             return _data_parallel_loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh)
-    # One device (the step as written, with the step's own key), or a sharded base (FSDP / tensor
-    # parallel), where XLA partitions the step and places the reductions.
-    (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
-        graphdef, frozen, params, episodes, model_key)
+    # The step as written, with the step's own key: XLA partitions it over the mesh (each device its
+    # tasks, the activations laid out by their logical axes) and sums the gradients (an all-reduce,
+    # or a reduce-scatter into split parameters).
+    with on_mesh(mesh):
+        (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
+            graphdef, frozen, params, episodes, model_key)
     return loss, aux["accuracy"], grads
 
 
+def _tasks_split(episodes, mesh):
+    """Episodes with their tasks (leading axis) split over the mesh's batch axes."""
+    return jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
+
+
 def _data_parallel_loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh):
-    """Each device's loss and gradients on its tasks, summed in device order on every device.
+    """Each device's loss and gradients on its tasks, summed in device order on every device
+    (``train.gradient_sum=ordered``).
 
     The devices' contributions are gathered (exact) and added in one fixed order, never by an
     all-reduce whose order depends on the topology: 1 process × 4 devices and 2 processes × 2
@@ -389,7 +510,8 @@ def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphde
     episodes = sample_episodes(step_data_key, pool, spec, optimizer.batch_size)
     accumulate = optimizer.grad_accum_steps
     if accumulate == 1:
-        loss, accuracy, grads = _loss_and_grads(frozen, state.params, episodes, step_model_key, graphdef, mesh)
+        loss, accuracy, grads = _loss_and_grads(frozen, state.params, episodes, step_model_key, graphdef, mesh,
+                                                optimizer.gradient_sum)
     else:
         # The batch's tasks in `accumulate` equal slices: the mean of their gradients is the
         # whole batch's gradient, with one slice's activations in memory at a time.
@@ -398,7 +520,8 @@ def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphde
         def micro_step(total, inputs):
             index, micro = inputs
             key = jax.random.fold_in(step_model_key, index)
-            return jax.tree.map(jnp.add, total, _loss_and_grads(frozen, state.params, micro, key, graphdef, mesh)), None
+            micro_grads = _loss_and_grads(frozen, state.params, micro, key, graphdef, mesh, optimizer.gradient_sum)
+            return jax.tree.map(jnp.add, total, micro_grads), None
 
         zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
         total, _ = jax.lax.scan(micro_step, zeros, (jnp.arange(accumulate), slices))
@@ -438,10 +561,13 @@ def _chunk_means(parts: tuple[dict[str, jax.Array], ...]) -> dict[str, jax.Array
     return {name: series[-1] if name == "learning_rate" else jnp.mean(series) for name, series in values.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def _validate(state: TrainState, frozen, val_episodes, key, *, graphdef):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("state",))
+def _validate(state: TrainState, frozen, val_episodes, key, *, graphdef, mesh):
     """Validation NLL and unseen accuracy; keeps the best parameters so far."""
-    log_odds = nnx.merge(graphdef, frozen, state.params).predict_log_odds(val_episodes, key)
+    if mesh is not None and mesh.size > 1:
+        val_episodes = _tasks_split(val_episodes, mesh)
+    with on_mesh(mesh):
+        log_odds = nnx.merge(graphdef, frozen, state.params).predict_log_odds(val_episodes, key)
     val_loss = jnp.mean(choice_nll(log_odds, val_episodes.target_mask))
     val_accuracy = jnp.mean(choice_accuracy(log_odds, val_episodes.unseen_mask))
     improved = val_loss < state.best_val_loss

@@ -21,8 +21,10 @@ many = from_pretrained(sys.argv[1], tokenizer=False, mesh=mesh, lora=LoRAConfig(
 gate = many.blocks.mlp.gate.weight[...].sharding.spec
 assert tuple(gate) == (None, "tensor", "fsdp"), gate
 assert tuple(many.embed[...].sharding.spec) == ("tensor", "fsdp"), many.embed[...].sharding
-adapter = many.blocks.attn.q.lora.a[...].sharding
-assert adapter.is_fully_replicated, adapter
+# Adapters too: A [L, r, in] by the model dimension it reads, B [L, out, r] by heads and its rank.
+lora = many.blocks.attn.q.lora
+assert tuple(lora.a[...].sharding.spec) == (None, None, "fsdp"), lora.a[...].sharding
+assert tuple(lora.b[...].sharding.spec) == (None, "tensor", "fsdp"), lora.b[...].sharding
 tokens, mask = padded_batch(batch=4)
 expected = one(jnp.asarray(tokens), jnp.asarray(mask))
 batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
