@@ -106,16 +106,25 @@ def _split(size: float, count: int) -> float:
 
 def block_activation_bytes(config: DecoderConfig, tokens: float, keys: int, act_bytes: int, tensor: int,
                            lora: LoRAConfig | None) -> float:
-    """What one block's forward holds for ``tokens`` (queries over ``keys`` each) on one device: its
-    input and norms, q/k/v (rotated too), attention's fp32 scores and probabilities, its output,
-    the MLP's gate, up and product, LoRA's fp32 intermediates."""
-    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    heads = _split(config.num_heads, tensor)
-    kv = _split(config.num_kv_heads, tensor)
-    per_token = (act_bytes * (6 * d + 2 * heads * hd + 4 * kv * hd + 3 * _split(f, tensor))
-                 + 4 * 2 * heads * keys
+    """What one block's forward produces that its backward reads, for ``tokens`` (each attending over
+    ``keys``) on one device: the two norms' outputs, q, k, v and attention's output, attention's
+    fp32 scores and probabilities (XLA's attention materialises both), the MLP's gate, up and their
+    product, LoRA's fp32 intermediates."""
+    d, f, hd = config.hidden_size, _split(config.intermediate_size, tensor), config.head_dim
+    heads, kv = _split(config.num_heads, tensor), _split(config.num_kv_heads, tensor)
+    per_token = (act_bytes * (2 * d + 2 * heads * hd + 2 * kv * hd + 3 * f) + 2 * 4 * heads * keys
                  + 4 * (lora.rank * len(lora.targets) if lora is not None else 0))
     return tokens * per_token
+
+
+def block_gradient_bytes(config: DecoderConfig, tokens: float, keys: int, act_bytes: int, tensor: int) -> float:
+    """The larger of a block's two gradient phases on one device: the MLP's (gate, up and product,
+    and the block's input) or attention's (fp32 scores and probabilities; q, k, v)."""
+    d, f, hd = config.hidden_size, _split(config.intermediate_size, tensor), config.head_dim
+    heads, kv = _split(config.num_heads, tensor), _split(config.num_kv_heads, tensor)
+    mlp = act_bytes * (3 * f + d)
+    attention = 2 * 4 * heads * keys + act_bytes * (heads * hd + 2 * kv * hd)
+    return tokens * max(mlp, attention)
 
 
 def saved_activation_bytes(config: DecoderConfig, shape: Shape, remat: str, act_bytes: int,
@@ -129,8 +138,9 @@ def saved_activation_bytes(config: DecoderConfig, shape: Shape, remat: str, act_
     elif remat == "dots":
         lora_out = 4 * lora.rank * len(lora.targets) if lora is not None else 0
         per_layer = tokens * (act_bytes * (3 * d + heads * hd + 2 * kv * hd + 2 * _split(f, shape.tensor)) + lora_out)
-    else:
-        per_layer = block_activation_bytes(config, tokens, shape.length, act_bytes, shape.tensor, lora)
+    else:  # the block input, and everything its backward reads
+        per_layer = act_bytes * d * tokens + block_activation_bytes(config, tokens, shape.length, act_bytes,
+                                                                     shape.tensor, lora)
     return config.num_layers * per_layer + 2 * act_bytes * d * tokens  # + the final norm's input and output
 
 
@@ -141,10 +151,13 @@ def layer_weight_bytes(config: DecoderConfig, weight_bytes: int, tensor: int) ->
 
 def train_temporary_bytes(config: DecoderConfig, shape: Shape, act_bytes: int, weight_bytes: int,
                           lora: LoRAConfig | None, logits_chunk: int, vocab_parallel: bool) -> dict[str, float]:
-    """The largest working sets of a training step on one device: a block's backward (its
-    recomputed activations and their gradients, two blocks' gathered weights: the one in use and
-    the next, prefetched) and the loss's head chunk (fp32 logits, their exponentials and gradient)."""
-    block = (2 * block_activation_bytes(config, shape.tokens_per_device, shape.length, act_bytes, shape.tensor, lora)
+    """The largest working sets of a training step on one device: a block's backward (what its
+    backward reads, recomputed, the larger of its gradient phases, and two blocks' gathered weights:
+    the one in use and the next, prefetched) and the loss's head chunk (fp32 logits, their
+    exponentials and gradient)."""
+    tokens = shape.tokens_per_device
+    block = (block_activation_bytes(config, tokens, shape.length, act_bytes, shape.tensor, lora)
+             + block_gradient_bytes(config, tokens, shape.length, act_bytes, shape.tensor)
              + 2 * layer_weight_bytes(config, weight_bytes, shape.tensor))
     chunk = max(1, min(logits_chunk, shape.length - 1))
     if vocab_parallel:  # every sequence of the data shard, the vocabulary split over the model axes

@@ -12,8 +12,8 @@ starting from a constant), counting
   cuBLAS GEMM custom calls on GPUs included;
 - bytes that the top-level operations read and write (operands and results of each fusion,
   collective and copy: an upper bound on the memory traffic, as XLA's own estimate is);
-- collectives by kind, with the bytes each moves and the devices each group spans (so that a
-  multi-slice plan can tell which cross the data-centre network).
+- collectives by kind, with the bytes each moves and the devices each group spans; those between
+  TPU slices, over the data-centre network, apart (libtpu compiles them as host transfers).
 
 A loop whose trip count cannot be read counts once and is listed in ``unknown_loops``.
 """
@@ -61,6 +61,9 @@ class Instruction:
         rest = self.attributes[match.end():]
         if rest.startswith("{"):
             return rest[: _closing(rest, 0, "{", "}") + 1]
+        iota = re.match(r"\[[\d,]*\]<=\[[\d,]*\](?:T\([\d,]*\))?", rest)
+        if iota:
+            return iota.group(0)
         if rest.startswith("mesh["):
             end = rest.index("]") + 1
             groups = re.match(r"\s*\{[^}]*\}", rest[end:])
@@ -74,6 +77,9 @@ class Collective:
     bytes: float  # per device, per execution: what the device sends or receives
     groups: list[list[int]]  # device ids (positions in the program's device assignment) in each group
     count: float  # executions per run of the program
+    # "chip": over the chips' own interconnect (ICI, NVLink); "data-centre": between TPU slices, which
+    # libtpu compiles as host transfers to its multi-slice runtime (``send`` with a megascale type).
+    network: str = "chip"
 
 
 @dataclasses.dataclass
@@ -85,11 +91,11 @@ class ProgramCost:
     collectives: list[Collective]
     unknown_loops: list[str]
 
-    def collective_bytes(self, crosses=None) -> dict[str, float]:
-        """Bytes per device by collective kind; with ``crosses(group) -> bool``, only the groups it selects."""
+    def collective_bytes(self, network: str = "chip") -> dict[str, float]:
+        """Bytes per device by collective kind, over ``network`` ("chip" or "data-centre")."""
         totals: dict[str, float] = defaultdict(float)
         for collective in self.collectives:
-            if crosses is None or any(crosses(group) for group in collective.groups):
+            if collective.network == network:
                 totals[collective.kind] += collective.bytes * collective.count
         return dict(totals)
 
@@ -413,6 +419,12 @@ def analyse(text: str, num_devices: int) -> ProgramCost:
             if kind in COLLECTIVES and not op.endswith("-done"):
                 collectives.append(Collective(kind, _collective_bytes(instruction, shapes),
                                               replica_groups(instruction, num_devices), times))
+            transfer = re.search(r'_xla_megascale_transfer_type="([A-Z_]+)"', instruction.attributes)
+            if op == "send" and transfer:
+                operand = _ARRAY.findall(instruction.shape)[0]
+                size = DTYPE_BYTES.get(operand[0], 0) * math.prod(int(d) for d in operand[1].split(",") if d)
+                collectives.append(Collective(transfer.group(1).lower().replace("_", "-"), size, [], times,
+                                              "data-centre"))
             if top_level and op not in _NO_TRAFFIC and not op.endswith("-done"):
                 traffic += times * _traffic(instruction, computations, shapes)
             if op == "while":

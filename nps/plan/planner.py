@@ -33,6 +33,9 @@ GIB = 2**30
 FLOPS_TOLERANCE = 1.15
 # XLA's per-device memory within this factor of the analytic estimate.
 MEMORY_TOLERANCE = 1.25
+# XLA's argument bytes within this fraction of the shards' sizes (a TPU pads arrays to whole
+# (8, 128) tiles: a pool's [N, 1] pair ids take 128 times their bytes).
+ARGUMENT_TOLERANCE = 0.05
 _OUT_OF_MEMORY = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
 
 
@@ -72,13 +75,24 @@ class Plan:
 
     @property
     def checks(self) -> dict[str, bool]:
+        """fits; no replicated work (FLOPs); arguments as laid out (XLA's argument bytes within 5 % of
+        the shards' sizes); memory as estimated (XLA's total within 1.25× of the estimate) where the
+        estimated working set is at least 1 GiB, else within the estimate (below that a TPU keeps a
+        varying share of a block's working set in its on-chip vector memory, not in HBM)."""
         checks = {"fits": self.fits}
         if self.flops.get("ratio") is not None:
             checks["no replicated work"] = self.flops["ratio"] <= FLOPS_TOLERANCE
+        laid_out = self.analytic_memory.get("arguments")
+        if laid_out and self.flops.get("compiled") is not None:
+            checks["arguments as laid out"] = abs(self.memory["arguments"] - laid_out) <= ARGUMENT_TOLERANCE * laid_out
         estimate, total = self.analytic_memory.get("total"), self.memory.get("total")
         if estimate and total:
-            ratio = total / estimate
-            checks["memory as estimated"] = 1 / MEMORY_TOLERANCE <= ratio <= MEMORY_TOLERANCE
+            working = max((v for k, v in self.analytic_memory.items() if k.startswith("largest temporary")
+                           or k == "a block's activations"), default=0.0)
+            if working >= GIB:
+                checks["memory as estimated"] = 1 / MEMORY_TOLERANCE <= total / estimate <= MEMORY_TOLERANCE
+            else:
+                checks["memory within the estimate"] = total <= MEMORY_TOLERANCE * estimate
         return checks
 
 
@@ -161,8 +175,7 @@ def _compile(workload: Workload, target: Target, mesh, mesh_axes, model_name: st
         flops["compiled"] = cost.flops
         flops["ratio"] = cost.flops * target.size / program.flops if program.flops else None
         roofline = _roofline(cost, target, program, workload)
-        collectives = cost.collective_bytes()
-        slow = cost.collective_bytes(crosses=lambda group: len({target.slice_of(d) for d in group}) > 1)
+        collectives, slow = cost.collective_bytes(), cost.collective_bytes("data-centre")
     return Plan(
         model=model_name, job=workload.job, topology=target.name, device_kind=target.device_kind, devices=target.size,
         hosts=target.hosts, slices=target.slices, mesh=dict(mesh_axes), batch=workload.batch,
@@ -201,22 +214,24 @@ def _analytic_memory(program: programs.Program) -> dict[str, float]:
         parts["weights (frozen)"] = _device_bytes(frozen)
         parts["trainable + optimizer state"] = _device_bytes(state)
         parts["data"] = _device_bytes(pool)
+        parts["gradients + updates"] = 2 * _device_bytes(state.params)
     elif program.name.startswith("train_language_model"):
         parts["weights + optimizer state"] = _device_bytes(args[0])
         parts["data"] = _device_bytes(args[2:4])
+        parts["gradients + updates"] = 2 * _device_bytes(args[0].weights)
     else:
-        parts["weights"] = _device_bytes(args[0])
+        parts["weights"] = _device_bytes(args[0]) - program.unread_bytes
         parts["inputs"] = _device_bytes(args[1:])
+    arguments = _device_bytes(args) - program.unread_bytes
     working = dict(program.memory)
     if "block backward" in working:  # the larger of a block's backward and the head's chunk
         largest = max(("block backward", "head chunk"), key=lambda k: working[k])
         parts["saved activations"] = working["saved activations"]
         parts[f"largest temporary ({largest})"] = working[largest]
-        if program.name.startswith("train_language_model"):
-            parts["gradients"] = _device_bytes(args[0].weights)
     else:
         parts |= working
     parts["total"] = sum(parts.values())
+    parts["arguments"] = arguments  # what the parts above that are arguments add up to (not again in the total)
     return parts
 
 
@@ -331,7 +346,7 @@ def format_plan(plan: Plan) -> str:
     for name, value in rows:
         lines.append(f"  {name:<27} {gib(value):>14}")
     for name, value in estimate.items():
-        if name != "total":
+        if name not in ("total", "arguments"):
             lines.append(f"  {'':<27} {'':>14}     {name}: {gib(value)}")
     capacity = plan.memory.get("capacity")
     lines.append(f"  {'total':<27} {gib(plan.memory.get('total')):>14}     {gib(estimate.get('total'))}"

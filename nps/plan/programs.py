@@ -14,13 +14,16 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool, PairPool, PolicyOptions
 from nps.encoder import EncoderConfig
 from nps.errors import ConfigError
-from nps.lm import generate as generation
+from nps.lm.generate import SamplingConfig
+from nps.lm.generate import _generate as generation_program
+from nps.lm.generate import _last_token_states as embedding_program
 from nps.lm.decoder import REMAT_POLICIES, Decoder, DecoderConfig, LoRAConfig
 from nps.lm.sharding import shardings_of
 from nps.models.policy import PolicyConfig, SteerablePolicy
@@ -97,6 +100,7 @@ class Program:
     flops: float  # the analytic global FLOPs of one call
     memory: dict[str, float]  # analytic per-device bytes: saved activations, temporaries
     flops_note: str
+    unread_bytes: float = 0.0  # per device: arguments the program never reads (XLA allocates none)
 
 
 def build(workload: Workload, mesh) -> Program:
@@ -215,13 +219,15 @@ def _embed(workload: Workload, mesh) -> Program:
     tokens = put_global(_abstract((workload.batch, workload.length), jnp.int32), batch)
     mask = put_global(_abstract((workload.batch, workload.length), bool), batch)
     args = (state, tokens, mask)
-    lowered = generation._last_token_states.lower(graphdef, state, tokens, mask, mesh)
+    lowered = embedding_program.lower(graphdef, state, tokens, mask, mesh)
     config, shape = workload.decoder, _shape(workload, mesh)
     flops = analytic.forward_flops(config, None, workload.batch, workload.length, workload.length, 0)
     memory = {"a block's activations": analytic.block_activation_bytes(
         config, shape.tokens_per_device, workload.length, _dtype(workload).itemsize, shape.tensor, None)}
+    head = state.get("lm_head")
     return Program("embed: one batch", lowered, args, lambda args, outputs: args, flops, memory,
-                   "2·N_layers per token + attention (no head)")
+                   "2·N_layers per token + attention (no head)",
+                   unread_bytes=0.0 if head is None else _device_bytes(head))
 
 
 def _generate(workload: Workload, mesh) -> Program:
@@ -234,9 +240,9 @@ def _generate(workload: Workload, mesh) -> Program:
     mask = put_global(_abstract((workload.batch, workload.length), bool), batch)
     z = put_global(_abstract((workload.batch, workload.latent_dim), jnp.float32), batch)
     key = put_global(_key(), replicated(mesh))
-    sampling = generation.SamplingConfig(max_new_tokens=workload.new_tokens, temperature=1.0)
+    sampling = SamplingConfig(max_new_tokens=workload.new_tokens, temperature=1.0)
     args = (state, tokens, mask, key, z)
-    lowered = generation._generate.lower(graphdef, state, tokens, mask, key, z, sampling, mesh)
+    lowered = generation_program.lower(graphdef, state, tokens, mask, key, z, sampling, mesh)
     config, cache = workload.decoder, workload.length + workload.new_tokens
     flops = (analytic.forward_flops(config, workload.lora, workload.batch, workload.length, cache, 1)
              + analytic.forward_flops(config, workload.lora, workload.batch, 1, cache, 1))
@@ -249,6 +255,10 @@ def _generate(workload: Workload, mesh) -> Program:
     }
     return Program("generate: prefill + one decode step", lowered, args, lambda args, outputs: args, flops, memory,
                    "prefill (2·N per prompt token + attention over the cache) + one decode step")
+
+
+def _device_bytes(leaf: jax.ShapeDtypeStruct) -> float:
+    return float(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
 
 
 def _batch_shards(mesh) -> int:

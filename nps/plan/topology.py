@@ -42,10 +42,6 @@ class Target:
     def size(self) -> int:
         return len(self.devices)
 
-    def slice_of(self, index: int) -> int:
-        """The slice of the device at ``index`` of ``devices`` (0 on one slice)."""
-        return getattr(self.devices[index], "slice_index", 0)
-
 
 def gpu_compile_environment() -> dict[str, str]:
     """The environment in which the CUDA plugin starts with no GPU present (set before JAX
@@ -77,6 +73,9 @@ def resolve(name: str, slices: int = 1) -> Target:
 
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError(f"--topology={name}: compiling for TPUs needs libtpu (no TPU needed): pip install 'nps[tpu]'")
+    # libtpu otherwise takes a machine-wide lock on first use, and a second process that compiles
+    # (another plan, a test worker) stops with "libtpu multi-process lockfile"; compiling touches no TPU.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         description = topologies.get_topology_desc(
             platform="tpu", topology_name=f"{kind}:{shape}", **({"num_slices": slices} if slices > 1 else {}))
