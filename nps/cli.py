@@ -196,10 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> int:
-    from nps.plan.topology import GPU_TARGETS, gpu_compile_environment
+    from nps.plan.topology import compile_only_environment
 
-    if args.topology.partition(":")[0].lower() in GPU_TARGETS:
-        os.environ.update(gpu_compile_environment())  # before JAX starts its CUDA plugin
+    for key, value in compile_only_environment(args.topology).items():  # before JAX starts its backends
+        os.environ.setdefault(key, value)
     import dataclasses as dc
 
     from nps.files import atomic_write_json

@@ -30,6 +30,10 @@ from pathlib import Path
 
 import pytest
 
+# The tests run on the CPU. libtpu is installed with the test extra (nps plan compiles for TPU topologies);
+# without this every JAX process would try to start a TPU backend, take libtpu's machine-wide lock and
+# print a page of warnings on a machine that has none.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"nps-tests-jax-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 

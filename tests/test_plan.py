@@ -20,7 +20,7 @@ from flax import nnx
 
 from nps.errors import ConfigError
 from nps.lm.decoder import DecoderConfig, LoRAConfig
-from nps.plan import PRESETS, Workload, format_plan, hlo, make_plan, programs, resolve
+from nps.plan import PRESETS, Workload, compile_only_environment, format_plan, hlo, make_plan, programs, resolve
 from nps.plan.planner import FLOPS_TOLERANCE
 
 # The tests' persistent compilation cache (conftest.py) stores the TPU programs too; JAX, which cannot
@@ -177,11 +177,13 @@ def test_the_command_plans_a_model_folder_locally_and_measures_it(tmp_path, caps
 
 
 @needs_libtpu
-def test_a_program_that_does_not_fit_gets_the_largest_batch_that_does(tmp_path, capsys):
+def test_a_program_that_does_not_fit_gets_the_largest_batch_that_does(tmp_path, capsys, monkeypatch):
     """Embedding 64 sequences of 8,192 tokens needs 16.3 GiB per v5e chip (attention's fp32 scores);
     the plan halves the batch until it fits, then interpolates and checks the largest that does."""
     from nps.cli import main
 
+    for key, value in compile_only_environment("v5e:2x2").items():  # what the command sets, undone after
+        monkeypatch.setenv(key, value)
     (tmp_path / "config.json").write_text(json.dumps(SMALL.to_hf()))
     code = main(["plan", "--model", str(tmp_path / "config.json"), "--job", "embed", "--topology", "v5e:2x2",
                  "--batch", "64", "--length", "8192", "--json", str(tmp_path / "plan.json")])

@@ -11,7 +11,7 @@ cluster with abstract weights, and say per device whether they fit and how fast 
 from nps.plan.models import PRESETS, decoder_config
 from nps.plan.planner import Plan, default_mesh, format_plan, make_plan, parse_mesh
 from nps.plan.programs import JOBS, Workload
-from nps.plan.topology import Target, gpu_compile_environment, resolve
+from nps.plan.topology import Target, compile_only_environment, resolve
 
 __all__ = ["JOBS", "PRESETS", "Plan", "Target", "Workload", "decoder_config", "default_mesh", "format_plan",
-           "gpu_compile_environment", "make_plan", "parse_mesh", "resolve"]
+           "compile_only_environment", "make_plan", "parse_mesh", "resolve"]

@@ -76,8 +76,9 @@ def head_positions(length: int, chunk: int) -> int:
 
 
 def train_flops(config: DecoderConfig, lora: LoRAConfig | None, shape: Shape, remat: str, logits_chunk: int,
-                full_finetune: bool = False) -> float:
-    """Global FLOPs of one training step of next-token or DPO log-probabilities (module docstring)."""
+                full_finetune: bool = False, recomputation: bool = True) -> float:
+    """Global FLOPs of one training step of next-token or DPO log-probabilities (module docstring);
+    ``recomputation=False``: the model's FLOPs alone (the numerator of MFU), what remat adds left out."""
     layers = config.num_layers
     weights = 2.0 * shape.tokens * layers * layer_matmul_params(config)
     adapters = 2.0 * shape.tokens * layers * lora_params(config, lora)
@@ -87,7 +88,7 @@ def train_flops(config: DecoderConfig, lora: LoRAConfig | None, shape: Shape, re
     backward = (2 * weights if full_finetune else weights) + 2 * adapters + 2 * attention + (2 * head if full_finetune
                                                                                               else head)
     recomputed = {"none": 0.0, "full": weights + adapters + attention, "dots": attention}[remat] + head
-    return forward + backward + recomputed
+    return forward + backward + (recomputed if recomputation else 0.0)
 
 
 def forward_flops(config: DecoderConfig, lora: LoRAConfig | None, sequences: int, queries: int, keys: int,
@@ -100,18 +101,14 @@ def forward_flops(config: DecoderConfig, lora: LoRAConfig | None, sequences: int
             + 2.0 * sequences * logits_per_sequence * config.hidden_size * config.vocab_size)
 
 
-def _split(size: float, count: int) -> float:
-    return size / count
-
-
 def block_activation_bytes(config: DecoderConfig, tokens: float, keys: int, act_bytes: int, tensor: int,
                            lora: LoRAConfig | None) -> float:
     """What one block's forward produces that its backward reads, for ``tokens`` (each attending over
     ``keys``) on one device: the two norms' outputs, q, k, v and attention's output, attention's
     fp32 scores and probabilities (XLA's attention materialises both), the MLP's gate, up and their
     product, LoRA's fp32 intermediates."""
-    d, f, hd = config.hidden_size, _split(config.intermediate_size, tensor), config.head_dim
-    heads, kv = _split(config.num_heads, tensor), _split(config.num_kv_heads, tensor)
+    d, f, hd = config.hidden_size, config.intermediate_size / tensor, config.head_dim
+    heads, kv = config.num_heads / tensor, config.num_kv_heads / tensor
     per_token = (act_bytes * (2 * d + 2 * heads * hd + 2 * kv * hd + 3 * f) + 2 * 4 * heads * keys
                  + 4 * (lora.rank * len(lora.targets) if lora is not None else 0))
     return tokens * per_token
@@ -120,8 +117,8 @@ def block_activation_bytes(config: DecoderConfig, tokens: float, keys: int, act_
 def block_gradient_bytes(config: DecoderConfig, tokens: float, keys: int, act_bytes: int, tensor: int) -> float:
     """The larger of a block's two gradient phases on one device: the MLP's (gate, up and product,
     and the block's input) or attention's (fp32 scores and probabilities; q, k, v)."""
-    d, f, hd = config.hidden_size, _split(config.intermediate_size, tensor), config.head_dim
-    heads, kv = _split(config.num_heads, tensor), _split(config.num_kv_heads, tensor)
+    d, f, hd = config.hidden_size, config.intermediate_size / tensor, config.head_dim
+    heads, kv = config.num_heads / tensor, config.num_kv_heads / tensor
     mlp = act_bytes * (3 * f + d)
     attention = 2 * 4 * heads * keys + act_bytes * (heads * hd + 2 * kv * hd)
     return tokens * max(mlp, attention)
@@ -132,12 +129,12 @@ def saved_activation_bytes(config: DecoderConfig, shape: Shape, remat: str, act_
     """Activations one device keeps from the forward pass for the backward pass."""
     tokens = shape.tokens_per_device
     d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    heads, kv = _split(config.num_heads, shape.tensor), _split(config.num_kv_heads, shape.tensor)
+    heads, kv = config.num_heads / shape.tensor, config.num_kv_heads / shape.tensor
     if remat == "full":
         per_layer = act_bytes * d * tokens
     elif remat == "dots":
         lora_out = 4 * lora.rank * len(lora.targets) if lora is not None else 0
-        per_layer = tokens * (act_bytes * (3 * d + heads * hd + 2 * kv * hd + 2 * _split(f, shape.tensor)) + lora_out)
+        per_layer = tokens * (act_bytes * (3 * d + heads * hd + 2 * kv * hd + 2 * f / shape.tensor) + lora_out)
     else:  # the block input, and everything its backward reads
         per_layer = act_bytes * d * tokens + block_activation_bytes(config, tokens, shape.length, act_bytes,
                                                                      shape.tensor, lora)

@@ -15,7 +15,8 @@ starting from a constant), counting
 - collectives by kind, with the bytes each moves and the devices each group spans; those between
   TPU slices, over the data-centre network, apart (libtpu compiles them as host transfers).
 
-A loop whose trip count cannot be read counts once and is listed in ``unknown_loops``.
+A loop whose trip count cannot be read (nor is annotated by XLA, as the GPU compiler does) counts
+once and is listed in ``unknown_loops``.
 """
 
 from __future__ import annotations
@@ -178,7 +179,11 @@ def _trip_count(loop: Instruction, computations, instructions_by_name) -> int | 
     """The iterations of a loop whose condition is ``get-tuple-element(param, k) < N`` (or ``<=``)
     with ``N`` a constant, whose body adds a constant step to element ``k`` (XLA's windowed
     matmuls step by 2), and whose initial tuple holds a constant at ``k`` (0 where it cannot be
-    read: JAX's scans and XLA's windowed loops count from 0). None for any other loop."""
+    read: JAX's scans and XLA's windowed loops count from 0), or the count XLA itself annotated
+    (``known_trip_count``, as XLA's GPU compiler does). None for any other loop."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attributes)
+    if known:
+        return int(known.group(1))
     condition = computations.get(_called(loop, "condition")[0], [])
     by_name = {i.name: i for i in condition}
     root = condition[-1] if condition else None

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from nps.errors import ConfigError
-from nps.plan import hlo, programs
+from nps.plan import analytic, hlo, programs
 from nps.plan.programs import Workload
 from nps.plan.topology import Target
 from nps.train.mesh import make_mesh
@@ -255,13 +255,13 @@ def _roofline(cost: hlo.ProgramCost, target: Target, program: programs.Program, 
         return roofline
     if workload.tokens:
         roofline["tokens_per_second"] = workload.tokens / step
-    roofline["mfu_ceiling"] = program.flops / (target.size * chip.peak_flops * step) if step else None
+    model_flops = program.model_flops or program.flops
+    roofline["mfu_ceiling"] = model_flops / (target.size * chip.peak_flops * step) if step else None
     return roofline
 
 
 def analytic_decode_flops(workload: Workload) -> float:
-    from nps.plan import analytic
-
+    """Global FLOPs of one decode step: a token per sequence, attending over the whole cache."""
     cache = workload.length + workload.new_tokens
     return analytic.forward_flops(workload.decoder, workload.lora, workload.batch, 1, cache, 1)
 
@@ -315,7 +315,7 @@ def _measure(workload: Workload, mesh, plan: Plan, steps: int, target: Target) -
     if workload.tokens:
         measured["tokens_per_second"] = workload.tokens / step
     if target.chip is not None:
-        measured["mfu"] = program.flops / (target.size * target.chip.peak_flops * step)
+        measured["mfu"] = (program.model_flops or program.flops) / (target.size * target.chip.peak_flops * step)
     if plan.roofline.get("step_s"):
         measured["measured_over_roofline"] = step / plan.roofline["step_s"]
     return measured

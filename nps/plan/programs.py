@@ -97,10 +97,11 @@ class Program:
     lowered: Any  # jax.stages.Lowered
     args: tuple  # its abstract arguments (shapes, dtypes, shardings)
     next_args: Callable[[tuple, Any], tuple]  # (arguments, outputs) -> the next call's arguments
-    flops: float  # the analytic global FLOPs of one call
+    flops: float  # the analytic global FLOPs of one call, recomputation included (what the devices run)
     memory: dict[str, float]  # analytic per-device bytes: saved activations, temporaries
     flops_note: str
     unread_bytes: float = 0.0  # per device: arguments the program never reads (XLA allocates none)
+    model_flops: float | None = None  # without what remat recomputes: MFU's numerator (default: ``flops``)
 
 
 def build(workload: Workload, mesh) -> Program:
@@ -170,7 +171,9 @@ def _policy_fit(workload: Workload, mesh) -> Program:
     flops = analytic.train_flops(workload.decoder, lora, shape, workload.remat, workload.logits_chunk)
     return Program("fit: one training step", program.lower_chunk(*args, length=1), args, _chunk_again, flops,
                    _train_memory(workload, shape, lora, vocab_parallel=True),
-                   "6·N_layers + 8·N_lora per token with full remat (4·N_layers + 6·N_lora without), + attention + head")
+                   "6·N_layers + 8·N_lora per token with full remat (4·N_layers + 6·N_lora without), + attention + head",
+                   model_flops=analytic.train_flops(workload.decoder, lora, shape, workload.remat,
+                                                    workload.logits_chunk, recomputation=False))
 
 
 def _reward_fit(workload: Workload, mesh) -> Program:
@@ -202,7 +205,9 @@ def _next_token(workload: Workload, mesh) -> Program:
     flops = analytic.train_flops(workload.decoder, None, shape, workload.remat, 128, full_finetune=True)
     return Program("train_language_model: one step", program.lower_chunk(*args, length=1), args, _chunk_again, flops,
                    _train_memory(workload, shape, None, vocab_parallel=True, logits_chunk=128),
-                   "8·N per token with full remat (6·N without), + attention + head")
+                   "8·N per token with full remat (6·N without), + attention + head",
+                   model_flops=analytic.train_flops(workload.decoder, None, shape, workload.remat, 128,
+                                                    full_finetune=True, recomputation=False))
 
 
 def _placed_decoder(model, mesh):

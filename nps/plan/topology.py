@@ -4,7 +4,7 @@ TPU topologies come from libtpu, which compiles for any slice with no TPU presen
 (``jax.experimental.topologies``, ``pip install 'nps[tpu]'``); GPU clusters from the CUDA
 plugin and an XLA target description of the GPU (``targets/*.txtpb``), with no GPU present
 (``pip install 'nps[cuda12]'``; the plugin must start with ``CUDA_VISIBLE_DEVICES=-1`` and
-``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``, which ``nps plan`` sets for a GPU target). ``local``
+``JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1``). ``nps plan`` sets ``compile_only_environment`` itself. ``local``
 is ``jax.devices()``: a real TPU or GPU, where a plan also runs its programs.
 """
 
@@ -43,10 +43,18 @@ class Target:
         return len(self.devices)
 
 
-def gpu_compile_environment() -> dict[str, str]:
-    """The environment in which the CUDA plugin starts with no GPU present (set before JAX
-    initialises its backends)."""
-    return {"CUDA_VISIBLE_DEVICES": "-1", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+def compile_only_environment(name: str) -> dict[str, str]:
+    """The environment of a process that compiles for ``name``'s devices without having them (set
+    before JAX starts its backends; empty for ``local``). GPUs: the CUDA plugin must start with no
+    GPU visible. TPUs: the process runs on its CPU, and libtpu, which only describes the topology,
+    is told it is on no TPU VM (else it looks for one's metadata and prints a page of warnings)."""
+    kind = name.partition(":")[0].lower()
+    if kind in GPU_TARGETS:
+        return {"CUDA_VISIBLE_DEVICES": "-1", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"}
+    if kind in TPU_KINDS:
+        return {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+                "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
+    return {}
 
 
 def resolve(name: str, slices: int = 1) -> Target:
@@ -99,10 +107,10 @@ def _gpu(name: str, kind: str, shape: str, slices: int) -> Target:
     if not match:
         raise ConfigError(f"--topology={name!r}: a GPU cluster is KIND:GPUS or KIND:HOSTSxGPUS, e.g. h100:8 or h100:2x8")
     hosts, per_host = int(match.group(1) or 1), int(match.group(2))
-    missing = {key: value for key, value in gpu_compile_environment().items() if os.environ.get(key) != value}
-    if missing:
+    needed = compile_only_environment(name)
+    if any(os.environ.get(key) != value for key, value in needed.items()):
         raise ConfigError(f"--topology={name}: the CUDA plugin must start without GPUs; run with "
-                          + " ".join(f"{k}={v}" for k, v in gpu_compile_environment().items()))
+                          + " ".join(f"{k}={v}" for k, v in needed.items()))
     if importlib.util.find_spec("jax_cuda12_plugin") is None:
         raise ConfigError(f"--topology={name}: compiling for GPUs needs JAX's CUDA plugin (no GPU needed): "
                           "pip install 'nps[cuda12]'")
