@@ -265,6 +265,12 @@ class TrainProgram:
         layouts = tuple(OptionPairPool(whole, rows) if isinstance(pool, OptionPairPool) else whole for pool in pools)
         return put_global((state, frozen, *pools), (self.state_shardings, self.frozen_shardings, *layouts))
 
+    def validation_static(self) -> dict[str, Any]:
+        """The static arguments of validation: tasks split over the mesh, unless the ordered sum asks
+        for layout-independent numbers."""
+        split = self.mesh is not None and self.mesh.size > 1 and self.optimizer.gradient_sum == "all_reduce"
+        return {"graphdef": self.graphdef, "mesh": self.mesh, "split_tasks": split}
+
     def step_flops(self, state, frozen, pool, data_key, model_key) -> float:
         """Matmul FLOPs of one training step as written (global: before any partitioning), counted
         from its jaxpr (``nps.train.logging.matmul_flops``)."""
@@ -406,7 +412,7 @@ def fit(
             if profile is not None and step == profile.end:
                 jax.block_until_ready(state)
                 profile.finish()
-        state, val_metrics = _validate(state, frozen, val_episodes, val_key, graphdef=graphdef, mesh=mesh)
+        state, val_metrics = _validate(state, frozen, val_episodes, val_key, **program.validation_static())
         metrics = host_value(_chunk_means(tuple(parts)) | val_metrics)  # the chunk's one host transfer
         seconds = time.perf_counter() - chunk_start
         length = step - first
@@ -561,12 +567,14 @@ def _chunk_means(parts: tuple[dict[str, jax.Array], ...]) -> dict[str, jax.Array
     return {name: series[-1] if name == "learning_rate" else jnp.mean(series) for name, series in values.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("state",))
-def _validate(state: TrainState, frozen, val_episodes, key, *, graphdef, mesh):
-    """Validation NLL and unseen accuracy; keeps the best parameters so far."""
-    if mesh is not None and mesh.size > 1:
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "split_tasks"), donate_argnames=("state",))
+def _validate(state: TrainState, frozen, val_episodes, key, *, graphdef, mesh, split_tasks):
+    """Validation NLL and unseen accuracy; keeps the best parameters so far. ``split_tasks``: each
+    device its tasks (the default); else every device all of them, so that the means do not depend
+    on the layout (``train.gradient_sum=ordered``)."""
+    if split_tasks:
         val_episodes = _tasks_split(val_episodes, mesh)
-    with on_mesh(mesh):
+    with on_mesh(mesh if split_tasks else None):
         log_odds = nnx.merge(graphdef, frozen, state.params).predict_log_odds(val_episodes, key)
     val_loss = jnp.mean(choice_nll(log_odds, val_episodes.target_mask))
     val_accuracy = jnp.mean(choice_accuracy(log_odds, val_episodes.unseen_mask))
