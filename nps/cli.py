@@ -181,11 +181,11 @@ def _profile_check(args) -> None:
     pairs = [{field: r[field] for field in PAIR_FIELDS} for r in records]
     run = SteeringRun.load(args.run, "np_dpo" if args.model == "np_btl_reward" else args.model)
     if args.model == "np_btl_reward":
-        from nps.workflow.ab import load_np_btl_scorer
+        from nps.workflow.ab import NP_BTL_SCORER_EPISODES, load_np_btl_scorer
 
-        model = load_np_btl_scorer(run)
+        model, trained_context = load_np_btl_scorer(run), NP_BTL_SCORER_EPISODES.max_context
     elif run.conditioned:
-        model = run.policy
+        model, trained_context = run.policy, run.episodes.max_context
     else:
         raise ConfigError(f"--model {args.model} takes no user; check with np_dpo or np_btl_reward")
     try:  # the model's options of each answer: features for NP-BTL, token rows for the policy
@@ -198,8 +198,9 @@ def _profile_check(args) -> None:
     except ConfigError as error:
         raise ConfigError(f"{args.profile}: {error}") from None
     report = check_profile(model, pairs, chosen, rejected, [r.get("position") for r in records],
-                           implausible_below=args.implausible_below, threshold=args.threshold,
-                           permutations=args.permutations, window=args.window, min_segment=args.min_segment)
+                           trained_context=trained_context, implausible_below=args.implausible_below,
+                           threshold=args.threshold, permutations=args.permutations, window=args.window,
+                           min_segment=args.min_segment)
     print(format_report(report, args.profile))
     if args.json:
         inputs = {"profile": str(Path(args.profile).absolute()), "profile_sha256": file_sha256(args.profile),

@@ -326,6 +326,28 @@ def test_cli_errors_are_one_line(steering_run, tmp_path, capsys):
     assert err.count("\n") == 1 and f"{bad}: candidate 1.response: 'quantum' is not a word" in err
 
 
+@pytest.mark.slow  # about 45 s on 2 cores
+def test_a_profile_of_5000_answers_is_checked_within_a_minute_and_2_gb(steering_run, tmp_path):
+    # Issue 23: 600 answers took 507 s and 16.4 GB before the kernel killed the check; 1,000 asked for 1.37 TB.
+    examples = (ROOT / "examples" / "steering" / "alice.jsonl").read_text().splitlines(keepends=True)
+    profile = tmp_path / "many.jsonl"
+    profile.write_text("".join(examples[i % len(examples)] for i in range(5000)))
+    child = ("import resource, sys\nfrom nps.cli import main\ncode = main(sys.argv[1:])\n"
+             "print('peak MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)\n"
+             "sys.exit(code)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", child, "profile", "check", str(profile), "--run", str(steering_run),
+                             "--json", str(tmp_path / "report.json")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    peak = int(re.search(r"peak MB (\d+)", result.stderr).group(1))
+    print(f"\n5,000 answers checked in {seconds:.1f} s, peak {peak} MB")
+    assert seconds < 60 and peak < 2048, (seconds, peak)
+    assert len(json.loads((tmp_path / "report.json").read_text())["leave_one_out"]) == 5000
+
+
 # -- load, SIGKILL, restart ----------------------------------------------------------------------------------------
 def test_fifty_people_answer_2000_pairs_through_a_sigkill_and_restart(server):
     people, per_person = 50, 40

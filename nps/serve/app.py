@@ -199,14 +199,14 @@ def create_app(service, admin_token: str | None = None):
     async def profile(request: Request):
         name = require_person(request)
         records = await run_in_threadpool(service.answered_pairs, name)
-        report = await run_in_threadpool(service.consistency, name)
+        report, unchecked = await run_in_threadpool(service.consistency, name)
         confidence = await run_in_threadpool(service.confidence, name)
         _, version, _ = await run_in_threadpool(service.latent, name)
         history = await run_in_threadpool(store.history, name)
         summary = await run_in_threadpool(service.ab_summary, [name])
         skipped = await run_in_threadpool(service.skipped, name)
-        return page(request, "profile.html", records=records, report=report, confidence=confidence,
-                    version=version, history=history, summary=summary, skipped=skipped,
+        return page(request, "profile.html", records=records, report=report, unchecked=unchecked,
+                    confidence=confidence, version=version, history=history, summary=summary, skipped=skipped,
                     total=len(service.candidates), fingerprint=service.run.fingerprint, link=personal_link(request))
 
     async def latent_map(request: Request):

@@ -15,11 +15,15 @@
 - **z** is inferred from the answered pairs in profile order by the run's context encoder (the
   same call as ``nps generate --context``) and recorded in the store's history with the profile
   hash and the run's fingerprint; the same profile version and run always return the recorded z.
-- Model work (generation, z, checks) runs one request at a time under ``model_lock``.
+- Model work (generation, z, checks) runs one request at a time (``model_turn``): at most
+  ``MODEL_QUEUE`` requests wait for it, later ones are told to come back (503), and the Profile
+  page's checks read a person's latest ``CHECKED_ANSWERS`` answers, so no request's work or wait
+  grows with the number of people or answers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import random
@@ -27,7 +31,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +58,8 @@ VERDICTS = ("first", "second", "tie")
 WIN = {"steered": 1.0, "tie": 0.5, "baseline": 0.0}
 MAX_PROMPT_WORDS = 6
 MAX_OPEN_TRIALS = 8  # blind comparisons a person may have open at once (older ones expire)
+MODEL_QUEUE = 16  # requests that may wait for the model at once; more are refused (503) until it frees
+CHECKED_ANSWERS = 256  # the Profile page's consistency checks read a person's latest answers, at most this many
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +111,30 @@ class PreferenceService:
         self.run, self.store = run, store
         self.candidates, self.digest = read_serving_candidates(candidates_path)
         self.baseline_name, self.baseline_run = load_baseline(baseline)
-        self.model_lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._waiting = 0  # requests holding or waiting for the model
+        self._waiting_guard = threading.Lock()
         self._candidate_options: tuple[Any, Any] | None = None
         self.particles, self.probabilities = self._particles(num_particles)  # [P, d], [P, M]
         self._people: dict[str, _PersonState] = {}
         self._trials: dict[str, Trial] = {}
         self._trials_guard = threading.Lock()
-        self._reports: dict[tuple[str, str], ConsistencyReport] = {}
+        self._reports: dict[str, tuple[str, ConsistencyReport]] = {}  # each person's latest (profile hash, report)
+
+    @contextlib.contextmanager
+    def model_turn(self) -> Iterator[None]:
+        """Hold the model (one request at a time); refused (503) when ``MODEL_QUEUE`` requests already wait."""
+        with self._waiting_guard:
+            if self._waiting >= MODEL_QUEUE:
+                raise StoreError(f"the model is busy with {self._waiting} other requests; try again in a moment",
+                                 503)
+            self._waiting += 1
+        try:
+            with self._model_lock:
+                yield
+        finally:
+            with self._waiting_guard:
+                self._waiting -= 1
 
     # -- start-up ------------------------------------------------------------------------------------
     @property
@@ -145,7 +168,7 @@ class PreferenceService:
         """Compile what the first requests need (the chooser, z, two-word generation); the server runs
         this in the background once it listens."""
         self._next_index(_PersonState(None, [], jnp.zeros((1, self.probabilities.shape[0]))), "warm-up")
-        with self.model_lock:
+        with self.model_turn():
             z = self.run.encode_user([])
             self.run.generate([self.candidates[0]["prompt"]], z, seed=0)
             if self.baseline_run is None:
@@ -254,7 +277,7 @@ class PreferenceService:
         version = profile_hash(pairs)
         z = self.store.recorded_latent(name, version, self.run.fingerprint)
         if z is None:
-            with self.model_lock:
+            with self.model_turn():
                 z = np.asarray(self.run.encode_user(pairs), np.float32)
             z = self.store.record_latent(name, version, self.run.fingerprint, z, len(pairs))
         return z, version, len(pairs)
@@ -280,7 +303,7 @@ class PreferenceService:
         """A response to ``prompt`` steered by the person's z."""
         prompt = self.check_prompt(prompt)
         z, _, _ = self.latent(name)
-        with self.model_lock:
+        with self.model_turn():
             seed = secrets.randbelow(2**31) if seed is None else seed
             return self.run.generate([prompt], jnp.asarray(z), seed=seed)[0]
 
@@ -289,7 +312,7 @@ class PreferenceService:
         prompt = self.check_prompt(prompt)
         z, version, _ = self.latent(name)
         seed = secrets.randbelow(2**31)
-        with self.model_lock:
+        with self.model_turn():
             steered = self.run.generate([prompt], jnp.asarray(z), seed=seed)[0]
             if self.baseline_run is None:
                 baseline = self.run.generate([prompt], seed=seed, base=True)[0]
@@ -327,17 +350,21 @@ class PreferenceService:
         return record
 
     # -- Profile -----------------------------------------------------------------------------------------
-    def consistency(self, name: str) -> ConsistencyReport:
-        """The consistency and drift checks of the person's profile (cached per profile version)."""
+    def consistency(self, name: str) -> tuple[ConsistencyReport, int]:
+        """The consistency and drift checks of the person's latest ``CHECKED_ANSWERS`` answers, and how
+        many earlier answers they leave out (computed once per profile version; the latest one kept)."""
         records = self.answered_pairs(name)
+        unchecked = max(0, len(records) - CHECKED_ANSWERS)
+        records = records[unchecked:]
         pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records]
-        key = (name, profile_hash(pairs))
-        with self.model_lock:
-            if key not in self._reports:  # checked again under the lock: a profile version is checked once
+        version = profile_hash(pairs)
+        with self.model_turn():
+            if self._reports.get(name, (None,))[0] != version:  # checked again under the lock: once per version
                 chosen, rejected = self.run.pair_options(pairs) if pairs else (None, None)
-                self._reports[key] = check_profile(self.run.policy, pairs, chosen, rejected,
-                                                   [r.get("position") for r in records])
-            return self._reports[key]
+                self._reports[name] = version, check_profile(
+                    self.run.policy, pairs, chosen, rejected, [r.get("position") for r in records],
+                    trained_context=self.run.episodes.max_context)
+            return self._reports[name][1], unchecked
 
     def confidence(self, name: str) -> float | None:
         """How sure the model is of the person's choices on the pairs they have not answered: the mean
@@ -348,7 +375,7 @@ class PreferenceService:
         open_pairs = [i for i in range(len(self.candidates)) if i not in asked]
         if not open_pairs:
             return None
-        with self.model_lock:
+        with self.model_turn():
             p = np.asarray(particle_choice_probabilities_compiled(self.run.policy, jnp.asarray(z)[None],
                                                                   *self.candidate_options))[0]
         return float(np.mean(np.maximum(p, 1 - p)[open_pairs]))
@@ -370,7 +397,7 @@ class PreferenceService:
         center = particles.mean(0)
         _, _, axes = np.linalg.svd(particles - center, full_matrices=False)
         project = lambda z: (np.atleast_2d(z) - center) @ axes[:2].T  # noqa: E731
-        with self.model_lock:  # matplotlib's state is not thread-safe
+        with self.model_turn():  # matplotlib's state is not thread-safe
             fig, ax = plt.subplots(figsize=(5.2, 4.0))
             cloud = project(particles)
             ax.scatter(cloud[:, 0], cloud[:, 1], s=8, c="#c8ccd2", label="users the model learnt")
