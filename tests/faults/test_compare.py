@@ -103,7 +103,8 @@ def test_a_malformed_results_json_is_one_error_line(tmp_path, capsys, case):
 
 
 def test_a_single_task_has_no_standard_error_and_a_reference_needs_finite_means(tmp_path, capsys):
-    one_task = json.loads(json.dumps(results()).replace('"sem": 0.005, "num_tasks": 1000', '"sem": NaN, "num_tasks": 1'))
+    one_task = json.loads(json.dumps(results()).replace('"sem": 0.005, "num_tasks": 1000',
+                                                        '"sem": NaN, "num_tasks": 1'))
     assert compare(tmp_path, one_task) == 0
     capsys.readouterr()
     a, b = write(tmp_path / "a.json", results(accuracy=math.nan)), write(tmp_path / "b.json", results())
