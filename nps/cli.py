@@ -262,20 +262,32 @@ def _generate(args) -> None:
     from nps.latent import interpolate
     from nps.serve.steering import SteeringRun
 
-    run = SteeringRun.load(args.run, args.model)
+    for flag, count, least in (("--samples", args.samples, 1), ("--points", args.points, 2)):
+        if count < least:
+            raise ConfigError(f"{flag} {count} must be at least {least}")
     if args.z_file and (args.context or args.toward):
         raise ConfigError("--z-file replaces --context/--toward; pass one or the other")
+    run = SteeringRun.load(args.run, args.model)
+    run.sampling(args.temperature)  # a temperature it cannot sample with is refused before anything is printed
     if args.z_file:
         try:
             with open(args.z_file, encoding="utf-8") as f:
-                z = jnp.asarray(np.asarray(json.load(f), np.float32))
-        except (OSError, ValueError, TypeError) as exc:
+                values = json.load(f)
+        except (OSError, ValueError) as exc:
             raise ConfigError(f"{args.z_file}: not a JSON list of numbers ({exc})") from None
         latent_dim = run.policy.config.encoder.latent_dim
-        if z.shape != (latent_dim,):
-            raise ConfigError(f"{args.z_file}: z has shape {list(z.shape)}; this policy needs [{latent_dim}]")
+        if not (isinstance(values, list) and len(values) == latent_dim and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise ConfigError(f"{args.z_file}: z must be a JSON list of {latent_dim} numbers (this policy's latent "
+                              f"size), not {json.dumps(values)[:60]}")
+        z = jnp.asarray(np.asarray(values, np.float32))
         if not bool(jnp.all(jnp.isfinite(z))):
             raise ConfigError(f"{args.z_file}: z has non-finite values (NaN or inf); write a list of finite numbers")
+        low, high = run.latent_range()
+        extreme = float(z[jnp.argmax(jnp.abs(z))])
+        if not low - (high - low) <= extreme <= high + (high - low):
+            warnings.warn(f"{args.z_file}: z reaches {extreme:.3g}, far outside [{low:.3g}, {high:.3g}] where the "
+                          "encoder puts the run's users: expect responses unlike any user's (empty or degenerate)")
         points = [("z from " + args.z_file, z)]
     else:
         z = run.encode_user(read_pairs(args.context) if args.context else [])
@@ -283,15 +295,20 @@ def _generate(args) -> None:
         if args.toward:
             if z is None:
                 raise ConfigError(f"--toward needs a conditioned policy; {args.model} takes no user")
-            weights = np.linspace(0.0, 1.0, max(args.points, 2))
+            weights = np.linspace(0.0, 1.0, args.points)
             line = interpolate(z, run.encode_user(read_pairs(args.toward)), weights)
             points = [(f"w = {w:.2f} toward {args.toward}", point) for w, point in zip(weights, line)]
+    empty = 0
     for label, z in points:
         print(f"# {label}")
         for sample in range(args.samples):
             replies = run.generate(args.prompt, z, seed=args.seed + sample, temperature=args.temperature)
             for prompt, reply in zip(args.prompt, replies):
                 print(f"{prompt} => {reply}")
+                empty += not reply
+    if empty:
+        warnings.warn(f"{empty} of {len(points) * args.samples * len(args.prompt)} responses are empty (the policy "
+                      "ended them at once)")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
