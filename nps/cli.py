@@ -358,11 +358,11 @@ def main(argv: list[str] | None = None) -> int:
                                 BuildParameters(args.recipe, args.conflict_rate, args.split_by, args.seed),
                                 strict=args.strict)
             return 0
-        from nps.train.distributed import JoinSettings, is_primary, join_run
+        from nps.train.distributed import JoinSettings, agree_with_primary, is_primary, join_run, run_identity
 
-        if join_run(JoinSettings(args.coordinator, args.num_processes, args.process_id, args.join_timeout,
-                                 args.peer_timeout)) and \
-                not is_primary():
+        joined = join_run(JoinSettings(args.coordinator, args.num_processes, args.process_id, args.join_timeout,
+                                       args.peer_timeout))
+        if joined and not is_primary():
             warnings.simplefilter("ignore")  # process 0 says everything once
         defaults, run = EXPERIMENTS[args.experiment].load()
         paths = [f"{name}={value}" for name, value in (("model", args.model), ("data", args.data)) if value]
@@ -370,8 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(config_to_dict(config), indent=2))
             return 0
-        run(config, args.out or f"runs/{args.experiment}", fresh=args.fresh, progress=not args.quiet,
-            echo=print if is_primary() else lambda *_: None)
+        out = args.out or f"runs/{args.experiment}"
+        if joined:  # before anything is trained or written: every process must run the same experiment
+            agree_with_primary(run_identity({"experiment": args.experiment, "out": out, "fresh": args.fresh},
+                                            config_to_dict(config)), "configuration", args.join_timeout)
+        run(config, out, fresh=args.fresh, progress=not args.quiet, echo=print if is_primary() else lambda *_: None)
     except NPSError as error:
         print(f"nps: error: {error}", file=sys.stderr)
         return error.exit_code
