@@ -8,8 +8,9 @@ One home for the rules every writer follows (docs/design.md, "Checkpoints and fi
   dataset, the app's store) is held by an exclusive ``flock``; a second writer gets one line
   naming the holder's pid, never a half-mixed file;
 - digests of texts are length-prefixed BLAKE2b (no two lists of texts share one), of files SHA-256;
-- an appended JSON line is flushed and fsynced before the caller moves on, and a file whose
-  last line lost its newline (a killed writer) is repaired before anything is glued to it;
+- an appended JSON line is flushed and fsynced before the caller moves on, a line that cannot be
+  written whole (a full disk) is taken back, and a file whose last line lost its newline (a killed
+  writer) is repaired before anything is glued to it;
 - a text file that a person hands to nps is read whole as UTF-8, and a missing file, a folder,
   an unreadable file or bytes that are not UTF-8 are one line naming the file and the fix.
 """
@@ -142,18 +143,27 @@ def append_json_line(path: str | Path, record: dict[str, Any]) -> None:
     """Append ``record`` as one JSON line, flushed and fsynced before returning.
 
     If the file's last byte is not a newline (a writer was killed mid-line), a newline is
-    written first, so the new record never joins the broken one.
+    written first, so the new record never joins the broken one. If the line cannot be written
+    whole (``OSError``: a full disk), the file is cut back to its old size before the error is
+    raised, so no unfinished line is left behind for readers.
     """
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    with open(path, "ab+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() > 0:
+    with open(path, "ab+", buffering=0) as f:
+        size = f.seek(0, os.SEEK_END)
+        if size > 0:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 line = b"\n" + line
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            written = 0
+            while written < len(line):  # a write near a full disk may take only part of the line
+                written += f.write(line[written:])
+            os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):  # cutting a file back frees space: it works on a full disk
+                os.ftruncate(f.fileno(), size)
+                os.fsync(f.fileno())
+            raise
 
 
 def read_bytes(path: str | Path, expected: str) -> bytes:

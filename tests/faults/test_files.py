@@ -73,3 +73,17 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
         atomic_write_text(path, "lost")
     assert path.read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.json"]
+
+
+def test_an_append_that_fails_half_way_takes_its_line_back(tmp_path, monkeypatch):
+    path = tmp_path / "profile.jsonl"
+    append_json_line(path, {"a": 1})
+    kept = path.read_bytes()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")  # the line is in the file, but not on the disk
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        append_json_line(path, {"b": 2})
+    assert path.read_bytes() == kept
