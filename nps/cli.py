@@ -30,11 +30,13 @@ import warnings
 from pathlib import Path
 
 from nps.errors import ConfigError, NPSError
-from nps.experiments import EXPERIMENTS
-from nps.workflow.consistency import ALERT_THRESHOLD
+from nps.experiments import EXPERIMENTS  # the registry alone: nothing here imports JAX (see ``entry``)
+from nps.interrupts import interrupt_safely
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nps.workflow.consistency import ALERT_THRESHOLD
+
     parser = argparse.ArgumentParser(prog="nps", description="Few-shot steerable alignment with neural processes.")
     commands = parser.add_subparsers(dest="command", required=True)
     reproduce = commands.add_parser("reproduce", help="run one of the paper's experiments")
@@ -392,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+NOTHING_HALF_WRITTEN = "nothing was half-written; run the same command again"
+
+
 def _what_was_kept(args) -> str:
     """The one line a Ctrl-C prints: what is on disk, and how to go on."""
     if args.command == "reproduce":
@@ -401,7 +406,7 @@ def _what_was_kept(args) -> str:
         return f"every answer given so far is saved in {args.profile}; run the same command again to continue"
     if args.command == "serve":
         return f"every acknowledged answer is saved in {args.store}; run the same command again to serve it"
-    return "nothing was half-written; run the same command again"
+    return NOTHING_HALF_WRITTEN
 
 
 def entry() -> None:
@@ -411,14 +416,25 @@ def entry() -> None:
     print tracebacks or crash (SIGSEGV) while Python tears them down; everything nps writes is
     already complete on disk (atomic renames, fsynced appends) when ``main`` returns, so the
     process ends at once with ``main``'s exit status and its one line.
-    """
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code == 0:
-        from nps.train.distributed import leave_run
 
-        leave_run()  # every process of a multi-process run leaves together (JAX's shutdown barrier)
+    Ctrl-C stops it at any moment with one line and status 130: this module imports nothing heavy,
+    so interrupts are raised only where they propagate (``nps.interrupts``) from before JAX is
+    imported, and one that comes before ``main`` can say what was kept, or after it is done, is
+    answered here.
+    """
+    interrupt_safely()
+    try:
+        code = main()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if code == 0:
+            from nps.train.distributed import leave_run
+
+            leave_run()  # every process of a multi-process run leaves together (JAX's shutdown barrier)
+    except KeyboardInterrupt:  # while ``main`` imported what it needs, or after it was done
+        print(f"nps: interrupted: {NOTHING_HALF_WRITTEN}", file=sys.stderr)
+        sys.stderr.flush()
+        code = 130
     os._exit(code)
 
 
