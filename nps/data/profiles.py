@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from nps.errors import ConfigError, WriteError
-from nps.files import append_json_line, decode_utf8, exclusive_lock, read_bytes, read_text, texts_digest
+from nps.files import (
+    append_json_line,
+    decode_utf8,
+    exclusive_lock,
+    is_unfinished_record,
+    read_bytes,
+    read_text,
+    texts_digest,
+)
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 PROFILE = "a profile: JSON lines of prompt/chosen/rejected"
@@ -57,7 +65,7 @@ def _json_lines(path: Path, expected: str, *, allow_unfinished: bool = False) ->
             line = decode_utf8(raw, path, expected, first_line=number)
             record = json.loads(line) if line.strip() else None
         except (ConfigError, ValueError) as error:
-            if last and allow_unfinished and raw.startswith(b"{"):
+            if last and allow_unfinished and is_unfinished_record(raw):
                 return _Lines(records, offset, raw.decode("utf-8", "replace"))
             if isinstance(error, ConfigError):
                 raise
