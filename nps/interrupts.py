@@ -45,7 +45,8 @@ def _interrupt(signum, frame) -> None:
 
 
 def interrupt_safely() -> None:
-    """From now on Ctrl-C raises ``KeyboardInterrupt`` only where it can reach the caller (call from the main thread)."""
+    """From now on Ctrl-C raises ``KeyboardInterrupt`` only where it can reach the caller (call from the main
+    thread)."""
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGALRM, _interrupt)
     previous = sys.unraisablehook

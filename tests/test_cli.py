@@ -259,7 +259,8 @@ def test_ctrl_c_while_nps_and_jax_start_stops_with_one_line(tmp_path):
 def test_ctrl_c_at_every_stage_of_a_run_stops_it_with_one_line(tmp_path):
     """Interrupts as XLA compiles each program of a run (no compilation cache; JAX logs each compilation), and
     while the run trains and saves its first checkpoint."""
-    stages = {"an eager operation compiles": "Compiling jit(", "the training chunk compiles": "Compiling jit(_train_chunk)",
+    stages = {"an eager operation compiles": "Compiling jit(",
+              "the training chunk compiles": "Compiling jit(_train_chunk)",
               "validation compiles": "Compiling jit(_validate)"}
     for stage, log_line in stages.items():
         process = start_run(tmp_path / stage.replace(" ", "-"), JAX_ENABLE_COMPILATION_CACHE="false",

@@ -76,8 +76,9 @@ def edit_metadata(path: Path, edit) -> None:
 def test_state_that_does_not_match_its_saved_digest_is_not_trusted(pools, tmp_path):
     train(pools, tmp_path)
     metadata = tmp_path / "40" / "metadata" / "metadata"
-    edit_metadata(metadata, lambda saved: saved.update(state_digest="0" * 32,
-                                                       metadata_digest=metadata_digest(saved | {"state_digest": "0" * 32})))
+    other_state = {"state_digest": "0" * 32}  # the metadata's own digest updated too: only the state is off
+    edit_metadata(metadata, lambda saved: saved.update(other_state,
+                                                       metadata_digest=metadata_digest(saved | other_state)))
     with pytest.warns(UserWarning, match="its arrays do not match the digest saved with them"):
         train(pools, tmp_path)
 
@@ -109,8 +110,9 @@ def test_edited_metadata_are_corruption_and_the_previous_step_is_used(pools, tmp
 
 def test_fewer_steps_than_the_checkpoint_are_refused_not_mislabelled(pools, tmp_path):
     train(pools, tmp_path)
-    with pytest.raises(ConfigError, match="train.steps=20, but the checkpoint .* has trained 40 steps; use another "
-                                          "--out to train 20 steps, or set train.steps >= 40 \\(the checkpoint is kept\\)"):
+    with pytest.raises(ConfigError, match="train.steps=20, but the checkpoint .* has trained 40 steps; use "
+                                          "another --out to train 20 steps, or set train.steps >= 40 \\(the "
+                                          "checkpoint is kept\\)"):
         train(pools, tmp_path, dataclasses.replace(TRAIN, steps=20))
 
 
