@@ -435,6 +435,11 @@ def entry() -> None:
         print(f"nps: interrupted: {NOTHING_HALF_WRITTEN}", file=sys.stderr)
         sys.stderr.flush()
         code = 130
+    except BrokenPipeError:  # the reader of standard output has gone (`nps ... | head`): nothing more can be shown
+        print(f"nps: stopped: standard output was closed by the program reading it; {NOTHING_HALF_WRITTEN}",
+              file=sys.stderr)
+        sys.stderr.flush()
+        code = 141  # 128 + SIGPIPE, as a shell reports a program that a closed pipe stopped
     os._exit(code)
 
 

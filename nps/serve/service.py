@@ -12,6 +12,10 @@
   client that retries after a lost reply never records an answer twice. The display order of a
   candidate is seeded by (person, candidate) and the chosen position is recorded. An answer is
   acknowledged only after its line is fsynced.
+- **A changed candidate file** (lines added, removed or reordered between restarts) leaves every
+  profile readable: an answer given from another candidate set is matched to the current set by
+  its prompt and two responses; one whose pair the set no longer holds still counts for z, the
+  checks and the export, and is not asked again.
 - **z** is inferred from the answered pairs in profile order by the run's context encoder (the
   same call as ``nps generate --context``) and recorded in the store's history with the profile
   hash and the run's fingerprint; the same profile version and run always return the recorded z.
@@ -78,7 +82,12 @@ class Question:
 class _PersonState:
     signature: tuple[int, int] | None  # (size, mtime) of the profile file when read
     records: list[dict[str, Any]]
+    candidates: list[int | None]  # each record's candidate in the current set (None: a pair it no longer holds)
     log_weights: jax.Array  # [1, P] particle weights after the answers
+
+    @property
+    def asked(self) -> set[int]:
+        return {index for index in self.candidates if index is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +101,11 @@ class Trial:
     responses: dict[str, str]
     order: tuple[str, str]
     profile_hash: str
+
+
+def _pair_key(prompt: str, first: str, second: str) -> tuple[str, str, str]:
+    """A candidate's identity by content: its prompt and its two responses in either order."""
+    return (prompt, *sorted((first, second)))
 
 
 def read_serving_candidates(path: str | Path) -> tuple[list[dict[str, Any]], str]:
@@ -110,6 +124,7 @@ class PreferenceService:
             raise ConfigError(f"model {run.model_name!r} takes no user; serve a conditioned policy (np_dpo)")
         self.run, self.store = run, store
         self.candidates, self.digest = read_serving_candidates(candidates_path)
+        self._by_content = {_pair_key(c["prompt"], *c["responses"]): i for i, c in enumerate(self.candidates)}
         self.baseline_name, self.baseline_run = load_baseline(baseline)
         self._model_lock = threading.Lock()
         self._waiting = 0  # requests holding or waiting for the model
@@ -167,7 +182,7 @@ class PreferenceService:
     def warm_up(self) -> None:
         """Compile what the first requests need (the chooser, z, two-word generation); the server runs
         this in the background once it listens."""
-        self._next_index(_PersonState(None, [], jnp.zeros((1, self.probabilities.shape[0]))), "warm-up")
+        self._next_index(_PersonState(None, [], [], jnp.zeros((1, self.probabilities.shape[0]))), "warm-up")
         with self.model_turn():
             z = self.run.encode_user([])
             self.run.generate([self.candidates[0]["prompt"]], z, seed=0)
@@ -187,22 +202,31 @@ class PreferenceService:
         state = self._people.get(name)
         if state is not None and state.signature == signature:
             return state
-        records = self.store.profile(name, self.digest)
-        for number, record in enumerate(records, start=1):
-            index = record.get("candidate")
-            if not isinstance(index, int) or not 0 <= index < len(self.candidates):
-                raise StoreError(f"{path}: record {number} names candidate {index!r}, not one of 0..."
-                                 f"{len(self.candidates) - 1}; fix or delete that line", 409)
-            answer = {record.get("chosen"), record.get("rejected")}
-            if record.get("choice") != "skip" and answer != set(self.candidates[index]["responses"]):
-                raise StoreError(f"{path}: record {number} does not answer candidate {index} (its chosen and "
-                                 "rejected are not that candidate's two responses); fix or delete that line", 409)
-        answered = [r for r in records if r.get("choice") != "skip"]
+        records = self.store.profile(name)
+        candidates = [self._current_candidate(path, number, record) for number, record in enumerate(records, start=1)]
         log_weights = log_weights_after(self.probabilities, [
-            (r["candidate"], r["chosen"] == self.candidates[r["candidate"]]["responses"][0]) for r in answered])
-        state = _PersonState(signature, records, log_weights)
+            (index, r["chosen"] == self.candidates[index]["responses"][0])
+            for r, index in zip(records, candidates) if index is not None and r.get("choice") != "skip"])
+        state = _PersonState(signature, records, candidates, log_weights)
         self._people[name] = state
         return state
+
+    def _current_candidate(self, path: Path, number: int, record: dict[str, Any]) -> int | None:
+        """The index in the current candidate set of the pair a profile record answers (or skips); None for
+        a pair the set no longer holds (and for a skip from another set: it is asked again)."""
+        if record.get("candidates") != self.digest:  # answered from another version of the candidate file
+            skipped = record.get("choice") == "skip"
+            return None if skipped else self._by_content.get(_pair_key(record["prompt"], record["chosen"],
+                                                                       record["rejected"]))
+        index = record.get("candidate")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(self.candidates):
+            raise StoreError(f"{path}: record {number} names candidate {index!r}, not one of 0..."
+                             f"{len(self.candidates) - 1}; fix or delete that line", 409)
+        answer = {record.get("chosen"), record.get("rejected")}
+        if record.get("choice") != "skip" and answer != set(self.candidates[index]["responses"]):
+            raise StoreError(f"{path}: record {number} does not answer candidate {index} (its chosen and "
+                             "rejected are not that candidate's two responses); fix or delete that line", 409)
+        return index
 
     def _display_order(self, name: str, index: int) -> tuple[str, str]:
         """The candidate's two responses as this person sees them, left first (seeded per person and candidate)."""
@@ -211,7 +235,7 @@ class PreferenceService:
 
     def _next_index(self, state: _PersonState, name: str) -> int | None:
         asked = np.zeros((1, len(self.candidates)), bool)
-        asked[0, [r["candidate"] for r in state.records]] = True
+        asked[0, list(state.asked)] = True
         if asked.all():
             return None
         # Once no pair is informative, the person's own random order (seeded by name) decides.
@@ -224,7 +248,7 @@ class PreferenceService:
         with self.store.person_lock(name):
             state = self._state(name)
             index = self._next_index(state, name)
-            answered = sum(r.get("choice") != "skip" for r in state.records)
+            answered = sum(r.get("choice") != "skip" for r, i in zip(state.records, state.candidates) if i is not None)
         if index is None:
             return None
         left, right = self._display_order(name, index)
@@ -239,7 +263,7 @@ class PreferenceService:
             raise StoreError(f"pair {candidate} does not exist; pairs are numbered 0...{len(self.candidates) - 1}", 404)
         with self.store.person_lock(name):
             state = self._state(name)
-            if any(r["candidate"] == candidate for r in state.records):
+            if candidate in state.asked:
                 raise StoreError(f"pair {candidate} is already answered; nothing was recorded twice", 409)
             left, right = self._display_order(name, candidate)
             record: dict[str, Any] = {"prompt": self.candidates[candidate]["prompt"]}
@@ -254,6 +278,7 @@ class PreferenceService:
             stat = self.store.profile_path(name).stat()
             state.signature = (stat.st_size, stat.st_mtime_ns)
             state.records.append(record)
+            state.candidates.append(candidate)
             if choice != "skip":
                 first = record["chosen"] == self.candidates[candidate]["responses"][0]
                 state.log_weights = update_log_weights_compiled(state.log_weights, self.probabilities,
@@ -371,7 +396,7 @@ class PreferenceService:
         over those of max(p, 1 − p), p = p(first ≻ second | z). None when every pair is answered."""
         z, _, _ = self.latent(name)
         with self.store.person_lock(name):
-            asked = {r["candidate"] for r in self._state(name).records}
+            asked = self._state(name).asked
         open_pairs = [i for i in range(len(self.candidates)) if i not in asked]
         if not open_pairs:
             return None
@@ -389,11 +414,12 @@ class PreferenceService:
         import matplotlib.pyplot as plt
 
         mine, _, _ = self.latent(name)
+        particles = np.asarray(self.particles)
         others = {}
         for record in self.store.history():
-            if record.get("run_fingerprint") == self.run.fingerprint and record.get("person") != name:
+            if record["run_fingerprint"] == self.run.fingerprint and record["person"] != name and \
+                    len(record["z"]) == particles.shape[1]:
                 others[record["person"]] = np.asarray(record["z"], np.float32)
-        particles = np.asarray(self.particles)
         center = particles.mean(0)
         _, _, axes = np.linalg.svd(particles - center, full_matrices=False)
         project = lambda z: (np.atleast_2d(z) - center) @ axes[:2].T  # noqa: E731
@@ -443,7 +469,8 @@ class PreferenceService:
                     records = list(self._state(name).records)
                 row["answered"] = sum(r.get("choice") != "skip" for r in records)
                 row["skipped"] = len(records) - row["answered"]
-                row["last"] = records[-1]["time"] if records else None
+                row["last"] = records[-1].get("time") if records else None
+                self.store.judgements(name)  # an unreadable file of judgements is named here, not left out silently
             except StoreError as error:
                 row["problem"] = str(error)
             row["ab"] = self.ab_summary([name])
