@@ -396,6 +396,43 @@ def test_bad_files_and_numbers_get_one_line_or_a_4xx_and_the_rest_keeps_working(
     assert head.stdout == "{\n" and "Traceback" not in head.stderr and head.stderr.count("\n") <= 1, head.stderr
 
 
+def test_no_request_waits_or_works_without_bound(server):
+    # Issue 23: the Profile page checked every answer at once (1,000 asked for 1.37 TB, for everyone's server),
+    # and requests for the model piled up without limit.
+    from nps.serve.service import ModelQueue
+    from nps.serve.store import StoreError
+
+    queue, release = ModelQueue(3), threading.Event()
+
+    def hold():
+        with queue.turn():
+            release.wait(30)
+
+    holders = [threading.Thread(target=hold) for _ in range(3)]
+    for holder in holders:
+        holder.start()
+    while queue.waiting < 3:
+        time.sleep(0.01)
+    with pytest.raises(StoreError) as refused, queue.turn():
+        pass
+    assert refused.value.status == 503 and "busy with 3 other requests" in str(refused.value)
+    release.set()
+    for holder in holders:
+        holder.join()
+    with queue.turn():  # its turn once the others are done
+        assert queue.waiting == 1
+    # A profile of 300 answers: the Profile page checks the latest 256 and says so.
+    candidates, digest = read_candidates(CANDIDATES)
+    cookie = server.join("prolific")
+    (server.store / "people" / "prolific" / "profile.jsonl").write_text("".join(json.dumps(
+        {"prompt": candidates[i % 100]["prompt"], "chosen": candidates[i % 100]["responses"][0],
+         "rejected": candidates[i % 100]["responses"][1], "time": "2026-12-01T00:00:00+0000", "candidates": digest,
+         "candidate": i % 100}) + "\n" for i in range(300)))
+    status, _, html = server.request("GET", "/profile", cookie=cookie)
+    assert status == 200 and "These checks read your latest 256 answers (#45 on)" in html
+    assert html.count("not checked") == 44
+
+
 def test_a_changed_candidate_file_keeps_every_answer_readable_and_export_says_what_it_left_out(steering_run,
                                                                                               tmp_path):
     # Issue 23: restarting the app with one line removed from the candidates file made every profile a 409 and

@@ -19,7 +19,7 @@
 - **z** is inferred from the answered pairs in profile order by the run's context encoder (the
   same call as ``nps generate --context``) and recorded in the store's history with the profile
   hash and the run's fingerprint; the same profile version and run always return the recorded z.
-- Model work (generation, z, checks) runs one request at a time (``model_turn``): at most
+- Model work (generation, z, checks) runs one request at a time (``ModelQueue``): at most
   ``MODEL_QUEUE`` requests wait for it, later ones are told to come back (503), and the Profile
   page's checks read a person's latest ``CHECKED_ANSWERS`` answers, so no request's work or wait
   grows with the number of people or answers.
@@ -117,6 +117,28 @@ def read_serving_candidates(path: str | Path) -> tuple[list[dict[str, Any]], str
     return candidates, digest
 
 
+class ModelQueue:
+    """Work on the model, one request at a time; a request that would be the ``limit``-th to hold or
+    wait for it is refused at once (503) rather than queued without bound."""
+
+    def __init__(self, limit: int):
+        self.limit, self.waiting = limit, 0
+        self._model, self._count = threading.Lock(), threading.Lock()
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._count:
+            if self.waiting >= self.limit:
+                raise StoreError(f"the model is busy with {self.waiting} other requests; try again in a moment", 503)
+            self.waiting += 1
+        try:
+            with self._model:
+                yield
+        finally:
+            with self._count:
+                self.waiting -= 1
+
+
 class PreferenceService:
     def __init__(self, run: SteeringRun, candidates_path: str | Path, store: Store, *, baseline: str = "base",
                  num_particles: int = 256):
@@ -126,30 +148,13 @@ class PreferenceService:
         self.candidates, self.digest = read_serving_candidates(candidates_path)
         self._by_content = {_pair_key(c["prompt"], *c["responses"]): i for i, c in enumerate(self.candidates)}
         self.baseline_name, self.baseline_run = load_baseline(baseline)
-        self._model_lock = threading.Lock()
-        self._waiting = 0  # requests holding or waiting for the model
-        self._waiting_guard = threading.Lock()
+        self.model_turn = ModelQueue(MODEL_QUEUE).turn
         self._candidate_options: tuple[Any, Any] | None = None
         self.particles, self.probabilities = self._particles(num_particles)  # [P, d], [P, M]
         self._people: dict[str, _PersonState] = {}
         self._trials: dict[str, Trial] = {}
         self._trials_guard = threading.Lock()
         self._reports: dict[str, tuple[str, ConsistencyReport]] = {}  # each person's latest (profile hash, report)
-
-    @contextlib.contextmanager
-    def model_turn(self) -> Iterator[None]:
-        """Hold the model (one request at a time); refused (503) when ``MODEL_QUEUE`` requests already wait."""
-        with self._waiting_guard:
-            if self._waiting >= MODEL_QUEUE:
-                raise StoreError(f"the model is busy with {self._waiting} other requests; try again in a moment",
-                                 503)
-            self._waiting += 1
-        try:
-            with self._model_lock:
-                yield
-        finally:
-            with self._waiting_guard:
-                self._waiting -= 1
 
     # -- start-up ------------------------------------------------------------------------------------
     @property
