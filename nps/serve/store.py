@@ -196,6 +196,8 @@ class Store:
             try:
                 return read_profile(path)
             except ConfigError:
+                if not path.is_file():
+                    raise
                 with exclusive_lock(path, f"the profile {path}"):  # a cut last line is dropped, else it raises again
                     return repair_profile(path)
         except (ConfigError, LockedError) as error:
