@@ -32,11 +32,13 @@ import warnings
 from pathlib import Path
 
 from nps.errors import ConfigError, NPSError
-from nps.experiments import EXPERIMENTS
-from nps.workflow.consistency import ALERT_THRESHOLD
+from nps.experiments import EXPERIMENTS  # the registry alone: nothing here imports JAX (see ``entry``)
+from nps.interrupts import interrupt_safely
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nps.workflow.consistency import ALERT_THRESHOLD
+
     parser = argparse.ArgumentParser(prog="nps", description="Few-shot steerable alignment with neural processes.")
     commands = parser.add_subparsers(dest="command", required=True)
     reproduce = commands.add_parser("reproduce", help="run one of the paper's experiments")
@@ -241,11 +243,11 @@ def _profile_check(args) -> None:
     pairs = [{field: r[field] for field in PAIR_FIELDS} for r in records]
     run = SteeringRun.load(args.run, "np_dpo" if args.model == "np_btl_reward" else args.model)
     if args.model == "np_btl_reward":
-        from nps.workflow.ab import load_np_btl_scorer
+        from nps.workflow.ab import NP_BTL_SCORER_EPISODES, load_np_btl_scorer
 
-        model = load_np_btl_scorer(run)
+        model, trained_context = load_np_btl_scorer(run), NP_BTL_SCORER_EPISODES.max_context
     elif run.conditioned:
-        model = run.policy
+        model, trained_context = run.policy, run.episodes.max_context
     else:
         raise ConfigError(f"--model {args.model} takes no user; check with np_dpo or np_btl_reward")
     try:  # the model's options of each answer: features for NP-BTL, token rows for the policy
@@ -258,8 +260,9 @@ def _profile_check(args) -> None:
     except ConfigError as error:
         raise ConfigError(f"{args.profile}: {error}") from None
     report = check_profile(model, pairs, chosen, rejected, [r.get("position") for r in records],
-                           implausible_below=args.implausible_below, threshold=args.threshold,
-                           permutations=args.permutations, window=args.window, min_segment=args.min_segment)
+                           trained_context=trained_context, implausible_below=args.implausible_below,
+                           threshold=args.threshold, permutations=args.permutations, window=args.window,
+                           min_segment=args.min_segment)
     print(format_report(report, args.profile))
     if args.json:
         inputs = {"profile": str(Path(args.profile).absolute()), "profile_sha256": file_sha256(args.profile),
@@ -321,20 +324,32 @@ def _generate(args) -> None:
     from nps.latent import interpolate
     from nps.serve.steering import SteeringRun
 
-    run = SteeringRun.load(args.run, args.model)
+    for flag, count, least in (("--samples", args.samples, 1), ("--points", args.points, 2)):
+        if count < least:
+            raise ConfigError(f"{flag} {count} must be at least {least}")
     if args.z_file and (args.context or args.toward):
         raise ConfigError("--z-file replaces --context/--toward; pass one or the other")
+    run = SteeringRun.load(args.run, args.model)
+    run.sampling(args.temperature)  # a temperature it cannot sample with is refused before anything is printed
     if args.z_file:
         try:
             with open(args.z_file, encoding="utf-8") as f:
-                z = jnp.asarray(np.asarray(json.load(f), np.float32))
-        except (OSError, ValueError, TypeError) as exc:
+                values = json.load(f)
+        except (OSError, ValueError) as exc:
             raise ConfigError(f"{args.z_file}: not a JSON list of numbers ({exc})") from None
         latent_dim = run.policy.config.encoder.latent_dim
-        if z.shape != (latent_dim,):
-            raise ConfigError(f"{args.z_file}: z has shape {list(z.shape)}; this policy needs [{latent_dim}]")
+        if not (isinstance(values, list) and len(values) == latent_dim and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise ConfigError(f"{args.z_file}: z must be a JSON list of {latent_dim} numbers (this policy's latent "
+                              f"size), not {json.dumps(values)[:60]}")
+        z = jnp.asarray(np.asarray(values, np.float32))
         if not bool(jnp.all(jnp.isfinite(z))):
             raise ConfigError(f"{args.z_file}: z has non-finite values (NaN or inf); write a list of finite numbers")
+        low, high = run.latent_range()
+        extreme = float(z[jnp.argmax(jnp.abs(z))])
+        if not low - (high - low) <= extreme <= high + (high - low):
+            warnings.warn(f"{args.z_file}: z reaches {extreme:.3g}, far outside [{low:.3g}, {high:.3g}] where the "
+                          "encoder puts the run's users: expect responses unlike any user's (empty or degenerate)")
         points = [("z from " + args.z_file, z)]
     else:
         z = run.encode_user(read_pairs(args.context) if args.context else [])
@@ -342,15 +357,20 @@ def _generate(args) -> None:
         if args.toward:
             if z is None:
                 raise ConfigError(f"--toward needs a conditioned policy; {args.model} takes no user")
-            weights = np.linspace(0.0, 1.0, max(args.points, 2))
+            weights = np.linspace(0.0, 1.0, args.points)
             line = interpolate(z, run.encode_user(read_pairs(args.toward)), weights)
             points = [(f"w = {w:.2f} toward {args.toward}", point) for w, point in zip(weights, line)]
+    empty = 0
     for label, z in points:
         print(f"# {label}")
         for sample in range(args.samples):
             replies = run.generate(args.prompt, z, seed=args.seed + sample, temperature=args.temperature)
             for prompt, reply in zip(args.prompt, replies):
                 print(f"{prompt} => {reply}")
+                empty += not reply
+    if empty:
+        warnings.warn(f"{empty} of {len(points) * args.samples * len(args.prompt)} responses are empty (the policy "
+                      "ended them at once)")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -402,11 +422,11 @@ def main(argv: list[str] | None = None) -> int:
                                 BuildParameters(args.recipe, args.conflict_rate, args.split_by, args.seed),
                                 strict=args.strict)
             return 0
-        from nps.train.distributed import JoinSettings, is_primary, join_run
+        from nps.train.distributed import JoinSettings, agree_with_primary, is_primary, join_run, run_identity
 
-        if join_run(JoinSettings(args.coordinator, args.num_processes, args.process_id, args.join_timeout,
-                                 args.peer_timeout)) and \
-                not is_primary():
+        joined = join_run(JoinSettings(args.coordinator, args.num_processes, args.process_id, args.join_timeout,
+                                       args.peer_timeout))
+        if joined and not is_primary():
             warnings.simplefilter("ignore")  # process 0 says everything once
         defaults, run = EXPERIMENTS[args.experiment].load()
         paths = [f"{name}={value}" for name, value in (("model", args.model), ("data", args.data)) if value]
@@ -414,8 +434,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(json.dumps(config_to_dict(config), indent=2))
             return 0
-        run(config, args.out or f"runs/{args.experiment}", fresh=args.fresh, progress=not args.quiet,
-            echo=print if is_primary() else lambda *_: None)
+        out = args.out or f"runs/{args.experiment}"
+        if joined:  # before anything is trained or written: every process must run the same experiment
+            agree_with_primary(run_identity({"experiment": args.experiment, "out": out, "fresh": args.fresh},
+                                            config_to_dict(config)), "configuration", args.join_timeout)
+        run(config, out, fresh=args.fresh, progress=not args.quiet, echo=print if is_primary() else lambda *_: None)
     except NPSError as error:
         print(f"nps: error: {error}", file=sys.stderr)
         return error.exit_code
@@ -433,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+NOTHING_HALF_WRITTEN = "nothing was half-written; run the same command again"
+
+
 def _what_was_kept(args) -> str:
     """The one line a Ctrl-C prints: what is on disk, and how to go on."""
     if args.command == "reproduce":
@@ -442,7 +468,7 @@ def _what_was_kept(args) -> str:
         return f"every answer given so far is saved in {args.profile}; run the same command again to continue"
     if args.command == "serve":
         return f"every acknowledged answer is saved in {args.store}; run the same command again to serve it"
-    return "nothing was half-written; run the same command again"
+    return NOTHING_HALF_WRITTEN
 
 
 def entry() -> None:
@@ -452,14 +478,30 @@ def entry() -> None:
     print tracebacks or crash (SIGSEGV) while Python tears them down; everything nps writes is
     already complete on disk (atomic renames, fsynced appends) when ``main`` returns, so the
     process ends at once with ``main``'s exit status and its one line.
-    """
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if code == 0:
-        from nps.train.distributed import leave_run
 
-        leave_run()  # every process of a multi-process run leaves together (JAX's shutdown barrier)
+    Ctrl-C stops it at any moment with one line and status 130: this module imports nothing heavy,
+    so interrupts are raised only where they propagate (``nps.interrupts``) from before JAX is
+    imported, and one that comes before ``main`` can say what was kept, or after it is done, is
+    answered here.
+    """
+    interrupt_safely()
+    try:
+        code = main()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if code == 0:
+            from nps.train.distributed import leave_run
+
+            leave_run()  # every process of a multi-process run leaves together (JAX's shutdown barrier)
+    except KeyboardInterrupt:  # while ``main`` imported what it needs, or after it was done
+        print(f"nps: interrupted: {NOTHING_HALF_WRITTEN}", file=sys.stderr)
+        sys.stderr.flush()
+        code = 130
+    except BrokenPipeError:  # the reader of standard output has gone (`nps ... | head`): nothing more can be shown
+        print(f"nps: stopped: standard output was closed by the program reading it; {NOTHING_HALF_WRITTEN}",
+              file=sys.stderr)
+        sys.stderr.flush()
+        code = 141  # 128 + SIGPIPE, as a shell reports a program that a closed pipe stopped
     os._exit(code)
 
 

@@ -38,6 +38,14 @@ def config_to_dict(config) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+def differing_fields(a: Any, b: Any, path: str = "") -> list[str]:
+    """The dotted paths at which two JSON forms (of configs, fingerprints) differ, in sorted order."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [found for key in sorted(set(a) | set(b), key=str)
+                for found in differing_fields(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))]
+    return [] if a == b else [path or "(the whole value)"]
+
+
 def _coerce(value: Any, annotation: Any, path: str) -> Any:
     origin = typing.get_origin(annotation)
     if dataclasses.is_dataclass(annotation):

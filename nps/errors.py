@@ -39,3 +39,7 @@ class CheckpointError(NPSError):
 
 class OutputDirError(NPSError):
     """The output folder cannot be created or written."""
+
+
+class WriteError(NPSError):
+    """Something nps records could not be written (a full disk); the message says what is kept."""

@@ -8,8 +8,9 @@ One home for the rules every writer follows (docs/design.md, "Checkpoints and fi
   dataset, the app's store) is held by an exclusive ``flock``; a second writer gets one line
   naming the holder's pid, never a half-mixed file;
 - digests of texts are length-prefixed BLAKE2b (no two lists of texts share one), of files SHA-256;
-- an appended JSON line is flushed and fsynced before the caller moves on, and a file whose
-  last line lost its newline (a killed writer) is repaired before anything is glued to it;
+- an appended JSON line is flushed and fsynced before the caller moves on, a line that cannot be
+  written whole (a full disk) is taken back, and a file whose last line lost its newline (a killed
+  writer) is repaired before anything is glued to it;
 - a text file that a person hands to nps is read whole as UTF-8, and a missing file, a folder,
   an unreadable file or bytes that are not UTF-8 are one line naming the file and the fix.
 """
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
 
@@ -138,22 +140,63 @@ def texts_digest(texts: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+def _last_line(f: BinaryIO, size: int) -> tuple[int, bytes]:
+    """Where the last line of a file of ``size`` bytes begins, and its bytes (read back to its newline)."""
+    start, tail = size, b""
+    while start > 0 and b"\n" not in tail:
+        step = min(start, 1 << 16)
+        start -= step
+        f.seek(start)
+        tail = f.read(step) + tail
+    cut = tail.rfind(b"\n") + 1
+    return start + cut, tail[cut:]
+
+
+def is_unfinished_record(line: bytes) -> bool:
+    """A line begun as a JSON object that does not parse: what a writer killed (or stopped by a full disk)
+    mid-line leaves."""
+    if not line.lstrip().startswith(b"{"):
+        return False
+    try:
+        json.loads(line)
+    except ValueError:  # UnicodeDecodeError is one: a line cut inside a character
+        return True
+    return False
+
+
 def append_json_line(path: str | Path, record: dict[str, Any]) -> None:
     """Append ``record`` as one JSON line, flushed and fsynced before returning.
 
-    If the file's last byte is not a newline (a writer was killed mid-line), a newline is
-    written first, so the new record never joins the broken one.
+    If the file's last line has no newline, it is a record a writer was killed in the middle of
+    (``is_unfinished_record``: dropped, with a warning, as ``nps collect`` drops it) or a whole
+    one that lost its newline (kept: a newline is written first), so the new record never joins
+    it. If the line cannot be written whole (``OSError``: a full disk), the file is cut back to
+    its old size before the error is raised, so no unfinished line is left behind for readers.
     """
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-    with open(path, "ab+") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() > 0:
+    with open(path, "ab+", buffering=0) as f:
+        size = f.seek(0, os.SEEK_END)
+        if size > 0:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
-                line = b"\n" + line
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+                start, last = _last_line(f, size)
+                if is_unfinished_record(last):
+                    os.ftruncate(f.fileno(), start)
+                    size = start
+                    warnings.warn(f"{path}: dropped an unfinished last line ({last[:40].decode('utf-8', 'replace')!r}"
+                                  "...), left by an interrupted write")
+                else:
+                    line = b"\n" + line
+        try:
+            written = 0
+            while written < len(line):  # a write near a full disk may take only part of the line
+                written += f.write(line[written:])
+            os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):  # cutting a file back frees space: it works on a full disk
+                os.ftruncate(f.fileno(), size)
+                os.fsync(f.fileno())
+            raise
 
 
 def read_bytes(path: str | Path, expected: str) -> bytes:

@@ -6,7 +6,9 @@ The schema of results.json is documented in docs/results.md.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,9 +37,13 @@ def run_directory(out: str | Path, fresh: bool = False) -> Iterator[Path]:
     out = Path(out).absolute()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".nps-write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        # A name of its own: the processes of a multi-process run probe one folder at the same moment.
+        descriptor, probe = tempfile.mkstemp(prefix=".nps-write-test-", dir=out)
+        try:
+            os.write(descriptor, b"ok")
+        finally:
+            os.close(descriptor)
+            os.unlink(probe)
     except OSError as error:
         raise OutputDirError(
             f"output folder {out} is not writable ({error.strerror}); pass --out with a folder you can write to"

@@ -182,3 +182,97 @@ def test_ctrl_c_prints_one_line_and_a_rerun_ends_with_the_same_numbers(finished_
     resumed = nps("reproduce", "synthetic", "--out", str(out), "--quiet", *SMALL)
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(out) == metrics(finished_run)
+
+
+# Issue 23: 1 of 21 Ctrl-Cs went to a garbage-collection callback of JAX's, where Python prints
+# "Exception ignored in: <function _xla_gc_callback>" and goes on: the run ended with exit 0. Here the
+# interrupt arrives inside that callback every time, under the `nps` program's own entry point.
+INTERRUPT_IN_A_GC_CALLBACK = """
+import gc, signal, sys, time
+import nps.cli
+
+def main(argv=None):
+    import jax  # noqa: F401 -- its garbage-collection callback is registered now
+
+    def interrupt(phase, info):
+        gc.callbacks.remove(interrupt)
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while the callbacks of a collection run
+
+    gc.callbacks.insert(0, interrupt)
+    gc.collect()
+    time.sleep(10)
+    print("the interrupt was lost", file=sys.stderr)
+    return 0
+
+nps.cli.main = main
+nps.cli.entry()
+"""
+
+
+def test_ctrl_c_during_a_garbage_collection_callback_stops_the_program():
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", INTERRUPT_IN_A_GC_CALLBACK], capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stderr) == (130, "nps: interrupted: nothing was half-written; run the same "
+                                                       "command again\n")
+    assert time.monotonic() - started < 10
+
+
+def handles_interrupts(pid: int) -> bool:
+    """Whether the `nps` program's own Ctrl-C handling is in place (it catches SIGALRM; Python alone does not)."""
+    caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) >> (signal.SIGALRM - 1) & 1)
+
+
+def start_run(out: Path, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nps.cli", "reproduce", "synthetic", "--quiet", *SMALL, "--out",
+                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **env))
+
+
+def assert_one_interrupted_line(process: subprocess.Popen, moment) -> None:
+    code, stderr = process.wait(timeout=120), process.stderr.read()
+    said = [line for line in stderr.splitlines() if line.startswith("nps:")]
+    assert code == 130 and len(said) == 1 and said[0].startswith("nps: interrupted: "), (moment, code, stderr[-2000:])
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, (moment, stderr[-2000:])
+
+
+def test_ctrl_c_while_nps_and_jax_start_stops_with_one_line(tmp_path):
+    # One process per moment after nps's code starts (the interpreter's own start-up before it, a few tens of
+    # milliseconds, is Python's), started together: while Python imports JAX, a C extension that imports numpy
+    # turned the interrupt into "ImportError: numpy._core.multiarray failed to import" with a traceback.
+    moments = [0.0, 0.05, 0.15, 0.3, 0.5, 0.8, 1.2]
+    processes = [start_run(tmp_path / str(i)) for i in range(len(moments))]
+    deadline = time.monotonic() + 60
+    while not all(handles_interrupts(process.pid) for process in processes):
+        assert time.monotonic() < deadline and all(process.poll() is None for process in processes)
+        time.sleep(0.002)
+    started = time.monotonic()
+    for moment, process in zip(moments, processes):
+        time.sleep(max(0.0, started + moment - time.monotonic()))
+        process.send_signal(signal.SIGINT)
+    for moment, process in zip(moments, processes):
+        assert_one_interrupted_line(process, moment)
+
+
+@pytest.mark.slow  # a run per stage, 30-60 s on 2 cores
+def test_ctrl_c_at_every_stage_of_a_run_stops_it_with_one_line(tmp_path):
+    """Interrupts as XLA compiles each program of a run (no compilation cache; JAX logs each compilation), and
+    while the run trains and saves its first checkpoint."""
+    stages = {"an eager operation compiles": "Compiling jit(",
+              "the training chunk compiles": "Compiling jit(_train_chunk)",
+              "validation compiles": "Compiling jit(_validate)"}
+    for stage, log_line in stages.items():
+        process = start_run(tmp_path / stage.replace(" ", "-"), JAX_ENABLE_COMPILATION_CACHE="false",
+                            JAX_LOG_COMPILES="1")
+        for line in process.stderr:
+            if line.startswith("WARNING") and log_line in line:
+                process.send_signal(signal.SIGINT)
+                break
+        assert_one_interrupted_line(process, stage)
+    process = start_run(tmp_path / "saving")
+    while not (tmp_path / "saving" / "checkpoints" / "np_btl").is_dir():
+        assert process.poll() is None
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    assert_one_interrupted_line(process, "the first checkpoint is saved")

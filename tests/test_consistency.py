@@ -60,7 +60,7 @@ def simulated_profile(rng, count, switch_at=None, flipped=()):
 def test_leave_one_out_is_the_posterior_over_the_z_of_the_other_answers():
     model = PreferenceDirection()
     chosen, rejected = simulated_profile(np.random.default_rng(0), 6)
-    probabilities = leave_one_out(model, chosen, rejected, subsets=8)
+    probabilities = leave_one_out(model, chosen, rejected, trained_context=10, subsets=8)
     masks = proposal_masks(6, subsets=8)[:, :6]
     difference = chosen - rejected
     log_likelihood = np.zeros((len(masks), 6))
@@ -100,21 +100,42 @@ def test_the_posterior_finds_mistakes_that_throw_off_the_plain_leave_one_out_z()
         flipped = rng.choice(15, 2, replace=False)
         chosen, rejected = simulated_profile(rng, 15, flipped=flipped)
         for name, subsets in (("plain", 0), ("posterior", 64)):
-            probabilities = leave_one_out(model, chosen, rejected, subsets=subsets)
+            probabilities = leave_one_out(model, chosen, rejected, trained_context=10, subsets=subsets)
             found[name] += set(np.argsort(probabilities)[:2]) == set(flipped)
     assert found["posterior"] >= 18 and found["posterior"] > found["plain"], found
 
 
 def test_one_compilation_serves_every_profile_size_of_a_capacity_bucket():
     model, rng = PreferenceDirection(), np.random.default_rng(1)
-    leave_one_out(model, *simulated_profile(rng, 3))
+    leave_one_out(model, *simulated_profile(rng, 3), trained_context=10)
     compiled = _log_likelihood_table._cache_size()
     largest = context_capacity(1)
     for count in (1, 5, largest):
-        assert leave_one_out(model, *simulated_profile(rng, count)).shape == (count,)
+        assert leave_one_out(model, *simulated_profile(rng, count), trained_context=10).shape == (count,)
     assert _log_likelihood_table._cache_size() == compiled  # 1..8 answers: one capacity, one program
-    leave_one_out(model, *simulated_profile(rng, largest + 1))
+    leave_one_out(model, *simulated_profile(rng, largest + 1), trained_context=10)
     assert _log_likelihood_table._cache_size() == compiled + 1
+
+
+def test_a_long_profile_is_checked_in_blocks_of_the_trained_context(monkeypatch):
+    # Found by issue 23: one table over every answer grew with their square (1,000 answers of the
+    # steering run asked for 1.37 TB) and fed the encoder contexts 100 times those of its training.
+    import nps.workflow.consistency as consistency
+
+    model, rng = PreferenceDirection(), np.random.default_rng(9)
+    chosen, rejected = simulated_profile(rng, 40)
+    tables, table = [], consistency._log_likelihood_table
+
+    def recorded_table(graphdef, state, chosen, rejected, masks):
+        tables.append(masks.shape)
+        return table(graphdef, state, chosen, rejected, masks)
+
+    monkeypatch.setattr(consistency, "_log_likelihood_table", recorded_table)
+    probabilities = leave_one_out(model, chosen, rejected, trained_context=10)
+    assert consistency.block_size(10) == 16 and tables == [(16 + 64, 16)] * 3  # 40 answers: blocks of 14, 13, 13
+    # Each block is the profile of its own answers; a profile of one block is checked as before.
+    assert probabilities[:14].tolist() == leave_one_out(model, chosen[:14], rejected[:14], trained_context=10).tolist()
+    assert probabilities[27:].tolist() == leave_one_out(model, chosen[27:], rejected[27:], trained_context=10).tolist()
 
 
 def test_two_flipped_answers_of_fifteen_are_the_least_plausible():
@@ -122,7 +143,7 @@ def test_two_flipped_answers_of_fifteen_are_the_least_plausible():
     found = 0
     for _ in range(20):
         flipped = rng.choice(15, 2, replace=False)
-        probabilities = leave_one_out(model, *simulated_profile(rng, 15, flipped=flipped))
+        probabilities = leave_one_out(model, *simulated_profile(rng, 15, flipped=flipped), trained_context=10)
         found += set(np.argsort(probabilities)[:2]) == set(flipped)
     assert found >= 16  # the bar for trained models: 80 % of profiles
 
@@ -172,7 +193,7 @@ def test_the_report_lists_implausible_answers_and_drift_in_words():
     model, rng = PreferenceDirection(), np.random.default_rng(6)
     chosen, rejected = simulated_profile(rng, 20, switch_at=12)
     pairs = [{"prompt": f"q{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(20)]
-    report = check_profile(model, pairs, chosen, rejected, ["first"] * 20)
+    report = check_profile(model, pairs, chosen, rejected, ["first"] * 20, trained_context=10)
     text = format_report(report, "me.jsonl")
     assert "me.jsonl: 20 answers" in text and "DRIFT: the answers from #13 on" in text
     assert "a position bias" in text and f"#{report.implausible[0] + 1} p = " in text
@@ -192,7 +213,7 @@ def test_np_btl_reward_models_plug_in_as_they_are(stochastic):
                                                                                 stochastic=stochastic))
     model = build_reward_model(1, config, seed=0)
     chosen, rejected = (x[:, :1] for x in simulated_profile(np.random.default_rng(7), 7))
-    probabilities = leave_one_out(model, chosen, rejected)
+    probabilities = leave_one_out(model, chosen, rejected, trained_context=10)
     drift = drift_test(model, chosen, rejected, permutations=9)
     assert probabilities.shape == (7,) and np.all((probabilities > 0) & (probabilities < 1))
     assert np.isfinite(drift.statistic) and 0 < drift.p_value <= 1

@@ -147,6 +147,30 @@ def test_a_process_whose_peer_dies_stops_with_one_line(two_process_synthetic):
     assert "Traceback" not in stopped.stderr, stopped.stderr
 
 
+def test_processes_started_with_different_configurations_refuse_before_any_step(tmp_path):
+    # Issue 23: with another learning rate in process 1 both exited 0 (results.json recorded process 0's rate
+    # for a model trained with a mixture); with 200 vs 300 steps both hung until killed.
+    port, out = free_port(), tmp_path / "run"
+    differing = [[], ["--set", "train.learning_rate=0.01", "--set", "train.steps=60"]]
+    processes = [subprocess.Popen([sys.executable, "-m", "nps.cli", *SYNTHETIC, *differing[index], "--out", str(out),
+                                   "--join-timeout", "30"],
+                                  env=process_environment(index, 2, port, cpu_devices=1, gpus_per_process=None),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for index in range(2)]
+    try:
+        ended = [(p.wait(timeout=90), p.stderr.read()) for p in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for code, stderr in ended:
+        said = [line for line in stderr.splitlines() if line.startswith("nps:")]
+        assert code == 2 and len(said) == 1 and "Traceback" not in stderr, stderr
+        assert said[0] == ("nps: error: the processes of this run were started differently (configuration): process "
+                           "1 differs from process 0 in config.train.learning_rate, config.train.steps; start every "
+                           "process with the same command, data and nps"), said
+    assert not (out / "checkpoints").exists() and not (out / "results.json").exists()
+
+
 def test_the_lost_peer_line_gets_out_while_a_checkpoint_save_holds_stderr(run_script):
     # Found by the test above: process 0 stopped in 20 s but said nothing, its line held by a save.
     result = run_script("tests/scripts/lost_peer_line_during_a_save.py", check=False, env={"JAX_PLATFORMS": "cpu"})

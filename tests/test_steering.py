@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import jax.numpy as jnp
@@ -133,6 +134,31 @@ def test_generate_command_and_python_api(small_run, tmp_path, capsys):
     assert f"{bad}:1: field 'rejected' is missing" in capsys.readouterr().err
     assert main(["generate", "--run", str(tmp_path), "--prompt", "physics music"]) == 2
     assert "run `nps reproduce steering" in capsys.readouterr().err
+
+
+def test_generate_refuses_numbers_it_cannot_use_and_warns_far_from_training(small_run, tmp_path, capsys):
+    # Issue 23: each was accepted; NaN and 32 × 1e30 printed empty responses with exit 0.
+    out, _ = small_run
+    command = ["generate", "--run", str(out), "--prompt", "physics music"]
+    for flags, message in ((["--samples", "0"], "--samples 0 must be at least 1"),
+                           (["--samples", "-1"], "--samples -1 must be at least 1"),
+                           (["--points", "0"], "--points 0 must be at least 2"),
+                           (["--temperature", "nan"], "temperature=nan must be a finite number >= 0 (0 is greedy)")):
+        assert main(command + flags) == 2
+        assert capsys.readouterr() == ("", f"nps: error: {message}\n")  # nothing printed before the refusal
+    for temperature in (math.inf, -1.0):
+        with pytest.raises(ConfigError, match="must be a finite number >= 0"):
+            two_styles.sampling(two_styles.LanguageSpec(), temperature)
+    latent_dim = SteeringConfig().policy.encoder.latent_dim
+    booleans = tmp_path / "booleans.json"
+    booleans.write_text(json.dumps([True] * latent_dim))
+    assert main(command + ["--z-file", str(booleans)]) == 2
+    assert capsys.readouterr().err.startswith(f"nps: error: {booleans}: z must be a JSON list of {latent_dim} numbers "
+                                              "(this policy's latent size), not [true, true")
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps([1e30] * latent_dim))
+    with pytest.warns(UserWarning, match=rf"{huge}: z reaches 1e\+30, far outside \[-?\d.*\] where the encoder puts"):
+        assert main(command + ["--z-file", str(huge), "--temperature", "0"]) == 0  # 0: greedy, a valid temperature
 
 
 def test_rerun_reuses_the_pretrained_base(small_run):

@@ -136,7 +136,8 @@ def write_run(path, accuracy, sem=0.005, content_hash="abc", error=0.1):
                                         "all": {"mean": accuracy, "sem": sem, "num_tasks": 2000}}},
              "z_inference_error": {"0.0": {"mean": error, "sem": sem, "num_tasks": 1000}},
              "history": [{"step": 1, "val_nll": {"mean": 9, "sem": 0}}]}
-    results = {"experiment": "hh", "data": {"content_hash": content_hash}, "models": {"np_btl": entry}}
+    results = {"schema_version": 1, "experiment": "hh", "data": {"content_hash": content_hash},
+               "models": {"np_btl": entry}}
     (path / "results.json").write_text(json.dumps(results))
     return path
 

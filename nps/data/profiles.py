@@ -29,8 +29,16 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from nps.errors import ConfigError
-from nps.files import append_json_line, decode_utf8, exclusive_lock, read_bytes, read_text, texts_digest
+from nps.errors import ConfigError, WriteError
+from nps.files import (
+    append_json_line,
+    decode_utf8,
+    exclusive_lock,
+    is_unfinished_record,
+    read_bytes,
+    read_text,
+    texts_digest,
+)
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 PROFILE = "a profile: JSON lines of prompt/chosen/rejected"
@@ -57,7 +65,7 @@ def _json_lines(path: Path, expected: str, *, allow_unfinished: bool = False) ->
             line = decode_utf8(raw, path, expected, first_line=number)
             record = json.loads(line) if line.strip() else None
         except (ConfigError, ValueError) as error:
-            if last and allow_unfinished and raw.startswith(b"{"):
+            if last and allow_unfinished and is_unfinished_record(raw):
                 return _Lines(records, offset, raw.decode("utf-8", "replace"))
             if isinstance(error, ConfigError):
                 raise
@@ -120,6 +128,19 @@ def _profile_records(path: Path, lines: list[tuple[int, dict]], candidates: str 
     return records
 
 
+def repair_profile(path: Path, candidates: str | None = None) -> list[dict]:
+    """Every record of a profile that this process holds the lock of (``exclusive_lock``), after dropping
+    a last line that an interrupted write left unfinished, with a warning (its candidate is asked again);
+    a profile of another candidate set or with a broken line elsewhere is refused as ``read_profile`` does."""
+    lines = _json_lines(path, PROFILE, allow_unfinished=True)
+    records = _profile_records(path, lines.records, candidates)
+    if lines.unfinished_at is not None:
+        os.truncate(path, lines.unfinished_at)
+        warnings.warn(f"{path}: dropped an unfinished last line ({lines.unfinished[:40]!r}...), left by an "
+                      "interrupted write; its candidate is asked again")
+    return records
+
+
 def read_pairs(path: str | Path, *, allow_empty: bool = True) -> list[dict[str, str]]:
     """A user's context: the answered pairs of a profile, in order, as prompt/chosen/rejected."""
     pairs = [{f: r[f] for f in PAIR_FIELDS} for r in read_profile(path) if r.get("choice") != "skip"]
@@ -153,14 +174,7 @@ def collect(
     if profile_path.is_dir():
         raise ConfigError(f"{profile_path}: is a folder, not a profile; pass a .jsonl file to write the answers to")
     with exclusive_lock(profile_path, f"the profile {profile_path}"):
-        records = []
-        if profile_path.exists():
-            lines = _json_lines(profile_path, PROFILE, allow_unfinished=True)
-            records = _profile_records(profile_path, lines.records, digest)
-            if lines.unfinished_at is not None:
-                os.truncate(profile_path, lines.unfinished_at)
-                warnings.warn(f"{profile_path}: dropped an unfinished last line ({lines.unfinished[:40]!r}...), "
-                              "left by an interrupted write; its candidate is asked again")
+        records = repair_profile(profile_path, digest) if profile_path.exists() else []
         ask = choose if callable(choose) else _scripted(list(choose), records)
         asked = {int(r["candidate"]) for r in records if "candidate" in r}
         questions = 0
@@ -188,7 +202,12 @@ def collect(
                 chosen = shown[0] if answer == "first" else shown[1]
                 record |= {"chosen": chosen, "rejected": shown[1] if answer == "first" else shown[0]}
             record |= {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "candidates": digest, "candidate": index}
-            append_json_line(profile_path, record)
+            try:
+                append_json_line(profile_path, record)
+            except OSError as error:
+                raise WriteError(f"{profile_path}: the answer to candidate {index} could not be saved "
+                                 f"({error.strerror}) and was not recorded; every earlier answer is kept: free disk "
+                                 "space, then run the same command again to continue") from None
             records.append(record)
             asked.add(index)
             questions += 1

@@ -40,7 +40,9 @@ MALFORMED = {  # reason → what it means, for the report
     "bad_completions": "'completions' not a list of objects",
     "bad_annotations": "'annotations' not an object",
     "invalid_text": "text that is not valid Unicode (a lone surrogate)",
+    "rating_out_of_range": "a rating outside 1–5",
 }
+RATINGS = (1.0, 5.0)  # the release's scale: a rating outside it is a damaged record, not a strong opinion
 
 
 @dataclasses.dataclass
@@ -158,7 +160,7 @@ def _rating(annotations: dict[str, Any], attribute: str) -> float | None:
         value = float(rating)
     except (TypeError, ValueError):
         return None  # "N/A", missing, or not a number
-    return value if np.isfinite(value) else None
+    return None if np.isnan(value) else value
 
 
 def _text(value: str) -> str:
@@ -197,6 +199,8 @@ def _usable_completions(record: Any, attributes: tuple[str, ...], report: ReadRe
         if any(s is None for s in scores):
             unrated += 1
             continue
+        if not all(RATINGS[0] <= s <= RATINGS[1] for s in scores):
+            raise _Malformed("rating_out_of_range")
         usable.append((_text(response), scores))
     instruction = _text(instruction)
     report.completions_missing_response += missing  # counted only once the record is known to be well formed

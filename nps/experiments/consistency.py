@@ -84,18 +84,20 @@ class ConsistencyConfig:
 
 
 class _Task:
-    """A task's model, and its candidate pairs: option pytrees a / b [M, ...] and each user type's
-    choice [M, 2] (True where the type prefers a)."""
+    """A task's model and the largest context it was trained on, and its candidate pairs: option
+    pytrees a / b [M, ...] and each user type's choice [M, 2] (True where the type prefers a)."""
 
-    def __init__(self, model, option_a, option_b, a_preferred: np.ndarray):
-        self.model, self.option_a, self.option_b, self.a_preferred = model, option_a, option_b, a_preferred
+    def __init__(self, model, trained_context: int, option_a, option_b, a_preferred: np.ndarray):
+        self.model, self.trained_context = model, trained_context
+        self.option_a, self.option_b, self.a_preferred = option_a, option_b, a_preferred
 
     def subset(self, which: str) -> _Task:
         if which == "all":
             return self
         keep = np.flatnonzero(self.a_preferred[:, 0] != self.a_preferred[:, 1])
         rows = lambda tree: jax.tree.map(lambda x: x[keep], tree)  # noqa: E731
-        return _Task(self.model, rows(self.option_a), rows(self.option_b), self.a_preferred[keep])
+        return _Task(self.model, self.trained_context, rows(self.option_a), rows(self.option_b),
+                     self.a_preferred[keep])
 
     def profile(self, rng: np.random.Generator, types: np.ndarray, flipped=()) -> tuple[Any, Any]:
         """chosen, rejected [n]: a user answering len(types) random candidates with these types."""
@@ -135,7 +137,8 @@ def _study(task: _Task, config: ConsistencyConfig, num_users: int, rng: np.rando
         any_look.append(first_flag is not None)
         delay.append(first_flag if first_flag is not None else config.answers - config.switch_after + 1)
         flipped = rng.choice(config.flip_answers, config.flipped, replace=False)
-        probabilities = leave_one_out(task.model, *task.profile(rng, np.full(config.flip_answers, first_type), flipped))
+        probabilities = leave_one_out(task.model, *task.profile(rng, np.full(config.flip_answers, first_type), flipped),
+                                      trained_context=task.trained_context)
         found.append(set(np.argsort(probabilities)[: config.flipped].tolist()) == set(flipped.tolist()))
         if (user + 1) % 10 == 0:
             echo(f"  {user + 1}/{num_users} users, {time.perf_counter() - started:.0f} s")
@@ -161,7 +164,7 @@ def _synthetic(config: ConsistencyConfig, out: Path, progress: bool) -> tuple[_T
         user_names=TWO_USER_NAMES, progress=progress)
     test = pools["test"]
     a_preferred = np.asarray(test.utility_a >= test.utility_b)
-    return _Task(fit.model(), test.option_a, test.option_b, a_preferred), entry
+    return _Task(fit.model(), config.episodes.max_context, test.option_a, test.option_b, a_preferred), entry
 
 
 def _steering(config: ConsistencyConfig, out: Path, progress: bool, echo) -> _Task:
@@ -170,7 +173,8 @@ def _steering(config: ConsistencyConfig, out: Path, progress: bool, echo) -> _Ta
     test = OptionPairPool(pairs.pools("all")["test"], pairs.options)
     rows = lambda ids: jax.tree.map(lambda x: x[ids[:, 0]], pairs.options)  # noqa: E731
     a_preferred = np.asarray(test.pairs.utility_a >= test.pairs.utility_b)
-    return _Task(run.policy, rows(test.pairs.option_a), rows(test.pairs.option_b), a_preferred)
+    return _Task(run.policy, run.episodes.max_context, rows(test.pairs.option_a), rows(test.pairs.option_b),
+                 a_preferred)
 
 
 def run_consistency(config: ConsistencyConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,

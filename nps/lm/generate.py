@@ -37,8 +37,8 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):  # NaN and inf fail `< 0` checks
+            raise ConfigError(f"temperature={self.temperature} must be a finite number >= 0 (0 is greedy)")
         if self.top_k < 0:
             raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 is off)")
         if not 0.0 < self.top_p <= 1.0:

@@ -13,12 +13,19 @@ admin token; a person is known by a cookie holding their name and secret key (or
 that sets it), so a person sees only their own profile; names are checked before they touch a
 path; request bodies are bounded (``MAX_BODY``) and must be URL-encoded forms. Every bad request
 is answered with a 4xx page that says what to do; nothing is written for it.
+
+No request made by another site changes who is signed in: a personal link (a GET, which any page
+can make a browser open) only shows a confirmation page, and the person cookie is set by its POST,
+which carries a one-time value that the page also set as a SameSite=Strict cookie (a cross-site
+POST sends no such cookie). The admin cookie holds a random session, never the admin token.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import re
+import secrets
 import socket
 import sys
 import threading
@@ -32,6 +39,9 @@ from nps.serve.store import NAME_PATTERN, NAME_RULE, Store, StoreError, check_na
 MAX_BODY = 8 * 1024  # bytes of a request body: forms here carry a name, a prompt or a choice
 PERSON_COOKIE = "nps_person"
 ADMIN_COOKIE = "nps_admin"
+CONFIRM_COOKIE = "nps_confirm"  # the one-time value a personal link's confirmation page set
+ADMIN_SESSIONS = 32  # admin sign-ins remembered at once (the oldest is forgotten first)
+WHOLE_NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() accepts "²", which int() refuses
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'self'; img-src 'self'; style-src 'self'; form-action 'self'; "
@@ -86,9 +96,16 @@ def create_app(service, admin_token: str | None = None):
             raise Problem(401, "Pick a name on the start page first (or open your personal link).")
         return name
 
+    admin_sessions: list[str] = []  # random values held by signed-in admins' cookies, oldest first
+
     def is_admin(request: Request) -> bool:
-        given = request.cookies.get(ADMIN_COOKIE) or request.headers.get("authorization", "").removeprefix("Bearer ")
-        return admin_token is not None and bool(given) and hmac.compare_digest(given.encode(), admin_token.encode())
+        """A signed-in admin's session cookie, or the token itself as ``Authorization: Bearer`` (for scripts)."""
+        if admin_token is None:
+            return False
+        session = request.cookies.get(ADMIN_COOKIE, "").encode()
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+        return any(hmac.compare_digest(session, s.encode()) for s in list(admin_sessions)) or (
+            bool(bearer) and hmac.compare_digest(bearer, admin_token.encode()))
 
     async def form(request: Request, *fields: str) -> dict[str, str]:
         """The URL-encoded form of a POST, bounded by MAX_BODY; missing fields are a 400."""
@@ -96,7 +113,7 @@ def create_app(service, admin_token: str | None = None):
         if kind != "application/x-www-form-urlencoded":
             raise Problem(415, "Send the form URL-encoded (application/x-www-form-urlencoded), as browsers do.")
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        if length is not None and (not WHOLE_NUMBER.fullmatch(length) or int(length) > MAX_BODY):
             raise Problem(413, f"The request is larger than {MAX_BODY} bytes; forms here are a few words long.")
         body = b""
         async for chunk in request.stream():  # counted as it arrives: a missing or false length changes nothing
@@ -140,11 +157,32 @@ def create_app(service, admin_token: str | None = None):
                                "or pick another name.")
         return with_person_cookie(see_other("/?new=1"), name, key)
 
-    async def sign_in_by_link(request: Request):
+    def valid_link(request: Request) -> tuple[str, str]:
         name, key = request.path_params["name"], request.path_params["key"]
         if not store.verify(name, key):
             raise Problem(403, "This personal link is not valid. Check that you copied all of it.")
-        return with_person_cookie(see_other("/teach"), name, key)
+        return name, key
+
+    async def personal_link_page(request: Request):
+        """A personal link asks before it signs anyone in (it may have been opened by another site)."""
+        name, key = valid_link(request)
+        if current_person(request) == name:
+            return see_other("/teach")
+        token = secrets.token_urlsafe(18)
+        response = page(request, "link.html", name=name, key=key, token=token)
+        response.set_cookie(CONFIRM_COOKIE, token, max_age=600, httponly=True, samesite="strict")
+        return response
+
+    async def sign_in_by_link(request: Request):
+        name, key = valid_link(request)
+        values = await form(request, "token")
+        expected = request.cookies.get(CONFIRM_COOKIE, "")
+        if not expected or not hmac.compare_digest(values["token"].encode(), expected.encode()):
+            raise Problem(403, "This confirmation did not come from your personal link's page; open your link "
+                               "again and continue from there.")
+        response = with_person_cookie(see_other("/teach"), name, key)
+        response.delete_cookie(CONFIRM_COOKIE)
+        return response
 
     async def leave(request: Request):
         await form(request)
@@ -157,12 +195,12 @@ def create_app(service, admin_token: str | None = None):
         name = require_person(request)
         question = await run_in_threadpool(service.next_question, name)
         return page(request, "teach.html", question=question, saved=request.query_params.get("saved"),
-                    total=len(service.candidates))
+                    total=len(service.candidates), write_problem=store.write_problem)
 
     async def teach_answer(request: Request):
         name = require_person(request)
         values = await form(request, "candidate", "choice")
-        if not values["candidate"].isdigit() or len(values["candidate"]) > 9:
+        if not WHOLE_NUMBER.fullmatch(values["candidate"]):
             raise Problem(400, "The pair id must be a whole number; reload the Teach page.")
         record = await run_in_threadpool(service.answer, name, int(values["candidate"]), values["choice"])
         return see_other("/teach?saved=" + ("skip" if record.get("choice") == "skip" else "answer"))
@@ -199,14 +237,14 @@ def create_app(service, admin_token: str | None = None):
     async def profile(request: Request):
         name = require_person(request)
         records = await run_in_threadpool(service.answered_pairs, name)
-        report = await run_in_threadpool(service.consistency, name)
+        report, unchecked = await run_in_threadpool(service.consistency, name)
         confidence = await run_in_threadpool(service.confidence, name)
         _, version, _ = await run_in_threadpool(service.latent, name)
         history = await run_in_threadpool(store.history, name)
         summary = await run_in_threadpool(service.ab_summary, [name])
         skipped = await run_in_threadpool(service.skipped, name)
-        return page(request, "profile.html", records=records, report=report, confidence=confidence,
-                    version=version, history=history, summary=summary, skipped=skipped,
+        return page(request, "profile.html", records=records, report=report, unchecked=unchecked,
+                    confidence=confidence, version=version, history=history, summary=summary, skipped=skipped,
                     total=len(service.candidates), fingerprint=service.run.fingerprint, link=personal_link(request))
 
     async def latent_map(request: Request):
@@ -241,8 +279,10 @@ def create_app(service, admin_token: str | None = None):
         values = await form(request, "token")
         if not hmac.compare_digest(values["token"].encode(), admin_token.encode()):
             raise Problem(403, "That is not the admin token given to `nps serve --admin-token`.")
+        admin_sessions.append(secrets.token_urlsafe(32))
+        del admin_sessions[:-ADMIN_SESSIONS]
         response = see_other("/admin")
-        response.set_cookie(ADMIN_COOKIE, admin_token, httponly=True, samesite="strict")
+        response.set_cookie(ADMIN_COOKIE, admin_sessions[-1], httponly=True, samesite="strict")
         return response
 
     async def admin_export(request: Request):
@@ -285,7 +325,8 @@ def create_app(service, admin_token: str | None = None):
 
     routes = [
         Route("/", home), Route("/start", start, methods=["POST"]),
-        Route("/p/{name}/{key}", sign_in_by_link), Route("/leave", leave, methods=["POST"]),
+        Route("/p/{name}/{key}", personal_link_page), Route("/p/{name}/{key}", sign_in_by_link, methods=["POST"]),
+        Route("/leave", leave, methods=["POST"]),
         Route("/teach", teach), Route("/teach", teach_answer, methods=["POST"]),
         Route("/try", try_page), Route("/try", try_submit, methods=["POST"]),
         Route("/try/judge", try_judge, methods=["POST"]),
@@ -312,14 +353,19 @@ def create_app(service, admin_token: str | None = None):
     return with_security_headers
 
 
-def check_bind(host: str, admin_token: str | None) -> None:
-    """Refuse a non-local bind without an admin token (one line, the CLI's error)."""
+def check_bind(host: str, port: int, admin_token: str | None) -> None:
+    """Refuse a non-local bind without an admin token, a weak admin token and a port that cannot be
+    (one line each, the CLI's error)."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port} is not a port; use 1 to 65535 (0 picks a free one)")
     if host not in LOCAL_HOSTS and not admin_token:
         raise ConfigError(f"--host {host} exposes the app beyond this machine; set --admin-token too "
                           "(and only share the address on a network you trust)")
+    advice = "use a long random one (python -c 'import secrets; print(secrets.token_urlsafe())')"
     if admin_token is not None and len(admin_token) < 12:
-        raise ConfigError("--admin-token is shorter than 12 characters; use a long random one "
-                          "(python -c 'import secrets; print(secrets.token_urlsafe())')")
+        raise ConfigError(f"--admin-token is shorter than 12 characters; {advice}")
+    if admin_token is not None and any(character.isspace() for character in admin_token):
+        raise ConfigError(f"--admin-token holds whitespace (a blank or mis-pasted token?); {advice}")
 
 
 def serve(run_dir: str, candidates: str, store_dir: str, *, host: str = "127.0.0.1", port: int = 8000,
@@ -327,7 +373,9 @@ def serve(run_dir: str, candidates: str, store_dir: str, *, host: str = "127.0.0
           echo: Callable[[str], None] = print) -> None:
     """Load the run, open the store and serve until interrupted. ``port`` 0 picks a free port
     (the address is printed once the socket is bound)."""
-    check_bind(host, admin_token)
+    check_bind(host, port, admin_token)
+    if particles < 2:
+        raise ConfigError(f"--particles {particles} must be at least 2 (plausible users to tell apart)")
     try:
         import jinja2  # noqa: F401
         import starlette  # noqa: F401

@@ -12,14 +12,22 @@
   client that retries after a lost reply never records an answer twice. The display order of a
   candidate is seeded by (person, candidate) and the chosen position is recorded. An answer is
   acknowledged only after its line is fsynced.
+- **A changed candidate file** (lines added, removed or reordered between restarts) leaves every
+  profile readable: an answer given from another candidate set is matched to the current set by
+  its prompt and two responses; one whose pair the set no longer holds still counts for z, the
+  checks and the export, and is not asked again.
 - **z** is inferred from the answered pairs in profile order by the run's context encoder (the
   same call as ``nps generate --context``) and recorded in the store's history with the profile
   hash and the run's fingerprint; the same profile version and run always return the recorded z.
-- Model work (generation, z, checks) runs one request at a time under ``model_lock``.
+- Model work (generation, z, checks) runs one request at a time (``ModelQueue``): at most
+  ``MODEL_QUEUE`` requests wait for it, later ones are told to come back (503), and the Profile
+  page's checks read a person's latest ``CHECKED_ANSWERS`` answers, so no request's work or wait
+  grows with the number of people or answers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import random
@@ -27,7 +35,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +62,8 @@ VERDICTS = ("first", "second", "tie")
 WIN = {"steered": 1.0, "tie": 0.5, "baseline": 0.0}
 MAX_PROMPT_WORDS = 6
 MAX_OPEN_TRIALS = 8  # blind comparisons a person may have open at once (older ones expire)
+MODEL_QUEUE = 16  # requests that may wait for the model at once; more are refused (503) until it frees
+CHECKED_ANSWERS = 256  # the Profile page's consistency checks read a person's latest answers, at most this many
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +82,12 @@ class Question:
 class _PersonState:
     signature: tuple[int, int] | None  # (size, mtime) of the profile file when read
     records: list[dict[str, Any]]
+    candidates: list[int | None]  # each record's candidate in the current set (None: a pair it no longer holds)
     log_weights: jax.Array  # [1, P] particle weights after the answers
+
+    @property
+    def asked(self) -> set[int]:
+        return {index for index in self.candidates if index is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +103,11 @@ class Trial:
     profile_hash: str
 
 
+def _pair_key(prompt: str, first: str, second: str) -> tuple[str, str, str]:
+    """A candidate's identity by content: its prompt and its two responses in either order."""
+    return (prompt, *sorted((first, second)))
+
+
 def read_serving_candidates(path: str | Path) -> tuple[list[dict[str, Any]], str]:
     """A candidate set (``nps.data.profiles.read_candidates``) whose texts are all in the steering language."""
     candidates, digest = read_candidates(path)
@@ -97,6 +117,28 @@ def read_serving_candidates(path: str | Path) -> tuple[list[dict[str, Any]], str
     return candidates, digest
 
 
+class ModelQueue:
+    """Work on the model, one request at a time; a request that would be the ``limit``-th to hold or
+    wait for it is refused at once (503) rather than queued without bound."""
+
+    def __init__(self, limit: int):
+        self.limit, self.waiting = limit, 0
+        self._model, self._count = threading.Lock(), threading.Lock()
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._count:
+            if self.waiting >= self.limit:
+                raise StoreError(f"the model is busy with {self.waiting} other requests; try again in a moment", 503)
+            self.waiting += 1
+        try:
+            with self._model:
+                yield
+        finally:
+            with self._count:
+                self.waiting -= 1
+
+
 class PreferenceService:
     def __init__(self, run: SteeringRun, candidates_path: str | Path, store: Store, *, baseline: str = "base",
                  num_particles: int = 256):
@@ -104,14 +146,15 @@ class PreferenceService:
             raise ConfigError(f"model {run.model_name!r} takes no user; serve a conditioned policy (np_dpo)")
         self.run, self.store = run, store
         self.candidates, self.digest = read_serving_candidates(candidates_path)
+        self._by_content = {_pair_key(c["prompt"], *c["responses"]): i for i, c in enumerate(self.candidates)}
         self.baseline_name, self.baseline_run = load_baseline(baseline)
-        self.model_lock = threading.Lock()
+        self.model_turn = ModelQueue(MODEL_QUEUE).turn
         self._candidate_options: tuple[Any, Any] | None = None
         self.particles, self.probabilities = self._particles(num_particles)  # [P, d], [P, M]
         self._people: dict[str, _PersonState] = {}
         self._trials: dict[str, Trial] = {}
         self._trials_guard = threading.Lock()
-        self._reports: dict[tuple[str, str], ConsistencyReport] = {}
+        self._reports: dict[str, tuple[str, ConsistencyReport]] = {}  # each person's latest (profile hash, report)
 
     # -- start-up ------------------------------------------------------------------------------------
     @property
@@ -144,8 +187,8 @@ class PreferenceService:
     def warm_up(self) -> None:
         """Compile what the first requests need (the chooser, z, two-word generation); the server runs
         this in the background once it listens."""
-        self._next_index(_PersonState(None, [], jnp.zeros((1, self.probabilities.shape[0]))), "warm-up")
-        with self.model_lock:
+        self._next_index(_PersonState(None, [], [], jnp.zeros((1, self.probabilities.shape[0]))), "warm-up")
+        with self.model_turn():
             z = self.run.encode_user([])
             self.run.generate([self.candidates[0]["prompt"]], z, seed=0)
             if self.baseline_run is None:
@@ -164,22 +207,31 @@ class PreferenceService:
         state = self._people.get(name)
         if state is not None and state.signature == signature:
             return state
-        records = self.store.profile(name, self.digest)
-        for number, record in enumerate(records, start=1):
-            index = record.get("candidate")
-            if not isinstance(index, int) or not 0 <= index < len(self.candidates):
-                raise StoreError(f"{path}: record {number} names candidate {index!r}, not one of 0..."
-                                 f"{len(self.candidates) - 1}; fix or delete that line", 409)
-            answer = {record.get("chosen"), record.get("rejected")}
-            if record.get("choice") != "skip" and answer != set(self.candidates[index]["responses"]):
-                raise StoreError(f"{path}: record {number} does not answer candidate {index} (its chosen and "
-                                 "rejected are not that candidate's two responses); fix or delete that line", 409)
-        answered = [r for r in records if r.get("choice") != "skip"]
+        records = self.store.profile(name)
+        candidates = [self._current_candidate(path, number, record) for number, record in enumerate(records, start=1)]
         log_weights = log_weights_after(self.probabilities, [
-            (r["candidate"], r["chosen"] == self.candidates[r["candidate"]]["responses"][0]) for r in answered])
-        state = _PersonState(signature, records, log_weights)
+            (index, r["chosen"] == self.candidates[index]["responses"][0])
+            for r, index in zip(records, candidates) if index is not None and r.get("choice") != "skip"])
+        state = _PersonState(signature, records, candidates, log_weights)
         self._people[name] = state
         return state
+
+    def _current_candidate(self, path: Path, number: int, record: dict[str, Any]) -> int | None:
+        """The index in the current candidate set of the pair a profile record answers (or skips); None for
+        a pair the set no longer holds (and for a skip from another set: it is asked again)."""
+        if record.get("candidates") != self.digest:  # answered from another version of the candidate file
+            skipped = record.get("choice") == "skip"
+            return None if skipped else self._by_content.get(_pair_key(record["prompt"], record["chosen"],
+                                                                       record["rejected"]))
+        index = record.get("candidate")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(self.candidates):
+            raise StoreError(f"{path}: record {number} names candidate {index!r}, not one of 0..."
+                             f"{len(self.candidates) - 1}; fix or delete that line", 409)
+        answer = {record.get("chosen"), record.get("rejected")}
+        if record.get("choice") != "skip" and answer != set(self.candidates[index]["responses"]):
+            raise StoreError(f"{path}: record {number} does not answer candidate {index} (its chosen and "
+                             "rejected are not that candidate's two responses); fix or delete that line", 409)
+        return index
 
     def _display_order(self, name: str, index: int) -> tuple[str, str]:
         """The candidate's two responses as this person sees them, left first (seeded per person and candidate)."""
@@ -188,7 +240,7 @@ class PreferenceService:
 
     def _next_index(self, state: _PersonState, name: str) -> int | None:
         asked = np.zeros((1, len(self.candidates)), bool)
-        asked[0, [r["candidate"] for r in state.records]] = True
+        asked[0, list(state.asked)] = True
         if asked.all():
             return None
         # Once no pair is informative, the person's own random order (seeded by name) decides.
@@ -201,7 +253,7 @@ class PreferenceService:
         with self.store.person_lock(name):
             state = self._state(name)
             index = self._next_index(state, name)
-            answered = sum(r.get("choice") != "skip" for r in state.records)
+            answered = sum(r.get("choice") != "skip" for r, i in zip(state.records, state.candidates) if i is not None)
         if index is None:
             return None
         left, right = self._display_order(name, index)
@@ -216,7 +268,7 @@ class PreferenceService:
             raise StoreError(f"pair {candidate} does not exist; pairs are numbered 0...{len(self.candidates) - 1}", 404)
         with self.store.person_lock(name):
             state = self._state(name)
-            if any(r["candidate"] == candidate for r in state.records):
+            if candidate in state.asked:
                 raise StoreError(f"pair {candidate} is already answered; nothing was recorded twice", 409)
             left, right = self._display_order(name, candidate)
             record: dict[str, Any] = {"prompt": self.candidates[candidate]["prompt"]}
@@ -231,6 +283,7 @@ class PreferenceService:
             stat = self.store.profile_path(name).stat()
             state.signature = (stat.st_size, stat.st_mtime_ns)
             state.records.append(record)
+            state.candidates.append(candidate)
             if choice != "skip":
                 first = record["chosen"] == self.candidates[candidate]["responses"][0]
                 state.log_weights = update_log_weights_compiled(state.log_weights, self.probabilities,
@@ -254,7 +307,7 @@ class PreferenceService:
         version = profile_hash(pairs)
         z = self.store.recorded_latent(name, version, self.run.fingerprint)
         if z is None:
-            with self.model_lock:
+            with self.model_turn():
                 z = np.asarray(self.run.encode_user(pairs), np.float32)
             z = self.store.record_latent(name, version, self.run.fingerprint, z, len(pairs))
         return z, version, len(pairs)
@@ -280,7 +333,7 @@ class PreferenceService:
         """A response to ``prompt`` steered by the person's z."""
         prompt = self.check_prompt(prompt)
         z, _, _ = self.latent(name)
-        with self.model_lock:
+        with self.model_turn():
             seed = secrets.randbelow(2**31) if seed is None else seed
             return self.run.generate([prompt], jnp.asarray(z), seed=seed)[0]
 
@@ -289,7 +342,7 @@ class PreferenceService:
         prompt = self.check_prompt(prompt)
         z, version, _ = self.latent(name)
         seed = secrets.randbelow(2**31)
-        with self.model_lock:
+        with self.model_turn():
             steered = self.run.generate([prompt], jnp.asarray(z), seed=seed)[0]
             if self.baseline_run is None:
                 baseline = self.run.generate([prompt], seed=seed, base=True)[0]
@@ -327,28 +380,32 @@ class PreferenceService:
         return record
 
     # -- Profile -----------------------------------------------------------------------------------------
-    def consistency(self, name: str) -> ConsistencyReport:
-        """The consistency and drift checks of the person's profile (cached per profile version)."""
+    def consistency(self, name: str) -> tuple[ConsistencyReport, int]:
+        """The consistency and drift checks of the person's latest ``CHECKED_ANSWERS`` answers, and how
+        many earlier answers they leave out (computed once per profile version; the latest one kept)."""
         records = self.answered_pairs(name)
+        unchecked = max(0, len(records) - CHECKED_ANSWERS)
+        records = records[unchecked:]
         pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records]
-        key = (name, profile_hash(pairs))
-        with self.model_lock:
-            if key not in self._reports:  # checked again under the lock: a profile version is checked once
+        version = profile_hash(pairs)
+        with self.model_turn():
+            if self._reports.get(name, (None,))[0] != version:  # checked again under the lock: once per version
                 chosen, rejected = self.run.pair_options(pairs) if pairs else (None, None)
-                self._reports[key] = check_profile(self.run.policy, pairs, chosen, rejected,
-                                                   [r.get("position") for r in records])
-            return self._reports[key]
+                self._reports[name] = version, check_profile(
+                    self.run.policy, pairs, chosen, rejected, [r.get("position") for r in records],
+                    trained_context=self.run.episodes.max_context)
+            return self._reports[name][1], unchecked
 
     def confidence(self, name: str) -> float | None:
         """How sure the model is of the person's choices on the pairs they have not answered: the mean
         over those of max(p, 1 − p), p = p(first ≻ second | z). None when every pair is answered."""
         z, _, _ = self.latent(name)
         with self.store.person_lock(name):
-            asked = {r["candidate"] for r in self._state(name).records}
+            asked = self._state(name).asked
         open_pairs = [i for i in range(len(self.candidates)) if i not in asked]
         if not open_pairs:
             return None
-        with self.model_lock:
+        with self.model_turn():
             p = np.asarray(particle_choice_probabilities_compiled(self.run.policy, jnp.asarray(z)[None],
                                                                   *self.candidate_options))[0]
         return float(np.mean(np.maximum(p, 1 - p)[open_pairs]))
@@ -362,15 +419,16 @@ class PreferenceService:
         import matplotlib.pyplot as plt
 
         mine, _, _ = self.latent(name)
+        particles = np.asarray(self.particles)
         others = {}
         for record in self.store.history():
-            if record.get("run_fingerprint") == self.run.fingerprint and record.get("person") != name:
+            if record["run_fingerprint"] == self.run.fingerprint and record["person"] != name and \
+                    len(record["z"]) == particles.shape[1]:
                 others[record["person"]] = np.asarray(record["z"], np.float32)
-        particles = np.asarray(self.particles)
         center = particles.mean(0)
         _, _, axes = np.linalg.svd(particles - center, full_matrices=False)
         project = lambda z: (np.atleast_2d(z) - center) @ axes[:2].T  # noqa: E731
-        with self.model_lock:  # matplotlib's state is not thread-safe
+        with self.model_turn():  # matplotlib's state is not thread-safe
             fig, ax = plt.subplots(figsize=(5.2, 4.0))
             cloud = project(particles)
             ax.scatter(cloud[:, 0], cloud[:, 1], s=8, c="#c8ccd2", label="users the model learnt")
@@ -416,7 +474,8 @@ class PreferenceService:
                     records = list(self._state(name).records)
                 row["answered"] = sum(r.get("choice") != "skip" for r in records)
                 row["skipped"] = len(records) - row["answered"]
-                row["last"] = records[-1]["time"] if records else None
+                row["last"] = records[-1].get("time") if records else None
+                self.store.judgements(name)  # an unreadable file of judgements is named here, not left out silently
             except StoreError as error:
                 row["problem"] = str(error)
             row["ab"] = self.ab_summary([name])

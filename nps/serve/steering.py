@@ -27,7 +27,7 @@ from nps.data.episodes import EpisodeSpec, context_capacity
 from nps.data.pairs import OptionPairPool, PolicyOptions
 from nps.errors import ConfigError
 from nps.files import texts_digest
-from nps.lm import Decoder, embed_tokens, from_pretrained, generate
+from nps.lm import Decoder, SamplingConfig, embed_tokens, from_pretrained, generate
 from nps.lm.generate import pad_sequences
 from nps.models.policy import (
     PolicyConfig,
@@ -202,7 +202,18 @@ class SteeringRun:
                                          spec=self.episodes, num_particles=count, context_size=context_size,
                                          key=jax.random.key(seed))
 
+    def latent_range(self) -> tuple[float, float]:
+        """The smallest and the largest coordinate of the z's the encoder gives the run's plausible users
+        (``particles``): where the policy was trained to be steered."""
+        particles = np.asarray(self.particles())
+        return float(particles.min()), float(particles.max())
+
     # -- generation and scores ---------------------------------------------------------------------
+    def sampling(self, temperature: float | None = None) -> SamplingConfig:
+        """How this run samples responses, at ``temperature`` (None: the run's own); a temperature that is
+        not a finite number ≥ 0 is a ``ConfigError``."""
+        return language.sampling(self.spec, self.temperature if temperature is None else temperature)
+
     def generate(
         self, prompts: list[str], z: jax.Array | None = None, *, seed: int = 0, temperature: float | None = None,
         base: bool = False,
@@ -210,7 +221,7 @@ class SteeringRun:
         """One sampled response per prompt, steered by z [d] (None: the policy without a user);
         ``base``: the pretrained base instead (no adapters, no user)."""
         ids = [[language.BOS, *language.encode_words(p, "prompt"), language.SEP] for p in prompts]
-        sampling = language.sampling(self.spec, self.temperature if temperature is None else temperature)
+        sampling = self.sampling(temperature)
         self.check_lengths(ids, "prompts", room=sampling.max_new_tokens)
         tokens, mask = pad_sequences(ids, left=True, pad=language.PAD)
         if base:

@@ -3,20 +3,25 @@
 Orbax writes each step into a temporary folder and renames it when complete, so a run killed
 mid-save leaves no half-written step behind. On top of that:
 
-- every save records a BLAKE2b digest of the state's bytes in the step's metadata, and a
-  restore recomputes it: a flipped byte in an array file (which Orbax reads without a word) is
-  caught, and the step is treated as corrupted;
+- every save records a BLAKE2b digest of the state's bytes in the step's metadata, and one of the
+  metadata itself (the run's fingerprint, the training history, the sampler's step): a restore
+  checks the metadata's digest before it reads anything in them and the state's after reading it,
+  so a flipped byte in an array file (which Orbax reads without a word) or an edited number in the
+  metadata is caught, and the step is treated as corrupted (metadata without a digest cannot be
+  verified: treated so too);
 - a corrupted or unreadable step is moved aside to ``<dir>.corrupt/<step>`` (never over an
   earlier quarantined copy) with a one-line warning, and the previous step is used;
-- the caller's ``accept(metadata)`` sees a step's metadata *before* any state is read, so a
+- the caller's ``accept(metadata)`` sees a step's verified metadata *before* any state is read, so a
   checkpoint of another configuration is refused with the caller's message and never mistaken
-  for corruption; nor is a state whose shapes differ from the template's.
+  for corruption, nor corruption for another configuration; nor is a state whose shapes differ
+  from the template's. Such a refusal never advises discarding the checkpoints (they verify).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -104,6 +109,17 @@ def state_digest(state: Any) -> str:
     return digest.hexdigest()
 
 
+METADATA_DIGEST = "metadata_digest"  # the metadata's field that holds the digest of all its other fields
+
+
+def metadata_digest(metadata: dict[str, Any]) -> str:
+    """BLAKE2b-128 of a checkpoint's metadata, every field but ``METADATA_DIGEST``, as canonical JSON
+    (what Orbax's JSON file reads back: tuples are lists, floats round-trip exactly)."""
+    fields = {key: value for key, value in metadata.items() if key != METADATA_DIGEST}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 class CheckpointStore:
     """Checkpoints under ``directory/<step>/{state,metadata}``."""
 
@@ -126,8 +142,10 @@ class CheckpointStore:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any, metadata: dict[str, Any]) -> None:
-        """Save ``state`` at ``step`` with ``metadata`` (plus the state's digest); complete or absent."""
+        """Save ``state`` at ``step`` with ``metadata`` (plus the state's digest and the metadata's); complete
+        or absent."""
         metadata = dict(metadata, state_digest=state_digest(state))
+        metadata[METADATA_DIGEST] = metadata_digest(metadata)
         try:
             with _stderr_kept_unless_failed():
                 try:
@@ -168,6 +186,12 @@ class CheckpointStore:
             except Exception as error:  # noqa: BLE001 -- unreadable metadata: the step is corrupted
                 self._quarantine(step, f"unreadable metadata ({type(error).__name__})")
                 continue
+            if METADATA_DIGEST not in metadata:
+                self._quarantine(step, "its metadata carry no digest: written by an earlier nps, or damaged")
+                continue
+            if metadata_digest(metadata) != metadata[METADATA_DIGEST]:
+                self._quarantine(step, "its metadata do not match the digest saved with them")
+                continue
             accept(metadata)
             self._check_layout(step, template)
             try:
@@ -199,7 +223,7 @@ class CheckpointStore:
             raise CheckpointError(
                 f"the checkpoint at step {step} in {self.directory} holds a state of another shape "
                 f"({differing}: {saved.get(differing)} saved, {wanted.get(differing)} now); "
-                "use another --out folder, or --fresh to discard it"
+                "use another --out folder (the checkpoint verifies: it is kept)"
             )
 
     def _quarantine(self, step: int, reason: str) -> None:

@@ -12,22 +12,34 @@ A process that dies is noticed by the others: a watchdog thread in every process
 the coordination service's key-value store and, when another process's counter stops (or the
 service itself), ends this process with one line, well before JAX's own heartbeat timeout would
 abort it with a page of logs.
+
+Processes that were started differently never train together: right after joining, every process
+compares what shapes its numbers (the experiment, its full config, the files the config names, the
+nps source) with process 0's through the same key-value store, and before each model trains its
+run config (the data's content hash, the base's weights hash); any difference stops every process
+with one line naming the differing fields (``agree_with_primary``), before any step, never a hang.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.metadata
 import itertools
+import json
 import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
 
+from nps.config import differing_fields
 from nps.errors import ConfigError, NPSError
+from nps.files import file_sha256
 
 T = TypeVar("T")
 
@@ -223,6 +235,68 @@ def _lost(say: Callable[[str], Any], detail: str) -> None:
     os._exit(PeerLostError.exit_code)
 
 
+INPUT_FIELDS = ("data", "model", "embedder", "steering_run")  # config fields that name what a run reads
+DIFFERENCES_SHOWN = 4  # differing fields a refusal names (then "and N more")
+
+
+def code_version() -> dict[str, str]:
+    """This nps: its version and a digest of its package's files (two checkouts of one version may differ)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.blake2b(digest_size=16)
+    for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return {"version": importlib.metadata.version("nps"), "files": digest.hexdigest()}
+
+
+def run_identity(command: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """What every process of one run must share at the start: the command (experiment, --out, --fresh),
+    the full config (JSON form), each file the config names (size and SHA-256; a folder's contents are
+    identified by what a model's run config records of them, agreed before it trains) and the code."""
+    files = {field: {"bytes": os.path.getsize(config[field]), "sha256": file_sha256(config[field])}
+             for field in INPUT_FIELDS if isinstance(config.get(field), str) and os.path.isfile(config[field])}
+    return {"command": command, "config": config, "files": files, "nps": code_version()}
+
+
+_agreements = itertools.count()  # every process compares in the same order, so a counter names each comparison
+
+
+def agree_with_primary(facts: dict[str, Any], what: str, timeout: float) -> None:
+    """Stop every process of the run, each with the same one line, if any process's ``facts`` (JSON
+    values) differ from process 0's; a no-op in a single-process run. Process 0 publishes its facts,
+    every other process its verdict on them, then process 0 the run's verdict, which all read: no
+    process goes on while another refuses, and a process that never answers is a ``PeerLostError``
+    after ``timeout`` seconds. ``what`` names the comparison in the message."""
+    client = jax._src.distributed.global_state.client  # noqa: SLF001
+    if client is None or jax.process_count() == 1:
+        return
+    me, count, key = jax.process_index(), jax.process_count(), f"nps/agree/{next(_agreements)}-{what}"
+    wait = int(timeout * 1000)
+    try:
+        if me == 0:
+            client.key_value_set(f"{key}/facts", json.dumps(facts, sort_keys=True))
+            complaints = []
+            for peer in range(1, count):
+                fields = json.loads(client.blocking_key_value_get(f"{key}/fields/{peer}", wait))
+                if fields:
+                    shown = ", ".join(fields[:DIFFERENCES_SHOWN]) + (
+                        f" and {len(fields) - DIFFERENCES_SHOWN} more" if len(fields) > DIFFERENCES_SHOWN else "")
+                    complaints.append(f"process {peer} differs from process 0 in {shown}")
+            verdict = "; ".join(complaints)
+            client.key_value_set(f"{key}/verdict", verdict)
+        else:
+            primary = json.loads(client.blocking_key_value_get(f"{key}/facts", wait))
+            client.key_value_set(f"{key}/fields/{me}", json.dumps(differing_fields(primary, json.loads(
+                json.dumps(facts, sort_keys=True)))))
+            verdict = client.blocking_key_value_get(f"{key}/verdict", wait)
+        client.wait_at_barrier(f"{key}/read", wait)  # process 0 hosts the store: it leaves only once all have read
+    except Exception as error:  # noqa: BLE001 -- jaxlib's errors for a peer or service that is gone
+        raise PeerLostError(lost_peers(f"no answer within {timeout:.0f} s while comparing the {what} "
+                                       f"({type(error).__name__})")) from None
+    if verdict:
+        raise ConfigError(f"the processes of this run were started differently ({what}): {verdict}; start every "
+                          "process with the same command, data and nps")
+
+
 def is_primary() -> bool:
     """Process 0: the one that prints, writes results and plots, and holds output locks."""
     return jax.process_index() == 0
@@ -247,9 +321,10 @@ def host_value(tree: Any) -> Any:
 
 
 _barriers = itertools.count()
+WAIT_FOR_PEERS = 6 * 3600  # seconds a process waits for the others at a barrier: one may work alone for long
 
 
-def barrier(name: str, timeout: float = 6 * 3600) -> None:
+def barrier(name: str, timeout: float = WAIT_FOR_PEERS) -> None:
     """Every process waits here for the others (a no-op in a single-process run).
 
     A barrier of the coordination service, not a device collective: one process may work alone

@@ -646,7 +646,7 @@ def _check_same_run(saved: Any, current: dict[str, Any], directory: Path) -> Non
     if difference:
         raise CheckpointError(
             f"the checkpoints in {directory} belong to a different configuration ({difference}); "
-            "use another --out folder, or --fresh to discard them"
+            "use another --out folder, or the checkpoints' configuration to resume them (they verify: kept)"
         )
 
 
@@ -655,6 +655,6 @@ def _check_not_beyond(trained: int, steps: int, directory: Path) -> None:
     if trained > steps:
         raise ConfigError(
             f"train.steps={steps}, but the checkpoint in {directory} has trained {trained} steps; "
-            f"use --fresh (or another --out) to train {steps} steps, or set train.steps >= {trained}",
+            f"use another --out to train {steps} steps, or set train.steps >= {trained} (the checkpoint is kept)",
             "train.steps",
         )

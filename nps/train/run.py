@@ -11,6 +11,7 @@ from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec
 from nps.errors import invalid
 from nps.models.reward import RewardModelConfig, build_reward_model
+from nps.train.distributed import WAIT_FOR_PEERS, agree_with_primary
 from nps.train.evaluate import (
     PAPER_CONTEXT_SIZES,
     check_unseen_targets,
@@ -63,6 +64,7 @@ def fit_and_evaluate(
     """
     eval_episodes = eval_episodes or episodes
     check_unseen_targets(evaluation.context_sizes, eval_episodes)
+    agree_with_primary(run_config, f"run config of {name}", WAIT_FOR_PEERS)  # each process its part of one model
     start = time.perf_counter()
     with RunLog(log, out / "logs" / name, run_config=run_config) as run_log:
         result = fit(

@@ -66,6 +66,7 @@ def read_prompts(path: str | Path) -> list[str]:
 NP_BTL_SCORER = "np_btl_reward"  # under a steering run's checkpoints/
 NP_BTL_SCORER_CONFIG = dataclasses.replace(UF_NP_BTL, encoder=dataclasses.replace(UF_NP_BTL.encoder,
                                                                                    attention_dropout=0.0))
+NP_BTL_SCORER_EPISODES = EpisodeSpec()  # the tasks it trains on (its largest context: max_context)
 
 
 def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
@@ -77,7 +78,7 @@ def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
     fit, entry = train_and_evaluate(
         NP_BTL_SCORER, NP_BTL_SCORER_CONFIG, feature_pools, data_identity=pairs.identity,
         train=TrainConfig(steps=steps, eval_every=min(50, steps), checkpoint_every=min(50, steps)),
-        episodes=EpisodeSpec(), evaluation=EvalConfig(num_tasks=500), out=run_dir,
+        episodes=NP_BTL_SCORER_EPISODES, evaluation=EvalConfig(num_tasks=500), out=run_dir,
         user_names=list(two_styles.USER_NAMES), progress=False)
     model = fit.model()
 

@@ -10,7 +10,10 @@ small to matter, the second changes that sampling noise explains. A metric (or a
 of A that B lacks, and a metric whose mean in B is NaN or infinite, fail the comparison too,
 unless ``allow_missing``: a run that crashed half-way or diverged must not pass a regression
 gate. Runs trained on different data (content hash, or the data record for generated data) are
-refused unless allowed. A results.json of the wrong shape is one error line naming the field.
+refused unless allowed. A results.json of the wrong shape, of an unknown schema version, or with a
+number that cannot mean what its field says (an accuracy or error rate outside [0, 1], a standard
+error that is negative, infinite or NaN for more than one task, a count of tasks that is not a
+positive integer) is one error line naming the field: such a file would let a regression through.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from typing import Any, Iterator
 
 from nps.errors import ConfigError
 from nps.files import read_text
+from nps.results import RESULTS_SCHEMA_VERSION
 
 LOWER_IS_BETTER = ("error", "nll", "loss")
+PROPORTIONS = ("accuracy", "error", "rate", "share")  # metrics that are means of per-task proportions: in [0, 1]
+NON_NEGATIVE = ("nll", "loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +84,10 @@ def read_results(run: str | Path) -> tuple[Path, dict[str, Any]]:
         raise ConfigError(f"{path}: not valid JSON ({exc}); the run may not have finished") from None
     if not isinstance(results, dict) or "models" not in results or "experiment" not in results:
         raise ConfigError(f"{path}: no 'experiment' and 'models' fields; is this an nps results.json?")
+    version = results.get("schema_version")
+    if version != RESULTS_SCHEMA_VERSION or isinstance(version, bool):
+        raise ConfigError(f"{path}: schema_version {version!r} is not one this nps reads ({RESULTS_SCHEMA_VERSION}); "
+                          "compare results.json files written by this version of nps")
     if not isinstance(results["models"], dict) or not all(isinstance(m, dict) for m in results["models"].values()):
         raise ConfigError(f"{path}: 'models' must map each model's name to its results; is this an nps results.json?")
     if not isinstance(results.get("data") or {}, dict):
@@ -87,16 +97,13 @@ def read_results(run: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def metrics(results: dict[str, Any], path: Path | str = "results.json") -> dict[str, dict[str, float]]:
     """{path: {"mean", "sem", "num_tasks"?}} for every mean/sem entry under each model (not its history);
-    a mean or sem that is not a number is an error naming it (NaN and infinity are numbers here)."""
+    a number that cannot mean what its field says is an error naming it (``check_metric``)."""
     found: dict[str, dict[str, float]] = {}
 
     def walk(node: Any, name: str) -> None:
         if isinstance(node, dict):
             if "mean" in node and "sem" in node:
-                for field in ("mean", "sem"):
-                    if isinstance(node[field], bool) or not isinstance(node[field], (int, float)):
-                        raise ConfigError(f"{path}: {name}: {field!r} is {node[field]!r}, not a number; is this an "
-                                          "nps results.json?")
+                check_metric(node, name, path)
                 found[name] = node
                 return
             for key, value in node.items():
@@ -106,6 +113,33 @@ def metrics(results: dict[str, Any], path: Path | str = "results.json") -> dict[
     for model, entry in results["models"].items():
         walk(entry, model)
     return found
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_metric(entry: dict[str, Any], name: str, path: Path | str) -> None:
+    """A metric's numbers against their meaning: the mean a number (NaN and infinity are judged by the
+    comparison: a run that diverged), within [0, 1] for proportions and ≥ 0 for NLLs and losses;
+    the standard error finite and ≥ 0 (NaN only for one task, which has none); ``num_tasks`` a positive
+    integer. Anything else is a ``ConfigError`` naming the metric."""
+    def refuse(what: str) -> None:
+        raise ConfigError(f"{path}: {name}: {what}; is this an nps results.json, unedited?")
+
+    mean, sem, tasks = entry["mean"], entry["sem"], entry.get("num_tasks", 2)
+    for field, value in (("mean", mean), ("sem", sem)):
+        if not _is_number(value):
+            refuse(f"{field!r} is {value!r}, not a number")
+    if not (_is_number(tasks) and tasks == int(tasks) and tasks >= 1):
+        refuse(f"'num_tasks' is {tasks!r}, not a positive whole number")
+    lowered = name.lower()
+    if math.isfinite(mean) and any(word in lowered for word in PROPORTIONS) and not 0 <= mean <= 1:
+        refuse(f"'mean' is {mean!r}, but a rate or accuracy lies in [0, 1]")
+    if math.isfinite(mean) and any(word in lowered for word in NON_NEGATIVE) and mean < 0:
+        refuse(f"'mean' is {mean!r}, but an NLL or loss is ≥ 0")
+    if math.isnan(sem) and tasks > 1 or math.isinf(sem) or sem < 0:
+        refuse(f"'sem' is {sem!r}, but a standard error is finite and ≥ 0 (NaN only for a single task)")
 
 
 def _data_identity(results: dict[str, Any]) -> Any:
@@ -133,6 +167,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, tolerance: float = 0.0
         raise ConfigError(f"{path_a} and {path_b} were trained on different data ({data_a} vs {data_b}); "
                           "pass --allow-different-data to compare them anyway")
     metrics_a, metrics_b = metrics(a, path_a), metrics(b, path_b)
+    unusable = sorted(n for n, m in metrics_a.items() if not math.isfinite(m["mean"]))
+    if unusable:
+        raise ConfigError(f"{path_a}: {unusable[0]}: 'mean' is {metrics_a[unusable[0]]['mean']!r}; A is the reference "
+                          "and needs finite metrics: compare against another run")
     diffs = []
     for name in (n for n in metrics_a if n in metrics_b):
         ma, mb = metrics_a[name], metrics_b[name]

@@ -19,6 +19,11 @@ tasks need no text), a policy's ``PolicyOptions`` for NP-DPO (``SteeringRun.pair
   (measured in docs/results.md). Every z comes from a mask over one fixed context capacity
   (``context_capacity``: the next multiple of 8 ≥ N), vmapped with the masks: one compiled program
   serves every profile of a capacity bucket. Answers with p_i below ``implausible_below`` are listed.
+  A profile longer than a block (``block_size``: the context the model was trained on plus the
+  answer left out, in its capacity bucket) is checked block by block, each block of consecutive
+  answers as a profile of its own: an encoder never reads a context much larger than any it was
+  trained on, and time and memory grow linearly with the answers (a whole-profile table grows with
+  their square: 1,000 answers asked for 1.37 TB).
 - **The same pair answered both ways**, and a **position bias**: an exact two-sided binomial test
   of the number of "first" (left) choices among the answers whose display position was recorded.
 - **Drift**: for a split k of the last ``window`` answers into earlier ones E and recent ones R,
@@ -101,17 +106,37 @@ def proposal_masks(count: int, subsets: int = SUBSETS, seed: int = 0) -> np.ndar
     return masks
 
 
-def leave_one_out(model, chosen: Any, rejected: Any, *, subsets: int = SUBSETS, seed: int = 0) -> np.ndarray:
-    """p [N]: each recorded choice's posterior predictive probability given the other N − 1 answers
-    (the module's docstring has the posterior).
+def block_size(trained_context: int) -> int:
+    """The most answers the leave-one-out reads together: a context as large as the model's largest in
+    training (``EpisodeSpec.max_context``) plus the answer left out, rounded up to its capacity bucket."""
+    return context_capacity(trained_context + 1)
+
+
+def leave_one_out(model, chosen: Any, rejected: Any, *, trained_context: int, subsets: int = SUBSETS,
+                  seed: int = 0) -> np.ndarray:
+    """p [N]: each recorded choice's posterior predictive probability given the other answers of its
+    block (the module's docstring has the posterior): all N − 1 others when N ≤ ``block_size``.
 
     chosen, rejected: option pytrees with leading axis N (N ≥ 1; with N = 1 the context is empty).
-    ``subsets`` random halves of the profile (fixed by ``seed``) propose z's beside the N plain
+    ``trained_context``: the largest context the model was trained on; longer profiles are cut into
+    blocks of consecutive answers of near-equal sizes, at most ``block_size(trained_context)`` each.
+    ``subsets`` random halves of a block (fixed by ``seed``) propose z's beside its plain
     leave-one-out ones.
     """
     count = _num_rows(chosen)
-    masks = proposal_masks(count, subsets, seed)
     graphdef, state = nnx.split(model)
+    probabilities = np.empty(count)
+    for block in np.array_split(np.arange(count), max(1, -(-count // block_size(trained_context)))):
+        start, stop = block[0], block[-1] + 1
+        answers = [jax.tree.map(lambda x: x[start:stop], tree) for tree in (chosen, rejected)]
+        probabilities[start:stop] = _block_leave_one_out(graphdef, state, *answers, subsets, seed)
+    return probabilities
+
+
+def _block_leave_one_out(graphdef, state, chosen: Any, rejected: Any, subsets: int, seed: int) -> np.ndarray:
+    """``leave_one_out`` of answers that form one block."""
+    count = _num_rows(chosen)
+    masks = proposal_masks(count, subsets, seed)
     capacity = masks.shape[1]
     log_likelihood = np.asarray(_log_likelihood_table(graphdef, state, _padded(chosen, capacity),
                                                       _padded(rejected, capacity), jnp.asarray(masks)),
@@ -346,14 +371,15 @@ class ConsistencyReport:
 
 def check_profile(
     model, pairs: Sequence[dict[str, str]], chosen: Any, rejected: Any, positions: Sequence[str | None] | None = None,
-    *, implausible_below: float = 0.2, threshold: float = ALERT_THRESHOLD, **drift_settings,
+    *, trained_context: int, implausible_below: float = 0.2, threshold: float = ALERT_THRESHOLD, **drift_settings,
 ) -> ConsistencyReport:
     """Every check of one profile: ``pairs`` (prompt/chosen/rejected, for the report), their options
     ``chosen`` / ``rejected`` as the model reads them (leading axis N = len(pairs); None when N = 0), and the display
-    position of each choice where recorded. ``drift_settings``: ``drift_test``'s keywords."""
+    position of each choice where recorded. ``trained_context``: the largest context the model was
+    trained on (``leave_one_out``). ``drift_settings``: ``drift_test``'s keywords."""
     if pairs and len(pairs) != _num_rows(chosen):
         raise ValueError(f"{len(pairs)} pairs but {_num_rows(chosen)} option rows")
-    plausibility = leave_one_out(model, chosen, rejected).tolist() if pairs else []
+    plausibility = leave_one_out(model, chosen, rejected, trained_context=trained_context).tolist() if pairs else []
     drift = drift_test(model, chosen, rejected, threshold=threshold, **drift_settings) if pairs else Drift(
         None, None, None, False, threshold, 0, 0, drift_settings.get("min_segment", 3), {})
     return ConsistencyReport(list(pairs), plausibility, implausible_below, contradictions(pairs),

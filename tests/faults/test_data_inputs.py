@@ -40,6 +40,13 @@ MALFORMED_LINES = [
                            "completions": [*good_completions("BAD sr"), {**completion(3, (2, 2, 2)),
                                                                          "response": "BAD \udfff"}]})),
     ("not_utf8", b'{"instruction": "BAD latin-1 caf\xe9", "completions": []}\n'),
+    # Issue 23: read as ratings (a pair decided by "1e9").
+    ("rating_out_of_range", line({"instruction": "BAD rating 1e9",
+                                  "completions": [*good_completions("BAD 1e9"), completion(3, ("1e9", 2, 2))]})),
+    ("rating_out_of_range", line({"instruction": "BAD rating -3",
+                                  "completions": [*good_completions("BAD -3"), completion(3, (4, -3, 2))]})),
+    ("rating_out_of_range", line({"instruction": "BAD rating inf",
+                                  "completions": [*good_completions("BAD inf"), completion(3, (4, "inf", 2))]})),
 ]
 
 
@@ -70,7 +77,7 @@ def test_malformed_records_are_skipped_counted_and_never_paired(tmp_path, capsys
     for reason, _ in MALFORMED_LINES:
         expected[reason] = expected.get(reason, 0) + 1
     expected["not_utf8"] += 1  # the cut last line
-    assert "11 malformed records skipped" in printed and "the first: train.jsonl:41: not JSON" in printed
+    assert "14 malformed records skipped" in printed and "the first: train.jsonl:41: not JSON" in printed
     data = load_preferences(tmp_path / "out")
     report = data.metadata["read_report"]
     assert report["malformed"] == expected

@@ -47,13 +47,16 @@ def test_atomic_write_leaves_no_temporary_file_and_replaces_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
-def test_append_repairs_a_line_cut_by_a_killed_writer(tmp_path):
+def test_append_drops_a_line_cut_by_a_killed_writer_and_keeps_a_whole_one(tmp_path):
     path = tmp_path / "profile.jsonl"
     path.write_text('{"a": 1}\n{"b": 2')  # the second record lost its end
+    with pytest.warns(UserWarning, match="dropped an unfinished last line"):
+        append_json_line(path, {"c": 3})
+    # Before issue 23 the cut line stayed in the middle of the file, which no reader took again.
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 1}, {"c": 3}]
+    path.write_text('{"a": 1}\n{"b": 2}')  # a whole record that lost its newline (a hand edit)
     append_json_line(path, {"c": 3})
-    lines = path.read_text().splitlines()
-    assert lines[0] == '{"a": 1}' and lines[1] == '{"b": 2'
-    assert json.loads(lines[2]) == {"c": 3}
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 1}, {"b": 2}, {"c": 3}]
 
 
 def test_texts_digest_separates_texts_by_length():
@@ -73,3 +76,17 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
         atomic_write_text(path, "lost")
     assert path.read_text() == "kept"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.json"]
+
+
+def test_an_append_that_fails_half_way_takes_its_line_back(tmp_path, monkeypatch):
+    path = tmp_path / "profile.jsonl"
+    append_json_line(path, {"a": 1})
+    kept = path.read_bytes()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")  # the line is in the file, but not on the disk
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        append_json_line(path, {"b": 2})
+    assert path.read_bytes() == kept

@@ -142,6 +142,29 @@ def test_a_profile_cut_mid_line_is_repaired_by_collect_and_named_by_readers(tmp_
     assert answers(profile) == answers(whole)
 
 
+def test_a_full_disk_during_collect_is_one_line_and_leaves_only_whole_answers(tmp_path):
+    # Issue 23: two tracebacks, and the answer's cut line left in the profile. RLIMIT_FSIZE makes any write past
+    # 1,500 bytes fail with EFBIG half-way through a line, as a full disk fails with ENOSPC.
+    candidates = write_candidates(tmp_path / "candidates.jsonl", 30)
+    choices = write_choices(tmp_path / "choices.txt", 30, seed=2)
+    whole = tmp_path / "whole.jsonl"
+    assert main(["collect", "--candidates", str(candidates), "--profile", str(whole), "--choices", str(choices)]) == 0
+    profile = tmp_path / "me.jsonl"
+    limited = ("import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))\nfrom nps.cli import entry\nentry()\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    full = subprocess.run([sys.executable, "-c", limited, "collect", "--candidates", str(candidates), "--profile",
+                           str(profile), "--choices", str(choices)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    kept = len(read_profile(profile))  # only whole lines: readers take it as it is
+    assert full.returncode == 2 and 0 < kept < 30 and profile.stat().st_size <= 1500
+    assert full.stderr == (f"nps: error: {profile}: the answer to candidate {kept} could not be saved (File too "
+                           "large) and was not recorded; every earlier answer is kept: free disk space, then run the "
+                           "same command again to continue\n")
+    assert main(["collect", "--candidates", str(candidates), "--profile", str(profile), "--choices", str(choices)]) == 0
+    assert answers(profile) == answers(whole)
+
+
 def test_texts_with_unicode_line_separators_round_trip(tmp_path):
     candidates = tmp_path / "candidates.jsonl"
     candidates.write_text(json.dumps({"prompt": "q\u2028", "responses": ["a\u2028b", "c\x85d"]}, ensure_ascii=False)

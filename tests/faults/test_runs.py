@@ -22,7 +22,7 @@ from nps.data.episodes import EpisodeSpec
 from nps.data.synthetic import synthetic_task, two_user_pools, uniform_pairs
 from nps.errors import CheckpointError, ConfigError
 from nps.models.reward import RewardModelConfig, build_reward_model
-from nps.train.checkpoint import CheckpointStore
+from nps.train.checkpoint import CheckpointStore, metadata_digest
 from nps.train.loop import TrainConfig, fit
 
 SPEC = EpisodeSpec(num_targets=8, max_context=4)
@@ -66,18 +66,53 @@ def test_a_flipped_byte_in_a_checkpoint_is_caught_and_the_previous_step_used(poo
     assert (tmp_path / "run.corrupt" / "40").is_dir()
 
 
+def edit_metadata(path: Path, edit) -> None:
+    """Rewrite a checkpoint's metadata with ``edit(metadata)`` applied; its own digest as it was."""
+    saved = json.loads(path.read_text())
+    edit(saved)
+    path.write_text(json.dumps(saved))
+
+
 def test_state_that_does_not_match_its_saved_digest_is_not_trusted(pools, tmp_path):
     train(pools, tmp_path)
     metadata = tmp_path / "40" / "metadata" / "metadata"
-    saved = json.loads(metadata.read_text())
-    metadata.write_text(json.dumps(saved | {"state_digest": "0" * 32}))
-    with pytest.warns(UserWarning, match="do not match the digest saved with them"):
+    other_state = {"state_digest": "0" * 32}  # the metadata's own digest updated too: only the state is off
+    edit_metadata(metadata, lambda saved: saved.update(other_state,
+                                                       metadata_digest=metadata_digest(saved | other_state)))
+    with pytest.warns(UserWarning, match="its arrays do not match the digest saved with them"):
         train(pools, tmp_path)
+
+
+def history_edit(saved):
+    saved["history"][-1]["val_nll"] += 0.03
+
+
+EDITS = {  # Issue 23: the first two were restored without a word (the edited history reported in results.json)
+    "a validation NLL": history_edit,
+    "the sampler's step": lambda saved: saved["sampler"].update(step=49),
+    "the fingerprint": lambda saved: saved["fingerprint"]["train"].update(learning_rate=0.01),
+    "no digest (an earlier nps)": lambda saved: saved.pop("metadata_digest"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_edited_metadata_are_corruption_and_the_previous_step_is_used(pools, tmp_path, edit):
+    # A corrupted fingerprint was reported as another configuration, whose advice (--fresh) deleted the good step 20.
+    clean = train(pools, tmp_path / "clean")
+    train(pools, tmp_path / "run")
+    edit_metadata(tmp_path / "run" / "40" / "metadata" / "metadata", EDITS[edit])
+    with pytest.warns(UserWarning, match="checkpoint step 40 .* is corrupted \\(its metadata") as warned:
+        resumed = train(pools, tmp_path / "run")
+    assert len(warned) == 1 and "--fresh" not in str(warned[0].message)
+    chex.assert_trees_all_equal(resumed.params, clean.params)  # retrained 20 → 40 from the good step
+    assert resumed.history == clean.history and (tmp_path / "run.corrupt" / "40").is_dir()
 
 
 def test_fewer_steps_than_the_checkpoint_are_refused_not_mislabelled(pools, tmp_path):
     train(pools, tmp_path)
-    with pytest.raises(ConfigError, match="train.steps=20, but the checkpoint .* has trained 40 steps; use --fresh"):
+    with pytest.raises(ConfigError, match="train.steps=20, but the checkpoint .* has trained 40 steps; use "
+                                          "another --out to train 20 steps, or set train.steps >= 40 \\(the "
+                                          "checkpoint is kept\\)"):
         train(pools, tmp_path, dataclasses.replace(TRAIN, steps=20))
 
 
