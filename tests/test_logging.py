@@ -20,6 +20,7 @@ from nps.errors import ConfigError
 from nps.experiments.synthetic import SyntheticConfig
 from nps.models.reward import build_reward_model
 from nps.train import logging as run_logging
+from nps.train.hooks import ChunkMetrics
 from nps.train.logging import LogConfig, RunLog, matmul_flops
 from nps.train.loop import fit
 from nps.train.run import EvalConfig, train_and_evaluate
@@ -68,7 +69,7 @@ def test_profile_steps_trace_those_steps_and_change_nothing(pools, tmp_path):
     window = run_logging.ProfileWindow(30, 40, tmp_path / "np_btl")
     chunks = []
     profiled = fit(build_reward_model(1, MODEL, 0), pools["train"], pools["val"], SPEC, train, progress=False,
-                   profile=window, on_chunk=lambda step, metrics: chunks.append((step, metrics)))
+                   hooks=[ChunkMetrics(lambda step, metrics: chunks.append((step, metrics))), window])
     chex.assert_trees_all_equal(profiled.params, plain.params)
     # The same parameters, so the same losses; a norm reduced inside another program may differ in the last bit.
     assert [h["step"] for h in profiled.history] == [20, 40]
@@ -99,7 +100,7 @@ def test_matmul_flops_count_scan_bodies_by_their_length():
 
 
 def test_mfu_where_the_devices_peak_is_known(pools, monkeypatch):
-    from nps.train import loop
+    from nps.train import hooks
 
     kind = lambda name: type("Device", (), {"device_kind": name})()  # noqa: E731
     assert peak_flops_per_second([kind("NVIDIA H100 80GB HBM3")] * 8) == 8 * 989e12
@@ -107,10 +108,10 @@ def test_mfu_where_the_devices_peak_is_known(pools, monkeypatch):
     assert peak_flops_per_second([kind("NVIDIA H100 PCIe")]) == 756e12
     assert peak_flops_per_second(jax.devices("cpu")) is None
 
-    monkeypatch.setattr(loop, "peak_flops_per_second", lambda devices: 1e12)  # pretend the CPU is a known chip
+    monkeypatch.setattr(hooks, "peak_flops_per_second", lambda devices: 1e12)  # pretend the CPU is a known chip
     chunks = []
     fit(build_reward_model(1, MODEL, 0), pools["train"], pools["val"], SPEC, dataclasses.replace(TRAIN, steps=40),
-        progress=False, on_chunk=lambda step, metrics: chunks.append(metrics))
+        progress=False, hooks=[ChunkMetrics(lambda step, metrics: chunks.append(metrics))])
     assert "mfu" not in chunks[0]  # the first chunk compiled
     assert 0 < chunks[1]["mfu"] < 1
 

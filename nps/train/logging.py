@@ -13,7 +13,7 @@ Tags (README, "Watching a run"):
     plots/<plot file name>                                            images
 
 Metrics reach a writer once per chunk of ``train.eval_every`` steps, from the same host transfer
-that feeds the progress bar (``fit``'s ``on_chunk``); nothing here touches the device in the step loop.
+that feeds the progress bar (``RunLog.hooks``: ``fit``'s hooks); nothing here touches the device in the step loop.
 Only process 0 of a multi-process run writes anything.
 """
 
@@ -35,10 +35,11 @@ import jax
 
 from nps.errors import ConfigError, invalid
 from nps.train.distributed import is_primary
+from nps.train.hooks import ChunkMetrics, Hook
 
 BACKENDS = ("tensorboard", "wandb", "none")
 
-# fit's on_chunk metric names -> tags. A metric missing here is written under its own name (never dropped).
+# fit's chunk metric names (``ChunkMetrics``) -> tags. A metric missing here is written under its own name (never dropped).
 TAGS = {
     "train_loss": "train/loss",
     "train_accuracy": "train/accuracy",
@@ -82,9 +83,12 @@ class LogConfig:
         return int(match[1]), int(match[2])
 
 
-@dataclasses.dataclass(frozen=True)
-class ProfileWindow:
-    """A ``jax.profiler`` trace of the steps ``start``..``end - 1``, written under ``directory``.
+@dataclasses.dataclass(eq=False)
+class ProfileWindow(Hook):
+    """A ``jax.profiler`` trace of the steps ``start``..``end - 1``, written under ``directory``: a
+    hook of ``fit`` that ends scans at its bounds (with no validation between them, so the run
+    computes what an unprofiled one does) and compiles a scan length new to the run before the
+    trace starts, so the trace holds the steps' work only.
 
     Every process of a multi-process run holds the window (``fit`` splits its scans at the same
     steps everywhere: the processes must run the same programs); process 0 alone traces.
@@ -93,6 +97,7 @@ class ProfileWindow:
     start: int
     end: int
     directory: Path
+    active: bool = True  # False once ``begin_run`` finds the run past the window
 
     def applies(self, trained: int, steps: int) -> bool:
         """Whether a run at step ``trained`` of ``steps`` still reaches the window: one past the
@@ -115,6 +120,27 @@ class ProfileWindow:
     def finish(self) -> None:
         if is_primary():
             jax.profiler.stop_trace()
+
+    # -- as a hook of fit --
+    def begin_run(self, run) -> None:
+        self.active = self.applies(run.step, run.config.steps)
+
+    def scan_ends(self, first: int, last: int) -> tuple[int, ...]:
+        return (self.start, self.end) if self.active else ()
+
+    def before_scan(self, run, length: int, new: bool) -> bool:
+        if not (self.active and run.step == self.start):
+            return False
+        if new:  # compiled before the trace starts
+            run.precompile(length)
+        jax.block_until_ready(run.state)
+        self.begin()
+        return True  # the profiler slows what it records
+
+    def after_scan(self, run) -> None:
+        if self.active and run.step == self.end:
+            jax.block_until_ready(run.state)
+            self.finish()
 
 
 def training_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -146,12 +172,18 @@ class RunLog:
         self._writers: dict[str, Any] = {}
 
     def profile_window(self) -> ProfileWindow | None:
-        """The trace ``log.profile_steps`` asks for, for ``fit(profile=...)`` (on every process)."""
+        """The trace ``log.profile_steps`` asks for (on every process), a hook of ``fit``."""
         bounds = self.config.profile_range()
         return None if bounds is None else ProfileWindow(*bounds, self.directory)
 
+    def hooks(self) -> list[Hook]:
+        """What ``fit`` calls for this log: its metrics per chunk (where this process writes) and the
+        profile trace (on every process)."""
+        window = self.profile_window()
+        return [*([ChunkMetrics(self.on_chunk)] if self.active else []), *([window] if window else [])]
+
     def on_chunk(self, step: int, metrics: Mapping[str, float]) -> None:
-        """``fit``'s ``on_chunk``: the chunk's metrics as training scalars."""
+        """A chunk's metrics (``ChunkMetrics``'s callback) as training scalars."""
         self._write("train", step, training_scalars(metrics))
 
     def evaluation(self, step: int, accuracy: Mapping[str, Any]) -> None:

@@ -19,7 +19,7 @@ import functools
 import hashlib
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,6 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 from flax import nnx
-from tqdm.auto import tqdm
 
 from nps.config import check_positive, config_to_dict
 from nps.data.episodes import EpisodeSpec, sample_episodes, sample_episodes_compiled
@@ -35,11 +34,11 @@ from nps.data.pairs import OptionPairPool, PairPool
 from nps.errors import CheckpointError, ConfigError, invalid
 from nps.layers import BaseParam
 from nps.likelihood import choice_accuracy, choice_nll
-from nps.train.checkpoint import CheckpointStore
-from nps.train.distributed import host_value, is_primary, put_global
 from nps.lm.sharding import on_mesh, shardings_of
-from nps.accelerator import peak_flops_per_second
-from nps.train.logging import ProfileWindow, matmul_flops
+from nps.train.checkpoint import CheckpointStore
+from nps.train.distributed import host_value, put_global
+from nps.train.hooks import Checkpointing, Hook, Progress
+from nps.train.logging import matmul_flops
 from nps.train.mesh import BATCH_AXES, batch_shards, batch_sharding, check_batch_divisible, make_mesh, replicated
 
 
@@ -309,6 +308,128 @@ def _is_abstract(tree) -> bool:
     return any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
 
 
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """What a chunk of steps did, on the host: its steps ``first + 1 .. step``, its history entry's
+    metrics (train means, validation), the tokens a step read (token models; else None), its wall
+    clock, and whether it is throughput (it compiled nothing and no hook disturbed it)."""
+
+    first: int
+    step: int
+    metrics: dict[str, float]
+    tokens: float | None
+    seconds: float
+    timed: bool
+
+    @property
+    def length(self) -> int:
+        return self.step - self.first
+
+
+@dataclasses.dataclass
+class Run:
+    """One ``fit`` call as it goes: its program, state, data and keys, the step it has reached and
+    its history; what hooks read (``nps.train.hooks``)."""
+
+    program: TrainProgram
+    config: TrainConfig
+    state: TrainState
+    frozen: Any
+    pool: Any
+    keys: tuple[jax.Array, jax.Array, jax.Array]  # data, model, validation
+    val_episodes: Any
+    step: int = 0
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    lengths: set[int] = dataclasses.field(default_factory=set)  # scan lengths this run has compiled
+    precompiled: dict[int, Any] = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    timed_seconds: float = 0.0
+    timed_steps: int = 0
+
+    @classmethod
+    def start(cls, model, train_pool, val_pool, spec: EpisodeSpec, config: TrainConfig, mesh) -> Run:
+        """``model`` placed for training on ``mesh``. Everything is placed before anything is
+        restored into it: the state by its logical axes (on a data-parallel mesh: replicated), the
+        base likewise (one already placed by ``from_pretrained(mesh=...)`` keeps its arrays), the
+        pools on every device (an options table split by rows). Without a mesh the state is
+        committed to the first device from the start, as every chunk's output is: the first
+        chunk's compilation serves them all."""
+        program, frozen, params = TrainProgram.of(model, spec, config, mesh)
+        data_key, model_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
+        state, frozen, train_pool, val_pool = program.place(program.initial_state(params), frozen, train_pool,
+                                                            val_pool)
+        val_episodes = sample_episodes_compiled(val_key, val_pool, spec, config.val_tasks)
+        return cls(program, config, state, frozen, train_pool, (data_key, model_key, val_key), val_episodes)
+
+    def resume(self, store: CheckpointStore, fingerprint: dict[str, Any]) -> None:
+        """Continue from the newest verified checkpoint in ``store`` of this run (the fingerprint
+        says so), if there is one."""
+        restored = store.restore_latest(
+            self.state, accept=lambda metadata: _check_same_run(metadata.get("fingerprint"), fingerprint,
+                                                                store.directory))
+        if restored is not None:
+            self.state, metadata = restored
+            self.history = list(metadata.get("history", []))
+            self.step = int(host_value(self.state.step))
+            _check_not_beyond(self.step, self.config.steps, store.directory)
+
+    def args(self) -> tuple:
+        """The arguments of a training scan."""
+        return self.state, self.frozen, self.pool, *self.keys[:2]
+
+    def step_flops(self) -> float:
+        return self.program.step_flops(*self.args())
+
+    def precompile(self, length: int) -> None:
+        """Compile the scan of ``length`` steps now (a profiler's trace starts after it)."""
+        self.precompiled[length] = self.program.lower_chunk(*self.args(), length=length).compile()
+
+    def train_chunk(self, hooks: Sequence[Hook]) -> Chunk:
+        """The steps up to the next validation, as scans that end where a hook asks, then validation
+        and the chunk's one host transfer."""
+        first, every = self.step, self.config.eval_every
+        last = min(first + every - first % every, self.config.steps)
+        ends = {last, *(end for hook in hooks for end in hook.scan_ends(first, last) if first < end < last)}
+        started, parts, timed = time.perf_counter(), [], True
+        for end in sorted(ends):
+            length = end - self.step
+            new = length not in self.lengths
+            self.lengths.add(length)
+            disturbed = [hook.before_scan(self, length, new) for hook in hooks]
+            timed &= not (new or any(disturbed))  # a chunk that compiled, or was traced, is not throughput
+            scan = self.precompiled.pop(length, None) or functools.partial(_train_chunk, length=length,
+                                                                            **self.program.static())
+            self.state, part = scan(*self.args())
+            parts.append(part)
+            self.step = end
+            for hook in hooks:
+                hook.after_scan(self)
+        self.state, val_metrics = _validate(self.state, self.frozen, self.val_episodes, self.keys[2],
+                                            **self.program.validation_static())
+        metrics = host_value(_chunk_means(tuple(parts)) | val_metrics)  # the chunk's one host transfer
+        metrics = {name: float(value) for name, value in metrics.items()}
+        tokens = metrics.pop("tokens", None)
+        self.history.append({"step": self.step} | metrics)
+        seconds = time.perf_counter() - started
+        if timed:
+            self.timed_seconds, self.timed_steps = self.timed_seconds + seconds, self.timed_steps + self.step - first
+        return Chunk(first, self.step, self.history[-1], tokens, seconds, timed)
+
+    def result(self) -> FitResult:
+        best_step, best_val_loss = host_value((self.state.best_step, self.state.best_val_loss))
+        return FitResult(
+            graphdef=self.program.graphdef,
+            params=self.state.best_params,
+            best_step=int(best_step),
+            best_val_loss=float(best_val_loss),
+            steps=self.step,
+            history=self.history,
+            train_seconds=time.perf_counter() - self.started,
+            steps_per_second=self.timed_steps / self.timed_seconds if self.timed_seconds else float("nan"),
+            frozen=self.frozen,
+        )
+
+
 def fit(
     model: nnx.Module,
     train_pool: PairPool | OptionPairPool,
@@ -318,11 +439,10 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     *,
     run_config: dict[str, Any] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    hooks: Sequence[Hook] = (),
     progress: bool = True,
     description: str = "train",
-    mesh: jax.sharding.Mesh | None = None,
-    on_chunk: Callable[[int, dict[str, float]], None] | None = None,
-    profile: ProfileWindow | None = None,
 ) -> FitResult:
     """Train ``model`` on episodes from ``train_pool``; keep the best validation NLL.
 
@@ -331,124 +451,36 @@ def fit(
     ``run_config`` (JSON-ready) is stored with the checkpoints next to the train config, the
     episode spec and a digest of the pools; resuming under a different one is refused
     (``steps`` may grow, to train longer, unless the schedule depends on it).
-    With ``mesh`` (see ``nps.train.mesh``), each batch of tasks is split over the mesh's batch
-    axes and the parameters are replicated: data parallelism under jit.
+    With ``mesh`` (see ``nps.train.mesh``; default: every device, data-parallel), each batch of
+    tasks is split over the mesh's batch axes and every weight by its logical axes.
     A model's ``BaseParam`` weights (a pretrained decoder) are frozen: passed to every step as
-    they are placed (e.g. sharded by ``from_pretrained(mesh=...)``), never updated nor
-    checkpointed; put the base's identity in ``run_config`` so that a checkpoint refuses another base.
-    ``on_chunk(step, metrics)`` receives each chunk's metrics once they are on the host (a metrics
-    logger): train loss and accuracy, gradient norm and learning rate (chunk means; the rate at
-    its last step), validation NLL and unseen accuracy, and the devices' peak memory where the
-    backend reports it; for chunks that compiled nothing and were not profiled, also steps/s,
-    tokens/s for token models and MFU where the devices' peak FLOP/s is known
-    (``nps.accelerator.CHIPS``).
-    ``profile``: a ``jax.profiler`` trace of its steps. A chunk is split into scans at its bounds
-    (with no validation between them, so the run computes what an unprofiled one does); a scan
-    length new to this run is a compilation of its own, done before the trace starts.
+    they are placed, never updated nor checkpointed; put the base's identity in ``run_config`` so
+    that a checkpoint refuses another base.
+    ``hooks`` (``nps.train.hooks``: a metrics log, a profiler window) run at chunk boundaries,
+    before the progress bar and checkpointing.
     """
     if mesh is None and jax.device_count() > 1:
         mesh = make_mesh()  # several devices (of one process or many): data-parallel over all of them
-    program, frozen, params = TrainProgram.of(model, spec, config, mesh)
-    # The data as the caller gave it (placement pads a table's rows on some meshes).
-    digest = pools_digest(train_pool, val_pool) if checkpoint_dir is not None else None
-    data_key, model_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
-    # Everything is placed before anything is restored into it: the state by its logical axes (on a
-    # data-parallel mesh: replicated), the base likewise (one already placed by
-    # ``from_pretrained(mesh=...)`` keeps its arrays), the pools on every device (tasks are gathered
-    # in-jit, each device its own part). Without a mesh the state is committed to the first device
-    # from the start, as every chunk's output is: the first chunk's compilation serves them all.
-    state, frozen, train_pool, val_pool = program.place(program.initial_state(params), frozen, train_pool, val_pool)
-    optimizer, graphdef = program.optimizer, program.graphdef
-    history: list[dict[str, float]] = []
-    store, step = None, 0
+    run = Run.start(model, train_pool, val_pool, spec, config, mesh)
+    hooks = [*hooks, Progress(description, progress)]
     if checkpoint_dir is not None:
-        store = CheckpointStore(checkpoint_dir)
         fingerprint = dict(run_config or {}) | {
             "train": config.fingerprint(),
             "episodes": config_to_dict(spec),
-            "pools": digest,
+            "pools": pools_digest(train_pool, val_pool),  # the data as given (placement may pad a table)
         }
-        restored = store.restore_latest(
-            state, accept=lambda metadata: _check_same_run(metadata.get("fingerprint"), fingerprint, store.directory))
-        if restored is not None:
-            state, metadata = restored
-            history = list(metadata.get("history", []))
-            step = int(host_value(state.step))
-            _check_not_beyond(step, config.steps, store.directory)
-
-    val_episodes = sample_episodes_compiled(val_key, val_pool, spec, config.val_tasks)
-    static = program.static()
-
-    start = time.perf_counter()
-    compiled_seconds, compiled_steps, compiled_lengths = 0.0, 0, set()
-    if profile is not None and not profile.applies(step, config.steps):
-        profile = None
-    peak = peak_flops_per_second(mesh.devices.flat if mesh is not None else jax.devices()[:1])
-    flops_per_step = None
-    if on_chunk is not None and peak is not None and is_primary():  # traced once, before any timed chunk
-        flops_per_step = program.step_flops(state, frozen, train_pool, data_key, model_key)
-    bar = tqdm(total=config.steps, initial=min(step, config.steps), desc=description,
-               disable=not (progress and is_primary()), leave=False)
-    while step < config.steps:
-        chunk_end = min(step + config.eval_every - step % config.eval_every, config.steps)
-        chunk_start = time.perf_counter()
-        first, parts, timed = step, [], True
-        for end in _part_ends(step, chunk_end, profile):
-            length = end - step
-            new_length = length not in compiled_lengths
-            timed &= not new_length  # a chunk that compiled is not throughput
-            compiled_lengths.add(length)
-            train = functools.partial(_train_chunk, length=length, **static)
-            if profile is not None and step == profile.start:
-                if new_length:  # compiled before the trace starts: the trace holds these steps' work only
-                    train = _train_chunk.lower(state, frozen, train_pool, data_key, model_key, length=length,
-                                               **static).compile()
-                jax.block_until_ready(state)
-                profile.begin()
-                timed = False  # the profiler slows what it records
-            state, part = train(state, frozen, train_pool, data_key, model_key)
-            parts.append(part)
-            step = end
-            if profile is not None and step == profile.end:
-                jax.block_until_ready(state)
-                profile.finish()
-        state, val_metrics = _validate(state, frozen, val_episodes, val_key, **program.validation_static())
-        metrics = host_value(_chunk_means(tuple(parts)) | val_metrics)  # the chunk's one host transfer
-        seconds = time.perf_counter() - chunk_start
-        length = step - first
-        if timed:
-            compiled_seconds += seconds
-            compiled_steps += length
-        metrics = {name: float(value) for name, value in metrics.items()}
-        tokens = metrics.pop("tokens", None)
-        history.append({"step": step} | metrics)
-        if on_chunk is not None and is_primary():
-            throughput = {}
-            if timed:
-                throughput["steps_per_second"] = length / seconds
-                if tokens is not None:
-                    throughput["tokens_per_second"] = tokens * length / seconds
-                if flops_per_step is not None:
-                    throughput["mfu"] = flops_per_step * length / seconds / peak
-            on_chunk(step, history[-1] | throughput | _peak_memory())
-        bar.update(length)
-        bar.set_postfix(val_nll=f"{history[-1]['val_nll']:.4f}")
-        if store is not None and (step % config.checkpoint_every == 0 or step == config.steps):
-            store.save(step, state, {"fingerprint": fingerprint, "history": history,
-                                     "sampler": {"seed": config.seed, "step": step}})
-    bar.close()
-    best_step, best_val_loss = host_value((state.best_step, state.best_val_loss))
-    return FitResult(
-        graphdef=graphdef,
-        params=state.best_params,
-        best_step=int(best_step),
-        best_val_loss=float(best_val_loss),
-        steps=step,
-        history=history,
-        train_seconds=time.perf_counter() - start,
-        steps_per_second=compiled_steps / compiled_seconds if compiled_seconds else float("nan"),
-        frozen=frozen,
-    )
+        store = CheckpointStore(checkpoint_dir)
+        run.resume(store, fingerprint)
+        hooks.append(Checkpointing(store, fingerprint))
+    for hook in hooks:
+        hook.begin_run(run)
+    while run.step < config.steps:
+        chunk = run.train_chunk(hooks)
+        for hook in hooks:
+            hook.after_chunk(run, chunk)
+    for hook in hooks:
+        hook.end_run(run)
+    return run.result()
 
 
 # The step functions live at module level and take the pools and keys as arguments (not closures),
@@ -550,13 +582,6 @@ def _train_chunk(state, frozen, pool, data_key, model_key, *, graphdef, spec, op
     return jax.lax.scan(lambda s, _: step(s, frozen, pool, data_key, model_key), state, None, length=length)
 
 
-def _part_ends(step: int, chunk_end: int, profile: ProfileWindow | None) -> list[int]:
-    """Where the scans of the chunk from ``step`` to ``chunk_end`` end: the chunk's end, and a
-    profile window's bounds inside it (a scan never crosses one)."""
-    bounds = () if profile is None else (profile.start, profile.end)
-    return sorted({chunk_end, *(b for b in bounds if step < b < chunk_end)})
-
-
 @jax.jit
 def _chunk_means(parts: tuple[dict[str, jax.Array], ...]) -> dict[str, jax.Array]:
     """A chunk's metrics from its scans' per-step values: means over its steps, the rate at the last.
@@ -598,13 +623,6 @@ def _initial_state(params, *, optimizer: OptimizerConfig) -> TrainState:
         best_val_loss=jnp.asarray(jnp.inf, jnp.float32),
         best_step=jnp.asarray(0, jnp.int32),
     )
-
-
-def _peak_memory() -> dict[str, float]:
-    """The largest peak device memory in use (bytes), where the backend reports it (GPU, TPU; not CPU)."""
-    stats = [device.memory_stats() for device in jax.local_devices()]
-    peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
-    return {"peak_memory_bytes": float(max(peaks))} if peaks else {}
 
 
 def load_trained(

@@ -69,8 +69,7 @@ def fit_and_evaluate(
     with RunLog(log, out / "logs" / name, run_config=run_config) as run_log:
         result = fit(
             model, pools["train"], pools["val"], episodes, train, out / "checkpoints" / name,
-            run_config=run_config, progress=progress, description=name, mesh=mesh,
-            on_chunk=run_log.on_chunk if run_log.active else None, profile=run_log.profile_window(),
+            run_config=run_config, progress=progress, description=name, mesh=mesh, hooks=run_log.hooks(),
         )
         accuracy = evaluate_unseen_accuracy(
             result.graphdef, result.params, pools["test"], eval_episodes, user_names, evaluation.context_sizes,
