@@ -144,7 +144,13 @@ def _generate(graphdef, state, tokens, mask, key, z, sampling: SamplingConfig, m
     """The decode loop of ``generate``; on the ``mesh`` the weights live on, each device holds its
     sequences' cache (and its key-value heads under tensor parallelism)."""
     with on_mesh(mesh):
-        return _decode(nnx.merge(graphdef, state), tokens, mask, key, z, sampling)
+        generation = _decode(nnx.merge(graphdef, state), tokens, mask, key, z, sampling)
+        return jax.tree.map(_whole, generation)
+
+
+def _whole(x: jax.Array) -> jax.Array:
+    """A program's (small) result on every device, so that every process of a run can read it."""
+    return constrain(x, (None,) * x.ndim)
 
 
 def _decode(model, tokens, mask, key, z, sampling: SamplingConfig) -> Generation:
@@ -267,5 +273,5 @@ def _last_token_states(graphdef, state, tokens, mask, mesh=None):
     with on_mesh(mesh):
         tokens, mask = (constrain(x, ("activation_batch", "activation_length")) for x in (tokens, mask))
         hidden, _ = nnx.merge(graphdef, state).hidden_states(tokens, mask)
-    last = jnp.sum(mask, axis=1) - 1
-    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        last = jnp.sum(mask, axis=1) - 1
+        return _whole(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32))

@@ -104,9 +104,9 @@ def on_mesh(mesh: Mesh | None):
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """``x`` laid out by its logical ``axes`` on the mesh of the enclosing ``on_mesh`` (unchanged
-    outside one, or on one device)."""
+    outside one, on one device, or inside ``shard_map``, where code is per device)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
         return x
     return jax.lax.with_sharding_constraint(x, partition_spec(axes, x.shape, mesh))
 

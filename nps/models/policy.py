@@ -166,4 +166,4 @@ def _reference_log_probs(graphdef, state, batch: PolicyOptions, mesh=None) -> ja
     """log π_ref [N] of a batch of options, each device its sequences on the weights' ``mesh``."""
     with on_mesh(mesh):
         batch = jax.tree.map(lambda x: constrain(x, ("activation_batch", *(None,) * (x.ndim - 1))), batch)
-        return nnx.merge(graphdef, state).reference_log_probs(batch)
+        return constrain(nnx.merge(graphdef, state).reference_log_probs(batch), (None,))  # on every device
