@@ -228,7 +228,7 @@ def _plan(args) -> int:
 def _profile_check(args) -> None:
     from nps.data.profiles import PAIR_FIELDS, read_profile
     from nps.files import atomic_write_json, file_sha256
-    from nps.serve.steering import SteeringRun
+    from nps.steering_run import SteeringRun
     from nps.workflow.consistency import check_profile, format_report
 
     for name in ("threshold", "implausible_below"):
@@ -293,7 +293,7 @@ def _informative_order(args):
     """`nps collect --active RUN`: the most informative pair first, judged by the run's NP-DPO policy."""
     from nps.active import informative_chooser
     from nps.data.profiles import read_candidates
-    from nps.serve.steering import SteeringRun
+    from nps.steering_run import SteeringRun
 
     run = SteeringRun.load(args.active)
     candidates, _ = read_candidates(args.candidates)
@@ -322,7 +322,7 @@ def _generate(args) -> None:
 
     from nps.data.profiles import read_pairs
     from nps.latent import interpolate
-    from nps.serve.steering import SteeringRun
+    from nps.steering_run import SteeringRun
 
     for flag, count, least in (("--samples", args.samples, 1), ("--points", args.points, 2)):
         if count < least:

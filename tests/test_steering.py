@@ -13,11 +13,11 @@ from event_files import TRAINING_TAGS, steps
 
 from nps.cli import main
 from nps.config import apply_overrides
-from nps.data import steering as two_styles
+from nps.data import two_styles
 from nps.data.pairs import choices, conflicting
 from nps.errors import ConfigError
 from nps.experiments.steering import SteeringConfig, base_model, run_steering
-from nps.serve.steering import SteeringRun
+from nps.steering_run import SteeringRun
 
 
 def test_rewards_and_conflicts_follow_the_word_counts():

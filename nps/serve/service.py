@@ -47,11 +47,11 @@ from nps.active import (
     particle_choice_probabilities_compiled,
     update_log_weights_compiled,
 )
-from nps.data import steering as language
+from nps.data import two_styles
 from nps.data.profiles import read_candidates
 from nps.errors import ConfigError
 from nps.files import atomic_write_bytes
-from nps.serve.steering import SteeringRun
+from nps.steering_run import SteeringRun
 from nps.serve.store import Store, StoreError, profile_hash
 from nps.train.evaluate import mean_and_sem
 from nps.workflow.ab import load_baseline
@@ -113,7 +113,7 @@ def read_serving_candidates(path: str | Path) -> tuple[list[dict[str, Any]], str
     candidates, digest = read_candidates(path)
     for number, candidate in enumerate(candidates, start=1):
         for response in candidate["responses"]:
-            language.option_tokens(candidate["prompt"], response, f"{path}: candidate {number}")
+            two_styles.option_tokens(candidate["prompt"], response, f"{path}: candidate {number}")
     return candidates, digest
 
 
@@ -316,7 +316,7 @@ class PreferenceService:
     @staticmethod
     def example_words() -> list[str]:
         """The topics a prompt of the steering language is made of."""
-        return list(language.TOPICS)
+        return list(two_styles.TOPICS)
 
     def check_prompt(self, prompt: str) -> str:
         words = prompt.split()
@@ -324,7 +324,7 @@ class PreferenceService:
             raise StoreError(f"a prompt has 1 to {MAX_PROMPT_WORDS} words of the steering language "
                              f"(e.g. {self.candidates[0]['prompt']!r}); got {len(words)}")
         try:
-            language.encode_words(prompt, "prompt")
+            two_styles.encode_words(prompt, "prompt")
         except ConfigError as error:
             raise StoreError(str(error)) from None
         return " ".join(words)

@@ -26,7 +26,7 @@ import numpy as np
 
 from nps.active import encode_compiled
 from nps.config import config_to_dict
-from nps.data import steering as two_styles
+from nps.data import two_styles
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool
 from nps.data.profiles import read_pairs
@@ -34,7 +34,7 @@ from nps.errors import ConfigError
 from nps.files import atomic_write_json, atomic_write_text, file_sha256, read_text
 from nps.models.reward import UF_NP_BTL, NPReward, build_reward_model
 from nps.results import save_figure
-from nps.serve.steering import SteeringRun
+from nps.steering_run import SteeringRun
 from nps.train.evaluate import mean_and_sem, pairwise_wins, win_rate
 from nps.train.loop import TrainConfig, load_trained
 from nps.train.run import EvalConfig, train_and_evaluate
