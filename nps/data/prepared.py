@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 from nps.data.pairs import choices
 from nps.data.ultrafeedback import Completions, Pairs, hh_pairs, hht_pairs, read_ultrafeedback, split_pairs
 from nps.errors import ConfigError
-from nps.files import exclusive_lock, file_sha256
+from nps.files import Digest, exclusive_lock, file_sha256
 
 INCOMPLETE_PREFIX = "incomplete."  # tfds's name for a dataset folder still being written
 DATASET_NAME = "ultrafeedback_preferences"
@@ -116,18 +115,17 @@ class PreferenceData:
 
 def _content_hash(records: dict[str, dict[str, np.ndarray | list]]) -> str:
     """BLAKE2b over every split's records in order: ids, ratings (float32 bytes) and texts."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = Digest()
     for split in SPLITS:
         columns = records[split]
-        digest.update(split.encode() + len(columns["prompt_id"]).to_bytes(8, "little"))
+        digest.raw(split.encode() + len(columns["prompt_id"]).to_bytes(8, "little"))
         for name in ("prompt_id", "option_a_id", "option_b_id"):
-            digest.update(np.ascontiguousarray(columns[name], np.int64).tobytes())
+            digest.raw(np.asarray(columns[name], np.int64).tobytes())
         for name in ("ratings_a", "ratings_b"):
-            digest.update(np.ascontiguousarray(columns[name], np.float32).tobytes())
+            digest.raw(np.asarray(columns[name], np.float32).tobytes())
         for name in ("prompt", "response_a", "response_b"):
             for text in columns[name]:
-                encoded = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-                digest.update(len(encoded).to_bytes(8, "little") + encoded)
+                digest.framed(text.encode("utf-8") if isinstance(text, str) else bytes(text))
     return digest.hexdigest()
 
 
