@@ -16,7 +16,9 @@ is looked up remotely and nothing is left outside the dataset's folder.
 content hash, and returns the option table and per-split pairs that the experiments turn into
 pools. It reads with nps's own builder class, whose features are defined in code: the folder's
 ``features.json`` (whose ``pythonClassName`` tfds would import) is never used.
-``prepared_or_prepare`` lets a command take either a prepared folder or the raw release.
+``prepared_or_prepare`` lets a command take either a prepared folder or the raw release, and
+``embedded_preferences`` is what every UltraFeedback experiment reads: that dataset and its
+options' features from a frozen embedder (cached beside it).
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ import functools
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from nps.data.embedding_cache import embed_options_cached, embedder_identity
 from nps.data.pairs import choices
 from nps.data.ultrafeedback import Completions, Pairs, hh_pairs, hht_pairs, read_ultrafeedback, split_pairs
 from nps.errors import ConfigError
 from nps.files import Digest, exclusive_lock, file_sha256
+from nps.train.distributed import primary_first
 
 INCOMPLETE_PREFIX = "incomplete."  # tfds's name for a dataset folder still being written
 DATASET_NAME = "ultrafeedback_preferences"
@@ -422,3 +426,31 @@ def prepared_or_prepare(data: str | Path, out: Path, build: BuildParameters, ech
                 )
         return prepared
     return load_preferences(prepare_preferences(data, out, build, echo))
+
+
+class EmbeddedPreferences(NamedTuple):
+    """A prepared dataset and its options' features [M, D] (rows of ``data.options``), the embedder's
+    record (``embed_options_cached``), and the data identity that checkpoints and results carry."""
+
+    data: PreferenceData
+    features: np.ndarray
+    embedder: dict[str, Any]
+    identity: dict[str, Any]
+
+
+def embedded_preferences(data: str | Path, embedder: str | Path, out: Path, build: BuildParameters,
+                         needed_pairs: dict[str, int], *, dtype: str, max_length: int, batch_size: int,
+                         echo: Callable = print) -> EmbeddedPreferences:
+    """The UltraFeedback experiments' inputs: ``data`` prepared as ``build`` asks (a prepared folder, or
+    the raw file prepared under ``out/dataset``), each split holding at least ``needed_pairs[split]``
+    pairs, and its options embedded by ``embedder`` (cached beside the dataset). Process 0 writes the
+    dataset and the cache first; the other processes of a run then read them."""
+    prepared = primary_first(lambda: prepared_or_prepare(data, out / "dataset", build, echo), "dataset")
+    prepared.require_pairs(needed_pairs)
+    features, record = primary_first(lambda: embed_options_cached(
+        str(embedder), prepared.option_prompts(), prepared.options.responses, prepared.directory / "embeddings",
+        dtype=dtype, max_length=max_length, batch_size=batch_size, echo=echo), "embeddings")
+    if record["options_per_second"]:
+        echo(f"embedded {record['embedded_now']} options at {record['options_per_second']:.1f} options/s")
+    return EmbeddedPreferences(prepared, features, record,
+                               prepared.identity() | {"embedder": embedder_identity(record)})
