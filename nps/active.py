@@ -22,7 +22,7 @@ on the answered pairs, as at any N^C, and scored on the user's unseen pairs.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -152,13 +152,6 @@ particle_choice_probabilities_compiled = jax.jit(particle_choice_probabilities)
 particle_latents_compiled = jax.jit(particle_latents, static_argnames=("spec", "num_particles", "context_size"))
 
 
-@jax.jit
-def encode_compiled(model, chosen: jax.Array, rejected: jax.Array, mask: jax.Array) -> jax.Array:
-    """``model.encode(chosen, rejected, mask)``: z [B, d] of contexts [B, C, E] by a conditioned
-    policy or a deterministic NP-BTL, one program per capacity C (see ``context_capacity``)."""
-    return model.encode(chosen, rejected, mask)
-
-
 def _accuracy(model, context_ids, context_first, context_mask, candidates: PairSet, evaluation: PairSet, key):
     """Each user's accuracy [U] on ``evaluation`` with the answered candidates as context."""
     context_a, context_b = _rows(candidates.option_a, context_ids), _rows(candidates.option_b, context_ids)
@@ -228,6 +221,19 @@ def user_choices(pool: PairPool, user_weights: jax.Array) -> jax.Array:
     return user_utility(pool.utility_a, user_weights) >= user_utility(pool.utility_b, user_weights)
 
 
+def next_informative(log_weights: jax.Array, probabilities: jax.Array, asked: Iterable[int],
+                     order: Iterable[int]) -> int | None:
+    """The question to ask one user next: the unasked candidate with the largest EIG for their particle
+    weights [1, P] (``probabilities`` [P, M]); once none is informative, the first unasked candidate of
+    ``order``; None when every candidate was asked. What ``nps collect --active`` and the app ask."""
+    asked_mask = np.zeros((1, probabilities.shape[1]), bool)
+    asked_mask[0, sorted(asked)] = True
+    fallback = next((int(i) for i in order if not asked_mask[0, i]), None)
+    if fallback is None:
+        return None
+    return int(most_informative_compiled(log_weights, probabilities, asked_mask, np.array([fallback]))[0])
+
+
 def informative_chooser(model, particles: jax.Array, option_a: Any, option_b: Any):
     """A ``next_candidate`` for ``nps.data.profiles.collect``: after the answers so far, the unasked
     candidate with the largest EIG (file order once none is informative, or None when all were asked).
@@ -235,13 +241,8 @@ def informative_chooser(model, particles: jax.Array, option_a: Any, option_b: An
     probabilities = particle_choice_probabilities_compiled(model, particles, option_a, option_b)
 
     def next_candidate(candidates: list[dict], answered: list[dict], asked: set[int]) -> int | None:
-        unasked = [i for i in range(len(candidates)) if i not in asked]
-        if not unasked:
-            return None
         log_weights = log_weights_after(probabilities, [
             (int(r["candidate"]), r["chosen"] == candidates[int(r["candidate"])]["responses"][0]) for r in answered])
-        asked_mask = np.zeros((1, len(candidates)), bool)
-        asked_mask[0, sorted(asked)] = True
-        return int(most_informative_compiled(log_weights, probabilities, asked_mask, np.array([unasked[0]]))[0])
+        return next_informative(log_weights, probabilities, asked, range(len(candidates)))
 
     return next_candidate

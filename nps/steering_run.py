@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.active import encode_compiled, particle_latents_compiled
+from nps.active import particle_latents_compiled
 from nps.config import config_from_dict
 from nps.data import two_styles
 from nps.data.episodes import EpisodeSpec, context_capacity
 from nps.data.pairs import OptionPairPool, PolicyOptions
+from nps.encoder import encode_compiled
 from nps.errors import ConfigError
 from nps.files import texts_digest
 from nps.lm import Decoder, SamplingConfig, embed_tokens, from_pretrained, generate
@@ -236,3 +237,11 @@ class SteeringRun:
     def log_prob(self, prompt: str, response: str, z: jax.Array | None = None) -> float:
         """log π(response | prompt, z) under the steered policy."""
         return float(self.policy.log_probs(self.options([prompt], [response]), None if z is None else z[None])[0])
+
+
+def load_baseline(spec: str) -> tuple[str, SteeringRun | None]:
+    """``--baseline``: "base" (the unconditioned base LM; None) or RUN_DIR[:MODEL] (another run's policy)."""
+    if spec == "base":
+        return "base", None
+    run_dir, _, model = spec.partition(":")
+    return spec, SteeringRun.load(run_dir, model or "np_dpo")

@@ -43,7 +43,7 @@ import numpy as np
 
 from nps.active import (
     log_weights_after,
-    most_informative_compiled,
+    next_informative,
     particle_choice_probabilities_compiled,
     update_log_weights_compiled,
 )
@@ -51,10 +51,9 @@ from nps.data import two_styles
 from nps.data.profiles import read_candidates
 from nps.errors import ConfigError
 from nps.files import atomic_write_bytes
-from nps.steering_run import SteeringRun
+from nps.steering_run import SteeringRun, load_baseline
 from nps.serve.store import Store, StoreError, profile_hash
 from nps.train.evaluate import mean_and_sem
-from nps.workflow.ab import load_baseline
 from nps.workflow.consistency import ConsistencyReport, check_profile
 
 CHOICES = ("left", "right", "skip")
@@ -239,14 +238,9 @@ class PreferenceService:
         return tuple(responses[::-1]) if random.Random(f"{name}:{index}").random() < 0.5 else tuple(responses)
 
     def _next_index(self, state: _PersonState, name: str) -> int | None:
-        asked = np.zeros((1, len(self.candidates)), bool)
-        asked[0, list(state.asked)] = True
-        if asked.all():
-            return None
         # Once no pair is informative, the person's own random order (seeded by name) decides.
         order = random.Random(f"order:{name}").sample(range(len(self.candidates)), len(self.candidates))
-        fallback = next(i for i in order if not asked[0, i])
-        return int(most_informative_compiled(state.log_weights, self.probabilities, asked, np.array([fallback]))[0])
+        return next_informative(state.log_weights, self.probabilities, state.asked, order)
 
     def next_question(self, name: str) -> Question | None:
         """The most informative unanswered candidate for this person, or None when all are answered."""
