@@ -22,39 +22,23 @@ on the answered pairs, as at any N^C, and scored on the user's unseen pairs.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.data.episodes import (
-    Episodes,
-    EpisodeSpec,
-    PairPool,
-    context_capacity,
-    order_pairs,
-    sample_episodes,
-    user_utility,
-)
+from nps.data.episodes import Episodes, EpisodeSpec, context_capacity, sample_episodes
+from nps.data.pairs import AnsweredPairs, PairPool, order_pairs
 from nps.likelihood import choice_accuracy
-
-
-class PairSet(NamedTuple):
-    """M pairs of options, any option pytree with leading axis M (features [M, D], or a policy's
-    ``PolicyOptions``), and each user's choice: first_chosen [U, M] True where user u prefers a."""
-
-    option_a: Any
-    option_b: Any
-    first_chosen: jax.Array
 
 
 def _rows(tree: Any, index: jax.Array) -> Any:
     return jax.tree.map(lambda x: x[index], tree)
 
 
-def _episodes(context_a, context_b, context_first, context_mask, pairs: PairSet) -> Episodes:
+def _episodes(context_a, context_b, context_first, context_mask, pairs: AnsweredPairs) -> Episodes:
     """Tasks [U]: the answered pairs as context, every pair of ``pairs`` as an unseen target."""
     num_users, num_targets = pairs.first_chosen.shape
     broadcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_users, *x.shape)), tree)  # noqa: E731
@@ -152,14 +136,15 @@ particle_choice_probabilities_compiled = jax.jit(particle_choice_probabilities)
 particle_latents_compiled = jax.jit(particle_latents, static_argnames=("spec", "num_particles", "context_size"))
 
 
-def _accuracy(model, context_ids, context_first, context_mask, candidates: PairSet, evaluation: PairSet, key):
+def _accuracy(model, context_ids, context_first, context_mask, candidates: AnsweredPairs, evaluation: AnsweredPairs,
+              key):
     """Each user's accuracy [U] on ``evaluation`` with the answered candidates as context."""
     context_a, context_b = _rows(candidates.option_a, context_ids), _rows(candidates.option_b, context_ids)
     episodes = _episodes(context_a, context_b, context_first, context_mask, evaluation)
     return choice_accuracy(model.predict_log_odds(episodes, key), episodes.unseen_mask)
 
 
-def answer_curves(model, candidates: PairSet, evaluation: PairSet, particles: jax.Array, strategy: str,
+def answer_curves(model, candidates: AnsweredPairs, evaluation: AnsweredPairs, particles: jax.Array, strategy: str,
                   max_pairs: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """Simulated users answer ``max_pairs`` candidates one at a time, chosen at ``"random"`` or by
     ``"active"`` (EIG over ``particles``); after each answer the model, conditioned on every
@@ -178,8 +163,8 @@ def answer_curves(model, candidates: PairSet, evaluation: PairSet, particles: ja
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_pairs"))
-def _answer_curves(graphdef, state, candidates: PairSet, evaluation: PairSet, particles, key, *, strategy: str,
-                   max_pairs: int):
+def _answer_curves(graphdef, state, candidates: AnsweredPairs, evaluation: AnsweredPairs, particles, key, *,
+                   strategy: str, max_pairs: int):
     model = nnx.merge(graphdef, state)
     num_users, num_candidates = candidates.first_chosen.shape
     order_key, model_key = jax.random.split(key)
@@ -214,11 +199,6 @@ def pairs_needed(accuracy: np.ndarray, target: float) -> np.ndarray:
     """Per user [U]: the first number of answers whose accuracy ≥ target (max_pairs + 1 if never)."""
     reached = accuracy >= target
     return np.where(reached.any(axis=1), reached.argmax(axis=1), accuracy.shape[1])
-
-
-def user_choices(pool: PairPool, user_weights: jax.Array) -> jax.Array:
-    """[U, M] True where each user (weights [U, K] over the pool's user types) prefers option a."""
-    return user_utility(pool.utility_a, user_weights) >= user_utility(pool.utility_b, user_weights)
 
 
 def next_informative(log_weights: jax.Array, probabilities: jax.Array, asked: Iterable[int],
