@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.active import particle_latents_compiled
+from nps.active import informative_chooser, particle_latents_compiled
 from nps.config import config_from_dict
 from nps.data import two_styles
 from nps.data.episodes import EpisodeSpec, context_capacity
 from nps.data.pairs import OptionPairPool, PolicyOptions
+from nps.data.profiles import read_candidates
 from nps.encoder import encode_compiled
 from nps.errors import ConfigError
 from nps.files import texts_digest
@@ -202,6 +203,12 @@ class SteeringRun:
         return particle_latents_compiled(self.policy, OptionPairPool(pairs.pools()["val"], pairs.options),
                                          spec=self.episodes, num_particles=count, context_size=context_size,
                                          key=jax.random.key(seed))
+
+    def informative_order(self, candidates_path: str | Path):
+        """A ``next_candidate`` for ``nps.data.profiles.collect`` over the candidate set at ``candidates_path``:
+        the most informative pair first, judged by this run's policy (``nps.active.informative_chooser``)."""
+        candidates, _ = read_candidates(candidates_path)
+        return informative_chooser(self.policy, self.particles(), *self.candidate_options(candidates))
 
     def latent_range(self) -> tuple[float, float]:
         """The smallest and the largest coordinate of the z's the encoder gives the run's plausible users

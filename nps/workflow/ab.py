@@ -162,6 +162,15 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
     return report
 
 
+def ab_command(run: str, profile: list[str], prompts: str, out: str, *, model: str = "np_dpo",
+               baseline: str = "base", samples: int = 4, seed: int = 0, scorer: str = "oracle",
+               scorer_steps: int = 1000, echo=print) -> None:
+    """`nps ab`: ``run_ab`` for ``USER_TYPE=PATH`` profiles, then the report as Markdown and what was written."""
+    report = run_ab(run, parse_profiles(profile), prompts, out, model=model, baseline=baseline, samples=samples,
+                    seed=seed, scorer=scorer, scorer_steps=scorer_steps)
+    echo(format_markdown(report) + f"\nwrote {out}/ab.json, ab.md, ab.png")
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     inputs = report["inputs"]
     lines = [f"# A/B: `{inputs['model']}` personalised vs `{inputs['baseline']}`", "",
