@@ -154,8 +154,51 @@ class _NoDownloads:
     downloaded_size = 0
 
 
-@functools.cache
+# The private tensorflow_datasets internals that nps's builder replaces (no tfds release promises them):
+# where a dataset lives, the download manager, the "Downloading ..." banners, the lookup of checksum files
+# beside the code, the dataset's metadata on GCS. pyproject.toml pins the tfds releases they are tested on
+# (tests/test_prepared.py checks the installed one, and their signatures); and each must still exist, or the
+# builder would silently download, print and look up remotely again.
+TFDS_HOOKS = (
+    ("core.DatasetBuilder", "_build_data_dir"),
+    ("core.DatasetBuilder", "_make_download_manager"),
+    ("core.DatasetBuilder", "_log_download_bytes"),
+    ("core.DatasetBuilder", "_log_download_done"),
+    ("core.DatasetBuilder", "code_path"),
+    ("core.DatasetInfo", "initialize_from_bucket"),
+)
+
+
+def _tested_tfds() -> str:
+    """The tensorflow-datasets requirement nps was installed with (pyproject.toml's range)."""
+    import importlib.metadata
+
+    try:
+        return next(r for r in importlib.metadata.requires("nps") or () if r.startswith("tensorflow-datasets"))
+    except (importlib.metadata.PackageNotFoundError, StopIteration):
+        return "the tensorflow-datasets range in nps's pyproject.toml"
+
+
+def _check_tfds_hooks(tfds) -> None:
+    """Each internal in ``TFDS_HOOKS`` exists in the installed tfds, or one line naming it and the fix."""
+    for owner, name in TFDS_HOOKS:
+        cls = functools.reduce(getattr, owner.split("."), tfds)
+        if not any(name in vars(base) for base in cls.__mro__):  # not hasattr: that would run a property
+            raise ConfigError(f"tensorflow-datasets {tfds.__version__} has no {owner}.{name}, which nps's dataset "
+                              f"builder replaces; install a release nps is tested on: pip install "
+                              f"'{_tested_tfds()}'")
+
+
 def _builder_class():
+    """nps's tfds builder class, once the installed tfds is checked (``TFDS_HOOKS``)."""
+    import tensorflow_datasets as tfds
+
+    _check_tfds_hooks(tfds)
+    return _define_builder_class()
+
+
+@functools.cache  # tfds registers a builder class by its name: define it once
+def _define_builder_class():
     # Defined on first use: importing tensorflow_datasets costs seconds, and `nps --help` should not.
     import tensorflow_datasets as tfds
 
