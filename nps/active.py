@@ -30,12 +30,8 @@ import numpy as np
 from flax import nnx
 
 from nps.data.episodes import Episodes, EpisodeSpec, context_capacity, sample_episodes
-from nps.data.pairs import AnsweredPairs, PairPool, order_pairs
+from nps.data.pairs import AnsweredPairs, PairPool, order_pairs, take_rows
 from nps.likelihood import choice_accuracy
-
-
-def _rows(tree: Any, index: jax.Array) -> Any:
-    return jax.tree.map(lambda x: x[index], tree)
 
 
 def _episodes(context_a, context_b, context_first, context_mask, pairs: AnsweredPairs) -> Episodes:
@@ -139,7 +135,7 @@ particle_latents_compiled = jax.jit(particle_latents, static_argnames=("spec", "
 def _accuracy(model, context_ids, context_first, context_mask, candidates: AnsweredPairs, evaluation: AnsweredPairs,
               key):
     """Each user's accuracy [U] on ``evaluation`` with the answered candidates as context."""
-    context_a, context_b = _rows(candidates.option_a, context_ids), _rows(candidates.option_b, context_ids)
+    context_a, context_b = take_rows(candidates.option_a, context_ids), take_rows(candidates.option_b, context_ids)
     episodes = _episodes(context_a, context_b, context_first, context_mask, evaluation)
     return choice_accuracy(model.predict_log_odds(episodes, key), episodes.unseen_mask)
 

@@ -34,6 +34,11 @@ SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
+def take_rows(tree: Any, index) -> Any:
+    """Rows ``index`` (ids, a slice) of every leaf of an option pytree, along its leading axis."""
+    return jax.tree.map(lambda x: x[index], tree)
+
+
 class PairPool(NamedTuple):
     """A split of option pairs with each user type's utility for both options.
 
@@ -61,7 +66,7 @@ class PairPool(NamedTuple):
 
     def take(self, index) -> PairPool:
         """The pairs at ``index`` (ids [n])."""
-        return jax.tree.map(lambda x: x[index], self)
+        return take_rows(self, index)
 
 
 class OptionPairPool(NamedTuple):
@@ -199,8 +204,8 @@ class AnsweredPairs(NamedTuple):
 
     def take(self, index) -> AnsweredPairs:
         """The pairs at ``index`` (ids [n]), answered by the same users."""
-        rows = lambda tree: jax.tree.map(lambda x: x[index], tree)  # noqa: E731
-        return AnsweredPairs(rows(self.option_a), rows(self.option_b), self.first_chosen[:, index])
+        return AnsweredPairs(take_rows(self.option_a, index), take_rows(self.option_b, index),
+                             self.first_chosen[:, index])
 
     def profile(self, rng: np.random.Generator, users: np.ndarray, mistakes=()) -> tuple[Any, Any]:
         """A simulated profile: ``len(users)`` distinct random pairs, the i-th answered as user ``users[i]``
@@ -209,8 +214,7 @@ class AnsweredPairs(NamedTuple):
         pairs = rng.choice(self.num_pairs, len(users), replace=False)
         first = np.asarray(self.first_chosen)[users, pairs]
         first[list(mistakes)] ^= True
-        rows = lambda tree: jax.tree.map(lambda x: x[pairs], tree)  # noqa: E731
-        return order_pairs(jnp.asarray(first), rows(self.option_a), rows(self.option_b))
+        return order_pairs(jnp.asarray(first), take_rows(self.option_a, pairs), take_rows(self.option_b, pairs))
 
 
 def answer_pairs(pool: PairPool | OptionPairPool, user_weights: jax.Array, key: jax.Array) -> AnsweredPairs:

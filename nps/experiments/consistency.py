@@ -30,7 +30,7 @@ import numpy as np
 
 from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec
-from nps.data.pairs import AnsweredPairs, OptionPairPool, PairPool, answer_pairs
+from nps.data.pairs import AnsweredPairs, OptionPairPool, PairPool, answer_pairs, take_rows
 from nps.data.synthetic import TWO_USER_NAMES, two_user_identity, two_user_pools
 from nps.errors import invalid
 from nps.experiments.steering import trained_run
@@ -98,10 +98,6 @@ class _Task(NamedTuple):
         return self._replace(candidates=self.candidates.take(np.flatnonzero(first[0] != first[1])))
 
 
-def _prefixes(tree: Any, count: int) -> Any:
-    return jax.tree.map(lambda x: x[:count], tree)
-
-
 def _study(task: _Task, config: ConsistencyConfig, num_users: int, rng: np.random.Generator,
            echo=lambda *_: None) -> dict[str, Any]:
     settings = {"threshold": config.threshold, "permutations": config.permutations, "window": config.window,
@@ -119,7 +115,8 @@ def _study(task: _Task, config: ConsistencyConfig, num_users: int, rng: np.rando
         for count in range(config.switch_after + config.min_segment, config.answers + 1):
             if first_flag is not None and count < config.answers:
                 continue  # flagged once: only the last look is still needed
-            drift = drift_test(task.model, _prefixes(chosen, count), _prefixes(rejected, count), seed=user, **settings)
+            drift = drift_test(task.model, take_rows(chosen, slice(count)), take_rows(rejected, slice(count)), seed=user,
+                               **settings)
             checks += 1
             if drift.flagged and first_flag is None:
                 first_flag = count - config.switch_after
