@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "largest batch that does")
     plan.add_argument("--measure", type=int, default=0, metavar="STEPS",
                       help="with --topology local: also run the program STEPS times and time it")
-    plan.add_argument("--json", dest="json_path", metavar="JSON", help="also write the plan as JSON here ('-' for stdout "
-                      "only)")
+    plan.add_argument("--json", dest="json_path", metavar="JSON",
+                      help="also write the plan as JSON here ('-' for stdout only)")
     plan.set_defaults(func=_plan)
     return parser
 

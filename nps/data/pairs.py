@@ -40,7 +40,9 @@ def take_rows(tree: Any, index) -> Any:
 
 
 class PairPool(NamedTuple):
-    """A split of option pairs with each user type's utility for both options.
+    """A split of option pairs with each user type's utility for both options: the source of every
+    label (a sampled task's, a simulated user's). The other pair containers and how each relates to
+    this one: the module's docstring.
 
     option_a, option_b: ``[N, D]`` option features.
     utility_a, utility_b: ``[N, K]`` utility of each option for each of K user types.
@@ -70,7 +72,8 @@ class PairPool(NamedTuple):
 
 
 class OptionPairPool(NamedTuple):
-    """Pairs whose options are rows of a table: token sequences, features, reference log-probs.
+    """Pairs whose options are rows of a table: token sequences, features, reference log-probs. The same
+    labels as a ``PairPool`` (its utilities), with each option stored once however many pairs hold it.
 
     pairs: a ``PairPool`` whose option_a / option_b are ``[N, 1]`` int32 row ids into ``options``.
     options: any pytree of arrays with a leading axis M (one row per option).

@@ -115,8 +115,8 @@ def _study(task: _Task, config: ConsistencyConfig, num_users: int, rng: np.rando
         for count in range(config.switch_after + config.min_segment, config.answers + 1):
             if first_flag is not None and count < config.answers:
                 continue  # flagged once: only the last look is still needed
-            drift = drift_test(task.model, take_rows(chosen, slice(count)), take_rows(rejected, slice(count)), seed=user,
-                               **settings)
+            looked_at = (take_rows(chosen, slice(count)), take_rows(rejected, slice(count)))
+            drift = drift_test(task.model, *looked_at, seed=user, **settings)
             checks += 1
             if drift.flagged and first_flag is None:
                 first_flag = count - config.switch_after
