@@ -493,7 +493,5 @@ def embedded_preferences(data: str | Path, embedder: str | Path, out: Path, buil
     features, record = primary_first(lambda: embed_options_cached(
         str(embedder), prepared.option_prompts(), prepared.options.responses, prepared.directory / "embeddings",
         dtype=dtype, max_length=max_length, batch_size=batch_size, echo=echo), "embeddings")
-    if record["options_per_second"]:
-        echo(f"embedded {record['embedded_now']} options at {record['options_per_second']:.1f} options/s")
     return EmbeddedPreferences(prepared, features, record,
                                prepared.identity() | {"embedder": embedder_identity(record)})

@@ -186,6 +186,9 @@ def prepare_inputs(config: UFInputs, out: Path, echo) -> EmbeddedPreferences:
     inputs = embedded_preferences(config.data, config.model, out, config.build(),
                                   {split: config.episodes.num_targets for split in SPLITS}, dtype=config.dtype,
                                   max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo)
+    if inputs.embedder["options_per_second"]:
+        echo(f"embedded {inputs.embedder['embedded_now']} options at {inputs.embedder['options_per_second']:.1f} "
+             "options/s")
     return inputs._replace(features=jnp.asarray(inputs.features))
 
 
