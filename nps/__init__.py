@@ -1,8 +1,8 @@
 """nps: few-shot steerable alignment with neural processes, in JAX/Flax.
 
-The core (this package's top level) is pure functions over pytrees:
-``nps.likelihood`` (BTL, DPL, posterior predictive), ``nps.latent`` (diagonal
-Gaussian q(z|·), KL), ``nps.encoder`` (context pairs -> z). Models live in
+The core (this package's top level): ``nps.likelihood`` (BTL, DPL, posterior predictive) and
+``nps.latent`` (diagonal Gaussian q(z|·), KL), pure functions over pytrees, and ``nps.encoder``
+(context pairs -> z, an NNX module). Models live in
 ``nps.models``, training in ``nps.train``, data in ``nps.data``, and the paper's
 experiments in ``nps.experiments``.
 

@@ -22,39 +22,19 @@ on the answered pairs, as at any N^C, and scored on the user's unseen pairs.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.data.episodes import (
-    Episodes,
-    EpisodeSpec,
-    PairPool,
-    context_capacity,
-    order_pairs,
-    sample_episodes,
-    user_utility,
-)
+from nps.data.episodes import Episodes, EpisodeSpec, context_capacity, sample_episodes
+from nps.data.pairs import AnsweredPairs, PairPool, order_pairs, take_rows
 from nps.likelihood import choice_accuracy
 
 
-class PairSet(NamedTuple):
-    """M pairs of options, any option pytree with leading axis M (features [M, D], or a policy's
-    ``PolicyOptions``), and each user's choice: first_chosen [U, M] True where user u prefers a."""
-
-    option_a: Any
-    option_b: Any
-    first_chosen: jax.Array
-
-
-def _rows(tree: Any, index: jax.Array) -> Any:
-    return jax.tree.map(lambda x: x[index], tree)
-
-
-def _episodes(context_a, context_b, context_first, context_mask, pairs: PairSet) -> Episodes:
+def _episodes(context_a, context_b, context_first, context_mask, pairs: AnsweredPairs) -> Episodes:
     """Tasks [U]: the answered pairs as context, every pair of ``pairs`` as an unseen target."""
     num_users, num_targets = pairs.first_chosen.shape
     broadcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_users, *x.shape)), tree)  # noqa: E731
@@ -152,21 +132,15 @@ particle_choice_probabilities_compiled = jax.jit(particle_choice_probabilities)
 particle_latents_compiled = jax.jit(particle_latents, static_argnames=("spec", "num_particles", "context_size"))
 
 
-@jax.jit
-def encode_compiled(model, chosen: jax.Array, rejected: jax.Array, mask: jax.Array) -> jax.Array:
-    """``model.encode(chosen, rejected, mask)``: z [B, d] of contexts [B, C, E] by a conditioned
-    policy or a deterministic NP-BTL, one program per capacity C (see ``context_capacity``)."""
-    return model.encode(chosen, rejected, mask)
-
-
-def _accuracy(model, context_ids, context_first, context_mask, candidates: PairSet, evaluation: PairSet, key):
+def _accuracy(model, context_ids, context_first, context_mask, candidates: AnsweredPairs, evaluation: AnsweredPairs,
+              key):
     """Each user's accuracy [U] on ``evaluation`` with the answered candidates as context."""
-    context_a, context_b = _rows(candidates.option_a, context_ids), _rows(candidates.option_b, context_ids)
+    context_a, context_b = take_rows(candidates.option_a, context_ids), take_rows(candidates.option_b, context_ids)
     episodes = _episodes(context_a, context_b, context_first, context_mask, evaluation)
     return choice_accuracy(model.predict_log_odds(episodes, key), episodes.unseen_mask)
 
 
-def answer_curves(model, candidates: PairSet, evaluation: PairSet, particles: jax.Array, strategy: str,
+def answer_curves(model, candidates: AnsweredPairs, evaluation: AnsweredPairs, particles: jax.Array, strategy: str,
                   max_pairs: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """Simulated users answer ``max_pairs`` candidates one at a time, chosen at ``"random"`` or by
     ``"active"`` (EIG over ``particles``); after each answer the model, conditioned on every
@@ -185,8 +159,8 @@ def answer_curves(model, candidates: PairSet, evaluation: PairSet, particles: ja
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "strategy", "max_pairs"))
-def _answer_curves(graphdef, state, candidates: PairSet, evaluation: PairSet, particles, key, *, strategy: str,
-                   max_pairs: int):
+def _answer_curves(graphdef, state, candidates: AnsweredPairs, evaluation: AnsweredPairs, particles, key, *,
+                   strategy: str, max_pairs: int):
     model = nnx.merge(graphdef, state)
     num_users, num_candidates = candidates.first_chosen.shape
     order_key, model_key = jax.random.split(key)
@@ -223,9 +197,17 @@ def pairs_needed(accuracy: np.ndarray, target: float) -> np.ndarray:
     return np.where(reached.any(axis=1), reached.argmax(axis=1), accuracy.shape[1])
 
 
-def user_choices(pool: PairPool, user_weights: jax.Array) -> jax.Array:
-    """[U, M] True where each user (weights [U, K] over the pool's user types) prefers option a."""
-    return user_utility(pool.utility_a, user_weights) >= user_utility(pool.utility_b, user_weights)
+def next_informative(log_weights: jax.Array, probabilities: jax.Array, asked: Iterable[int],
+                     order: Iterable[int]) -> int | None:
+    """The question to ask one user next: the unasked candidate with the largest EIG for their particle
+    weights [1, P] (``probabilities`` [P, M]); once none is informative, the first unasked candidate of
+    ``order``; None when every candidate was asked. What ``nps collect --active`` and the app ask."""
+    asked_mask = np.zeros((1, probabilities.shape[1]), bool)
+    asked_mask[0, sorted(asked)] = True
+    fallback = next((int(i) for i in order if not asked_mask[0, i]), None)
+    if fallback is None:
+        return None
+    return int(most_informative_compiled(log_weights, probabilities, asked_mask, np.array([fallback]))[0])
 
 
 def informative_chooser(model, particles: jax.Array, option_a: Any, option_b: Any):
@@ -235,13 +217,8 @@ def informative_chooser(model, particles: jax.Array, option_a: Any, option_b: An
     probabilities = particle_choice_probabilities_compiled(model, particles, option_a, option_b)
 
     def next_candidate(candidates: list[dict], answered: list[dict], asked: set[int]) -> int | None:
-        unasked = [i for i in range(len(candidates)) if i not in asked]
-        if not unasked:
-            return None
         log_weights = log_weights_after(probabilities, [
             (int(r["candidate"]), r["chosen"] == candidates[int(r["candidate"])]["responses"][0]) for r in answered])
-        asked_mask = np.zeros((1, len(candidates)), bool)
-        asked_mask[0, sorted(asked)] = True
-        return int(most_informative_compiled(log_weights, probabilities, asked_mask, np.array([unasked[0]]))[0])
+        return next_informative(log_weights, probabilities, asked, range(len(candidates)))
 
     return next_candidate

@@ -25,14 +25,12 @@ A re-run with the same --out resumes each model from its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
-from pathlib import Path
 
-from nps.errors import ConfigError, NPSError
-from nps.experiments import EXPERIMENTS  # the registry alone: nothing here imports JAX (see ``entry``)
+from nps.errors import NPSError
+from nps.experiments import EXPERIMENTS, default_out  # the registry alone: nothing here imports JAX (see ``entry``)
 from nps.interrupts import interrupt_safely
 
 
@@ -69,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     joining.add_argument("--join-timeout", type=int, default=120, help="seconds to wait for every process (120)")
     joining.add_argument("--peer-timeout", type=float, default=20.0,
                          help="seconds after which a silent process counts as gone and the others stop (20)")
+    reproduce.set_defaults(func=_reproduce, kept=_checkpoints_kept)
 
     launch = commands.add_parser("launch", help="run an nps command as several local processes of one JAX program")
     launch.add_argument("--local", type=int, required=True, metavar="N", help="how many processes to start here")
@@ -78,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give process i the GPUs i·G .. i·G + G − 1 (CUDA_VISIBLE_DEVICES)")
     launch.add_argument("--port", type=int, default=0, help="the coordinator's port (default: a free one)")
     launch.add_argument("program", nargs=argparse.REMAINDER, help="-- then the nps command, e.g. -- reproduce synthetic")
+    launch.set_defaults(func=_launch)
 
     prepare = commands.add_parser("prepare", help="write UltraFeedback's HH or HHT pairs as a versioned dataset")
     prepare.add_argument("recipe", choices=("hh", "hht"))
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--seed", type=int, default=42, help="the split's seed (the paper's: 42)")
     prepare.add_argument("--strict", action="store_true", help="stop at the first malformed record (default: skip "
                          "and count each in the read report)")
+    prepare.set_defaults(func=_prepare)
 
     steer = commands.add_parser("generate", help="generate with a trained steerable policy, steered by a user")
     steer.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     steer.add_argument("--samples", type=int, default=1, help="responses per prompt and z (default 1)")
     steer.add_argument("--temperature", type=float, default=None, help="default: the run's sampling temperature")
     steer.add_argument("--seed", type=int, default=0)
+    steer.set_defaults(func=_generate)
     gather = commands.add_parser("collect", help="ask a user to choose between pairs of responses; write a profile")
     gather.add_argument("--candidates", required=True, help='JSON lines of {"prompt": ..., "responses": [a, b]}')
     gather.add_argument("--profile", required=True, help="the user's profile (JSON lines; resumed if it exists)")
@@ -110,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     gather.add_argument("--seed", type=int, default=0, help="seed of the order in which the two responses are shown")
     gather.add_argument("--active", metavar="RUN", help="ask the most informative pair first, judged by a trained "
                         "`nps reproduce steering` run's NP-DPO policy (default: file order)")
+    gather.set_defaults(func=_collect, kept=_answers_kept)
 
     ab = commands.add_parser("ab", help="personalised vs baseline generations per user profile, scored per user")
     ab.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="oracle: each user type's true reward; np_btl: NP-BTL conditioned on the profile")
     ab.add_argument("--scorer-steps", type=int, default=1000, help="np_btl scorer's training steps (once per run)")
     ab.add_argument("--out", default="ab", help="folder for ab.json, ab.md and ab.png (default: ab)")
+    ab.set_defaults(func=_ab)
 
     diff = commands.add_parser("compare", help="line up two runs' metrics; exit 1 if B regressed")
     diff.add_argument("run_a", help="the reference run folder (or its results.json)")
@@ -134,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--allow-different-data", action="store_true", help="compare runs on different datasets")
     diff.add_argument("--allow-missing", action="store_true", help="do not fail when B lacks a model or metric of A "
                       "or has a NaN or infinite one (they are still listed)")
+    diff.set_defaults(func=_compare)
 
     web = commands.add_parser("serve", help="the preference web app: people teach nps, try it and judge it")
     web.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
@@ -147,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--model", default="np_dpo", help="the steered policy (default np_dpo)")
     web.add_argument("--baseline", default="base", help="blind A/B baseline: 'base' or RUN_DIR[:MODEL]")
     web.add_argument("--particles", type=int, default=256, help="plausible users that choose the questions (256)")
+    web.set_defaults(func=_serve, kept=_store_kept)
 
     profile = commands.add_parser("profile", help="check a profile: implausible answers, position bias, drift")
     profile_commands = profile.add_subparsers(dest="profile_command", required=True)
@@ -163,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--permutations", type=int, default=99, help="most permutations of the drift test (99)")
     check.add_argument("--window", type=int, default=24, help="the drift test reads the last this many answers (24)")
     check.add_argument("--min-segment", type=int, default=3, help="fewest answers on each side of a drift (3)")
-    check.add_argument("--json", help="also write the report as JSON here")
+    check.add_argument("--json", dest="json_path", metavar="JSON", help="also write the report as JSON here")
+    check.set_defaults(func=_profile_check)
 
     plan = commands.add_parser("plan", help="compile a job for a TPU topology or GPU cluster (no device needed): "
                                "per-device memory, FLOPs, roofline step time; exit 1 if it does not fit")
@@ -193,184 +200,80 @@ def build_parser() -> argparse.ArgumentParser:
                       "largest batch that does")
     plan.add_argument("--measure", type=int, default=0, metavar="STEPS",
                       help="with --topology local: also run the program STEPS times and time it")
-    plan.add_argument("--json", help="also write the plan as JSON here ('-' for stdout only)")
+    plan.add_argument("--json", dest="json_path", metavar="JSON",
+                      help="also write the plan as JSON here ('-' for stdout only)")
+    plan.set_defaults(func=_plan)
     return parser
 
 
-def _plan(args) -> int:
-    from nps.plan.topology import compile_only_environment
-
-    for key, value in compile_only_environment(args.topology).items():  # before JAX starts its backends
-        os.environ.setdefault(key, value)
-    import dataclasses as dc
-
-    from nps.files import atomic_write_json
-    from nps.lm.decoder import LoRAConfig
-    from nps.plan import Workload, decoder_config, format_plan, make_plan, parse_mesh, resolve
-
-    name, decoder = decoder_config(args.model)
-    lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, targets=tuple(args.lora_targets.split(",")))
-    workload = Workload(args.job, decoder, args.dtype, args.batch, args.targets, args.context, args.length,
-                        args.new_tokens, args.remat, lora, args.feature_dim, pairs=args.pairs, options=args.options)
-    target = resolve(args.topology, args.num_slices)
-    plan = make_plan(workload, target, parse_mesh(args.mesh, target) if args.mesh else None, model_name=name,
-                     search=not args.no_search, measure_steps=args.measure)
-    report = dc.asdict(plan) | {"checks": plan.checks}
-    if args.json == "-":
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_plan(plan))
-        if args.json:
-            atomic_write_json(Path(args.json), report)
-    return 0 if plan.fits else 1
+# -- handlers: each parses nothing more and calls one library function ------------------------------
+def _options(args) -> dict:
+    """The parsed flags as the library function's keywords (argparse's own fields left out)."""
+    return {name: value for name, value in vars(args).items()
+            if name not in ("command", "profile_command", "func", "kept")}
 
 
-def _profile_check(args) -> None:
-    from nps.data.profiles import PAIR_FIELDS, read_profile
-    from nps.files import atomic_write_json, file_sha256
-    from nps.serve.steering import SteeringRun
-    from nps.workflow.consistency import check_profile, format_report
+def _reproduce(args) -> int:
+    from nps.experiments import reproduce
 
-    for name in ("threshold", "implausible_below"):
-        if not 0 < getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be between 0 and 1")
-    for name in ("permutations", "window", "min_segment"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
-    records = [r for r in read_profile(args.profile) if r.get("choice") != "skip"]
-    if not records:
-        raise ConfigError(f"{args.profile}: the profile has no answered pairs; nothing to check")
-    pairs = [{field: r[field] for field in PAIR_FIELDS} for r in records]
-    run = SteeringRun.load(args.run, "np_dpo" if args.model == "np_btl_reward" else args.model)
-    if args.model == "np_btl_reward":
-        from nps.workflow.ab import NP_BTL_SCORER_EPISODES, load_np_btl_scorer
-
-        model, trained_context = load_np_btl_scorer(run), NP_BTL_SCORER_EPISODES.max_context
-    elif run.conditioned:
-        model, trained_context = run.policy, run.episodes.max_context
-    else:
-        raise ConfigError(f"--model {args.model} takes no user; check with np_dpo or np_btl_reward")
-    try:  # the model's options of each answer: features for NP-BTL, token rows for the policy
-        if args.model == "np_btl_reward":
-            prompts = [p["prompt"] for p in pairs]
-            chosen = run.option_features(prompts, [p["chosen"] for p in pairs])
-            rejected = run.option_features(prompts, [p["rejected"] for p in pairs])
-        else:
-            chosen, rejected = run.pair_options(pairs)
-    except ConfigError as error:
-        raise ConfigError(f"{args.profile}: {error}") from None
-    report = check_profile(model, pairs, chosen, rejected, [r.get("position") for r in records],
-                           trained_context=trained_context, implausible_below=args.implausible_below,
-                           threshold=args.threshold, permutations=args.permutations, window=args.window,
-                           min_segment=args.min_segment)
-    print(format_report(report, args.profile))
-    if args.json:
-        inputs = {"profile": str(Path(args.profile).absolute()), "profile_sha256": file_sha256(args.profile),
-                  "run": str(Path(args.run).absolute()), "model": args.model, "run_fingerprint": run.fingerprint}
-        atomic_write_json(args.json, inputs | report.to_json())
+    return reproduce(**_options(args))
 
 
-def _collect(args) -> int:
-    from nps.data.profiles import ask_in_terminal, choices_from_file, collect, read_profile
+def _launch(args) -> int:
+    from nps.train.launch import launch_local
 
-    try:
-        records = collect(args.candidates, args.profile, choices_from_file(args.choices) if args.choices else
-                          ask_in_terminal, next_candidate=_informative_order(args) if args.active else None,
-                          limit=args.limit, seed=args.seed)
-    except KeyboardInterrupt:
-        # Every answer was fsynced when given, so the profile on disk is what is kept.
-        kept = read_profile(args.profile) if Path(args.profile).is_file() else []
-        skipped = sum(r.get("choice") == "skip" for r in kept)
-        print(f"nps: interrupted: {args.profile} keeps {len(kept) - skipped} answers and {skipped} skips; "
-              "run the same command again to continue where you stopped", file=sys.stderr)
-        return 130
-    skipped = sum(r.get("choice") == "skip" for r in records)
-    print(f"{args.profile}: {len(records) - skipped} answered, {skipped} skipped")
-    return 0
+    return launch_local(args.local, args.program, cpu_devices=args.cpu_devices,
+                        gpus_per_process=args.gpus_per_process, port=args.port)
 
 
-def _informative_order(args):
-    """`nps collect --active RUN`: the most informative pair first, judged by the run's NP-DPO policy."""
-    from nps.active import informative_chooser
-    from nps.data.profiles import read_candidates
-    from nps.serve.steering import SteeringRun
+def _prepare(args) -> None:
+    from nps.data.prepared import BuildParameters, prepare_preferences
 
-    run = SteeringRun.load(args.active)
-    candidates, _ = read_candidates(args.candidates)
-    return informative_chooser(run.policy, run.particles(), *run.candidate_options(candidates))
-
-
-def _compare(args) -> int:
-    from nps.files import atomic_write_text
-    from nps.workflow.compare import compare_runs, format_markdown, format_text
-
-    comparison = compare_runs(args.run_a, args.run_b, tolerance=args.tolerance, sigmas=args.sigmas,
-                              allow_different_data=args.allow_different_data, allow_missing=args.allow_missing)
-    print(format_text(comparison))
-    if args.markdown:
-        try:
-            atomic_write_text(args.markdown, format_markdown(comparison))
-        except OSError as error:
-            raise ConfigError(f"{args.markdown}: cannot be written ({error.strerror}); pass another --markdown "
-                              "path") from None
-    return 1 if comparison.failed else 0
+    prepare_preferences(args.data, args.out, BuildParameters(args.recipe, args.conflict_rate, args.split_by, args.seed),
+                        strict=args.strict)
 
 
 def _generate(args) -> None:
-    import jax.numpy as jnp
-    import numpy as np
+    from nps.workflow.generate import generate_steered
 
-    from nps.data.profiles import read_pairs
-    from nps.latent import interpolate
-    from nps.serve.steering import SteeringRun
+    generate_steered(**_options(args))
 
-    for flag, count, least in (("--samples", args.samples, 1), ("--points", args.points, 2)):
-        if count < least:
-            raise ConfigError(f"{flag} {count} must be at least {least}")
-    if args.z_file and (args.context or args.toward):
-        raise ConfigError("--z-file replaces --context/--toward; pass one or the other")
-    run = SteeringRun.load(args.run, args.model)
-    run.sampling(args.temperature)  # a temperature it cannot sample with is refused before anything is printed
-    if args.z_file:
-        try:
-            with open(args.z_file, encoding="utf-8") as f:
-                values = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{args.z_file}: not a JSON list of numbers ({exc})") from None
-        latent_dim = run.policy.config.encoder.latent_dim
-        if not (isinstance(values, list) and len(values) == latent_dim and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
-            raise ConfigError(f"{args.z_file}: z must be a JSON list of {latent_dim} numbers (this policy's latent "
-                              f"size), not {json.dumps(values)[:60]}")
-        z = jnp.asarray(np.asarray(values, np.float32))
-        if not bool(jnp.all(jnp.isfinite(z))):
-            raise ConfigError(f"{args.z_file}: z has non-finite values (NaN or inf); write a list of finite numbers")
-        low, high = run.latent_range()
-        extreme = float(z[jnp.argmax(jnp.abs(z))])
-        if not low - (high - low) <= extreme <= high + (high - low):
-            warnings.warn(f"{args.z_file}: z reaches {extreme:.3g}, far outside [{low:.3g}, {high:.3g}] where the "
-                          "encoder puts the run's users: expect responses unlike any user's (empty or degenerate)")
-        points = [("z from " + args.z_file, z)]
-    else:
-        z = run.encode_user(read_pairs(args.context) if args.context else [])
-        points = [(f"user of {args.context}" if args.context else "no context (N^C = 0)", z)]
-        if args.toward:
-            if z is None:
-                raise ConfigError(f"--toward needs a conditioned policy; {args.model} takes no user")
-            weights = np.linspace(0.0, 1.0, args.points)
-            line = interpolate(z, run.encode_user(read_pairs(args.toward)), weights)
-            points = [(f"w = {w:.2f} toward {args.toward}", point) for w, point in zip(weights, line)]
-    empty = 0
-    for label, z in points:
-        print(f"# {label}")
-        for sample in range(args.samples):
-            replies = run.generate(args.prompt, z, seed=args.seed + sample, temperature=args.temperature)
-            for prompt, reply in zip(args.prompt, replies):
-                print(f"{prompt} => {reply}")
-                empty += not reply
-    if empty:
-        warnings.warn(f"{empty} of {len(points) * args.samples * len(args.prompt)} responses are empty (the policy "
-                      "ended them at once)")
+
+def _collect(args) -> int:
+    from nps.workflow.collect import collect_profile
+
+    return collect_profile(**_options(args))
+
+
+def _ab(args) -> None:
+    from nps.workflow.ab import ab_command
+
+    ab_command(**_options(args))
+
+
+def _compare(args) -> int:
+    from nps.workflow.compare import compare_command
+
+    return compare_command(**_options(args))
+
+
+def _serve(args) -> None:
+    from nps.serve.app import serve
+
+    serve(args.run, args.candidates, args.store, host=args.host, port=args.port, admin_token=args.admin_token,
+          model=args.model, baseline=args.baseline, particles=args.particles)
+
+
+def _profile_check(args) -> None:
+    from nps.workflow.consistency import check_profile_file
+
+    check_profile_file(**_options(args))
+
+
+def _plan(args) -> int:
+    from nps.plan import plan_command
+
+    return plan_command(**_options(args))
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -381,64 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _one_line_warning
     try:
-        from nps.config import apply_overrides, config_to_dict
-
-        if args.command == "launch":
-            from nps.train.launch import launch_local
-
-            program = args.program[1:] if args.program[:1] == ["--"] else args.program
-            return launch_local(args.local, program, cpu_devices=args.cpu_devices,
-                                gpus_per_process=args.gpus_per_process, port=args.port)
-        if args.command == "generate":
-            _generate(args)
-            return 0
-        if args.command == "collect":
-            return _collect(args)
-        if args.command == "compare":
-            return _compare(args)
-        if args.command == "profile":
-            _profile_check(args)
-            return 0
-        if args.command == "plan":
-            return _plan(args)
-        if args.command == "serve":
-            from nps.serve.app import serve
-
-            serve(args.run, args.candidates, args.store, host=args.host, port=args.port, admin_token=args.admin_token,
-                  model=args.model, baseline=args.baseline, particles=args.particles)
-            return 0
-        if args.command == "ab":
-            from nps.workflow.ab import format_markdown, parse_profiles, run_ab
-
-            report = run_ab(args.run, parse_profiles(args.profile), args.prompts, args.out, model=args.model,
-                            baseline=args.baseline, samples=args.samples, seed=args.seed, scorer=args.scorer,
-                            scorer_steps=args.scorer_steps)
-            print(format_markdown(report) + f"\nwrote {args.out}/ab.json, ab.md, ab.png")
-            return 0
-        if args.command == "prepare":
-            from nps.data.prepared import BuildParameters, prepare_preferences
-
-            prepare_preferences(args.data, args.out,
-                                BuildParameters(args.recipe, args.conflict_rate, args.split_by, args.seed),
-                                strict=args.strict)
-            return 0
-        from nps.train.distributed import JoinSettings, agree_with_primary, is_primary, join_run, run_identity
-
-        joined = join_run(JoinSettings(args.coordinator, args.num_processes, args.process_id, args.join_timeout,
-                                       args.peer_timeout))
-        if joined and not is_primary():
-            warnings.simplefilter("ignore")  # process 0 says everything once
-        defaults, run = EXPERIMENTS[args.experiment].load()
-        paths = [f"{name}={value}" for name, value in (("model", args.model), ("data", args.data)) if value]
-        config = apply_overrides(defaults(), paths + args.overrides)
-        if args.print_config:
-            print(json.dumps(config_to_dict(config), indent=2))
-            return 0
-        out = args.out or f"runs/{args.experiment}"
-        if joined:  # before anything is trained or written: every process must run the same experiment
-            agree_with_primary(run_identity({"experiment": args.experiment, "out": out, "fresh": args.fresh},
-                                            config_to_dict(config)), "configuration", args.join_timeout)
-        run(config, out, fresh=args.fresh, progress=not args.quiet, echo=print if is_primary() else lambda *_: None)
+        return args.func(args) or 0
     except NPSError as error:
         print(f"nps: error: {error}", file=sys.stderr)
         return error.exit_code
@@ -453,22 +299,28 @@ def main(argv: list[str] | None = None) -> int:
         cause = str(error).strip().splitlines()[0][:160]
         print(f"nps: error: {lost_peers(f'a collective with another process failed: {cause}')}", file=sys.stderr)
         return PeerLostError.exit_code
-    return 0
 
 
+# -- what a Ctrl-C keeps: one line per command -------------------------------------------------------
 NOTHING_HALF_WRITTEN = "nothing was half-written; run the same command again"
+
+
+def _checkpoints_kept(args) -> str:
+    out = args.out or default_out(args.experiment)
+    return f"every checkpoint already saved under {out} is kept; run the same command again to resume"
+
+
+def _answers_kept(args) -> str:
+    return f"every answer given so far is saved in {args.profile}; run the same command again to continue"
+
+
+def _store_kept(args) -> str:
+    return f"every acknowledged answer is saved in {args.store}; run the same command again to serve it"
 
 
 def _what_was_kept(args) -> str:
     """The one line a Ctrl-C prints: what is on disk, and how to go on."""
-    if args.command == "reproduce":
-        out = args.out or f"runs/{args.experiment}"
-        return f"every checkpoint already saved under {out} is kept; run the same command again to resume"
-    if args.command == "collect":
-        return f"every answer given so far is saved in {args.profile}; run the same command again to continue"
-    if args.command == "serve":
-        return f"every acknowledged answer is saved in {args.store}; run the same command again to serve it"
-    return NOTHING_HALF_WRITTEN
+    return args.kept(args) if hasattr(args, "kept") else NOTHING_HALF_WRITTEN
 
 
 def entry() -> None:

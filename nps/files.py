@@ -7,7 +7,8 @@ One home for the rules every writer follows (docs/design.md, "Checkpoints and fi
 - a folder or file that a process writes for a while (an ``--out``, a profile, a prepared
   dataset, the app's store) is held by an exclusive ``flock``; a second writer gets one line
   naming the holder's pid, never a half-mixed file;
-- digests of texts are length-prefixed BLAKE2b (no two lists of texts share one), of files SHA-256;
+- digests of what nps records are BLAKE2b (``Digest``: texts length-prefixed, so no two lists of texts
+  share one; arrays with their dtype and shape), of files SHA-256;
 - an appended JSON line is flushed and fsynced before the caller moves on, a line that cannot be
   written whole (a full disk) is taken back, and a file whose last line lost its newline (a killed
   writer) is repaired before anything is glued to it;
@@ -27,6 +28,8 @@ import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
+
+import numpy as np
 
 from nps.errors import ConfigError, NPSError
 
@@ -131,12 +134,44 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+class Digest:
+    """BLAKE2b-128, fed part by part: the one hash behind every digest nps records (a checkpoint's state
+    and the pools it trained on, a prepared dataset's records, embedded token sequences, texts).
+
+    A part whose size varies is framed so that no two different sequences of parts share a digest:
+    ``framed`` puts its length first, ``array`` its dtype and shape. Each recorded digest's framing is
+    part of its definition (digests on disk must keep their values), so callers choose it.
+    """
+
+    def __init__(self):
+        self._hash = hashlib.blake2b(digest_size=16)
+
+    def raw(self, data: bytes | memoryview) -> Digest:
+        """``data`` as it is, unframed."""
+        self._hash.update(data)
+        return self
+
+    def framed(self, data: bytes, length: int | None = None) -> Digest:
+        """``data`` after its length as 8 little-endian bytes (``length``: another count, e.g. of tokens)."""
+        self._hash.update((len(data) if length is None else length).to_bytes(8, "little") + data)
+        return self
+
+    def array(self, array: Any, label: str = "") -> Digest:
+        """An array after ``label``, its dtype and its shape (a scalar counts as shape (1,)), in C order."""
+        array = np.ascontiguousarray(array)
+        self._hash.update(f"{label}{array.dtype}|{array.shape}|".encode())
+        self._hash.update(array.tobytes())
+        return self
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
 def texts_digest(texts: Iterable[str]) -> str:
     """BLAKE2b-128 over texts, each prefixed by its UTF-8 length (so ["ab", "c"] ≠ ["a", "bc"])."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = Digest()
     for text in texts:
-        encoded = text.encode("utf-8")
-        digest.update(len(encoded).to_bytes(8, "little") + encoded)
+        digest.framed(text.encode("utf-8"))
     return digest.hexdigest()
 
 

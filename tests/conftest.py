@@ -1,24 +1,20 @@
 """Test-session settings, applied before any test imports JAX (subprocesses and notebook kernels inherit them),
 and ``run_script``: a real script file run in a fresh Python on simulated CPU devices.
 
-JAX's persistent compilation cache: the suite compiles many identical programs in separate
-processes (CLI runs, a resumed run, the 8-device checks, notebooks); with the cache each is
-compiled once per machine. Every program is cached, however fast it compiled: a fresh process
-compiles hundreds of eager operations (~30 ms each), the same ones in every CLI run; caching
-them too took a cold suite from 664 s to 561 s (1,275 to 1,060 CPU-seconds).
-
-XLA's CPU code generation set for compile speed in the default (not ``slow``) selection: that suite
-runs tiny models, so XLA compilation is most of its time (71 % of tests/test_decoder.py's, by
-py-spy). LLVM -O0 halves each compilation (the tiny decoder's gradient: 2.7 s -> 1.3 s); XLA's
-elemental emitters instead of its MLIR fusion emitters (``xla_cpu_use_fusion_emitters``) and code
-generation in one piece rather than split for threads take it to 0.28-0.38 s, a 40-step NP-BTL
-fit with its compilations to 0.68-0.82x, at 0.90-0.96x the steps/s, and a clean-clone CI run from
-620 s to 438-503 s (benchmarks/bench_test_compile_flags.py, docs/benchmarks.md). None changes an
-operation, only how fast the machine code runs and, through instruction selection (fused
-multiply-adds), the last bits of some results, so every process of a test compiles with the same
-flags: subprocesses inherit them (``script_environment`` and the multi-process launcher keep the
-session's XLA flags). The ``slow`` experiment runs, which time and benchmark real work, keep XLA's
-defaults. The flags are those of the pinned jaxlib (constraints.txt): XLA stops at an unknown one.
+- JAX's persistent compilation cache, for every program however fast it compiled: the suite compiles
+  many identical programs in separate processes (CLI runs, a resumed run, the 8-device checks,
+  notebooks), and a fresh process compiles hundreds of eager operations (~30 ms each), the same ones
+  in every CLI run; with the cache each is compiled once per machine.
+- XLA's CPU code generation set for compile speed in the default (not ``slow``) selection: that suite
+  runs tiny models, so XLA compilation is most of its time. ``FAST_COMPILATION``: LLVM -O0, XLA's
+  elemental emitters instead of its MLIR fusion emitters, and code generation in one piece rather
+  than split for threads (why, and what each saves: docs/design.md, "The test suite's time";
+  measured by benchmarks/bench_test_compile_flags.py). None changes an operation, only how fast the
+  machine code runs and, through instruction selection (fused multiply-adds), the last bits of some
+  results, so every process of a test compiles with the same flags: subprocesses inherit them
+  (``script_environment`` and the multi-process launcher keep the session's XLA flags). The ``slow``
+  experiment runs, which time and benchmark real work, keep XLA's defaults. The flags are those of
+  the pinned jaxlib (constraints.txt): XLA stops at an unknown one.
 """
 
 import os

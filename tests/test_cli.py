@@ -1,5 +1,7 @@
 """The `nps` command: one-line errors, --print-config, and resume after SIGKILL (checkpoints and logs)."""
 
+import importlib
+import inspect
 import json
 import os
 import shutil
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from event_files import TRAINING_TAGS, steps
 
-from nps.cli import main
+from nps.cli import _options, build_parser, main
 
 # A small but complete synthetic run: NP-BTL with three checkpoints.
 SMALL = [
@@ -83,6 +85,30 @@ def test_print_config_shows_the_resolved_fields(capsys):
     assert main(["reproduce", "correlation", "--print-config", "--set", "train.steps=5"]) == 0
     config = json.loads(capsys.readouterr().out)
     assert config["train"]["steps"] == 5 and config["train_rhos"] == [-1.0, -0.7, 0.0, 0.7]
+
+
+def test_reproduce_builds_the_config_from_its_flags(capsys):
+    from nps.experiments import reproduce
+
+    assert reproduce("hh-dpo", model="base", data="uf.jsonl", overrides=["train.steps=3"], print_config=True) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert (config["model"], config["data"], config["train"]["steps"]) == ("base", "uf.jsonl", 3)
+
+
+# A command's handler hands its flags, as they are parsed, to one library function: every flag must be one
+# of that function's keywords, and every keyword it needs a flag (checked without running anything).
+@pytest.mark.parametrize("argv, function", [
+    (["reproduce", "synthetic"], "nps.experiments:reproduce"),
+    (["generate", "--run", "r", "--prompt", "p"], "nps.workflow.generate:generate_steered"),
+    (["collect", "--candidates", "c.jsonl", "--profile", "p.jsonl"], "nps.workflow.collect:collect_profile"),
+    (["ab", "--run", "r", "--prompts", "p.txt"], "nps.workflow.ab:ab_command"),
+    (["compare", "a", "b"], "nps.workflow.compare:compare_command"),
+    (["profile", "check", "p.jsonl", "--run", "r"], "nps.workflow.consistency:check_profile_file"),
+    (["plan"], "nps.plan:plan_command"),
+])
+def test_each_command_hands_its_flags_to_one_library_function(argv, function):
+    module, name = function.split(":")
+    inspect.signature(getattr(importlib.import_module(module), name)).bind(**_options(build_parser().parse_args(argv)))
 
 
 @pytest.fixture(scope="module")

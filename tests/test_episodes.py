@@ -6,7 +6,7 @@ import pytest
 
 from nps.config import config_from_dict
 from nps.data.episodes import EpisodeSpec, sample_episodes
-from nps.data.pairs import PairPool
+from nps.data.pairs import AnsweredPairs, OptionPairPool, PairPool, answer_pairs, choices, prefers_first, untied
 from nps.data.synthetic import two_user_pools, two_user_reward
 from nps.errors import ConfigError
 
@@ -164,3 +164,42 @@ def test_grain_episode_batches_match_the_sampler_by_index(pool):
     resumed = iter(dataset.to_iter_dataset())
     resumed.set_state(state)
     chex.assert_trees_all_equal(next(resumed), expected)
+
+
+# -- who prefers which side: the one tie rule -----------------------------------------------------------
+def test_a_tie_is_indifference_a_coin_where_a_side_must_be_named():
+    utility_a, utility_b = np.array([[2.0, 1.0], [1.0, 1.0]]), np.array([[1.0, 1.0], [3.0, 1.0]])
+    np.testing.assert_array_equal(choices(utility_a, utility_b), [[1.0, 0.5], [0.0, 0.5]])
+    np.testing.assert_array_equal(untied(choices(utility_a, utility_b)), [False, False])
+    for coin in (True, False):
+        np.testing.assert_array_equal(prefers_first(utility_a, utility_b, np.full((2, 2), coin)),
+                                      [[True, coin], [False, coin]])
+
+
+def test_simulated_users_answer_every_pair_and_toss_a_coin_on_their_ties():
+    table = {"row": jnp.arange(8) * 10}  # an option table; the pool names its rows
+    pairs = PairPool(jnp.array([[0], [1], [2], [3]]), jnp.array([[4], [5], [6], [7]]),
+                     jnp.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0], [2.0, 2.0]]),
+                     jnp.array([[0.0, 1.0], [1.0, 0.0], [5.0, 4.0], [2.0, 2.0]]))
+    answered = answer_pairs(OptionPairPool(pairs, table), jnp.eye(2), jax.random.key(0))
+    np.testing.assert_array_equal(answered.option_a["row"], [0, 10, 20, 30])  # the table's rows, resolved
+    np.testing.assert_array_equal(answered.option_b["row"], [40, 50, 60, 70])
+    first = np.asarray(answered.first_chosen)
+    np.testing.assert_array_equal(first[0, :2], [True, False])  # user type 0; its pairs 2 and 3 tie
+    np.testing.assert_array_equal(first[1, :3], [False, True, True])  # user type 1; its pair 3 ties
+    # Pair 2 ties for user 0, pair 3 for both: over many users a tie goes each way about half the time.
+    many = answer_pairs(pairs, jnp.tile(jnp.eye(2), (500, 1)), jax.random.key(1)).first_chosen
+    assert 0.4 < float(jnp.mean(many[0::2, 3])) < 0.6 and 0.4 < float(jnp.mean(many[1::2, 3])) < 0.6
+    assert bool(jnp.all(many[1::2, 2]))  # user 1 does not tie on pair 2: 5 > 4, every time
+
+
+def test_a_simulated_profile_answers_as_its_types_and_reverses_its_mistakes():
+    options = jnp.arange(20.0)[:, None]
+    # User type 0 prefers a on every pair, type 1 prefers b.
+    answered = AnsweredPairs(options, options + 100, jnp.stack([jnp.ones(20, bool), jnp.zeros(20, bool)]))
+    types = np.array([0, 0, 0, 1, 1, 1])
+    chosen, rejected = answered.profile(np.random.default_rng(0), types, mistakes=[1, 4])
+    picked_a = np.asarray(chosen[:, 0] < 100)
+    np.testing.assert_array_equal(picked_a, [True, False, True, False, True, False])
+    assert len(set(np.asarray(jnp.minimum(chosen, rejected))[:, 0].tolist())) == 6  # distinct pairs
+    np.testing.assert_array_equal(answered.take(np.array([3, 5])).option_a[:, 0], [3.0, 5.0])

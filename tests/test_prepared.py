@@ -1,13 +1,24 @@
 """Prepared datasets (tfds array_record, read through Grain): round trip, versioning, refusals."""
 
+import functools
+import inspect
 import json
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
 from uf_fixture import write_jsonl, write_random_jsonl
 
 from nps.cli import main
-from nps.data.prepared import BuildParameters, load_preferences, prepare_preferences, prepared_or_prepare
+from nps.data.prepared import (
+    TFDS_HOOKS,
+    BuildParameters,
+    load_preferences,
+    prepare_preferences,
+    prepared_or_prepare,
+)
 from nps.data.ultrafeedback import hh_pairs, hht_pairs, read_ultrafeedback, split_pairs
 from nps.errors import ConfigError
 
@@ -88,3 +99,45 @@ def test_prepare_command(release, tmp_path, capsys):
     assert "HHT pairs: train" in printed
     data = load_preferences(tmp_path)
     assert data.metadata["build"]["seed"] == 5 and data.metadata["read_report"]["prompts_read"] == 60
+
+
+# -- the tfds releases the builder is tested on ---------------------------------------------------------
+# The parameters of each private tfds internal that nps's builder replaces, as in the releases pyproject.toml
+# allows (code_path: a class property, no parameters). A release that changes one fails here.
+TESTED_HOOKS = {
+    "_build_data_dir": ["self", "given_data_dir"],
+    "_make_download_manager": ["self", "download_dir", "download_config"],
+    "_log_download_bytes": ["self"],
+    "_log_download_done": ["self"],
+    "code_path": None,
+    "initialize_from_bucket": ["self"],
+}
+
+
+def test_the_installed_tfds_is_a_release_the_builder_is_tested_on():
+    import tensorflow_datasets as tfds
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    required = next(Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("tensorflow-datasets"))
+    assert any(spec.operator in ("<", "<=", "==") for spec in required.specifier), "tfds needs an upper bound"
+    assert tfds.__version__ in required.specifier, (tfds.__version__, str(required.specifier))
+    assert [name for _, name in TFDS_HOOKS] == list(TESTED_HOOKS)
+    for owner, name in TFDS_HOOKS:
+        cls = functools.reduce(getattr, owner.split("."), tfds)
+        defined = next(vars(base)[name] for base in cls.__mro__ if name in vars(base))
+        if TESTED_HOOKS[name] is None:
+            assert isinstance(defined, tfds.core.utils.classproperty), name
+        else:
+            assert list(inspect.signature(defined).parameters) == TESTED_HOOKS[name], name
+
+
+def test_a_tfds_without_an_internal_the_builder_replaces_is_refused_in_one_line(release, tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    monkeypatch.delattr(tfds.core.DatasetBuilder, "_log_download_done")  # as a release that renamed it
+    with pytest.raises(ConfigError, match=rf"tensorflow-datasets {tfds.__version__} has no "
+                                          r"core\.DatasetBuilder\._log_download_done, which nps's dataset builder "
+                                          r"replaces; install a release nps is tested on: pip install "
+                                          r"'tensorflow-datasets.*4\.9\.1"):
+        prepare_preferences(release, tmp_path, BuildParameters(), echo=quiet)
+    assert not any(tmp_path.rglob("dataset_info.json"))  # no dataset was written

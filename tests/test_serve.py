@@ -27,7 +27,7 @@ import pytest
 from steering_fixture import CANDIDATES, ROOT
 
 from nps.cli import main
-from nps.data import steering as language
+from nps.data import two_styles
 from nps.data.profiles import read_candidates, read_pairs, read_profile
 
 ADMIN_TOKEN = "tests-admin-token-123"
@@ -134,7 +134,7 @@ def question(server: Server, cookie: str) -> tuple[int, str, str]:
 
 def prefers(user_type: int, left: str, right: str) -> str:
     """A simulated person of a steering user type (0: detail, 1: caution): the side with more of its words."""
-    rewards = language.user_rewards(language.response_tokens([left, right]))[:, user_type]
+    rewards = two_styles.user_rewards(two_styles.response_tokens([left, right]))[:, user_type]
     return "left" if rewards[0] >= rewards[1] else "right"
 
 
@@ -182,7 +182,7 @@ def test_a_person_teaches_tries_and_reads_their_profile_in_a_browser(server, tmp
         browser.find_element(By.ID, "prompt").send_keys("physics music")
         browser.find_element(By.ID, "steer").click()
         steered = browser.find_element(By.ID, "steered").text
-        language.encode_words(steered)  # words of the language, generated for this person
+        two_styles.encode_words(steered)  # words of the language, generated for this person
         browser.set_window_size(1200, 1060)
         prompt = browser.find_element(By.ID, "prompt")
         prompt.clear()
@@ -473,7 +473,7 @@ def test_a_changed_candidate_file_keeps_every_answer_readable_and_export_says_wh
 
 # -- z: recorded once per profile version, the same bits when recomputed ---------------------------------------
 def test_the_z_of_a_profile_version_is_recorded_and_recomputed_bit_for_bit(server, steering_run):
-    from nps.serve.steering import SteeringRun
+    from nps.steering_run import SteeringRun
     from nps.serve.store import profile_hash
 
     cookie = server.join("zoe")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -13,11 +14,11 @@ from event_files import TRAINING_TAGS, steps
 
 from nps.cli import main
 from nps.config import apply_overrides
-from nps.data import steering as two_styles
+from nps.data import two_styles
 from nps.data.pairs import choices, conflicting
 from nps.errors import ConfigError
 from nps.experiments.steering import SteeringConfig, base_model, run_steering
-from nps.serve.steering import SteeringRun
+from nps.steering_run import SteeringRun
 
 
 def test_rewards_and_conflicts_follow_the_word_counts():
@@ -159,6 +160,28 @@ def test_generate_refuses_numbers_it_cannot_use_and_warns_far_from_training(smal
     huge.write_text(json.dumps([1e30] * latent_dim))
     with pytest.warns(UserWarning, match=rf"{huge}: z reaches 1e\+30, far outside \[-?\d.*\] where the encoder puts"):
         assert main(command + ["--z-file", str(huge), "--temperature", "0"]) == 0  # 0: greedy, a valid temperature
+
+
+def test_a_z_file_is_a_list_of_the_latent_size_of_finite_numbers(tmp_path):
+    from types import SimpleNamespace
+
+    from nps.workflow.generate import read_z_file
+
+    # What read_z_file reads of a run: the latent size, and where the encoder puts the run's users.
+    run = SimpleNamespace(policy=SimpleNamespace(config=SimpleNamespace(encoder=SimpleNamespace(latent_dim=3))),
+                          latent_range=lambda: (-1.0, 1.0))
+    path = tmp_path / "z.json"
+    for text, message in (("[1, 2", "not a JSON list of numbers"), ("[1, 2]", "z must be a JSON list of 3 numbers"),
+                          ('{"z": [1, 2, 3]}', "z must be a JSON list of 3 numbers"),
+                          ("[1, NaN, 0]", "z has non-finite values (NaN or inf)")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            read_z_file(path, run)
+    path.write_text("[0.5, -2.5, 3]")  # within the users' range, widened by its width on each side
+    np.testing.assert_array_equal(read_z_file(path, run), [0.5, -2.5, 3.0])
+    path.write_text("[0, 0, 3.5]")
+    with pytest.warns(UserWarning, match=r"z reaches 3\.5, far outside \[-1, 1\]"):
+        read_z_file(path, run)
 
 
 def test_rerun_reuses_the_pretrained_base(small_run):

@@ -12,6 +12,7 @@ from nps.active import (
     expected_information_gain,
     log_weights_after,
     most_informative,
+    next_informative,
     update_log_weights,
     update_log_weights_compiled,
 )
@@ -109,6 +110,18 @@ def test_information_gain_is_zero_where_plausible_users_agree_and_log2_where_the
     log_weights = update_log_weights(jnp.zeros((1, 2)), probabilities, jnp.array([2]), jnp.array([True]))
     chex.assert_trees_all_close(jax.nn.softmax(log_weights)[0], jnp.array([0.999, 0.001]), atol=1e-6)
     assert float(expected_information_gain(log_weights, probabilities)[0, 2]) < 0.01
+
+
+def test_the_next_question_is_the_most_informative_then_the_given_order_then_none():
+    # Pair 2 splits the two plausible users; pairs 0, 1 and 3 tell them apart not at all.
+    probabilities = jnp.array([[0.5, 0.99, 0.999, 0.7], [0.5, 0.99, 0.001, 0.7]])
+    uniform = jnp.zeros((1, 2))
+    assert next_informative(uniform, probabilities, set(), order=[3, 1, 0, 2]) == 2
+    # Nothing informative is left: the first unasked candidate of the order (the app's per-person order,
+    # `collect --active`'s file order), never the argmax over pairs every user ranks alike.
+    assert next_informative(uniform, probabilities, {2}, order=[3, 1, 0, 2]) == 3
+    assert next_informative(uniform, probabilities, {2, 3}, order=range(4)) == 0
+    assert next_informative(uniform, probabilities, {0, 1, 2, 3}, order=range(4)) is None
 
 
 # empty, inside the first bucket, at its end, past it

@@ -19,7 +19,6 @@ refused with the fix, and one process at a time writes a cache (an exclusive loc
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import time
@@ -29,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from nps.errors import ConfigError
-from nps.files import atomic_write_bytes, atomic_write_json, exclusive_lock, texts_digest
+from nps.files import Digest, atomic_write_bytes, atomic_write_json, exclusive_lock, texts_digest
 from nps.lm.text import option_text
 
 MANIFEST = "manifest.json"
@@ -103,9 +102,9 @@ def _chunk_path(directory: Path, index: int) -> Path:
 
 def tokens_digest(sequences: Sequence[Sequence[int]]) -> str:
     """BLAKE2b-128 over token sequences, each prefixed by its length."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = Digest()
     for ids in sequences:
-        digest.update(len(ids).to_bytes(8, "little") + np.asarray(ids, np.int64).tobytes())
+        digest.framed(np.asarray(ids, np.int64).tobytes(), length=len(ids))
     return digest.hexdigest()
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nps.config import check_positive
-from nps.data.pairs import OptionPairPool, PairPool, order_pairs, user_utility
+from nps.data.pairs import OptionPairPool, PairPool, order_pairs, prefers_first, user_utility
 from nps.errors import ConfigError, invalid
 
 
@@ -116,8 +116,7 @@ def _label(pool: PairPool, pair_index: jax.Array, user_weights: jax.Array, coin:
     """Order each pair as (chosen, rejected) by the user's utility w · u; ties broken by ``coin``."""
     utility_a = user_utility(pool.utility_a[pair_index], user_weights)
     utility_b = user_utility(pool.utility_b[pair_index], user_weights)
-    a_wins = (utility_a > utility_b) | ((utility_a == utility_b) & coin)
-    return order_pairs(a_wins, pool.option_a[pair_index], pool.option_b[pair_index])
+    return order_pairs(prefers_first(utility_a, utility_b, coin), pool.option_a[pair_index], pool.option_b[pair_index])
 
 
 def sample_episodes(
@@ -139,12 +138,11 @@ def sample_episodes(
     """
     if isinstance(pool, OptionPairPool):
         episodes = sample_episodes(key, pool.pairs, spec, num_tasks, context_size, user_weights)
-        rows = lambda ids: jax.tree.map(lambda table: table[ids[..., 0]], pool.options)  # noqa: E731
         return episodes._replace(
-            context_chosen=rows(episodes.context_chosen),
-            context_rejected=rows(episodes.context_rejected),
-            target_chosen=rows(episodes.target_chosen),
-            target_rejected=rows(episodes.target_rejected),
+            context_chosen=pool.rows(episodes.context_chosen),
+            context_rejected=pool.rows(episodes.context_rejected),
+            target_chosen=pool.rows(episodes.target_chosen),
+            target_rejected=pool.rows(episodes.target_rejected),
         )
     T, C = spec.num_targets, spec.max_context
     if pool.num_pairs < T:

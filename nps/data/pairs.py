@@ -1,9 +1,23 @@
-"""Preference pairs: pools of option pairs with each user type's utility, and what is derived
-from them without sampling — labels, conflicts, oracle pools and the train/val/test split.
+"""Preference pairs: who prefers which side of a pair, and the containers that hold pairs.
 
-A *pool* holds N option pairs and, for each of K user types, the utility of both options; a
-user type's choice on a pair is the option with the higher utility (ties: 0.5). Tasks
-(``nps.data.episodes``) are drawn from pools inside jit.
+**The one tie rule.** A user prefers the option with the higher utility. On a tie they are
+indifferent: their choice probability is 0.5 (``choices``), and wherever a simulated user must
+name a side (a sampled task's labels, a simulated answer) a fair coin decides (``prefers_first``).
+
+**The containers**, each for what the others cannot hold:
+
+- ``PairPool``: N option pairs with each of K user types' utility for both options, the source of
+  truth for every label; tasks (``nps.data.episodes``) are drawn from pools inside jit;
+- ``OptionPairPool``: a ``PairPool`` whose options are row ids into an option table (token rows,
+  features, reference log-probs stored once per option, not once per pair side);
+- ``AnsweredPairs``: pairs whose U simulated users have answered (each user's side, ties decided),
+  what active learning asks from and what the consistency study's users answer;
+- ``nps.data.ultrafeedback.Pairs``: UltraFeedback's pairs on the host before they are a pool, with
+  each attribute's choice (``choices``) for the recipes' filters and splits;
+- ``nps.data.two_styles.PreferencePairs``: a steering run's sampled pairs as stored on disk (the
+  option table, each user's reward per row, the splits), whose ``pools()`` are ``PairPool``s.
+
+Also derived here without sampling: conflicts, oracle pools and the train/val/test split.
 """
 
 from __future__ import annotations
@@ -20,8 +34,15 @@ SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
+def take_rows(tree: Any, index) -> Any:
+    """Rows ``index`` (ids, a slice) of every leaf of an option pytree, along its leading axis."""
+    return jax.tree.map(lambda x: x[index], tree)
+
+
 class PairPool(NamedTuple):
-    """A split of option pairs with each user type's utility for both options.
+    """A split of option pairs with each user type's utility for both options: the source of every
+    label (a sampled task's, a simulated user's). The other pair containers and how each relates to
+    this one: the module's docstring.
 
     option_a, option_b: ``[N, D]`` option features.
     utility_a, utility_b: ``[N, K]`` utility of each option for each of K user types.
@@ -45,9 +66,14 @@ class PairPool(NamedTuple):
         """D, the width of an option's features (what a reward model's input layer takes)."""
         return self.option_a.shape[-1]
 
+    def take(self, index) -> PairPool:
+        """The pairs at ``index`` (ids [n])."""
+        return take_rows(self, index)
+
 
 class OptionPairPool(NamedTuple):
-    """Pairs whose options are rows of a table: token sequences, features, reference log-probs.
+    """Pairs whose options are rows of a table: token sequences, features, reference log-probs. The same
+    labels as a ``PairPool`` (its utilities), with each option stored once however many pairs hold it.
 
     pairs: a ``PairPool`` whose option_a / option_b are ``[N, 1]`` int32 row ids into ``options``.
     options: any pytree of arrays with a leading axis M (one row per option).
@@ -72,6 +98,14 @@ class OptionPairPool(NamedTuple):
         [M, D], else its ``features`` field (a policy's ``PolicyOptions``)."""
         features = getattr(self.options, "features", self.options)
         return features.shape[-1]
+
+    def rows(self, ids: jax.Array) -> Any:
+        """The table's rows for option ids [..., 1] (a pool's option_a or option_b): leading axes [...]."""
+        return jax.tree.map(lambda table: table[ids[..., 0]], self.options)
+
+    def take(self, index) -> OptionPairPool:
+        """The pairs at ``index`` (ids [n]), over the same table."""
+        return self._replace(pairs=self.pairs.take(index))
 
 
 class PolicyOptions(NamedTuple):
@@ -110,7 +144,6 @@ def oracle_pools(pools: dict[str, Any], user: int) -> dict[str, Any]:
     return {split: pool if split == "test" else single_user(pool, user) for split, pool in pools.items()}
 
 
-
 def user_utility(utility: jax.Array, user_weights: jax.Array) -> jax.Array:
     """w · u per user: utilities [U, M, K] or [M, K] (shared by all users), weights [U, K] -> [U, M].
 
@@ -134,10 +167,66 @@ def choices(utility_a: np.ndarray, utility_b: np.ndarray) -> np.ndarray:
     return np.where(utility_a > utility_b, 1.0, np.where(utility_a < utility_b, 0.0, 0.5))
 
 
+def prefers_first(utility_a: jax.Array, utility_b: jax.Array, coin: jax.Array) -> jax.Array:
+    """A user's answer on each pair, True for option a: the higher utility, a tie decided by ``coin``
+    (bool, a fair coin: the choice probability of a tie is 0.5, ``choices``). Any shape; inside jit too."""
+    return (utility_a > utility_b) | ((utility_a == utility_b) & coin)
+
+
+def untied(choice: np.ndarray) -> np.ndarray:
+    """[N] bool: pairs on which no user type is indifferent (``choice`` [N, K] from ``choices``)."""
+    return ~np.any(np.asarray(choice) == 0.5, axis=1)
+
+
 def conflicting(choice: np.ndarray) -> np.ndarray:
     """[N] bool: pairs on which the user types strictly disagree (no type ties, and not all choose alike)."""
     choice = np.asarray(choice)
-    return ~np.any(choice == 0.5, axis=1) & (choice.min(axis=1) != choice.max(axis=1))
+    return untied(choice) & (choice.min(axis=1) != choice.max(axis=1))
+
+
+def resolved_options(pool: PairPool | OptionPairPool) -> tuple[Any, Any]:
+    """Every pair's two options as a model reads them: the pool's own, or an ``OptionPairPool``'s table rows."""
+    if isinstance(pool, OptionPairPool):
+        return pool.rows(pool.pairs.option_a), pool.rows(pool.pairs.option_b)
+    return pool.option_a, pool.option_b
+
+
+class AnsweredPairs(NamedTuple):
+    """M pairs that U simulated users have answered: options a / b as a model reads them (any pytree with
+    leading axis M: features [M, D], a policy's ``PolicyOptions``) and first_chosen [U, M], True where
+    user u answers a. Unlike a pool, whose users are drawn per task, these users and their answers are
+    fixed (``answer_pairs``): the same user answers the same pair alike every time it is asked."""
+
+    option_a: Any
+    option_b: Any
+    first_chosen: jax.Array
+
+    @property
+    def num_pairs(self) -> int:
+        return self.first_chosen.shape[1]
+
+    def take(self, index) -> AnsweredPairs:
+        """The pairs at ``index`` (ids [n]), answered by the same users."""
+        return AnsweredPairs(take_rows(self.option_a, index), take_rows(self.option_b, index),
+                             self.first_chosen[:, index])
+
+    def profile(self, rng: np.random.Generator, users: np.ndarray, mistakes=()) -> tuple[Any, Any]:
+        """A simulated profile: ``len(users)`` distinct random pairs, the i-th answered as user ``users[i]``
+        answers it (a user who changes type part-way is a change in ``users``), and the answers at the
+        positions ``mistakes`` reversed. Returns its chosen and rejected options (leading axis n)."""
+        pairs = rng.choice(self.num_pairs, len(users), replace=False)
+        first = np.asarray(self.first_chosen)[users, pairs]
+        first[list(mistakes)] ^= True
+        return order_pairs(jnp.asarray(first), take_rows(self.option_a, pairs), take_rows(self.option_b, pairs))
+
+
+def answer_pairs(pool: PairPool | OptionPairPool, user_weights: jax.Array, key: jax.Array) -> AnsweredPairs:
+    """Every pair of ``pool`` answered by U simulated users with weights [U, K] over its user types
+    (one-hot: the user type itself), by ``prefers_first``, each tie decided by a coin drawn from ``key``."""
+    pairs = pool.pairs if isinstance(pool, OptionPairPool) else pool
+    utility_a, utility_b = user_utility(pairs.utility_a, user_weights), user_utility(pairs.utility_b, user_weights)
+    coin = jax.random.bernoulli(key, shape=utility_a.shape)
+    return AnsweredPairs(*resolved_options(pool), prefers_first(utility_a, utility_b, coin))
 
 
 def check_splittable(num_pairs: int, field: str = "num_pairs") -> None:

@@ -16,25 +16,28 @@ is looked up remotely and nothing is left outside the dataset's folder.
 content hash, and returns the option table and per-split pairs that the experiments turn into
 pools. It reads with nps's own builder class, whose features are defined in code: the folder's
 ``features.json`` (whose ``pythonClassName`` tfds would import) is never used.
-``prepared_or_prepare`` lets a command take either a prepared folder or the raw release.
+``prepared_or_prepare`` lets a command take either a prepared folder or the raw release, and
+``embedded_preferences`` is what every UltraFeedback experiment reads: that dataset and its
+options' features from a frozen embedder (cached beside it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from nps.data.embedding_cache import embed_options_cached, embedder_identity
 from nps.data.pairs import choices
 from nps.data.ultrafeedback import Completions, Pairs, hh_pairs, hht_pairs, read_ultrafeedback, split_pairs
 from nps.errors import ConfigError
-from nps.files import exclusive_lock, file_sha256
+from nps.files import Digest, exclusive_lock, file_sha256
+from nps.train.distributed import primary_first
 
 INCOMPLETE_PREFIX = "incomplete."  # tfds's name for a dataset folder still being written
 DATASET_NAME = "ultrafeedback_preferences"
@@ -116,18 +119,17 @@ class PreferenceData:
 
 def _content_hash(records: dict[str, dict[str, np.ndarray | list]]) -> str:
     """BLAKE2b over every split's records in order: ids, ratings (float32 bytes) and texts."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = Digest()
     for split in SPLITS:
         columns = records[split]
-        digest.update(split.encode() + len(columns["prompt_id"]).to_bytes(8, "little"))
+        digest.raw(split.encode() + len(columns["prompt_id"]).to_bytes(8, "little"))
         for name in ("prompt_id", "option_a_id", "option_b_id"):
-            digest.update(np.ascontiguousarray(columns[name], np.int64).tobytes())
+            digest.raw(np.asarray(columns[name], np.int64).tobytes())
         for name in ("ratings_a", "ratings_b"):
-            digest.update(np.ascontiguousarray(columns[name], np.float32).tobytes())
+            digest.raw(np.asarray(columns[name], np.float32).tobytes())
         for name in ("prompt", "response_a", "response_b"):
             for text in columns[name]:
-                encoded = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-                digest.update(len(encoded).to_bytes(8, "little") + encoded)
+                digest.framed(text.encode("utf-8") if isinstance(text, str) else bytes(text))
     return digest.hexdigest()
 
 
@@ -152,8 +154,51 @@ class _NoDownloads:
     downloaded_size = 0
 
 
-@functools.cache
+# The private tensorflow_datasets internals that nps's builder replaces (no tfds release promises them):
+# where a dataset lives, the download manager, the "Downloading ..." banners, the lookup of checksum files
+# beside the code, the dataset's metadata on GCS. pyproject.toml pins the tfds releases they are tested on
+# (tests/test_prepared.py checks the installed one, and their signatures); and each must still exist, or the
+# builder would silently download, print and look up remotely again.
+TFDS_HOOKS = (
+    ("core.DatasetBuilder", "_build_data_dir"),
+    ("core.DatasetBuilder", "_make_download_manager"),
+    ("core.DatasetBuilder", "_log_download_bytes"),
+    ("core.DatasetBuilder", "_log_download_done"),
+    ("core.DatasetBuilder", "code_path"),
+    ("core.DatasetInfo", "initialize_from_bucket"),
+)
+
+
+def _tested_tfds() -> str:
+    """The tensorflow-datasets requirement nps was installed with (pyproject.toml's range)."""
+    import importlib.metadata
+
+    try:
+        return next(r for r in importlib.metadata.requires("nps") or () if r.startswith("tensorflow-datasets"))
+    except (importlib.metadata.PackageNotFoundError, StopIteration):
+        return "the tensorflow-datasets range in nps's pyproject.toml"
+
+
+def _check_tfds_hooks(tfds) -> None:
+    """Each internal in ``TFDS_HOOKS`` exists in the installed tfds, or one line naming it and the fix."""
+    for owner, name in TFDS_HOOKS:
+        cls = functools.reduce(getattr, owner.split("."), tfds)
+        if not any(name in vars(base) for base in cls.__mro__):  # not hasattr: that would run a property
+            raise ConfigError(f"tensorflow-datasets {tfds.__version__} has no {owner}.{name}, which nps's dataset "
+                              f"builder replaces; install a release nps is tested on: pip install "
+                              f"'{_tested_tfds()}'")
+
+
 def _builder_class():
+    """nps's tfds builder class, once the installed tfds is checked (``TFDS_HOOKS``)."""
+    import tensorflow_datasets as tfds
+
+    _check_tfds_hooks(tfds)
+    return _define_builder_class()
+
+
+@functools.cache  # tfds registers a builder class by its name: define it once
+def _define_builder_class():
     # Defined on first use: importing tensorflow_datasets costs seconds, and `nps --help` should not.
     import tensorflow_datasets as tfds
 
@@ -424,3 +469,29 @@ def prepared_or_prepare(data: str | Path, out: Path, build: BuildParameters, ech
                 )
         return prepared
     return load_preferences(prepare_preferences(data, out, build, echo))
+
+
+class EmbeddedPreferences(NamedTuple):
+    """A prepared dataset and its options' features [M, D] (rows of ``data.options``), the embedder's
+    record (``embed_options_cached``), and the data identity that checkpoints and results carry."""
+
+    data: PreferenceData
+    features: np.ndarray
+    embedder: dict[str, Any]
+    identity: dict[str, Any]
+
+
+def embedded_preferences(data: str | Path, embedder: str | Path, out: Path, build: BuildParameters,
+                         needed_pairs: dict[str, int], *, dtype: str, max_length: int, batch_size: int,
+                         echo: Callable = print) -> EmbeddedPreferences:
+    """The UltraFeedback experiments' inputs: ``data`` prepared as ``build`` asks (a prepared folder, or
+    the raw file prepared under ``out/dataset``), each split holding at least ``needed_pairs[split]``
+    pairs, and its options embedded by ``embedder`` (cached beside the dataset). Process 0 writes the
+    dataset and the cache first; the other processes of a run then read them."""
+    prepared = primary_first(lambda: prepared_or_prepare(data, out / "dataset", build, echo), "dataset")
+    prepared.require_pairs(needed_pairs)
+    features, record = primary_first(lambda: embed_options_cached(
+        str(embedder), prepared.option_prompts(), prepared.options.responses, prepared.directory / "embeddings",
+        dtype=dtype, max_length=max_length, batch_size=batch_size, echo=echo), "embeddings")
+    return EmbeddedPreferences(prepared, features, record,
+                               prepared.identity() | {"embedder": embedder_identity(record)})

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from nps.data.pairs import SPLIT_FRACTIONS, OptionPairPool, PairPool, choices, conflicting, split_indices
+from nps.data.pairs import SPLIT_FRACTIONS, OptionPairPool, PairPool, choices, conflicting, split_indices, untied
 from nps.errors import ConfigError
 from nps.files import atomic_write_bytes, atomic_write_text
 
@@ -88,10 +88,12 @@ class Completions:
 
 @dataclasses.dataclass(frozen=True)
 class Pairs:
-    """Pairs of completions of one prompt: ids into ``Completions`` and each attribute's choice.
+    """Pairs of completions of one prompt on the host, before they are a pool: ids into ``Completions``
+    and each attribute's choice, which the recipes filter and split by. ``option_pair_pool`` makes them
+    an ``OptionPairPool`` whose utilities are the ratings (its sampler's labels reproduce ``choice``).
 
-    first, second: [N] completion ids; choice [N, A]: 1.0 if ``first`` has the higher rating
-    for that attribute, 0.0 if ``second`` has, 0.5 for a tie.
+    first, second: [N] completion ids; choice [N, A]: ``nps.data.pairs.choices`` of the ratings (1.0 if
+    ``first`` has the higher rating for that attribute, 0.0 if ``second`` has, 0.5 for a tie).
     """
 
     first: np.ndarray
@@ -274,7 +276,7 @@ def all_pairs(completions: Completions) -> Pairs:
 
 def without_ties(pairs: Pairs) -> Pairs:
     """Pairs on which no attribute is tied (the paper drops ties on any score)."""
-    return pairs.take(np.flatnonzero(~np.any(pairs.choice == 0.5, axis=1)))
+    return pairs.take(np.flatnonzero(untied(pairs.choice)))
 
 
 def with_conflict_rate(pairs: Pairs, rate: float, seed: int) -> Pairs:

@@ -25,16 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nps.active import (
-    PairSet,
-    answer_curves,
-    pairs_needed,
-    particle_latents,
-    user_choices,
-)
+from nps.active import answer_curves, pairs_needed, particle_latents
 from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec
-from nps.data.pairs import OptionPairPool, PairPool
+from nps.data.pairs import AnsweredPairs, OptionPairPool, PairPool, answer_pairs
 from nps.data.synthetic import (
     TWO_USER_NAMES,
     correlated_identity,
@@ -97,10 +91,9 @@ class ActiveConfig:
         check_unseen_targets(self.eval.context_sizes, self.episodes)
 
 
-def _pair_sets(test: PairPool, options: Any, config: ActiveConfig, num_users: int) -> tuple[PairSet, PairSet]:
-    """Candidates and evaluation pairs from a test split, labelled by users of alternating types.
-
-    ``options``: the option table when the pool's options are row ids, else None (features)."""
+def _pair_sets(test: PairPool | OptionPairPool, config: ActiveConfig,
+               num_users: int) -> tuple[AnsweredPairs, AnsweredPairs]:
+    """Candidates and evaluation pairs from a test split, answered by users of alternating types."""
     count = test.num_pairs
     num_candidates = min(config.num_candidates, count // 2)
     if num_candidates < config.max_pairs:
@@ -109,14 +102,9 @@ def _pair_sets(test: PairPool, options: Any, config: ActiveConfig, num_users: in
     order = np.random.default_rng(config.seed).permutation(count)
     parts = order[:num_candidates], order[num_candidates : num_candidates + config.num_eval_pairs]
     user_weights = jax.nn.one_hot(jnp.arange(num_users) % 2, 2)
-    sets = []
-    for index in parts:
-        pool = PairPool(*(x[index] for x in test))
-        a, b = pool.option_a, pool.option_b
-        if options is not None:
-            a, b = (jax.tree.map(lambda t, ids=ids: t[ids[:, 0]], options) for ids in (a, b))
-        sets.append(PairSet(a, b, user_choices(pool, user_weights)))
-    return sets[0], sets[1]
+    ties = jax.random.split(jax.random.key(config.seed), 2)  # the coins for any pair a user is indifferent about
+    candidates, evaluation = (answer_pairs(test.take(index), user_weights, key) for index, key in zip(parts, ties))
+    return candidates, evaluation
 
 
 def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
@@ -126,7 +114,8 @@ def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
         pairs = run.preference_pairs()
         # Candidates as sampling produces them: conflicting pairs and pairs both users rank alike.
         pools = pairs.pools("all")
-        candidates, evaluation = _pair_sets(pools["test"], pairs.options, config, config.steering_users)
+        candidates, evaluation = _pair_sets(OptionPairPool(pools["test"], pairs.options), config,
+                                            config.steering_users)
         return run.policy, None, candidates, evaluation, OptionPairPool(pools["val"], pairs.options)
     if task == "synthetic":
         pools = two_user_pools(config.num_pairs, config.data_seed)
@@ -138,7 +127,7 @@ def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
     fit, entry = train_and_evaluate(
         f"np_btl_{task}", config.model, pools, data_identity=identity, train=train, episodes=config.episodes,
         evaluation=config.eval, out=out, user_names=TWO_USER_NAMES, progress=progress, log=config.log)
-    candidates, evaluation = _pair_sets(pools["test"], None, config, config.num_users)
+    candidates, evaluation = _pair_sets(pools["test"], config, config.num_users)
     return fit.model(), entry, candidates, evaluation, pools["val"]
 
 

@@ -23,14 +23,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec
-from nps.data.pairs import OptionPairPool, order_pairs
+from nps.data.pairs import AnsweredPairs, OptionPairPool, PairPool, answer_pairs, take_rows
 from nps.data.synthetic import TWO_USER_NAMES, two_user_identity, two_user_pools
 from nps.errors import invalid
 from nps.experiments.steering import trained_run
@@ -83,33 +83,19 @@ class ConsistencyConfig:
                 raise invalid(name, getattr(self, name), "must be at least 2")
 
 
-class _Task:
-    """A task's model and the largest context it was trained on, and its candidate pairs: option
-    pytrees a / b [M, ...] and each user type's choice [M, 2] (True where the type prefers a)."""
+class _Task(NamedTuple):
+    """A task's model, the largest context it was trained on, and its candidate pairs as each of the two
+    user types answers them (``AnsweredPairs`` with one row per type: the simulated users' answers)."""
 
-    def __init__(self, model, trained_context: int, option_a, option_b, a_preferred: np.ndarray):
-        self.model, self.trained_context = model, trained_context
-        self.option_a, self.option_b, self.a_preferred = option_a, option_b, a_preferred
+    model: Any
+    trained_context: int
+    candidates: AnsweredPairs
 
     def subset(self, which: str) -> _Task:
         if which == "all":
             return self
-        keep = np.flatnonzero(self.a_preferred[:, 0] != self.a_preferred[:, 1])
-        rows = lambda tree: jax.tree.map(lambda x: x[keep], tree)  # noqa: E731
-        return _Task(self.model, self.trained_context, rows(self.option_a), rows(self.option_b),
-                     self.a_preferred[keep])
-
-    def profile(self, rng: np.random.Generator, types: np.ndarray, flipped=()) -> tuple[Any, Any]:
-        """chosen, rejected [n]: a user answering len(types) random candidates with these types."""
-        pairs = rng.choice(len(self.a_preferred), len(types), replace=False)
-        a_chosen = self.a_preferred[pairs, types]
-        a_chosen[list(flipped)] ^= True
-        rows = lambda tree: jax.tree.map(lambda x: x[pairs], tree)  # noqa: E731
-        return order_pairs(jax.numpy.asarray(a_chosen), rows(self.option_a), rows(self.option_b))
-
-
-def _prefixes(tree: Any, count: int) -> Any:
-    return jax.tree.map(lambda x: x[:count], tree)
+        first = np.asarray(self.candidates.first_chosen)
+        return self._replace(candidates=self.candidates.take(np.flatnonzero(first[0] != first[1])))
 
 
 def _study(task: _Task, config: ConsistencyConfig, num_users: int, rng: np.random.Generator,
@@ -120,15 +106,17 @@ def _study(task: _Task, config: ConsistencyConfig, num_users: int, rng: np.rando
     stable, switched, any_look, delay, placed, found, checks = [], [], [], [], [], [], 0
     for user in range(num_users):
         first_type = user % 2
-        drift = drift_test(task.model, *task.profile(rng, np.full(config.answers, first_type)), seed=user, **settings)
+        stable_profile = task.candidates.profile(rng, np.full(config.answers, first_type))
+        drift = drift_test(task.model, *stable_profile, seed=user, **settings)
         stable.append(drift.flagged)
         types = np.where(np.arange(config.answers) < config.switch_after, first_type, 1 - first_type)
-        chosen, rejected = task.profile(rng, types)
+        chosen, rejected = task.candidates.profile(rng, types)
         first_flag = None
         for count in range(config.switch_after + config.min_segment, config.answers + 1):
             if first_flag is not None and count < config.answers:
                 continue  # flagged once: only the last look is still needed
-            drift = drift_test(task.model, _prefixes(chosen, count), _prefixes(rejected, count), seed=user, **settings)
+            looked_at = (take_rows(chosen, slice(count)), take_rows(rejected, slice(count)))
+            drift = drift_test(task.model, *looked_at, seed=user, **settings)
             checks += 1
             if drift.flagged and first_flag is None:
                 first_flag = count - config.switch_after
@@ -137,14 +125,14 @@ def _study(task: _Task, config: ConsistencyConfig, num_users: int, rng: np.rando
         any_look.append(first_flag is not None)
         delay.append(first_flag if first_flag is not None else config.answers - config.switch_after + 1)
         flipped = rng.choice(config.flip_answers, config.flipped, replace=False)
-        probabilities = leave_one_out(task.model, *task.profile(rng, np.full(config.flip_answers, first_type), flipped),
-                                      trained_context=task.trained_context)
+        careless = task.candidates.profile(rng, np.full(config.flip_answers, first_type), mistakes=flipped)
+        probabilities = leave_one_out(task.model, *careless, trained_context=task.trained_context)
         found.append(set(np.argsort(probabilities)[: config.flipped].tolist()) == set(flipped.tolist()))
         if (user + 1) % 10 == 0:
             echo(f"  {user + 1}/{num_users} users, {time.perf_counter() - started:.0f} s")
     rate = lambda values: mean_and_sem(np.asarray(values, np.float64))  # noqa: E731
     return {
-        "num_users": num_users, "num_candidates": len(task.a_preferred),
+        "num_users": num_users, "num_candidates": task.candidates.num_pairs,
         "stable_flagged": rate(stable),
         "switching_flagged_at_last_look": rate(switched),
         "switching_flagged_at_any_look": rate(any_look),
@@ -162,19 +150,19 @@ def _synthetic(config: ConsistencyConfig, out: Path, progress: bool) -> tuple[_T
         "np_btl_synthetic", config.model, pools, data_identity=two_user_identity(config.num_pairs, config.data_seed),
         train=config.synthetic_train, episodes=config.episodes, evaluation=config.eval, out=out,
         user_names=TWO_USER_NAMES, progress=progress)
-    test = pools["test"]
-    a_preferred = np.asarray(test.utility_a >= test.utility_b)
-    return _Task(fit.model(), config.episodes.max_context, test.option_a, test.option_b, a_preferred), entry
+    return _Task(fit.model(), config.episodes.max_context, _answered_by_types(pools["test"], config)), entry
 
 
 def _steering(config: ConsistencyConfig, out: Path, progress: bool, echo) -> _Task:
     run = trained_run(config.steering_run, out, progress, echo)
     pairs = run.preference_pairs()
     test = OptionPairPool(pairs.pools("all")["test"], pairs.options)
-    rows = lambda ids: jax.tree.map(lambda x: x[ids[:, 0]], pairs.options)  # noqa: E731
-    a_preferred = np.asarray(test.pairs.utility_a >= test.pairs.utility_b)
-    return _Task(run.policy, run.episodes.max_context, rows(test.pairs.option_a), rows(test.pairs.option_b),
-                 a_preferred)
+    return _Task(run.policy, run.episodes.max_context, _answered_by_types(test, config))
+
+
+def _answered_by_types(test: PairPool | OptionPairPool, config: ConsistencyConfig) -> AnsweredPairs:
+    """Every test pair as each of the two user types answers it (the coins: for any pair a type ties)."""
+    return answer_pairs(test, jax.numpy.eye(2), jax.random.key(config.seed))
 
 
 def run_consistency(config: ConsistencyConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,

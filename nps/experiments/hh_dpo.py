@@ -25,10 +25,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nps.config import check_models, config_to_dict
-from nps.data.embedding_cache import embed_options_cached, embedder_identity
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import PolicyOptions, oracle_pools
-from nps.data.prepared import BuildParameters, prepared_or_prepare
+from nps.data.prepared import BuildParameters, embedded_preferences
 from nps.data.ultrafeedback import option_pair_pool
 from nps.encoder import EncoderConfig
 from nps.errors import ConfigError, invalid
@@ -46,7 +45,6 @@ from nps.results import (
     plot_accuracy_vs_context,
     run_directory,
 )
-from nps.train.distributed import primary_first
 from nps.train.evaluate import check_unseen_targets
 from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
@@ -105,14 +103,12 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
         raise ConfigError("hh-dpo needs --model (a model directory) and --data (UltraFeedback's train file)")
     start = time.perf_counter()
     with run_directory(out, fresh) as out:
-        build = BuildParameters("hh", config.conflict_rate, config.split_by, config.seed)
-        data = primary_first(lambda: prepared_or_prepare(config.data, out / "dataset", build, echo), "dataset")
-        data.require_pairs({"train": config.episodes.num_targets, "val": config.episodes.num_targets,
-                            "test": config.eval_num_targets})
+        data, features, embedder, identity = embedded_preferences(
+            config.data, config.embedder or config.model, out,
+            BuildParameters("hh", config.conflict_rate, config.split_by, config.seed),
+            {"train": config.episodes.num_targets, "val": config.episodes.num_targets, "test": config.eval_num_targets},
+            dtype=config.dtype, max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo)
         prompts, responses = data.option_prompts(), data.options.responses
-        features, embedder = primary_first(lambda: embed_options_cached(
-            config.embedder or config.model, prompts, responses, data.directory / "embeddings", dtype=config.dtype,
-            max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo), "embeddings")
 
         mesh = make_mesh(fsdp=config.mesh_fsdp, tensor=config.mesh_tensor) if jax.device_count() > 1 else None
         base = from_pretrained(config.model, dtype=jnp.dtype(config.dtype), mesh=mesh)
@@ -125,7 +121,7 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
                                     rngs=nnx.Rngs(0), mesh=mesh)
         options = with_reference_log_probs(reference, options, batch_size=config.reference_batch_size)
         pools = {name: option_pair_pool(part, data.options.ratings, options) for name, part in data.splits.items()}
-        data_identity = data.identity() | {"targets_cut": cut, "embedder": embedder_identity(embedder)}
+        data_identity = identity | {"targets_cut": cut}
         base_identity = {"path": base.identity, "weights_hash": base.weights_hash}
         eval_episodes = dataclasses.replace(config.episodes, num_targets=config.eval_num_targets,
                                             max_context=max(config.eval.context_sizes))

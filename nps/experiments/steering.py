@@ -2,7 +2,7 @@
 
 The paper's LLM experiments (§6.3, §6.7) need UltraFeedback, a 1.5B model and a GPU.
 This experiment runs the same path end to end with exact ground truth
-(``nps.data.steering``):
+(``nps.data.two_styles``):
 
 1. pretrain a small decoder (nps's own model code) on a corpus with two answer
    styles, so that it can produce both behaviours: the base / reference policy;
@@ -32,7 +32,7 @@ from flax import nnx
 
 from nps.active import particle_latents_compiled
 from nps.config import check_models, config_to_dict
-from nps.data import steering as two_styles
+from nps.data import two_styles
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool, oracle_pools, single_user
 from nps.encoder import EncoderConfig
@@ -53,7 +53,7 @@ from nps.results import (
     run_directory,
     save_figure,
 )
-from nps.serve.steering import BASE_DIR, PAIRS_FILE, SteeringRun, base_identity
+from nps.steering_run import BASE_DIR, PAIRS_FILE, SteeringRun, base_identity
 from nps.train.distributed import primary_first
 from nps.train.evaluate import check_unseen_targets, mean_and_sem, win_rate
 from nps.train.logging import LogConfig

@@ -19,21 +19,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nps.config import check_models, config_to_dict
-from nps.data.embedding_cache import embed_options_cached, embedder_identity
 from nps.data.episodes import (
     EpisodeSpec,
     sample_episodes,
     sample_with_separate_contexts,
 )
 from nps.data.pairs import OptionPairPool, oracle_pools
-from nps.data.prepared import BuildParameters, PreferenceData, prepared_or_prepare
+from nps.data.prepared import SPLITS, BuildParameters, EmbeddedPreferences, PreferenceData, embedded_preferences
 from nps.data.ultrafeedback import (
     conflict_test_pools,
     option_pair_pool,
@@ -48,7 +47,6 @@ from nps.results import (
     run_directory,
     save_figure,
 )
-from nps.train.distributed import primary_first
 from nps.train.evaluate import (
     check_unseen_targets,
     evaluate_unseen_accuracy,
@@ -182,29 +180,16 @@ class ContinuumConfig(UFInputs):
 
 
 # -- data --------------------------------------------------------------------------------------------
-class UFInputsReady(NamedTuple):
-    """The prepared data, the options' features [M, D], the embedder's record, and the data
-    identity that checkpoints and results carry."""
-
-    data: PreferenceData
-    features: jax.Array
-    embedder: dict[str, Any]
-    identity: dict[str, Any]
-
-
-def prepare_inputs(config: UFInputs, out: Path, echo) -> UFInputsReady:
+def prepare_inputs(config: UFInputs, out: Path, echo) -> EmbeddedPreferences:
     """Prepare the data (from the raw file if needed) and embed its options (cached)."""
     config.require_inputs()
-    data = primary_first(lambda: prepared_or_prepare(config.data, out / "dataset", config.build(), echo), "dataset")
-    data.require_pairs({split: config.episodes.num_targets for split in data.splits})
-    features, embedder = primary_first(lambda: embed_options_cached(
-        config.model, data.option_prompts(), data.options.responses, data.directory / "embeddings",
-        dtype=config.dtype, max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo),
-        "embeddings")
-    if embedder["options_per_second"]:
-        echo(f"embedded {embedder['embedded_now']} options at {embedder['options_per_second']:.1f} options/s")
-    identity = data.identity() | {"embedder": embedder_identity(embedder)}
-    return UFInputsReady(data, jnp.asarray(features), embedder, identity)
+    inputs = embedded_preferences(config.data, config.model, out, config.build(),
+                                  {split: config.episodes.num_targets for split in SPLITS}, dtype=config.dtype,
+                                  max_length=config.embed_max_length, batch_size=config.embed_batch_size, echo=echo)
+    if inputs.embedder["options_per_second"]:
+        echo(f"embedded {inputs.embedder['embedded_now']} options at {inputs.embedder['options_per_second']:.1f} "
+             "options/s")
+    return inputs._replace(features=jnp.asarray(inputs.features))
 
 
 def _pools(data: PreferenceData, features: jax.Array) -> dict[str, OptionPairPool]:

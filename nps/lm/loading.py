@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from nps.errors import NPSError
-from nps.files import atomic_open, atomic_write_json
+from nps.files import Digest, atomic_open, atomic_write_json
 from nps.layers import BaseParam
 from nps.lm.decoder import Decoder, DecoderConfig, LoRAConfig
 from nps.lm.params import TensorName, is_stacked, tensor_names
@@ -357,7 +356,7 @@ def from_pretrained(
     graphdef, base_state = nnx.split(abstract, BaseParam)
     plan = plan_load(base_state, tensors, config, str(directory / "config.json"))
     loaded_tokenizer = load_tokenizer(directory, config) if tokenizer else None  # its files too, before allocating
-    digest = hashlib.blake2b(digest_size=16)
+    digest = Digest()
     flat = []
     for path, var, infos in plan:
         sharding = variable_sharding(var, mesh)
@@ -383,14 +382,14 @@ def from_pretrained(
 CHUNK_BYTES = 4 * 2**20
 
 
-def _copy_tensor(target, hf: str, info: TensorInfo, prefix, dtype, digest) -> jax.Array:
+def _copy_tensor(target, hf: str, info: TensorInfo, prefix, dtype, digest: Digest) -> jax.Array:
     """Copy checkpoint tensor ``hf`` into ``target[prefix]`` in row chunks, feeding the digest."""
-    digest.update(f"{hf}|{info.dtype}|{info.shape}|".encode())
+    digest.raw(f"{hf}|{info.dtype}|{info.shape}|".encode())
     rows = info.shape[0] if info.shape else 1
     step = max(1, CHUNK_BYTES // max(1, (info.stop - info.start) // max(rows, 1)))
     for start in range(0, rows, step):
         chunk = read_tensor(info, (start, min(start + step, rows)))
-        digest.update(memoryview(chunk.reshape(-1).view(np.uint8)))
+        digest.raw(memoryview(chunk.reshape(-1).view(np.uint8)))
         index = jnp.asarray((*prefix, start) + (0,) * (len(info.shape) - 1), jnp.int32)
         target = _write_chunk(target, index, chunk.astype(dtype, copy=False).reshape((1,) * len(prefix) + chunk.shape))
     return target

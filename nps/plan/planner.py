@@ -14,18 +14,24 @@ next to the roofline.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from nps.errors import ConfigError
+from nps.files import atomic_write_json
+from nps.lm.decoder import LoRAConfig
 from nps.plan import analytic, hlo, programs
+from nps.plan.models import decoder_config
 from nps.plan.programs import Workload
-from nps.plan.topology import Target
+from nps.plan.topology import Target, compile_only_environment, resolve
 from nps.train.mesh import make_mesh
 
 GIB = 2**30
@@ -408,3 +414,29 @@ def _size(count: float | None) -> str:
 def _sizes(collectives: dict[str, float]) -> str:
     return ", ".join(f"{kind} {size / 1e9:.2f} GB" for kind, size in sorted(collectives.items(), key=lambda kv: -kv[1]))
 
+
+def plan_command(model: str = "qwen2.5-7b", job: str = "np-dpo", topology: str = "v5e:4x4", *, num_slices: int = 1,
+                 mesh: str = "", batch: int = 16, targets: int = 4, context: int = 6, length: int = 512,
+                 new_tokens: int = 3584, remat: str = "full", dtype: str = "bfloat16", lora_rank: int = 128,
+                 lora_targets: str = "q,v", feature_dim: int = 4096, pairs: int = 28763, options: int = 71890,
+                 no_search: bool = False, measure: int = 0, json_path: str | None = None, echo=print) -> int:
+    """`nps plan`, with the command's flags: the plan of ``job`` on ``model`` for ``topology``, echoed as a
+    person reads it (``json_path``: also written as JSON there; "-": echoed as JSON instead); 0 if it
+    fits, 1 if not."""
+    for key, value in compile_only_environment(topology).items():  # before JAX starts its backends
+        os.environ.setdefault(key, value)
+    name, decoder = decoder_config(model)
+    lora = LoRAConfig(rank=lora_rank, alpha=2.0 * lora_rank, targets=tuple(lora_targets.split(",")))
+    workload = Workload(job, decoder, dtype, batch, targets, context, length, new_tokens, remat, lora, feature_dim,
+                        pairs=pairs, options=options)
+    target = resolve(topology, num_slices)
+    plan = make_plan(workload, target, parse_mesh(mesh, target) if mesh else None, model_name=name,
+                     search=not no_search, measure_steps=measure)
+    report = dataclasses.asdict(plan) | {"checks": plan.checks}
+    if json_path == "-":
+        echo(json.dumps(report, indent=2))
+    else:
+        echo(format_plan(plan))
+        if json_path:
+            atomic_write_json(Path(json_path), report)
+    return 0 if plan.fits else 1

@@ -1,5 +1,3 @@
-"""Serving trained runs to people: the steering façade the CLI and the preference app share."""
-
-from nps.serve.steering import SteeringRun
-
-__all__ = ["SteeringRun"]
+"""The preference web app (`nps serve`): ``app`` its pages and routes, ``service`` what they do
+(questions, answers, z, blind A/B, checks), ``store`` where answers live. The trained run it serves
+is ``nps.steering_run.SteeringRun``, which the CLI and the workflows load too."""

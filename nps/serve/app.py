@@ -384,7 +384,7 @@ def serve(run_dir: str, candidates: str, store_dir: str, *, host: str = "127.0.0
         raise ConfigError(f"nps serve needs the web extra ({error.name} is missing): "
                           "pip install 'nps[serve]'") from None
     from nps.serve.service import PreferenceService, read_serving_candidates
-    from nps.serve.steering import SteeringRun
+    from nps.steering_run import SteeringRun
 
     read_serving_candidates(candidates)  # a bad candidate file fails before the run loads
     store = Store(store_dir).open()

@@ -43,18 +43,17 @@ import numpy as np
 
 from nps.active import (
     log_weights_after,
-    most_informative_compiled,
+    next_informative,
     particle_choice_probabilities_compiled,
     update_log_weights_compiled,
 )
-from nps.data import steering as language
+from nps.data import two_styles
 from nps.data.profiles import read_candidates
 from nps.errors import ConfigError
 from nps.files import atomic_write_bytes
-from nps.serve.steering import SteeringRun
+from nps.steering_run import SteeringRun, load_baseline
 from nps.serve.store import Store, StoreError, profile_hash
 from nps.train.evaluate import mean_and_sem
-from nps.workflow.ab import load_baseline
 from nps.workflow.consistency import ConsistencyReport, check_profile
 
 CHOICES = ("left", "right", "skip")
@@ -113,7 +112,7 @@ def read_serving_candidates(path: str | Path) -> tuple[list[dict[str, Any]], str
     candidates, digest = read_candidates(path)
     for number, candidate in enumerate(candidates, start=1):
         for response in candidate["responses"]:
-            language.option_tokens(candidate["prompt"], response, f"{path}: candidate {number}")
+            two_styles.option_tokens(candidate["prompt"], response, f"{path}: candidate {number}")
     return candidates, digest
 
 
@@ -239,14 +238,9 @@ class PreferenceService:
         return tuple(responses[::-1]) if random.Random(f"{name}:{index}").random() < 0.5 else tuple(responses)
 
     def _next_index(self, state: _PersonState, name: str) -> int | None:
-        asked = np.zeros((1, len(self.candidates)), bool)
-        asked[0, list(state.asked)] = True
-        if asked.all():
-            return None
         # Once no pair is informative, the person's own random order (seeded by name) decides.
         order = random.Random(f"order:{name}").sample(range(len(self.candidates)), len(self.candidates))
-        fallback = next(i for i in order if not asked[0, i])
-        return int(most_informative_compiled(state.log_weights, self.probabilities, asked, np.array([fallback]))[0])
+        return next_informative(state.log_weights, self.probabilities, state.asked, order)
 
     def next_question(self, name: str) -> Question | None:
         """The most informative unanswered candidate for this person, or None when all are answered."""
@@ -316,7 +310,7 @@ class PreferenceService:
     @staticmethod
     def example_words() -> list[str]:
         """The topics a prompt of the steering language is made of."""
-        return list(language.TOPICS)
+        return list(two_styles.TOPICS)
 
     def check_prompt(self, prompt: str) -> str:
         words = prompt.split()
@@ -324,7 +318,7 @@ class PreferenceService:
             raise StoreError(f"a prompt has 1 to {MAX_PROMPT_WORDS} words of the steering language "
                              f"(e.g. {self.candidates[0]['prompt']!r}); got {len(words)}")
         try:
-            language.encode_words(prompt, "prompt")
+            two_styles.encode_words(prompt, "prompt")
         except ConfigError as error:
             raise StoreError(str(error)) from None
         return " ".join(words)

@@ -20,7 +20,6 @@ mid-save leaves no half-written step behind. On top of that:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nps.errors import CheckpointError
+from nps.files import Digest
 from nps.train.distributed import PeerLostError, barrier, host_value, is_peer_failure, is_primary, lost_peers
 
 
@@ -100,12 +100,10 @@ def _io_reason(error: Exception) -> str:
 
 def state_digest(state: Any) -> str:
     """BLAKE2b-128 over every leaf's path, dtype, shape and bytes (host copy of the state)."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = Digest()
     leaves, _ = jax.tree_util.tree_flatten_with_path(host_value(state))
     for path, leaf in leaves:
-        leaf = np.ascontiguousarray(leaf)
-        digest.update(f"{_path_name(path)}|{leaf.dtype}|{leaf.shape}|".encode())
-        digest.update(leaf.tobytes())
+        digest.array(leaf, label=f"{_path_name(path)}|")
     return digest.hexdigest()
 
 
@@ -117,7 +115,7 @@ def metadata_digest(metadata: dict[str, Any]) -> str:
     (what Orbax's JSON file reads back: tuples are lists, floats round-trip exactly)."""
     fields = {key: value for key, value in metadata.items() if key != METADATA_DIGEST}
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return Digest().raw(text.encode()).hexdigest()
 
 
 class CheckpointStore:

@@ -23,7 +23,6 @@ with one line naming the differing fields (``agree_with_primary``), before any s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import itertools
 import json
@@ -39,7 +38,7 @@ import numpy as np
 
 from nps.config import differing_fields
 from nps.errors import ConfigError, NPSError
-from nps.files import file_sha256
+from nps.files import Digest, file_sha256
 
 T = TypeVar("T")
 
@@ -242,9 +241,9 @@ DIFFERENCES_SHOWN = 4  # differing fields a refusal names (then "and N more")
 def code_version() -> dict[str, str]:
     """This nps: its version and a digest of its package's files (two checkouts of one version may differ)."""
     package = Path(__file__).resolve().parents[1]
-    digest = hashlib.blake2b(digest_size=16)
+    digest = Digest()
     for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+        digest.raw(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return {"version": importlib.metadata.version("nps"), "files": digest.hexdigest()}
 
 

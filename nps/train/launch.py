@@ -51,7 +51,9 @@ def process_environment(index: int, count: int, port: int, cpu_devices: int | No
 
 def launch_local(count: int, program: list[str], *, cpu_devices: int | None = None,
                  gpus_per_process: int | None = None, port: int = 0) -> int:
-    """Run ``nps <program>`` as ``count`` processes of one run; returns the run's exit status."""
+    """Run ``nps <program>`` as ``count`` processes of one run (``program`` may start with the "--" that
+    ends ``nps launch``'s own flags); returns the run's exit status."""
+    program = program[1:] if program[:1] == ["--"] else program
     if count < 1:
         raise ConfigError(f"--local {count} must be at least 1")
     if not program:

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import time
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import PartitionSpec
 from flax import nnx
@@ -32,6 +30,7 @@ from nps.config import check_positive, config_to_dict
 from nps.data.episodes import EpisodeSpec, sample_episodes, sample_episodes_compiled
 from nps.data.pairs import OptionPairPool, PairPool
 from nps.errors import CheckpointError, ConfigError, invalid
+from nps.files import Digest
 from nps.layers import BaseParam
 from nps.likelihood import choice_accuracy, choice_nll
 from nps.lm.sharding import on_mesh, shardings_of
@@ -189,11 +188,9 @@ class FitResult:
 
 def pools_digest(*pools: PairPool | OptionPairPool) -> str:
     """BLAKE2b-128 of the pools' arrays: the data a checkpoint was trained on, whatever the caller says."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = Digest()
     for leaf in jax.tree.leaves(host_value(pools)):
-        leaf = np.ascontiguousarray(leaf)
-        digest.update(f"{leaf.dtype}|{leaf.shape}|".encode())
-        digest.update(leaf.tobytes())
+        digest.array(leaf)
     return digest.hexdigest()
 
 

@@ -24,17 +24,17 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from nps.active import encode_compiled
 from nps.config import config_to_dict
-from nps.data import steering as two_styles
+from nps.data import two_styles
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool
 from nps.data.profiles import read_pairs
+from nps.encoder import encode_compiled
 from nps.errors import ConfigError
 from nps.files import atomic_write_json, atomic_write_text, file_sha256, read_text
 from nps.models.reward import UF_NP_BTL, NPReward, build_reward_model
 from nps.results import save_figure
-from nps.serve.steering import SteeringRun
+from nps.steering_run import SteeringRun, load_baseline
 from nps.train.evaluate import mean_and_sem, pairwise_wins, win_rate
 from nps.train.loop import TrainConfig, load_trained
 from nps.train.run import EvalConfig, train_and_evaluate
@@ -105,14 +105,6 @@ def _user_reward(responses: list[str], user_type: str) -> np.ndarray:
     return two_styles.user_rewards(two_styles.response_tokens(responses))[:, two_styles.USER_NAMES.index(user_type)]
 
 
-def load_baseline(spec: str) -> tuple[str, SteeringRun | None]:
-    """``--baseline``: "base" (the unconditioned base LM; None) or RUN_DIR[:MODEL] (another run's policy)."""
-    if spec == "base":
-        return "base", None
-    run_dir, _, model = spec.partition(":")
-    return spec, SteeringRun.load(run_dir, model or "np_dpo")
-
-
 def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: str | Path, out: str | Path, *,
            model: str = "np_dpo", baseline: str = "base", samples: int = 4, seed: int = 0, scorer: str = "oracle",
            scorer_steps: int = 1000) -> dict[str, Any]:
@@ -168,6 +160,15 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
     atomic_write_text(out / "ab.md", format_markdown(report))
     plot_ab(report, out / "ab.png")
     return report
+
+
+def ab_command(run: str, profile: list[str], prompts: str, out: str, *, model: str = "np_dpo",
+               baseline: str = "base", samples: int = 4, seed: int = 0, scorer: str = "oracle",
+               scorer_steps: int = 1000, echo=print) -> None:
+    """`nps ab`: ``run_ab`` for ``USER_TYPE=PATH`` profiles, then the report as Markdown and what was written."""
+    report = run_ab(run, parse_profiles(profile), prompts, out, model=model, baseline=baseline, samples=samples,
+                    seed=seed, scorer=scorer, scorer_steps=scorer_steps)
+    echo(format_markdown(report) + f"\nwrote {out}/ab.json, ab.md, ab.png")
 
 
 def format_markdown(report: dict[str, Any]) -> str:

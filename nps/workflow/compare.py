@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from nps.errors import ConfigError
-from nps.files import read_text
+from nps.files import atomic_write_text, read_text
 from nps.results import RESULTS_SCHEMA_VERSION
 
 LOWER_IS_BETTER = ("error", "nll", "loss")
@@ -221,3 +221,20 @@ def _summary(comparison: Comparison) -> str:
         if names:
             parts.append(f"{label} ({len(names)}{', ' + verdict if fails else ''}): {', '.join(names)}")
     return "\n".join(parts)
+
+
+def compare_command(run_a: str, run_b: str, *, tolerance: float = 0.02, sigmas: float = 2.0,
+                    markdown: str | None = None, allow_different_data: bool = False, allow_missing: bool = False,
+                    echo=print) -> int:
+    """`nps compare`: the comparison as text (and as Markdown in ``markdown``); 1 if B regressed or lacks
+    what A has, else 0."""
+    comparison = compare_runs(run_a, run_b, tolerance=tolerance, sigmas=sigmas,
+                              allow_different_data=allow_different_data, allow_missing=allow_missing)
+    echo(format_text(comparison))
+    if markdown:
+        try:
+            atomic_write_text(markdown, format_markdown(comparison))
+        except OSError as error:
+            raise ConfigError(f"{markdown}: cannot be written ({error.strerror}); pass another --markdown "
+                              "path") from None
+    return 1 if comparison.failed else 0

@@ -38,12 +38,15 @@ tasks need no text), a policy's ``PolicyOptions`` for NP-DPO (``SteeringRun.pair
   reordered profiles is its null distribution. Permutations run in batches and stop once enough
   of them reach the observed statistic that drift can no longer be flagged (Besag & Clifford's
   sequential p-value, valid at every stopping point), so profiles without drift cost a few batches.
+
+``check_profile_file`` is `nps profile check`: a profile file judged by a trained steering run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -52,6 +55,11 @@ import numpy as np
 from flax import nnx
 
 from nps.data.episodes import Episodes, context_capacity
+from nps.data.profiles import PAIR_FIELDS, read_profile
+from nps.errors import ConfigError
+from nps.files import atomic_write_json, file_sha256
+from nps.steering_run import SteeringRun
+from nps.workflow.ab import NP_BTL_SCORER_EPISODES, load_np_btl_scorer
 
 SUBSETS = 64  # random halves of a profile whose z's the leave-one-out posterior weighs
 ORDERS_PER_BATCH = 8  # permuted orders whose latents are computed in one compiled call
@@ -418,3 +426,46 @@ def format_report(report: ConsistencyReport, name: str = "profile") -> str:
         lines.append(f"no drift: statistic {drift.statistic:.2f}, permutation p = {drift.p_value:.3f} "
                      f"(> {drift.threshold:g}; last {drift.analysed} answers, {drift.permutations} permutations)")
     return "\n".join(lines)
+
+
+def check_profile_file(profile: str, run: str, *, model: str = "np_dpo", threshold: float = ALERT_THRESHOLD,
+                       implausible_below: float = 0.2, permutations: int = 99, window: int = 24, min_segment: int = 3,
+                       json_path: str | None = None, echo=print) -> None:
+    """`nps profile check`: every check of the profile at ``profile`` (its answers; skips left out) by the
+    steering run at ``run``: its NP-DPO policy (``model="np_dpo"``) or the NP-BTL scorer that `nps ab
+    --scorer np_btl` trained (``"np_btl_reward"``). Echoes the report; ``json_path``: also writes it there,
+    with the hashes of its inputs."""
+    for name, value in (("threshold", threshold), ("implausible_below", implausible_below)):
+        if not 0 < value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} must be between 0 and 1")
+    for name, value in (("permutations", permutations), ("window", window), ("min_segment", min_segment)):
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} must be at least 1")
+    records = [r for r in read_profile(profile) if r.get("choice") != "skip"]
+    if not records:
+        raise ConfigError(f"{profile}: the profile has no answered pairs; nothing to check")
+    pairs = [{field: r[field] for field in PAIR_FIELDS} for r in records]
+    loaded = SteeringRun.load(run, "np_dpo" if model == "np_btl_reward" else model)
+    if model == "np_btl_reward":
+        checked, trained_context = load_np_btl_scorer(loaded), NP_BTL_SCORER_EPISODES.max_context
+    elif loaded.conditioned:
+        checked, trained_context = loaded.policy, loaded.episodes.max_context
+    else:
+        raise ConfigError(f"--model {model} takes no user; check with np_dpo or np_btl_reward")
+    try:  # the model's options of each answer: features for NP-BTL, token rows for the policy
+        if model == "np_btl_reward":
+            prompts = [p["prompt"] for p in pairs]
+            chosen = loaded.option_features(prompts, [p["chosen"] for p in pairs])
+            rejected = loaded.option_features(prompts, [p["rejected"] for p in pairs])
+        else:
+            chosen, rejected = loaded.pair_options(pairs)
+    except ConfigError as error:
+        raise ConfigError(f"{profile}: {error}") from None
+    report = check_profile(checked, pairs, chosen, rejected, [r.get("position") for r in records],
+                           trained_context=trained_context, implausible_below=implausible_below, threshold=threshold,
+                           permutations=permutations, window=window, min_segment=min_segment)
+    echo(format_report(report, profile))
+    if json_path:
+        inputs = {"profile": str(Path(profile).absolute()), "profile_sha256": file_sha256(profile),
+                  "run": str(Path(run).absolute()), "model": model, "run_fingerprint": loaded.fingerprint}
+        atomic_write_json(json_path, inputs | report.to_json())

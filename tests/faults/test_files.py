@@ -64,6 +64,34 @@ def test_texts_digest_separates_texts_by_length():
     assert texts_digest(["ab", "c"]) == texts_digest(iter(["ab", "c"]))
 
 
+def test_recorded_digests_keep_their_values():
+    """Every digest nps writes to disk is one ``Digest`` framing; checkpoints, prepared datasets and
+    embedding caches already on disk hold these values, so a change here would refuse them all."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nps.data.embedding_cache import tokens_digest
+    from nps.data.pairs import OptionPairPool, PairPool
+    from nps.data.prepared import _content_hash
+    from nps.train.checkpoint import metadata_digest, state_digest
+    from nps.train.loop import pools_digest
+
+    pool = PairPool(jnp.arange(6, dtype=jnp.float32).reshape(3, 2), jnp.ones((3, 2)), jnp.zeros((3, 2)),
+                    jnp.eye(3, 2))
+    assert pools_digest(pool, OptionPairPool(pool, {"t": jnp.arange(4, dtype=jnp.int32)})) == \
+        "217fb4cc7873998d7439654d7b0b6b11"
+    state = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.float32(0.5)}, "step": np.int32(7)}
+    assert state_digest(state) == "1559b3fdd47b8c92b0d953beb6c45416"
+    assert metadata_digest({"a": 1, "b": [1.5, "x"], "metadata_digest": "ignored"}) == "0375eaf62e5aff4d2dd1c704308f4752"
+    assert tokens_digest([[1, 2, 3], [], [4]]) == "a98f1166b5d13b81d801f83cbed1184a"
+    columns = {"prompt_id": np.array([0, 1]), "option_a_id": np.array([2, 3]), "option_b_id": np.array([4, 5]),
+               "ratings_a": np.array([[1.0, 2.0], [3.0, 4.0]]), "ratings_b": np.array([[5.0, 1.0], [2.0, 2.5]]),
+               "prompt": ["p", "q"], "response_a": ["a", "é"], "response_b": ["b", b"c"]}
+    first_row = {name: values[:1] for name, values in columns.items()}
+    assert _content_hash({"train": columns, "val": columns, "test": first_row}) == "b85189905da95275a72b94e939d3b475"
+    assert texts_digest(["ab", "c", ""]) == "ed6521fd5227c85c5357b1aff06fc270"
+
+
 def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "plot.json"
     atomic_write_text(path, "kept")

@@ -20,11 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.active import encode_compiled, particle_latents_compiled
+from nps.active import informative_chooser, particle_latents_compiled
 from nps.config import config_from_dict
-from nps.data import steering as language
+from nps.data import two_styles
 from nps.data.episodes import EpisodeSpec, context_capacity
 from nps.data.pairs import OptionPairPool, PolicyOptions
+from nps.data.profiles import read_candidates
+from nps.encoder import encode_compiled
 from nps.errors import ConfigError
 from nps.files import texts_digest
 from nps.lm import Decoder, SamplingConfig, embed_tokens, from_pretrained, generate
@@ -57,7 +59,7 @@ class SteeringRun:
 
     policy: SteerablePolicy
     base: Decoder
-    spec: language.LanguageSpec
+    spec: two_styles.LanguageSpec
     temperature: float
     episodes: EpisodeSpec
     model_name: str
@@ -87,7 +89,7 @@ class SteeringRun:
         policy = SteerablePolicy(base.model, base.config.hidden_size, policy_config, rngs=nnx.Rngs(train.seed))
         policy = load_trained(policy, run_dir / "checkpoints" / model, train,
                               run_config={"base": base_identity(base.weights_hash)})
-        return cls(policy, base.model, config_from_dict(language.LanguageSpec, config["language"], "language"),
+        return cls(policy, base.model, config_from_dict(two_styles.LanguageSpec, config["language"], "language"),
                    float(config["temperature"]), config_from_dict(EpisodeSpec, config["episodes"], "episodes"),
                    model, run_dir, base.weights_hash)
 
@@ -103,28 +105,28 @@ class SteeringRun:
         """Whether this policy takes a user (NP-DPO) or serves everyone alike (the DPO baselines)."""
         return self.policy.encoder is not None
 
-    def preference_pairs(self) -> language.PreferencePairs:
+    def preference_pairs(self) -> two_styles.PreferencePairs:
         """The pairs the run sampled from its base (with reference log-probabilities), as stored."""
         path = self.directory / "checkpoints" / PAIRS_FILE
         if not path.is_file():
             raise ConfigError(f"{path}: missing; run `nps reproduce steering --out {self.directory}` again to "
                               "store the run's preference pairs (trained policies are kept)")
-        return language.PreferencePairs.load(path)
+        return two_styles.PreferencePairs.load(path)
 
     def sampled_candidates(self, count: int, split: str = "test", seed: int = 0) -> list[dict[str, Any]]:
         """``count`` of the run's sampled pairs of ``split`` as a candidate set, ``{"prompt", "responses":
         [a, b]}``: pairs as sampling produced them (the two users rank some oppositely, others alike),
         leaving out responses that are empty, equal or hold a special token (nothing a person should read)."""
         pairs = self.preference_pairs()
-        words, special = language.vocabulary(), set(language.SPECIAL_TOKENS)
+        words, special = two_styles.vocabulary(), set(two_styles.SPECIAL_TOKENS)
         tokens = np.asarray(pairs.options.tokens)
         candidates = []
         for pair in np.random.default_rng(seed).permutation(pairs.splits["all"][split]):
             rows = tokens[pair], tokens[pair + pairs.num_pairs]
-            responses = [language.decode_response(row[language.PROMPT_LENGTH:]) for row in rows]
+            responses = [two_styles.decode_response(row[two_styles.PROMPT_LENGTH:]) for row in rows]
             if any(not r or special & set(r.split()) for r in responses) or responses[0] == responses[1]:
                 continue
-            prompt = " ".join(words[t] for t in rows[0][1 : language.PROMPT_LENGTH - 1])
+            prompt = " ".join(words[t] for t in rows[0][1 : two_styles.PROMPT_LENGTH - 1])
             candidates.append({"prompt": prompt, "responses": responses})
             if len(candidates) == count:
                 return candidates
@@ -147,8 +149,8 @@ class SteeringRun:
     def pair_features(self, pairs: list[dict[str, str]]) -> tuple[jax.Array, jax.Array, jax.Array]:
         """A context of one user: chosen and rejected features [1, C, E] and the mask [1, C], with
         C = ``context_capacity(len(pairs))`` (an empty context is a mask over unused slots)."""
-        chosen = [language.option_tokens(p["prompt"], p["chosen"], f"pairs[{i}]") for i, p in enumerate(pairs)]
-        rejected = [language.option_tokens(p["prompt"], p["rejected"], f"pairs[{i}]") for i, p in enumerate(pairs)]
+        chosen = [two_styles.option_tokens(p["prompt"], p["chosen"], f"pairs[{i}]") for i, p in enumerate(pairs)]
+        rejected = [two_styles.option_tokens(p["prompt"], p["rejected"], f"pairs[{i}]") for i, p in enumerate(pairs)]
         capacity = context_capacity(len(pairs))
         features = np.zeros((2, capacity, self.base.config.hidden_size), np.float32)
         if pairs:
@@ -158,14 +160,14 @@ class SteeringRun:
 
     def option_features(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         """Features [N, E] of prompt + response options (the base's last-token states)."""
-        return self.features([language.option_tokens(p, r) for p, r in zip(prompts, responses)])
+        return self.features([two_styles.option_tokens(p, r) for p, r in zip(prompts, responses)])
 
     def options(self, prompts: list[str], responses: list[str]) -> PolicyOptions:
         """Prompt + response options [N] as the policy scores them: tokens, masks, the encoder's
         features and the reference log-probabilities."""
-        ids = [language.option_tokens(p, r, f"options[{i}]") for i, (p, r) in enumerate(zip(prompts, responses))]
-        tokens, token_mask = pad_sequences(ids, left=False, pad=language.PAD)
-        prompt_ends = np.asarray([len(language.encode_words(p)) + 2 for p in prompts])  # <bos> prompt Assistant:
+        ids = [two_styles.option_tokens(p, r, f"options[{i}]") for i, (p, r) in enumerate(zip(prompts, responses))]
+        tokens, token_mask = pad_sequences(ids, left=False, pad=two_styles.PAD)
+        prompt_ends = np.asarray([len(two_styles.encode_words(p)) + 2 for p in prompts])  # <bos> prompt Assistant:
         response_mask = token_mask & (np.arange(tokens.shape[1])[None] >= prompt_ends[:, None])
         options = PolicyOptions(jnp.asarray(tokens), jnp.asarray(token_mask), jnp.asarray(response_mask),
                                 jnp.asarray(self.features(ids)), jnp.zeros((len(ids),), jnp.float32))
@@ -202,6 +204,12 @@ class SteeringRun:
                                          spec=self.episodes, num_particles=count, context_size=context_size,
                                          key=jax.random.key(seed))
 
+    def informative_order(self, candidates_path: str | Path):
+        """A ``next_candidate`` for ``nps.data.profiles.collect`` over the candidate set at ``candidates_path``:
+        the most informative pair first, judged by this run's policy (``nps.active.informative_chooser``)."""
+        candidates, _ = read_candidates(candidates_path)
+        return informative_chooser(self.policy, self.particles(), *self.candidate_options(candidates))
+
     def latent_range(self) -> tuple[float, float]:
         """The smallest and the largest coordinate of the z's the encoder gives the run's plausible users
         (``particles``): where the policy was trained to be steered."""
@@ -212,7 +220,7 @@ class SteeringRun:
     def sampling(self, temperature: float | None = None) -> SamplingConfig:
         """How this run samples responses, at ``temperature`` (None: the run's own); a temperature that is
         not a finite number ≥ 0 is a ``ConfigError``."""
-        return language.sampling(self.spec, self.temperature if temperature is None else temperature)
+        return two_styles.sampling(self.spec, self.temperature if temperature is None else temperature)
 
     def generate(
         self, prompts: list[str], z: jax.Array | None = None, *, seed: int = 0, temperature: float | None = None,
@@ -220,10 +228,10 @@ class SteeringRun:
     ) -> list[str]:
         """One sampled response per prompt, steered by z [d] (None: the policy without a user);
         ``base``: the pretrained base instead (no adapters, no user)."""
-        ids = [[language.BOS, *language.encode_words(p, "prompt"), language.SEP] for p in prompts]
+        ids = [[two_styles.BOS, *two_styles.encode_words(p, "prompt"), two_styles.SEP] for p in prompts]
         sampling = self.sampling(temperature)
         self.check_lengths(ids, "prompts", room=sampling.max_new_tokens)
-        tokens, mask = pad_sequences(ids, left=True, pad=language.PAD)
+        tokens, mask = pad_sequences(ids, left=True, pad=two_styles.PAD)
         if base:
             out = generate(self.base, tokens, mask, sampling=sampling, seed=seed)
         else:
@@ -231,8 +239,16 @@ class SteeringRun:
                 raise ConfigError("z has non-finite values (NaN or inf); pass a finite latent")
             batch_z = None if z is None else jnp.broadcast_to(z, (len(ids), z.shape[-1]))
             out = generate(self.policy.lm, tokens, mask, sampling=sampling, seed=seed, z=batch_z)
-        return [language.decode_response(row) for row in np.asarray(out.tokens)]
+        return [two_styles.decode_response(row) for row in np.asarray(out.tokens)]
 
     def log_prob(self, prompt: str, response: str, z: jax.Array | None = None) -> float:
         """log π(response | prompt, z) under the steered policy."""
         return float(self.policy.log_probs(self.options([prompt], [response]), None if z is None else z[None])[0])
+
+
+def load_baseline(spec: str) -> tuple[str, SteeringRun | None]:
+    """``--baseline``: "base" (the unconditioned base LM; None) or RUN_DIR[:MODEL] (another run's policy)."""
+    if spec == "base":
+        return "base", None
+    run_dir, _, model = spec.partition(":")
+    return spec, SteeringRun.load(run_dir, model or "np_dpo")

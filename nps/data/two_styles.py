@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from nps.data.pairs import PairPool, PolicyOptions, choices, conflicting, split_indices
+from nps.data.pairs import PairPool, PolicyOptions, choices, conflicting, split_indices, untied
 from nps.errors import ConfigError
 from nps.files import atomic_write_bytes
 from nps.lm.generate import SamplingConfig, embed_tokens, generate
@@ -190,7 +190,9 @@ def sample_responses(model, prompts: np.ndarray, spec: LanguageSpec, temperature
 
 
 class PreferencePairs(NamedTuple):
-    """Pairs of a base model's responses that neither user ties, as a steering run stores them.
+    """Pairs of a base model's responses that neither user ties, as a steering run stores them: the
+    file form of its data (``save``/``load``), which ``pools()`` turns into ``PairPool``s of row ids
+    (each user's reward as its utility) to use over ``options`` as ``OptionPairPool``s.
 
     options: ``PolicyOptions`` of 2N rows, the first responses of the N pairs then the second ones.
     rewards: [2N, 2] each user's reward of each row. conflicting: [N] True where the users rank the
@@ -254,16 +256,16 @@ def sample_preference_pairs(base, spec: LanguageSpec, num_prompts: int, temperat
     first = sample_responses(base, prompts, spec, temperature, seed + 2)
     second = sample_responses(base, prompts, spec, temperature, seed + 3)
     rewards_a, rewards_b = user_rewards(first), user_rewards(second)
-    untied = np.all(rewards_a != rewards_b, axis=1)
-    conflict = conflicting(choices(rewards_a, rewards_b))
+    choice = choices(rewards_a, rewards_b)
+    kept, conflict = untied(choice), conflicting(choice)
     count = int(conflict.sum())
     if count < min_conflicting:
         raise ConfigError(f"num_prompts={num_prompts} gives only {count} conflicting pairs; raise num_prompts")
-    splits = {"conflicting": {k: np.flatnonzero(conflict[untied])[v] for k, v in
+    splits = {"conflicting": {k: np.flatnonzero(conflict[kept])[v] for k, v in
                               split_indices(rng.permutation(count)).items()},
-              "all": split_indices(rng.permutation(int(untied.sum())))}
-    sequences = np.concatenate([np.concatenate([prompts, first], 1)[untied],
-                                np.concatenate([prompts, second], 1)[untied]])
+              "all": split_indices(rng.permutation(int(kept.sum())))}
+    sequences = np.concatenate([np.concatenate([prompts, first], 1)[kept],
+                                np.concatenate([prompts, second], 1)[kept]])
     is_eos = sequences == EOS
     token_mask = ((np.cumsum(is_eos, axis=1) - is_eos) == 0) & (sequences != PAD)
     response_mask = token_mask & (np.arange(sequences.shape[1]) >= PROMPT_LENGTH)
@@ -277,5 +279,5 @@ def sample_preference_pairs(base, spec: LanguageSpec, num_prompts: int, temperat
         "conflicting_pairs": count, "conflict_share_of_sampled_pairs": count / num_prompts,
         "split_sizes": {k: len(v) for k, v in splits["conflicting"].items()},
     }
-    rewards = np.concatenate([rewards_a[untied], rewards_b[untied]])
-    return PreferencePairs(options, rewards, conflict[untied], splits, identity)
+    rewards = np.concatenate([rewards_a[kept], rewards_b[kept]])
+    return PreferencePairs(options, rewards, conflict[kept], splits, identity)
