@@ -1,4 +1,5 @@
-"""What every run writes: its locked output folder, results.json, tables and plots.
+"""What every run writes: its locked output folder, results.json, tables and plots; and the run
+context its models share (``ExperimentRun``: fit, evaluate, log, write).
 
 The schema of results.json is documented in docs/results.md.
 """
@@ -6,22 +7,28 @@ The schema of results.json is documented in docs/results.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nps.config import config_to_dict  # noqa: E402
+from nps.data.episodes import EpisodeSpec  # noqa: E402
 from nps.errors import OutputDirError  # noqa: E402
 from nps.files import atomic_save_figure, atomic_write_json, exclusive_lock  # noqa: E402
-from nps.train.distributed import barrier, is_primary  # noqa: E402
+from nps.models.reward import RewardModelConfig, build_reward_model  # noqa: E402
+from nps.train.distributed import WAIT_FOR_PEERS, agree_with_primary, barrier, is_primary  # noqa: E402
+from nps.train.evaluate import EvalConfig, check_unseen_targets, evaluate_unseen_accuracy  # noqa: E402
 from nps.train.logging import LogConfig, RunLog  # noqa: E402
+from nps.train.loop import FitResult, TrainConfig, fit  # noqa: E402
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -72,20 +79,94 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def finish_run(out: Path, start: float, echo, *, tables: list[str], plots: list[Path], log: LogConfig | None = None,
-               **results) -> dict[str, Any]:
-    """Write results.json (with plot names and total wall-clock), print the tables and the paths;
-    with ``log``, the plots also go to the run's log as images (``logs/plots``)."""
-    results = results | {"plots": [p.name for p in plots], "wall_clock_seconds": time.perf_counter() - start}
-    path = write_results(out, results)
-    if log is not None:
-        with RunLog(log, out / "logs" / "plots") as run_log:  # process 0 alone writes
+@dataclasses.dataclass
+class ExperimentRun:
+    """What the models of one experiment run share (``nps reproduce``, or any run that writes a
+    results.json): its output folder, how each model is evaluated, where its logs go, progress and
+    echo, and the clock. ``experiment_run`` opens one on a locked folder; ``finish`` writes it out.
+
+    Each model gets ``out/checkpoints/<name>`` (a re-run resumes it; a checkpoint of another run
+    config is refused), ``out/logs/<name>`` (curves, evaluation, any profile trace) and a results
+    entry: its unseen-target accuracy per N^C and user group, best step and validation NLL, steps
+    trained, throughput, wall clock and history.
+    """
+
+    experiment: str
+    config: Any  # the experiment's typed config, recorded whole in results.json
+    out: Path
+    evaluation: EvalConfig
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    progress: bool = True
+    echo: Callable[..., None] = print
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def fit_and_evaluate(self, name: str, model, pools: dict[str, Any], *, kind: str, episodes: EpisodeSpec,
+                         train: TrainConfig, run_config: dict[str, Any], user_names: Sequence[str],
+                         eval_episodes: EpisodeSpec | None = None, mesh=None) -> tuple[FitResult, dict[str, Any]]:
+        """Fit any ``fit``-able ``model`` on ``pools`` ("train", "val", "test") and evaluate it on
+        the test pool for ``user_names``; returns the fit and the model's results entry. ``kind``:
+        the model's kind, for the results; ``run_config`` identifies the run (model, data, base LM);
+        ``eval_episodes``: the test tasks' shape when it differs from training's (e.g. N^T = 13 at
+        test for DPO trained with N^T = 9)."""
+        eval_episodes = eval_episodes or episodes
+        check_unseen_targets(self.evaluation.context_sizes, eval_episodes)
+        agree_with_primary(run_config, f"run config of {name}", WAIT_FOR_PEERS)  # each process its part of one model
+        start = time.perf_counter()
+        with RunLog(self.log, self.out / "logs" / name, run_config=run_config) as run_log:
+            result = fit(model, pools["train"], pools["val"], episodes, train, self.out / "checkpoints" / name,
+                         run_config=run_config, progress=self.progress, description=name, mesh=mesh,
+                         hooks=run_log.hooks())
+            accuracy = evaluate_unseen_accuracy(
+                result.graphdef, result.params, pools["test"], eval_episodes, user_names,
+                self.evaluation.context_sizes, self.evaluation.num_tasks, self.evaluation.seed, frozen=result.frozen)
+            run_log.evaluation(result.steps, accuracy)
+        return result, {
+            "kind": kind,
+            "unseen_accuracy": accuracy,
+            "best_step": result.best_step,
+            "best_val_nll": result.best_val_loss,
+            "train_steps": result.steps,
+            "train_steps_per_second": result.steps_per_second,
+            "wall_clock_seconds": time.perf_counter() - start,
+            "history": result.history,
+        }
+
+    def fit_and_evaluate_reward_model(self, name: str, config: RewardModelConfig, pools: dict[str, Any], *,
+                                      data_identity: dict[str, Any], train: TrainConfig, episodes: EpisodeSpec,
+                                      user_names: Sequence[str]) -> tuple[FitResult, dict[str, Any]]:
+        """``fit_and_evaluate`` of the reward model ``config`` describes, built for the pools'
+        options and seeded by ``train.seed``; its run config is the model's config and the data's
+        identity."""
+        model = build_reward_model(pools["train"].option_dim, config, seed=train.seed)
+        run_config = {"model": config_to_dict(config), "data": data_identity}
+        return self.fit_and_evaluate(name, model, pools, kind=config.kind, episodes=episodes, train=train,
+                                     run_config=run_config, user_names=user_names)
+
+    def finish(self, *, tables: list[str], plots: list[Path], **results) -> dict[str, Any]:
+        """Write results.json (the experiment, its config, ``results``, the plots' names and the
+        total wall clock), send the plots to the run's log as images (``logs/plots``), print the
+        tables and where things were written; returns what results.json holds."""
+        results = {"experiment": self.experiment, "config": config_to_dict(self.config)} | results | {
+            "plots": [p.name for p in plots], "wall_clock_seconds": time.perf_counter() - self.started}
+        path = write_results(self.out, results)
+        with RunLog(self.log, self.out / "logs" / "plots") as run_log:  # process 0 alone writes
             run_log.images(0, plots)
-    if is_primary():
-        for table in tables:
-            echo(table + "\n")
-        echo(f"wrote {path}\nplots: {', '.join(str(p) for p in plots)}")
-    return results
+        if is_primary():
+            for table in tables:
+                self.echo(table + "\n")
+            self.echo(f"wrote {path}\nplots: {', '.join(str(p) for p in plots)}")
+        return results
+
+
+@contextlib.contextmanager
+def experiment_run(experiment: str, config, out: str | Path, *, fresh: bool = False, progress: bool = True,
+                   echo=print) -> Iterator[ExperimentRun]:
+    """An ``ExperimentRun`` of ``config`` (its ``eval``, and its ``log`` where it has one) on the
+    locked output folder ``out`` (``run_directory``), its clock started now."""
+    started = time.perf_counter()
+    with run_directory(out, fresh) as directory:
+        yield ExperimentRun(experiment, config, directory, config.eval, getattr(config, "log", LogConfig()),
+                            progress, echo, started)
 
 
 def format_accuracy_table(models: dict[str, dict[str, Any]], user_names: list[str]) -> str:

@@ -19,11 +19,12 @@ from nps.data.synthetic import two_user_pools
 from nps.errors import ConfigError
 from nps.experiments.synthetic import SyntheticConfig
 from nps.models.reward import build_reward_model
+from nps.results import ExperimentRun
 from nps.train import logging as run_logging
+from nps.train.evaluate import EvalConfig
 from nps.train.hooks import ChunkMetrics
 from nps.train.logging import LogConfig, RunLog, matmul_flops
 from nps.train.loop import fit
-from nps.train.run import EvalConfig, train_and_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,9 @@ def test_bad_log_settings_are_one_line_naming_the_field():
 
 
 def test_training_curves_and_evaluation_read_back_with_tensorboards_reader(pools, tmp_path):
-    fitted, entry = train_and_evaluate(
-        "np_btl", MODEL, pools, data_identity={}, train=TRAIN, episodes=SPEC,
-        evaluation=EvalConfig(context_sizes=(0, 2), num_tasks=40), out=tmp_path, user_names=["z=0", "z=1"],
-        progress=False)
+    run = ExperimentRun("test", None, tmp_path, EvalConfig(context_sizes=(0, 2), num_tasks=40), progress=False)
+    fitted, entry = run.fit_and_evaluate_reward_model("np_btl", MODEL, pools, data_identity={}, train=TRAIN,
+                                                      episodes=SPEC, user_names=["z=0", "z=1"])
     curves = scalars(tmp_path / "logs" / "np_btl")
     chunk_ends = [20, 40, 60]
     for tag in TRAINING_TAGS:
@@ -201,9 +201,9 @@ def test_tensorboard_serves_a_run_and_headless_chromium_screenshots_it(pools, tm
 
     if not (shutil.which("chromium") and shutil.which("chromedriver")):
         pytest.skip("needs Debian's chromium and chromium-driver")
-    train_and_evaluate("np_btl", MODEL, pools, data_identity={}, train=TRAIN, episodes=SPEC,
-                       evaluation=EvalConfig(context_sizes=(0,), num_tasks=20), out=tmp_path, user_names=["z=0", "z=1"],
-                       progress=False)
+    run = ExperimentRun("test", None, tmp_path, EvalConfig(context_sizes=(0,), num_tasks=20), progress=False)
+    run.fit_and_evaluate_reward_model("np_btl", MODEL, pools, data_identity={}, train=TRAIN, episodes=SPEC,
+                                      user_names=["z=0", "z=1"])
     path = Path(__file__).parents[1] / "docs" / "tensorboard_screenshot.py"
     spec = importlib.util.spec_from_file_location("tensorboard_screenshot", path)
     module = importlib.util.module_from_spec(spec)

@@ -17,7 +17,6 @@ over users, per strategy, their ratio, and accuracy vs answered pairs.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from nps.active import answer_curves, pairs_needed, particle_latents
-from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import AnsweredPairs, OptionPairPool, PairPool, answer_pairs
 from nps.data.synthetic import (
@@ -39,11 +37,11 @@ from nps.data.synthetic import (
 from nps.errors import ConfigError, invalid
 from nps.experiments.steering import trained_run
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
-from nps.results import finish_run, run_directory, save_figure
+from nps.results import ExperimentRun, experiment_run, save_figure
 from nps.train.evaluate import check_unseen_targets, mean_and_sem
 from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
-from nps.train.run import EvalConfig, train_and_evaluate
+from nps.train.evaluate import EvalConfig
 
 TASKS = ("synthetic", "correlation", "steering")
 STRATEGIES = ("random", "active")
@@ -107,16 +105,16 @@ def _pair_sets(test: PairPool | OptionPairPool, config: ActiveConfig,
     return candidates, evaluation
 
 
-def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
+def _task(task: str, config: ActiveConfig, run: ExperimentRun):
     """(model, its results entry or None, candidates, evaluation, population pool for the particles)."""
     if task == "steering":
-        run = trained_run(config.steering_run, out, progress, echo)
-        pairs = run.preference_pairs()
+        steering = trained_run(config.steering_run, run.out, run.progress, run.echo)
+        pairs = steering.preference_pairs()
         # Candidates as sampling produces them: conflicting pairs and pairs both users rank alike.
         pools = pairs.pools("all")
         candidates, evaluation = _pair_sets(OptionPairPool(pools["test"], pairs.options), config,
                                             config.steering_users)
-        return run.policy, None, candidates, evaluation, OptionPairPool(pools["val"], pairs.options)
+        return steering.policy, None, candidates, evaluation, OptionPairPool(pools["val"], pairs.options)
     if task == "synthetic":
         pools = two_user_pools(config.num_pairs, config.data_seed)
         identity = two_user_identity(config.num_pairs, config.data_seed)
@@ -124,20 +122,20 @@ def _task(task: str, config: ActiveConfig, out: Path, progress: bool, echo):
         pools = correlated_pools(config.correlation_rho, config.num_pairs, config.data_seed)
         identity = correlated_identity(config.correlation_rho, config.num_pairs, config.data_seed)
     train = config.synthetic_train if task == "synthetic" else config.correlation_train
-    fit, entry = train_and_evaluate(
+    fit, entry = run.fit_and_evaluate_reward_model(
         f"np_btl_{task}", config.model, pools, data_identity=identity, train=train, episodes=config.episodes,
-        evaluation=config.eval, out=out, user_names=TWO_USER_NAMES, progress=progress, log=config.log)
+        user_names=TWO_USER_NAMES)
     candidates, evaluation = _pair_sets(pools["test"], config, config.num_users)
     return fit.model(), entry, candidates, evaluation, pools["val"]
 
 
 def run_active(config: ActiveConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
                echo=print) -> dict[str, Any]:
-    start = time.perf_counter()
-    with run_directory(out, fresh) as out:
+    with experiment_run("active", config, out, fresh=fresh, progress=progress, echo=echo) as run:
+        out = run.out
         tasks, models = {}, {}
         for task in config.tasks:
-            model, entry, candidates, evaluation, population = _task(task, config, out, progress, echo)
+            model, entry, candidates, evaluation, population = _task(task, config, run)
             if entry is not None:
                 models[f"np_btl_{task}"] = entry
             particles = particle_latents(model, population, config.episodes, config.num_particles,
@@ -161,9 +159,8 @@ def run_active(config: ActiveConfig, out: str | Path, *, fresh: bool = False, pr
                                       for s in STRATEGIES},
             }
         plots = [plot_active(tasks, out / "accuracy_vs_answered_pairs.png")]
-        return finish_run(out, start, echo, tables=[format_active_table(tasks)], plots=plots, experiment="active",
-                          config=config_to_dict(config), tasks=tasks, models=models, user_types=TWO_USER_NAMES,
-                          log=config.log)
+        return run.finish(tables=[format_active_table(tasks)], plots=plots, tasks=tasks, models=models,
+                          user_types=TWO_USER_NAMES)
 
 
 def format_active_table(tasks: dict[str, Any]) -> str:

@@ -28,17 +28,16 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import AnsweredPairs, OptionPairPool, PairPool, answer_pairs, take_rows
 from nps.data.synthetic import TWO_USER_NAMES, two_user_identity, two_user_pools
 from nps.errors import invalid
 from nps.experiments.steering import trained_run
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
-from nps.results import finish_run, run_directory
+from nps.results import ExperimentRun, experiment_run
 from nps.train.evaluate import mean_and_sem
 from nps.train.loop import TrainConfig
-from nps.train.run import EvalConfig, train_and_evaluate
+from nps.train.evaluate import EvalConfig
 from nps.workflow.consistency import ALERT_THRESHOLD, drift_test, leave_one_out
 
 TASKS = ("synthetic", "steering")
@@ -144,20 +143,19 @@ def _study(task: _Task, config: ConsistencyConfig, num_users: int, rng: np.rando
     }
 
 
-def _synthetic(config: ConsistencyConfig, out: Path, progress: bool) -> tuple[_Task, dict[str, Any]]:
+def _synthetic(config: ConsistencyConfig, run: ExperimentRun) -> tuple[_Task, dict[str, Any]]:
     pools = two_user_pools(config.num_pairs, config.data_seed)
-    fit, entry = train_and_evaluate(
+    fit, entry = run.fit_and_evaluate_reward_model(
         "np_btl_synthetic", config.model, pools, data_identity=two_user_identity(config.num_pairs, config.data_seed),
-        train=config.synthetic_train, episodes=config.episodes, evaluation=config.eval, out=out,
-        user_names=TWO_USER_NAMES, progress=progress)
+        train=config.synthetic_train, episodes=config.episodes, user_names=TWO_USER_NAMES)
     return _Task(fit.model(), config.episodes.max_context, _answered_by_types(pools["test"], config)), entry
 
 
-def _steering(config: ConsistencyConfig, out: Path, progress: bool, echo) -> _Task:
-    run = trained_run(config.steering_run, out, progress, echo)
-    pairs = run.preference_pairs()
+def _steering(config: ConsistencyConfig, run: ExperimentRun) -> _Task:
+    steering = trained_run(config.steering_run, run.out, run.progress, run.echo)
+    pairs = steering.preference_pairs()
     test = OptionPairPool(pairs.pools("all")["test"], pairs.options)
-    return _Task(run.policy, run.episodes.max_context, _answered_by_types(test, config))
+    return _Task(steering.policy, steering.episodes.max_context, _answered_by_types(test, config))
 
 
 def _answered_by_types(test: PairPool | OptionPairPool, config: ConsistencyConfig) -> AnsweredPairs:
@@ -167,22 +165,21 @@ def _answered_by_types(test: PairPool | OptionPairPool, config: ConsistencyConfi
 
 def run_consistency(config: ConsistencyConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
                     echo=print) -> dict[str, Any]:
-    start = time.perf_counter()
-    with run_directory(out, fresh) as out:
+    with experiment_run("consistency", config, out, fresh=fresh, progress=progress, echo=echo) as run:
         results, models = {}, {}
         for name in config.tasks:
             if name == "synthetic":
-                task, models["np_btl_synthetic"] = _synthetic(config, out, progress)
+                task, models["np_btl_synthetic"] = _synthetic(config, run)
             else:
-                task = _steering(config, out, progress, echo)
+                task = _steering(config, run)
             users = config.num_users if name == "synthetic" else config.steering_users
             results[name] = {}
             for which in config.candidate_sets:
                 echo(f"{name}, {which} candidates:")
                 results[name][which] = _study(task.subset(which), config, users, np.random.default_rng(config.seed),
                                               echo if progress else lambda *_: None)
-        return finish_run(out, start, echo, tables=[format_table(results)], plots=[], experiment="consistency",
-                          config=config_to_dict(config), tasks=results, models=models, user_types=TWO_USER_NAMES)
+        return run.finish(tables=[format_table(results)], plots=[], tasks=results, models=models,
+                          user_types=TWO_USER_NAMES)
 
 
 def format_table(results: dict[str, Any]) -> str:

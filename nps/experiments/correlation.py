@@ -21,14 +21,13 @@ weakly conditioned model into a confident ẑ.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from nps.config import check_positive, config_to_dict
+from nps.config import check_positive
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import check_splittable
 from nps.data.synthetic import (
@@ -41,16 +40,15 @@ from nps.data.synthetic import (
 from nps.errors import invalid
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
 from nps.results import (
-    finish_run,
+    experiment_run,
     format_accuracy_table,
     plot_accuracy_vs_context,
-    run_directory,
     save_figure,
 )
 from nps.train.evaluate import check_unseen_targets, identification_errors, mean_and_sem
 from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
-from nps.train.run import EvalConfig, train_and_evaluate
+from nps.train.evaluate import EvalConfig
 
 USER_NAMES = TWO_USER_NAMES
 
@@ -141,17 +139,15 @@ def plot_z_error(models: dict[str, Any], test_rhos, path: Path) -> Path:
 def run_correlation(
     config: CorrelationConfig, out: str | Path, *, fresh: bool = False, progress: bool = True, echo=print
 ) -> dict[str, Any]:
-    start = time.perf_counter()
-    with run_directory(out, fresh) as out:
+    with experiment_run("correlation", config, out, fresh=fresh, progress=progress, echo=echo) as run:
+        out = run.out
         models = {}
         for rho in config.train_rhos:
             name = f"np_btl_rho{rho:+.1f}"
-            fit_result, entry = train_and_evaluate(
+            fit_result, entry = run.fit_and_evaluate_reward_model(
                 name, config.model, correlated_pools(rho, config.num_pairs, config.seed),
                 data_identity=correlated_identity(rho, config.num_pairs, config.seed), train=config.train,
-                episodes=config.episodes, evaluation=config.eval, out=out, user_names=USER_NAMES, progress=progress,
-                log=config.log,
-            )
+                episodes=config.episodes, user_names=USER_NAMES)
             entry["train_rho"] = rho
             errors = {
                 str(r): z_inference_errors(fit_result, r, config, config.seed + 1000 + 10 * j)
@@ -167,8 +163,4 @@ def run_correlation(
         ]
         tables = [format_accuracy_table(models, USER_NAMES)]
         tables += [format_error_table(models, config.test_rhos, metric) for metric in ERROR_METRICS]
-        return finish_run(
-            out, start, echo, tables=tables, plots=plots,
-            experiment="correlation", config=config_to_dict(config), user_types=USER_NAMES, models=models,
-            log=config.log,
-        )
+        return run.finish(tables=tables, plots=plots, user_types=USER_NAMES, models=models)

@@ -16,7 +16,6 @@ NP-DPO, BTL-DPO (mixed) and one BTL-DPO oracle per user type → implicit-reward
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +39,15 @@ from nps.models.policy import (
     with_reference_log_probs,
 )
 from nps.results import (
-    finish_run,
+    experiment_run,
     format_accuracy_table,
     plot_accuracy_vs_context,
-    run_directory,
 )
 from nps.train.evaluate import check_unseen_targets
 from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
 from nps.train.mesh import make_mesh
-from nps.train.run import EvalConfig, fit_and_evaluate
+from nps.train.evaluate import EvalConfig
 
 USER_NAMES = ["helpfulness", "honesty"]
 MODEL_NAMES = ("np_dpo", "btl_dpo_mixed", "btl_dpo_oracles")  # oracles: one BTL-DPO per user type's labels
@@ -101,8 +99,8 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
                echo=print) -> dict[str, Any]:
     if not config.model or not config.data:
         raise ConfigError("hh-dpo needs --model (a model directory) and --data (UltraFeedback's train file)")
-    start = time.perf_counter()
-    with run_directory(out, fresh) as out:
+    with experiment_run("hh-dpo", config, out, fresh=fresh, progress=progress, echo=echo) as run:
+        out = run.out
         data, features, embedder, identity = embedded_preferences(
             config.data, config.embedder or config.model, out,
             BuildParameters("hh", config.conflict_rate, config.split_by, config.seed),
@@ -138,15 +136,10 @@ def run_hh_dpo(config: HHDPOConfig, out: str | Path, *, fresh: bool = False, pro
                                      mesh=mesh)
             run_config = {"policy": config_to_dict(policy_config), "data": data_identity | {"labels": labels},
                           "base": base_identity}
-            _, models[name] = fit_and_evaluate(
+            _, models[name] = run.fit_and_evaluate(
                 name, policy, job_pools, kind=policy_config.kind, episodes=config.episodes, train=config.train,
-                evaluation=config.eval, out=out, user_names=USER_NAMES, run_config=run_config,
-                eval_episodes=eval_episodes, mesh=mesh, progress=progress, log=config.log,
-            )
+                run_config=run_config, user_names=USER_NAMES, eval_episodes=eval_episodes, mesh=mesh)
         plots = [plot_accuracy_vs_context(models, USER_NAMES, out / "accuracy_vs_context.png",
                                           "UltraFeedback HH: implicit-reward accuracy")]
-        return finish_run(
-            out, start, echo, tables=[format_accuracy_table(models, USER_NAMES)], plots=plots, experiment="hh-dpo",
-            config=config_to_dict(config), data=data_identity, embedder=embedder, base=base_identity,
-            user_types=USER_NAMES, models=models, log=config.log,
-        )
+        return run.finish(tables=[format_accuracy_table(models, USER_NAMES)], plots=plots, data=data_identity,
+                          embedder=embedder, base=base_identity, user_types=USER_NAMES, models=models)

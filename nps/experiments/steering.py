@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +46,9 @@ from nps.models.policy import (
     with_reference_log_probs,
 )
 from nps.results import (
-    finish_run,
+    experiment_run,
     format_accuracy_table,
     plot_accuracy_vs_context,
-    run_directory,
     save_figure,
 )
 from nps.steering_run import BASE_DIR, PAIRS_FILE, SteeringRun, base_identity
@@ -58,7 +56,7 @@ from nps.train.distributed import primary_first
 from nps.train.evaluate import check_unseen_targets, mean_and_sem, win_rate
 from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
-from nps.train.run import EvalConfig, fit_and_evaluate
+from nps.train.evaluate import EvalConfig
 
 USER_NAMES = list(two_styles.USER_NAMES)
 MODEL_NAMES = ("np_dpo", "btl_dpo_mixed", "oracle_detail", "oracle_caution")
@@ -239,8 +237,8 @@ def run_steering(
     config: SteeringConfig, out: str | Path, *, fresh: bool = False, progress: bool = True, echo=print
 ) -> dict[str, Any]:
     """The whole experiment; resumable (base, pairs, then each policy from its checkpoints)."""
-    start = time.perf_counter()
-    with run_directory(out, fresh) as out:
+    with experiment_run("steering", config, out, fresh=fresh, progress=progress, echo=echo) as run:
+        out = run.out
         base = from_pretrained(primary_first(lambda: base_model(config, out, echo), "base"), tokenizer=False)
         pairs = primary_first(lambda: preference_pairs(base.model, config, out), "pairs")
         pools = {split: OptionPairPool(pool, pairs.options) for split, pool in pairs.pools().items()}
@@ -251,13 +249,11 @@ def run_steering(
             policy_config = dataclasses.replace(config.policy, kind=kind)
             run_config = {"policy": config_to_dict(policy_config), "data": pairs.identity,
                           "base": base_identity(base.weights_hash), "trained_on_user": user}
-            fitted, models[name] = fit_and_evaluate(
+            fitted, models[name] = run.fit_and_evaluate(
                 name, SteerablePolicy(base.model, config.decoder.hidden_size, policy_config,
                                       rngs=nnx.Rngs(config.train.seed)),
                 pools if user is None else oracle_pools(pools, user),  # an oracle: its user's labels, scored on both
-                kind=kind, episodes=config.episodes, train=config.train, evaluation=config.eval, out=out,
-                user_names=USER_NAMES, run_config=run_config, progress=progress, log=config.log,
-            )
+                kind=kind, episodes=config.episodes, train=config.train, run_config=run_config, user_names=USER_NAMES)
             policies[name] = fitted.model()
         rates, continuum = generation_report(policies, base.model, pools["test"], config)
         plots = [
@@ -267,12 +263,10 @@ def run_steering(
         ]
         if continuum is not None:
             plots.append(plot_continuum(continuum, out / "continuum.png"))
-        return finish_run(
-            out, start, echo, tables=[format_accuracy_table(models, USER_NAMES), format_win_table(rates)],
-            plots=plots, experiment="steering", config=config_to_dict(config), data=pairs.identity,
-            base=base_identity(base.weights_hash), user_types=USER_NAMES, models=models, win_rates=rates,
-            continuum=continuum, log=config.log,
-        )
+        return run.finish(
+            tables=[format_accuracy_table(models, USER_NAMES), format_win_table(rates)], plots=plots,
+            data=pairs.identity, base=base_identity(base.weights_hash), user_types=USER_NAMES, models=models,
+            win_rates=rates, continuum=continuum)
 
 
 def trained_run(steering_run: str, out: Path, progress: bool, echo) -> SteeringRun:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nps.config import check_models, config_to_dict
+from nps.config import check_models
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import check_splittable
 from nps.data.synthetic import (
@@ -22,16 +21,15 @@ from nps.data.synthetic import (
 )
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
 from nps.results import (
-    finish_run,
+    experiment_run,
     format_accuracy_table,
     plot_accuracy_vs_context,
-    run_directory,
     save_figure,
 )
 from nps.train.evaluate import check_unseen_targets, rewards_given_context
 from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
-from nps.train.run import EvalConfig, train_and_evaluate
+from nps.train.evaluate import EvalConfig
 
 USER_NAMES = TWO_USER_NAMES
 MODEL_NAMES = ("btl", "dpl", "np_btl", "np_btl_variational")
@@ -120,26 +118,23 @@ def run_synthetic(
     config: SyntheticConfig, out: str | Path, *, fresh: bool = False, progress: bool = True, echo=print
 ) -> dict[str, Any]:
     """Train and evaluate ``config.models``; write results.json and plots under ``out``."""
-    start = time.perf_counter()
-    with run_directory(out, fresh) as out:
+    with experiment_run("synthetic", config, out, fresh=fresh, progress=progress, echo=echo) as run:
+        out = run.out
         pools = two_user_pools(config.num_pairs, config.seed, config.threshold)
         data_identity = two_user_identity(config.num_pairs, config.seed, config.threshold)
         models, fits = {}, {}
         for name in config.models:
-            fits[name], models[name] = train_and_evaluate(
+            fits[name], models[name] = run.fit_and_evaluate_reward_model(
                 name, getattr(config, name), pools, data_identity=data_identity, train=config.train,
-                episodes=config.episodes, evaluation=config.eval, out=out, user_names=USER_NAMES, progress=progress,
-                log=config.log,
-            )
+                episodes=config.episodes, user_names=USER_NAMES)
         grid = np.linspace(0.0, 1.0, 201)
         plots = [
             plot_accuracy_vs_context(models, USER_NAMES, out / "accuracy_vs_context.png", "synthetic two-user task"),
             plot_reward_curves(_reward_curves(fits, pools, config.episodes, grid), grid, config.threshold,
                                out / "reward_curves.png"),
         ]
-        return finish_run(
-            out, start, echo, tables=[format_accuracy_table(models, USER_NAMES)], plots=plots,
-            experiment="synthetic", config=config_to_dict(config),
+        return run.finish(
+            tables=[format_accuracy_table(models, USER_NAMES)], plots=plots,
             data=data_identity | {"split_sizes": {k: p.num_pairs for k, p in pools.items()}},
-            user_types=USER_NAMES, models=models, log=config.log,
+            user_types=USER_NAMES, models=models,
         )

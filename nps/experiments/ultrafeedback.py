@@ -17,7 +17,6 @@ each attribute's alone; all are scored on unseen test targets for every user typ
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nps.config import check_models, config_to_dict
+from nps.config import check_models
 from nps.data.episodes import (
     EpisodeSpec,
     sample_episodes,
@@ -41,10 +40,9 @@ from nps.data.ultrafeedback import (
 from nps.errors import ConfigError, invalid
 from nps.models.reward import UF_NP_BTL, RewardModelConfig
 from nps.results import (
-    finish_run,
+    experiment_run,
     format_accuracy_table,
     plot_accuracy_vs_context,
-    run_directory,
     save_figure,
 )
 from nps.train.evaluate import (
@@ -54,7 +52,7 @@ from nps.train.evaluate import (
 )
 from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
-from nps.train.run import EvalConfig, train_and_evaluate
+from nps.train.evaluate import EvalConfig
 
 MODEL_NAMES = ("btl_mixed", "btl_oracles", "np_btl", "np_btl_variational")
 # The released UF configs are deterministic; the variational variant's KL weight and sample counts are
@@ -200,8 +198,8 @@ def _pools(data: PreferenceData, features: jax.Array) -> dict[str, OptionPairPoo
 def run_uf_rewards(config: UFRewardConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
                    echo=print) -> dict[str, Any]:
     """BTL-mixed, a BTL oracle per attribute and NP-BTL on HH or HHT; Fig. 2a / 6 and the PCA of z."""
-    start = time.perf_counter()
-    with run_directory(out, fresh) as out:
+    with experiment_run(config.recipe, config, out, fresh=fresh, progress=progress, echo=echo) as run:
+        out = run.out
         data, features, embedder, identity = prepare_inputs(config, out, echo)
         users = list(data.attributes)
         pools = _pools(data, features)
@@ -213,21 +211,17 @@ def run_uf_rewards(config: UFRewardConfig, out: str | Path, *, fresh: bool = Fal
                 jobs.append((name, config.btl if name == "btl_mixed" else getattr(config, name), pools, "all"))
         models, fits = {}, {}
         for name, model_config, job_pools, labels in jobs:
-            fits[name], models[name] = train_and_evaluate(
+            fits[name], models[name] = run.fit_and_evaluate_reward_model(
                 name, model_config, job_pools, data_identity=identity | {"labels": labels}, train=config.train,
-                episodes=config.episodes, evaluation=config.eval, out=out, user_names=users, progress=progress,
-                log=config.log)
+                episodes=config.episodes, user_names=users)
         title = f"UltraFeedback {config.recipe.upper()}: reward-model accuracy on unseen pairs"
         plots = [plot_accuracy_vs_context(models, users, out / "accuracy_vs_context.png", title)]
         for name in ("np_btl", "np_btl_variational"):
             if name in fits:
                 plots.append(plot_latent_pca(fits[name].model(), pools["test"], config.episodes, users,
                                              config.pca_context_sizes, out / f"{name}_z_pca.png", name))
-        return finish_run(
-            out, start, echo, tables=[format_accuracy_table(models, users)], plots=plots,
-            experiment=config.recipe, config=config_to_dict(config), data=identity, embedder=embedder,
-            user_types=users, models=models, log=config.log,
-        )
+        return run.finish(tables=[format_accuracy_table(models, users)], plots=plots, data=identity,
+                          embedder=embedder, user_types=users, models=models)
 
 
 def latent_pca(z: np.ndarray, components: int = 2) -> np.ndarray:
@@ -262,8 +256,8 @@ def plot_latent_pca(model, pool, spec: EpisodeSpec, users: list[str], context_si
 # -- conflict-rate study -----------------------------------------------------------------------------
 def run_conflict(config: ConflictConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
                  echo=print) -> dict[str, Any]:
-    start = time.perf_counter()
-    with run_directory(out, fresh) as out:
+    with experiment_run("conflict", config, out, fresh=fresh, progress=progress, echo=echo) as run:
+        out = run.out
         data, features, embedder, identity = prepare_inputs(config, out, echo)
         users = list(data.attributes)
         ratings = data.options.ratings
@@ -277,10 +271,9 @@ def run_conflict(config: ConflictConfig, out: str | Path, *, fresh: bool = False
                                              features)
                      for split in ("train", "val")}
             pools["test"] = context_pools[max(config.context_rates)][0]
-            fit, entry = train_and_evaluate(
+            fit, entry = run.fit_and_evaluate_reward_model(
                 name, config.np_btl, pools, data_identity=identity | {"train_conflict_rate": rate},
-                train=config.train, episodes=config.episodes, evaluation=config.eval, out=out, user_names=users,
-                progress=progress, log=config.log)
+                train=config.train, episodes=config.episodes, user_names=users)
             entry["train_conflict_rate"] = rate
             entry["by_context_conflict_rate"] = {
                 f"{c:g}": evaluate_unseen_accuracy(
@@ -290,11 +283,8 @@ def run_conflict(config: ConflictConfig, out: str | Path, *, fresh: bool = False
             }
             models[name] = entry
         plots = [plot_conflict_study(models, config.context_rates, out / "conflict_rate_study.png")]
-        return finish_run(
-            out, start, echo, tables=[format_conflict_table(models, config.context_rates)], plots=plots,
-            experiment="conflict", config=config_to_dict(config), data=identity, embedder=embedder,
-            user_types=users, models=models, log=config.log,
-        )
+        return run.finish(tables=[format_conflict_table(models, config.context_rates)], plots=plots, data=identity,
+                          embedder=embedder, user_types=users, models=models)
 
 
 def format_conflict_table(models: dict[str, Any], context_rates) -> str:
@@ -334,8 +324,8 @@ def plot_conflict_study(models: dict[str, Any], context_rates, path: Path) -> Pa
 # -- continuum ---------------------------------------------------------------------------------------
 def run_continuum(config: ContinuumConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
                   echo=print) -> dict[str, Any]:
-    start = time.perf_counter()
-    with run_directory(out, fresh) as out:
+    with experiment_run("continuum", config, out, fresh=fresh, progress=progress, echo=echo) as run:
+        out = run.out
         data, features, embedder, identity = prepare_inputs(config, out, echo)
         pools = _pools(data, features)
         attributes = list(data.attributes)
@@ -343,20 +333,16 @@ def run_continuum(config: ContinuumConfig, out: str | Path, *, fresh: bool = Fal
         group_by, centres = weight_cells(len(attributes), config.bins)
         models = {}
         for name in config.models:
-            fit, entry = train_and_evaluate(
+            fit, entry = run.fit_and_evaluate_reward_model(
                 name, config.btl if name == "btl_mixed" else config.np_btl, pools, data_identity=identity,
-                train=config.train, episodes=config.episodes, evaluation=config.eval, out=out,
-                user_names=attributes, progress=progress, log=config.log)
+                train=config.train, episodes=config.episodes, user_names=attributes)
             entry["unseen_accuracy_by_weight"] = evaluate_unseen_accuracy(
                 fit.graphdef, fit.params, pools["test"], config.episodes, attributes, config.eval.context_sizes,
                 config.eval.num_tasks, config.eval.seed, group_by=group_by)
             models[name] = entry
         plots = [plot_continuum(models, centres, config.bins, out / "accuracy_by_weight.png")]
-        return finish_run(
-            out, start, echo, tables=[format_accuracy_table(models, attributes)], plots=plots,
-            experiment="continuum", config=config_to_dict(config), data=identity, embedder=embedder,
-            user_types=attributes, models=models, log=config.log,
-        )
+        return run.finish(tables=[format_accuracy_table(models, attributes)], plots=plots, data=identity,
+                          embedder=embedder, user_types=attributes, models=models)
 
 
 def plot_continuum(models: dict[str, Any], centres: dict[str, tuple[float, ...]], bins: int, path: Path) -> Path:

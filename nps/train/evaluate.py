@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -12,11 +13,26 @@ from flax import nnx
 
 from nps.data.episodes import Episodes, EpisodeSpec, sample_episodes
 from nps.data.pairs import PairPool
-from nps.errors import ConfigError
+from nps.errors import ConfigError, invalid
 from nps.likelihood import choice_accuracy, choice_correct
 from nps.train.distributed import alongside, host_value
 
 PAPER_CONTEXT_SIZES = (0, 1, 3, 5, 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Test-time tasks: N^T as in training, N^C from ``context_sizes`` (the paper's by default)."""
+
+    context_sizes: tuple[int, ...] = PAPER_CONTEXT_SIZES
+    num_tasks: int = 2000
+    seed: int = 1
+
+    def __post_init__(self):
+        if not self.context_sizes or min(self.context_sizes) < 0:
+            raise invalid("context_sizes", self.context_sizes, "must be non-negative sizes")
+        if self.num_tasks < 2:
+            raise invalid("num_tasks", self.num_tasks, "must be at least 2 (for a standard error)")
 
 
 def check_unseen_targets(context_sizes: Sequence[int], spec: EpisodeSpec, field: str = "eval.context_sizes") -> None:

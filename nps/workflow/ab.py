@@ -33,11 +33,10 @@ from nps.encoder import encode_compiled
 from nps.errors import ConfigError
 from nps.files import atomic_write_json, atomic_write_text, file_sha256, read_text
 from nps.models.reward import UF_NP_BTL, NPReward, build_reward_model
-from nps.results import save_figure
+from nps.results import ExperimentRun, save_figure
 from nps.steering_run import SteeringRun, load_baseline
-from nps.train.evaluate import mean_and_sem, pairwise_wins, win_rate
+from nps.train.evaluate import EvalConfig, mean_and_sem, pairwise_wins, win_rate
 from nps.train.loop import TrainConfig, load_trained
-from nps.train.run import EvalConfig, train_and_evaluate
 
 
 def parse_profiles(items: list[str]) -> list[tuple[str, Path]]:
@@ -75,11 +74,11 @@ def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
     ``score(pairs, prompts, responses) -> rewards [N]`` for the user of ``pairs`` and its results."""
     pairs = run.preference_pairs()
     feature_pools = {split: OptionPairPool(pool, pairs.options.features) for split, pool in pairs.pools().items()}
-    fit, entry = train_and_evaluate(
+    scorer_run = ExperimentRun(NP_BTL_SCORER, NP_BTL_SCORER_CONFIG, run_dir, EvalConfig(num_tasks=500), progress=False)
+    fit, entry = scorer_run.fit_and_evaluate_reward_model(
         NP_BTL_SCORER, NP_BTL_SCORER_CONFIG, feature_pools, data_identity=pairs.identity,
         train=TrainConfig(steps=steps, eval_every=min(50, steps), checkpoint_every=min(50, steps)),
-        episodes=NP_BTL_SCORER_EPISODES, evaluation=EvalConfig(num_tasks=500), out=run_dir,
-        user_names=list(two_styles.USER_NAMES), progress=False)
+        episodes=NP_BTL_SCORER_EPISODES, user_names=list(two_styles.USER_NAMES))
     model = fit.model()
 
     def score(pairs, prompts, responses):
