@@ -23,20 +23,25 @@ from flax import nnx
 
 from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.synthetic import two_user_pools
-from nps.models.reward import RewardModelConfig, build_reward_model
+from nps.layers import BaseParam
+from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig, build_reward_model
 from nps.train.loop import TrainConfig, _episode_loss, fit, make_optimizer
 
 
+# The models as `nps reproduce synthetic` trains them.
+MODELS = {"btl": RewardModelConfig(kind="btl"), "dpl": RewardModelConfig(kind="dpl"), "np": SYNTHETIC_NP_BTL}
+
+
 def per_step_loop_rate(kind: str, pools, spec: EpisodeSpec, config: TrainConfig, steps: int) -> float:
-    graphdef, params = nnx.split(build_reward_model(1, RewardModelConfig(kind=kind), 0))
-    params = nnx.to_pure_dict(params)
+    graphdef, frozen, params = nnx.split(build_reward_model(1, MODELS[kind], 0), BaseParam, ...)
+    frozen, params = nnx.to_pure_dict(frozen), nnx.to_pure_dict(params)
     optimizer = make_optimizer(config)
     opt_state = optimizer.init(params)
     sample = jax.jit(sample_episodes, static_argnums=(2, 3))
 
     @jax.jit
     def update(params, opt_state, episodes, key):
-        grads = jax.grad(lambda p: _episode_loss(graphdef, p, episodes, key)[0])(params)
+        grads = jax.grad(lambda p: _episode_loss(graphdef, frozen, p, episodes, key)[0])(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -62,8 +67,8 @@ def main() -> None:
     config = TrainConfig(steps=args.steps, eval_every=args.steps // 3, checkpoint_every=args.steps // 3)
     print(f"{'model':<8}{'nps it/s':>10}{'per-step it/s':>15}{'ratio':>8}")
     for kind, label in (("btl", "btl"), ("dpl", "dpl"), ("np", "np_btl")):
-        result = fit(build_reward_model(1, RewardModelConfig(kind=kind), 0), pools["train"], pools["val"], spec,
-                     config, progress=False)
+        result = fit(build_reward_model(1, MODELS[kind], 0), pools["train"], pools["val"], spec, config,
+                     progress=False)
         baseline = per_step_loop_rate(kind, pools, spec, config, args.steps)
         print(f"{label:<8}{result.steps_per_second:>10.1f}{baseline:>15.1f}{result.steps_per_second / baseline:>7.2f}x")
     if args.end_to_end:
