@@ -26,6 +26,13 @@ Deviations from the release, besides the new-user fit's (``nps.models.peers.mixt
 - PAL-A's projector has no residual x + f(x) (the release's PAL-A config; it needs D = d).
 - No weight decay on the projectors (the release's 0.01): ``fit``'s AdamW would decay every
   parameter alike.
+- ``fit`` keeps the parameters of best validation NLL of the new users' margins (for PAL-A, the
+  BTL likelihood of its uncalibrated distance margins); the release keeps its best validation
+  loss (the hinge, for PAL-A).
+- A new user takes ``adapt_steps`` = 100 full-batch steps at the release's 5e-3, whatever N^C; the
+  release takes 20 epochs of minibatches of 4 (5 steps for one pair, 60 for ten): with w from 0,
+  100 steps move a logit by at most 0.5, so the mixture of a user fitted on a few pairs stays near
+  uniform (``adapt_learning_rate`` is the knob a tuning grid can turn).
 """
 
 from __future__ import annotations
@@ -53,7 +60,8 @@ class PALConfig:
     # Rows of the training user table: at least the task's number of user types (the release's
     # seen users are the top-10 TL;DR workers).
     num_users: int = 10
-    # W, P (and PAL-B's g_k) learn this many times faster than the projectors: 5e-3 / 1e-4.
+    # W, P (and PAL-B's g_k) learn this many times faster than the projectors: 5e-3 / 1e-4, the
+    # release's rates when train.learning_rate is its projectors' 1e-4 (scale both with it).
     user_learning_rate_ratio: float = 50.0
     logit_scale_learning_rate_ratio: float = 1000.0  # PAL-B's logit_scale: 0.1 / 1e-4
     # New users: Adam at the release's W rate, a fixed number of full-batch steps.
@@ -95,6 +103,13 @@ class Projector(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.rest(jax.nn.gelu(self.first(x)))
 
+    def of_mixture(self, mixture: jax.Array, points: jax.Array) -> jax.Array:
+        """f(mixtureᵀ points) for ``mixture [..., K]``, ``points [K, D]``: the first layer's
+        (mixtureᵀ points) W + b as mixtureᵀ (points W) + b, so a new user's fit costs K·d per step
+        in that layer rather than D·d (D is 4,096 for an LLM's embeddings)."""
+        first = mixture @ (points @ self.first.kernel[...]) + self.first.bias[...]
+        return self.rest(jax.nn.gelu(first))
+
 
 class PALA(UserMixtureModel):
     """PAL-A: ideal point a = f(mixtureᵀP); score −‖f(φ(y)) − a‖; hinge loss."""
@@ -110,7 +125,7 @@ class PALA(UserMixtureModel):
 
     def ideal_point(self, mixture: jax.Array) -> jax.Array:
         """a = f(mixtureᵀP): ``[..., K] -> [..., d]``."""
-        return self.projector(mixture @ (self.prototypes[...] * self.config.user_learning_rate_ratio))
+        return self.projector.of_mixture(mixture, self.prototypes[...] * self.config.user_learning_rate_ratio)
 
     def embed(self, options: jax.Array) -> jax.Array:
         return self.projector(options)
