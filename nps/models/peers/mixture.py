@@ -125,9 +125,15 @@ class UserMixtureModel(nnx.Module):
         """``options [..., N, D]``, mixture ``z [..., K]`` -> scores ``[..., N]``."""
         return self.score(self.embed(options), z)
 
+    def margins(self, embedded_chosen: jax.Array, embedded_rejected: jax.Array, mixture: jax.Array) -> jax.Array:
+        """score(chosen) − score(rejected) ``[..., N]`` of embedded pairs ``[..., N, E]``: both sides in one
+        ``score`` call, which computes the user's ideal point once (PAL-A's is a projector pass)."""
+        scores = self.score(jnp.concatenate([embedded_chosen, embedded_rejected], axis=-2), mixture)
+        return btl_log_odds(*jnp.split(scores, 2, axis=-1))
+
     def target_log_odds(self, episodes: Episodes, z: jax.Array) -> jax.Array:
         """Log-odds ``[B, T]`` of each target's chosen option for the users with mixtures z ``[B, K]``."""
-        return btl_log_odds(self.reward(episodes.target_chosen, z), self.reward(episodes.target_rejected, z))
+        return self.margins(self.embed(episodes.target_chosen), self.embed(episodes.target_rejected), z)
 
     def fit_user_logits(self, chosen: jax.Array, rejected: jax.Array, mask: jax.Array) -> jax.Array:
         """A new user's logits ``[B, K]`` fitted to the pairs ``[B, C, D]`` where ``mask [B, C]``.
@@ -142,8 +148,7 @@ class UserMixtureModel(nnx.Module):
             (self.embed(real(chosen)), self.embed(real(rejected))))
 
         def margins(logits):
-            mixture = jax.nn.softmax(logits, axis=-1)
-            return self.score(embedded_chosen, mixture) - self.score(embedded_rejected, mixture)
+            return self.margins(embedded_chosen, embedded_rejected, jax.nn.softmax(logits, axis=-1))
 
         config = self.config
         return fit_mixture_logits(margins, mask, self.num_components, self.pair_loss, config.adapt_steps,
