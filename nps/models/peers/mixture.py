@@ -17,10 +17,10 @@ full-batch Adam steps on the mean loss of its N^C context pairs, everything else
 are one ``fori_loop`` inside the caller's jit over all tasks' ``[B, K]`` logits at once: the tasks
 share no logits and Adam acts elementwise, so this is each task's own fit, with the context a mask
 (one program for every N^C). Deviations from the releases: w starts at 0 (the uniform mixture)
-instead of N(0, I), so the fit is deterministic; every step sees all N^C pairs (no minibatches of
-4, whose order would make the fit depend on the order of the pairs); the step count is fixed
-(no "best epoch by a validation loss": a new user has only its context). No gradient flows through
-the fit (it is a test-time procedure, not part of training).
+instead of N(0, I), so the fit is deterministic; every step sees all N^C pairs (as LoRe's release;
+PAL's takes minibatches of 4, whose order would make the fit depend on the order of the pairs);
+the step count is fixed (PAL's release keeps the epoch of best validation loss: a new user here has
+only its context). No gradient flows through the fit (it is a test-time procedure, not training).
 
 The empty context (N^C = 0): the mean loss over no pairs is 0, its gradient is 0 and Adam's update
 is 0, so w stays 0: the uniform mixture softmax(0) = 1/K (no release defines this case).
