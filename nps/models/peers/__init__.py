@@ -1,0 +1,17 @@
+"""Peer methods as nps reward models, each behind the interface ``fit`` and the unseen-target evaluation
+use (``objective``, ``predict_log_odds``; ``context_latent`` and ``target_log_odds`` where the method
+has a per-user latent), built by ``nps.models.reward.build_reward_model`` from their configs.
+
+``PEER_MODELS``: kind -> (config class, model class). What each does and how it differs from its
+release: docs/peers.md.
+"""
+
+from nps.models.peers.gpo import GPOConfig, GPOReward
+from nps.models.peers.vpl import VPLConfig, VPLReward
+
+PEER_MODELS = {
+    "vpl": (VPLConfig, VPLReward),
+    "gpo": (GPOConfig, GPOReward),
+}
+
+__all__ = ["PEER_MODELS", "GPOConfig", "GPOReward", "VPLConfig", "VPLReward"]
