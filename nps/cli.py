@@ -5,7 +5,7 @@
     nps reproduce steering    [--out DIR] [--set field=value ...] [--fresh] [--quiet]
     nps reproduce hh-dpo --model MODEL_DIR --data ULTRAFEEDBACK.jsonl [--set field=value ...]
     nps reproduce hh|hht|conflict|continuum --model EMBEDDER_DIR --data ULTRAFEEDBACK.jsonl|PREPARED_DIR
-    nps prepare hh|hht --data ULTRAFEEDBACK.jsonl [--out DIR] [--conflict-rate R] [--split-by pair|prompt] [--seed S]
+    nps prepare hh|hht|uf-p-2|uf-p-4 --data ULTRAFEEDBACK.jsonl [--out DIR] [--conflict-rate R] [--split-by pair|prompt] [--seed S]
                        [--strict]
     nps reproduce synthetic --print-config     # the typed defaults, as JSON
     nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.set_defaults(func=_launch)
 
     prepare = commands.add_parser("prepare", help="write UltraFeedback's HH or HHT pairs as a versioned dataset")
-    prepare.add_argument("recipe", choices=("hh", "hht"))
+    prepare.add_argument("recipe", choices=("hh", "hht", "uf-p-2", "uf-p-4"))
     prepare.add_argument("--data", required=True, help="UltraFeedback's train split: JSON lines or parquet")
     prepare.add_argument("--out", default="datasets", help="folder for the dataset (default: datasets)")
     prepare.add_argument("--conflict-rate", type=float, default=1.0, help="HH: share of conflicting pairs (1.0)")
