@@ -109,3 +109,18 @@ def test_peers_smoke_run_reports_every_method_on_every_task(tmp_path):
     assert sorted(results["plots"]) == sorted(f"{t}.png" for t in TASKS)
     assert "| gpo |" in (tmp_path / "peers.md").read_text()
     assert not compare_runs(tmp_path, tmp_path).failed
+
+
+@pytest.mark.slow  # 40 s more of the same code paths as the smoke run above, plus the z error
+def test_peers_on_the_correlated_task_report_the_z_error_next_to_the_bayes_error(tmp_path):
+    from nps.experiments.peers import PeersConfig, run_peers
+
+    overrides = [o for o in PEERS_SMOKE if not o.startswith("learning_rates")]
+    config = apply_overrides(PeersConfig(), overrides + ["tasks=correlated", "methods=np_btl,gpo", "oracle=false",
+                                                         "learning_rates=0.003"])
+    results = run_peers(config, tmp_path, progress=False, echo=lambda *_: None)
+    for method in ("np_btl", "gpo"):
+        error = results["models"][f"correlated/{method}"]["z_inference_error"]
+        assert error["bayes_optimal"] == pytest.approx(bayes_error_single_pair(-0.7))
+        assert 0.0 <= error["mean"] <= 1.0 and error["num_tasks"] == 2
+    assert "Bayes 12.7" in (tmp_path / "peers.md").read_text()

@@ -13,6 +13,7 @@ type trained on that type's labels alone, scored on that type's users, at the ra
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,10 @@ from nps.data.pairs import check_splittable, oracle_pools
 from nps.data.synthetic import (
     IDEAL_POINT_NAMES,
     TWO_USER_NAMES,
+    bayes_error_single_pair,
+    conflicting_probe_pairs,
+    correlated_identity,
+    correlated_pools,
     ideal_point_identity,
     ideal_point_pools,
     two_user_identity,
@@ -36,7 +41,13 @@ from nps.models.peers.vpl import active_latent_units
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
 from nps.results import experiment_run, plot_accuracy_vs_context
 from nps.train.costs import adaptation_seconds_per_user, parameter_count
-from nps.train.evaluate import EvalConfig, check_unseen_targets, mean_and_sem, summarise_over_seeds
+from nps.train.evaluate import (
+    EvalConfig,
+    check_unseen_targets,
+    identification_errors,
+    mean_and_sem,
+    summarise_over_seeds,
+)
 from nps.train.logging import LogConfig
 from nps.train.loop import TrainConfig
 
@@ -45,19 +56,26 @@ METHOD_NAMES = NPS_METHODS + tuple(PEER_MODELS)
 ORACLE = "per_type_oracle"
 ADAPTATION_CONTEXT = 10  # N^C of the new users whose adaptation is timed
 
+# The correlation study's task at one ρ (§5.2): options [h0, h1] correlated by ρ, user k's reward h_k.
+CORRELATED_RHO = -0.7
+Z_ERROR_TASKS, Z_ERROR_PROBES = 2000, 32
+
 # task name -> (pools of (num_pairs, seed), the data's identity, user type names)
 TASKS: dict[str, tuple[Callable[..., dict], Callable[..., dict], list[str]]] = {
     "two-user": (two_user_pools, two_user_identity, TWO_USER_NAMES),
     "four-ideal-points": (ideal_point_pools, ideal_point_identity, IDEAL_POINT_NAMES),
+    "correlated": (functools.partial(correlated_pools, CORRELATED_RHO),
+                   functools.partial(correlated_identity, CORRELATED_RHO), TWO_USER_NAMES),
 }
+DEFAULT_TASKS = ("two-user", "four-ideal-points")
 
 
 @dataclasses.dataclass(frozen=True)
 class PeersConfig:
-    """Defaults sized for a 2-core CPU within 30 minutes: 500 steps of 64 tasks per run, three seeds,
+    """Defaults sized for a 2-core CPU within 30 minutes: 300 steps of 64 tasks per run, three seeds,
     one learning-rate grid of two rates for every method; each model at its release's defaults."""
 
-    tasks: tuple[str, ...] = tuple(TASKS)
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # add "correlated" for the correlation study's Bayes reference
     methods: tuple[str, ...] = METHOD_NAMES
     oracle: bool = True
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -65,7 +83,7 @@ class PeersConfig:
     num_pairs: int = 20_000
     data_seed: int = 0
     episodes: EpisodeSpec = EpisodeSpec()
-    train: TrainConfig = TrainConfig(steps=500, eval_every=50, checkpoint_every=500)
+    train: TrainConfig = TrainConfig(steps=300, eval_every=50, checkpoint_every=300)
     eval: EvalConfig = EvalConfig(num_tasks=1000)
     log: LogConfig = LogConfig()
     btl: RewardModelConfig = RewardModelConfig(kind="btl")
@@ -117,9 +135,21 @@ def _method_runs(run, config: PeersConfig, task: str, method: str, model_config,
         "adapt_ms_per_user": 1000 * adapt,
         "adapt_gradient_steps": int(getattr(model, "adaptation_gradient_steps", 0)),
     }
+    if task == "correlated":
+        entry["z_inference_error"] = _z_inference_error([fit for fit, _ in seeds.values()], pools["test"],
+                                                        config.episodes)
     if hasattr(model, "posterior"):  # VPL: SPL's active latent units of the posterior mean
         entry["active_latent_units"] = _active_units(model, pools["test"], config.episodes)
     return entry
+
+
+def _z_inference_error(fits, pool, spec: EpisodeSpec) -> dict[str, Any]:
+    """The error of inferring a test user's type from one context pair (the correlation study's measure,
+    ``nps.train.evaluate.identification_errors``), mean ± s.e. over seeds, next to the Bayes error."""
+    probe_a, probe_b = conflicting_probe_pairs(CORRELATED_RHO, 4096, seed=1)
+    per_seed = [identification_errors(fit.graphdef, fit.params, pool, probe_a, probe_b, spec, Z_ERROR_TASKS,
+                                      Z_ERROR_PROBES, jax.random.key(7))[0].mean() for fit in fits]
+    return mean_and_sem(per_seed) | {"bayes_optimal": bayes_error_single_pair(CORRELATED_RHO)}
 
 
 def _active_units(model, pool, spec: EpisodeSpec) -> float:
@@ -149,6 +179,9 @@ def _oracle_runs(run, config: PeersConfig, task: str, pools, identity, users, ra
 def format_peers_table(task: str, entries: dict[str, dict[str, Any]], sizes) -> str:
     """A markdown table: accuracy [%] over all users per N^C (mean ± s.e. over seeds), then the costs."""
     header = ["method", *(f"N^C={s}" for s in sizes), "lr", "train s/seed", "params", "adapt ms/user", "grad steps"]
+    with_z_error = any("z_inference_error" in entry for entry in entries.values())
+    if with_z_error:
+        header.append("z error from 1 pair [%]")
     lines = [f"**{task}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in entries.items():
         accuracy = [f"{100 * entry['unseen_accuracy'][str(s)]['all']['mean']:.1f} ± "
@@ -159,6 +192,10 @@ def format_peers_table(task: str, entries: dict[str, dict[str, Any]], sizes) -> 
                  f"{entry['parameters']:,}" if "parameters" in entry else "",
                  f"{entry['adapt_ms_per_user']:.3f}" if "adapt_ms_per_user" in entry else "",
                  str(entry["adapt_gradient_steps"])]
+        if with_z_error:
+            error = entry.get("z_inference_error")
+            costs.append(f"{100 * error['mean']:.1f} ± {100 * error['sem']:.1f} "
+                         f"(Bayes {100 * error['bayes_optimal']:.1f})" if error else "")
         lines.append("| " + " | ".join([name, *accuracy, *costs]) + " |")
     return "\n".join(lines)
 
