@@ -147,7 +147,7 @@ def test_an_unreachable_hub_is_one_line(tmp_path, monkeypatch):
 @pytest.mark.parametrize("attributes", [("helpfulness", "honesty"),
                                         ("helpfulness", "honesty", "instruction_following", "truthfulness")])
 def test_vpl_recipes_keep_the_pairs_on_which_some_attribute_prefers_each_side(release, attributes):
-    """UF-P-2 / UF-P-4: a pair stays when one attribute strictly prefers each side; ties stay for the coin."""
+    """UF-P-2 / UF-P-4: a pair stays when one attribute strictly prefers each side; ties stay (the coin's)."""
     from nps.data.ultrafeedback import controversial_pairs
 
     completions, _ = read_ultrafeedback(release, attributes)
