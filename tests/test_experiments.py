@@ -89,12 +89,12 @@ PEERS_SMOKE = ["seeds=0,1", "learning_rates=0.002,0.003", "train.steps=20", "tra
 def test_peers_smoke_run_reports_every_method_on_every_task(tmp_path):
     """`nps reproduce peers` end to end at toy sizes: every method and the oracle on both tasks, accuracy
     per N^C over seeds, the tuning record, the costs, a table and a plot per task, gateable by compare."""
-    from nps.experiments.peers import METHOD_NAMES, ORACLE, TASKS, PeersConfig, run_peers
+    from nps.experiments.peers import DEFAULT_TASKS, METHOD_NAMES, ORACLE, PeersConfig, run_peers
     from nps.workflow.compare import compare_runs
 
     config = apply_overrides(PeersConfig(), PEERS_SMOKE)
     results = run_peers(config, tmp_path, progress=False, echo=lambda *_: None)
-    assert set(results["models"]) == {f"{t}/{m}" for t in TASKS for m in (*METHOD_NAMES, ORACLE)}
+    assert set(results["models"]) == {f"{t}/{m}" for t in DEFAULT_TASKS for m in (*METHOD_NAMES, ORACLE)}
     for name, entry in results["models"].items():
         accuracy = entry["unseen_accuracy"]
         assert list(accuracy) == ["0", "1", "3", "5", "10"]
@@ -106,7 +106,7 @@ def test_peers_smoke_run_reports_every_method_on_every_task(tmp_path):
             assert entry["parameters"] > 0 and entry["adapt_ms_per_user"] > 0
     assert 0.0 <= results["models"]["two-user/vpl"]["active_latent_units"] <= 1.0
     assert len(results["models"]["four-ideal-points/np_btl"]["unseen_accuracy"]["0"]) == 5  # four types and all
-    assert sorted(results["plots"]) == sorted(f"{t}.png" for t in TASKS)
+    assert sorted(results["plots"]) == sorted(f"{t}.png" for t in DEFAULT_TASKS)
     assert "| gpo |" in (tmp_path / "peers.md").read_text()
     assert not compare_runs(tmp_path, tmp_path).failed
 
