@@ -5,8 +5,8 @@
     nps reproduce steering    [--out DIR] [--set field=value ...] [--fresh] [--quiet]
     nps reproduce hh-dpo --model MODEL_DIR --data ULTRAFEEDBACK.jsonl [--set field=value ...]
     nps reproduce hh|hht|conflict|continuum --model EMBEDDER_DIR --data ULTRAFEEDBACK.jsonl|PREPARED_DIR
-    nps prepare hh|hht --data ULTRAFEEDBACK.jsonl [--out DIR] [--conflict-rate R] [--split-by pair|prompt] [--seed S]
-                       [--strict]
+    nps prepare hh|hht|uf-p-2|uf-p-4 --data ULTRAFEEDBACK.jsonl [--out DIR] [--conflict-rate R]
+                       [--split-by pair|prompt] [--seed S] [--strict]
     nps reproduce synthetic --print-config     # the typed defaults, as JSON
     nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
     nps collect --candidates CANDIDATES.jsonl --profile ME.jsonl [--choices FILE] [--limit N] [--active RUN]
@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("program", nargs=argparse.REMAINDER, help="-- then the nps command, e.g. -- reproduce synthetic")
     launch.set_defaults(func=_launch)
 
-    prepare = commands.add_parser("prepare", help="write UltraFeedback's HH or HHT pairs as a versioned dataset")
-    prepare.add_argument("recipe", choices=("hh", "hht"))
+    prepare = commands.add_parser("prepare",
+                                  help="write UltraFeedback's HH, HHT, UF-P-2 or UF-P-4 pairs as a versioned dataset")
+    prepare.add_argument("recipe", choices=("hh", "hht", "uf-p-2", "uf-p-4"))
     prepare.add_argument("--data", required=True, help="UltraFeedback's train split: JSON lines or parquet")
     prepare.add_argument("--out", default="datasets", help="folder for the dataset (default: datasets)")
     prepare.add_argument("--conflict-rate", type=float, default=1.0, help="HH: share of conflicting pairs (1.0)")

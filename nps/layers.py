@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": jax.nn.gelu,  # the paper's text
     "silu": jax.nn.silu,
     "tanh": jax.nn.tanh,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.2),  # VPL's slope
 }
 
 
@@ -79,6 +80,25 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.out(self.features(x))
+
+
+class DeepMLP(nnx.Module):
+    """Linear layers through ``dims`` with ``activation`` between them (none after the last).
+
+    ``[..., dims[0]] -> [..., dims[-1]]``; the peers' encoders and decoders, whose depth their
+    releases fix (VPL's 2D→512→512→512, GPO's four-layer embedder).
+    """
+
+    def __init__(self, dims: Sequence[int], activation: str, *, rngs: nnx.Rngs):
+        if len(dims) < 2:
+            raise invalid("dims", dims, "needs an input and an output width")
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.activation = activation_fn(activation)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for layer in self.layers[:-1]:
+            x = self.activation(layer(x))
+        return self.layers[-1](x)
 
 
 def compose_mlps(first: MLP, second: MLP, x: jax.Array, shift: jax.Array | float = 0.0) -> jax.Array:

@@ -77,3 +77,50 @@ def test_paper_correlation_bars(tmp_path):
     pair = {m["train_rho"]: m["conflicting_pair_error"] for m in results["models"].values()}
     for rho in ("-1.0", "-0.7"):
         assert pair[0.7][rho]["mean"] > pair[-1.0][rho]["mean"] + 0.03
+
+
+PEERS_SMOKE = ["seeds=0,1", "learning_rates=0.002,0.003", "train.steps=20", "train.eval_every=10",
+               "train.checkpoint_every=20", "train.batch_size=16", "train.val_tasks=32", "eval.num_tasks=40",
+               "num_pairs=2000", "btl.hidden_dim=16", "dpl.hidden_dim=16", "np_btl.hidden_dim=16",
+               "np_btl.encoder.hidden_dim=16", "np_btl.encoder.latent_dim=8", "vpl.hidden_dim=16",
+               "vpl.latent_dim=8", "gpo.model_dim=16", "gpo.feedforward_dim=16", "gpo.num_layers=1"]
+
+
+def test_peers_smoke_run_reports_every_method_on_every_task(tmp_path):
+    """`nps reproduce peers` end to end at toy sizes: every method and the oracle on both tasks, accuracy
+    per N^C over seeds, the tuning record, the costs, a table and a plot per task, gateable by compare."""
+    from nps.experiments.peers import DEFAULT_TASKS, METHOD_NAMES, ORACLE, PeersConfig, run_peers
+    from nps.workflow.compare import compare_runs
+
+    config = apply_overrides(PeersConfig(), PEERS_SMOKE)
+    results = run_peers(config, tmp_path, progress=False, echo=lambda *_: None)
+    assert set(results["models"]) == {f"{t}/{m}" for t in DEFAULT_TASKS for m in (*METHOD_NAMES, ORACLE)}
+    for name, entry in results["models"].items():
+        accuracy = entry["unseen_accuracy"]
+        assert list(accuracy) == ["0", "1", "3", "5", "10"]
+        assert accuracy["10"]["all"]["num_tasks"] == 2  # one value per seed
+        assert all(0.0 <= cell["mean"] <= 1.0 for by_user in accuracy.values() for cell in by_user.values())
+        if not name.endswith(ORACLE):
+            assert entry["learning_rate"] in (0.002, 0.003)
+            assert set(entry["tuning_val_nll"]) == {"0.002", "0.003"}
+            assert entry["parameters"] > 0 and entry["adapt_ms_per_user"] > 0
+    assert 0.0 <= results["models"]["two-user/vpl"]["active_latent_units"] <= 1.0
+    assert len(results["models"]["four-ideal-points/np_btl"]["unseen_accuracy"]["0"]) == 5  # four types and all
+    assert sorted(results["plots"]) == sorted(f"{t}.png" for t in DEFAULT_TASKS)
+    assert "| gpo |" in (tmp_path / "peers.md").read_text()
+    assert not compare_runs(tmp_path, tmp_path).failed
+
+
+@pytest.mark.slow  # 40 s more of the same code paths as the smoke run above, plus the z error
+def test_peers_on_the_correlated_task_report_the_z_error_next_to_the_bayes_error(tmp_path):
+    from nps.experiments.peers import PeersConfig, run_peers
+
+    overrides = [o for o in PEERS_SMOKE if not o.startswith("learning_rates")]
+    config = apply_overrides(PeersConfig(), overrides + ["tasks=correlated", "methods=np_btl,gpo", "oracle=false",
+                                                         "learning_rates=0.003"])
+    results = run_peers(config, tmp_path, progress=False, echo=lambda *_: None)
+    for method in ("np_btl", "gpo"):
+        error = results["models"][f"correlated/{method}"]["z_inference_error"]
+        assert error["bayes_optimal"] == pytest.approx(bayes_error_single_pair(-0.7))
+        assert 0.0 <= error["mean"] <= 1.0 and error["num_tasks"] == 2
+    assert "Bayes 12.7" in (tmp_path / "peers.md").read_text()

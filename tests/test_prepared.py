@@ -13,13 +13,14 @@ from uf_fixture import write_jsonl, write_random_jsonl
 
 from nps.cli import main
 from nps.data.prepared import (
+    RECIPES,
     TFDS_HOOKS,
     BuildParameters,
     load_preferences,
     prepare_preferences,
     prepared_or_prepare,
 )
-from nps.data.ultrafeedback import hh_pairs, hht_pairs, read_ultrafeedback, split_pairs
+from nps.data.ultrafeedback import controversial_pairs, hh_pairs, hht_pairs, read_ultrafeedback, split_pairs
 from nps.errors import ConfigError
 
 
@@ -32,12 +33,16 @@ def release(tmp_path_factory):
     return write_random_jsonl(tmp_path_factory.mktemp("uf") / "train.jsonl", num_prompts=60, seed=3)
 
 
-@pytest.mark.parametrize("build", [BuildParameters(), BuildParameters("hh", 0.75, "prompt", 7), BuildParameters("hht")])
+@pytest.mark.parametrize("build", [BuildParameters(), BuildParameters("hh", 0.75, "prompt", 7), BuildParameters("hht"),
+                                   BuildParameters("uf-p-2"), BuildParameters("uf-p-4", split_by="prompt")])
 def test_round_trip_reproduces_the_recipe(release, tmp_path, build):
-    attributes = ("helpfulness", "honesty") if build.recipe == "hh" else ("helpfulness", "honesty", "truthfulness")
+    attributes = RECIPES[build.recipe]
     completions, _ = read_ultrafeedback(release, attributes)
-    pairs = hh_pairs(completions, build.conflict_rate, build.seed) if build.recipe == "hh" else hht_pairs(
-        completions, build.seed)
+    if build.recipe == "hh":
+        pairs = hh_pairs(completions, build.conflict_rate, build.seed)
+    else:
+        pairs = {"hht": hht_pairs, "uf-p-2": controversial_pairs, "uf-p-4": controversial_pairs}[build.recipe](
+            completions, build.seed)
     expected = split_pairs(pairs, completions, build.seed, by=build.split_by)
 
     data = load_preferences(prepare_preferences(release, tmp_path, build, echo=quiet))

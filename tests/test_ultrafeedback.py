@@ -142,3 +142,19 @@ def test_an_unreachable_hub_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^openbmb/UltraFeedback/flan.jsonl: could not download from the Hugging Face "
                                           r"hub \(\w+\); download UltraFeedback elsewhere and pass the file$"):
         download_release_subset(tmp_path, 10, "flan.jsonl")
+
+
+@pytest.mark.parametrize("attributes", [("helpfulness", "honesty"),
+                                        ("helpfulness", "honesty", "instruction_following", "truthfulness")])
+def test_vpl_recipes_keep_the_pairs_on_which_some_attribute_prefers_each_side(release, attributes):
+    """UF-P-2 / UF-P-4: a pair stays when one attribute strictly prefers each side; ties stay (the coin's)."""
+    from nps.data.ultrafeedback import controversial_pairs
+
+    completions, _ = read_ultrafeedback(release, attributes)
+    every, kept = all_pairs(completions), controversial_pairs(completions, seed=3)
+    expected = {(f, s) for f, s, c in zip(every.first, every.second, every.choice) if 1.0 in c and 0.0 in c}
+    assert set(zip(kept.first, kept.second)) == expected and len(kept) == len(expected)
+    if len(attributes) == 2:  # two attributes: exactly HH's conflicting pairs
+        assert expected == set(zip(*(hh_pairs(completions, 1.0).first, hh_pairs(completions, 1.0).second)))
+    else:
+        assert any(0.5 in c for c in kept.choice)  # a tie on a third attribute is kept

@@ -34,7 +34,15 @@ import numpy as np
 
 from nps.data.embedding_cache import embed_options_cached, embedder_identity
 from nps.data.pairs import choices
-from nps.data.ultrafeedback import Completions, Pairs, hh_pairs, hht_pairs, read_ultrafeedback, split_pairs
+from nps.data.ultrafeedback import (
+    Completions,
+    Pairs,
+    controversial_pairs,
+    hh_pairs,
+    hht_pairs,
+    read_ultrafeedback,
+    split_pairs,
+)
 from nps.errors import ConfigError
 from nps.files import Digest, exclusive_lock, file_sha256
 from nps.train.distributed import primary_first
@@ -43,9 +51,11 @@ INCOMPLETE_PREFIX = "incomplete."  # tfds's name for a dataset folder still bein
 DATASET_NAME = "ultrafeedback_preferences"
 DATASET_VERSION = "1.0.0"
 SPLITS = ("train", "val", "test")
-RECIPES = {
+RECIPES = {  # recipe -> its user types (attributes)
     "hh": ("helpfulness", "honesty"),
     "hht": ("helpfulness", "honesty", "truthfulness"),
+    "uf-p-2": ("helpfulness", "honesty"),  # VPL's UltraFeedback recipes (docs/peers.md)
+    "uf-p-4": ("helpfulness", "honesty", "instruction_following", "truthfulness"),
 }
 
 
@@ -53,7 +63,7 @@ RECIPES = {
 class BuildParameters:
     """What a prepared dataset was built from; part of its identity."""
 
-    recipe: str = "hh"  # "hh" (paper §5.3) or "hht" (§5.4)
+    recipe: str = "hh"  # "hh" (paper §5.3), "hht" (§5.4), or VPL's "uf-p-2" / "uf-p-4"
     conflict_rate: float = 1.0  # HH only: the share of conflicting pairs (1.0 / 0.75 / 0.5 in §5.3)
     split_by: str = "pair"  # "pair" as the paper (a prompt may be in several splits) or "prompt"
     seed: int = 42  # the released split's seed
@@ -61,9 +71,9 @@ class BuildParameters:
     def validate(self) -> None:
         if self.recipe not in RECIPES:
             raise ConfigError(f"recipe={self.recipe!r} is unknown; use one of {sorted(RECIPES)}")
-        if self.recipe == "hht" and self.conflict_rate != 1.0:
-            raise ConfigError("conflict_rate applies to the HH recipe only (HHT keeps pairs where one attribute "
-                              "disagrees); leave it at 1.0")
+        if self.recipe != "hh" and self.conflict_rate != 1.0:
+            raise ConfigError(f"conflict_rate applies to the HH recipe only ({self.recipe.upper()} keeps pairs "
+                              "where the attributes disagree); leave it at 1.0")
         if self.split_by not in ("pair", "prompt"):
             raise ConfigError(f"split_by={self.split_by!r} is unknown; use 'pair' or 'prompt'")
 
@@ -285,8 +295,10 @@ def prepare_preferences(
     attributes = RECIPES[build.recipe]
     completions, report = read_ultrafeedback(source, attributes, strict=strict)
     echo(f"read {source}: {report.summary()}")
-    pairs = hh_pairs(completions, build.conflict_rate, build.seed) if build.recipe == "hh" else hht_pairs(
-        completions, build.seed)
+    if build.recipe == "hh":
+        pairs = hh_pairs(completions, build.conflict_rate, build.seed)
+    else:
+        pairs = (hht_pairs if build.recipe == "hht" else controversial_pairs)(completions, build.seed)
     splits = split_pairs(pairs, completions, build.seed, by=build.split_by)
     empty = [name for name in SPLITS if not len(splits[name])]
     if empty:

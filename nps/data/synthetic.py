@@ -95,3 +95,28 @@ def conflicting_probe_pairs(rho: float, num: int, seed: int) -> tuple[np.ndarray
 def bayes_error_single_pair(rho: float) -> float:
     """Bayes-optimal error of inferring z* from one context pair: 1/4 + arcsin(ρ)/(2π)."""
     return 0.25 + float(np.arcsin(rho)) / (2.0 * np.pi)
+
+
+# Four user types whose ideal points are the corners of a square inside [0, 1]²: no line through
+# the types orders them, so their preferences are not one continuum.
+IDEAL_POINTS = ((0.25, 0.25), (0.75, 0.25), (0.25, 0.75), (0.75, 0.75))
+IDEAL_POINT_NAMES = [f"z={k}" for k in range(len(IDEAL_POINTS))]
+
+
+def uniform_square_pairs(rng: np.random.Generator, num: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of options y ~ U[0, 1]²: ``-> ([num, 2], [num, 2])``."""
+    options = rng.uniform(0.0, 1.0, size=(num, 4))
+    return options[:, :2], options[:, 2:]
+
+
+def ideal_point_pools(num_pairs: int = 20_000, seed: int = 0) -> dict[str, PairPool]:
+    """Four user types, each preferring options nearer its ideal point: u_k(y) = −‖y − c_k‖²
+    with c_k the corners of ``IDEAL_POINTS``; pairs split 80/10/10."""
+    utilities = [lambda y, c=np.asarray(c): -np.sum((y - c) ** 2, axis=-1) for c in IDEAL_POINTS]
+    return synthetic_task(uniform_square_pairs, utilities, num_pairs, seed)
+
+
+def ideal_point_identity(num_pairs: int, seed: int) -> dict:
+    """What checkpoints and results record about ``ideal_point_pools(num_pairs, seed)``."""
+    return {"name": "synthetic-four-ideal-points", "num_pairs": num_pairs, "seed": seed,
+            "ideal_points": [list(c) for c in IDEAL_POINTS]}

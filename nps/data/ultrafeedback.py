@@ -12,7 +12,8 @@ valid Unicode) is skipped whole and counted by reason, so no pair ever comes fro
 
 Pairs are all pairs of a prompt's usable completions (the released code's recipe,
 paper §5.3). Each attribute is a user type whose choice is the higher rating; ties
-are kept here as 0.5 and dropped by the dataset recipes (``hh_pairs``, ``hht_pairs``).
+are kept here as 0.5 and dropped by the paper's recipes (``hh_pairs``, ``hht_pairs``); VPL's UF-P-2 and
+UF-P-4 (``controversial_pairs``) keep them for the sampler's coin.
 """
 
 from __future__ import annotations
@@ -327,6 +328,15 @@ def hht_pairs(completions: Completions, seed: int = 42) -> Pairs:
     pairs = all_pairs(completions)
     three = without_ties(Pairs(pairs.first, pairs.second, pairs.choice[:, columns]))
     kept = three.take(np.flatnonzero(conflicting(three.choice)))
+    return kept.take(np.random.default_rng(seed).permutation(len(kept)))
+
+
+def controversial_pairs(completions: Completions, seed: int = 42) -> Pairs:
+    """VPL's UF-P-2 and UF-P-4 (over the completions' attributes, its users): the pairs on which one
+    attribute strictly prefers each side. An attribute's tie is kept: a task's sampler breaks it by a fair
+    coin, as VPL breaks its ties."""
+    pairs = all_pairs(completions)
+    kept = pairs.take(np.flatnonzero(np.any(pairs.choice == 1.0, axis=1) & np.any(pairs.choice == 0.0, axis=1)))
     return kept.take(np.random.default_rng(seed).permutation(len(kept)))
 
 

@@ -38,6 +38,7 @@ EXPERIMENTS = {
     "conflict": Experiment("ultrafeedback", "ConflictConfig", "run_conflict", "the conflict-rate study (Fig. 5)"),
     "continuum": Experiment("ultrafeedback", "ContinuumConfig", "run_continuum", "continuum users (Fig. 8)"),
     "active": Experiment("active", "ActiveConfig", "run_active", "active vs random questions"),
+    "peers": Experiment("peers", "PeersConfig", "run_peers", "NP-BTL next to VPL, GPO and the other peers"),
     "consistency": Experiment("consistency", "ConsistencyConfig", "run_consistency",
                               "drift and mistaken answers found in simulated users' profiles"),
 }

@@ -63,7 +63,7 @@ class RewardModelConfig:
             raise invalid("kl_weight", self.kl_weight, "must be non-negative")
 
 
-def _accuracy_aux(log_odds: jax.Array, episodes: Episodes) -> dict[str, jax.Array]:
+def accuracy_aux(log_odds: jax.Array, episodes: Episodes) -> dict[str, jax.Array]:
     return {"accuracy": jnp.mean(choice_accuracy(log_odds, episodes.target_mask))}
 
 
@@ -84,7 +84,7 @@ class BTLReward(nnx.Module):
 
     def objective(self, episodes: Episodes, key: jax.Array):
         log_odds = self.predict_log_odds(episodes)
-        return jnp.mean(choice_nll(log_odds, episodes.target_mask)), _accuracy_aux(log_odds, episodes)
+        return jnp.mean(choice_nll(log_odds, episodes.target_mask)), accuracy_aux(log_odds, episodes)
 
 
 class DPLReward(nnx.Module):
@@ -108,7 +108,7 @@ class DPLReward(nnx.Module):
 
     def objective(self, episodes: Episodes, key: jax.Array):
         log_odds = self.predict_log_odds(episodes)
-        return jnp.mean(choice_nll(log_odds, episodes.target_mask)), _accuracy_aux(log_odds, episodes)
+        return jnp.mean(choice_nll(log_odds, episodes.target_mask)), accuracy_aux(log_odds, episodes)
 
 
 class NPReward(nnx.Module):
@@ -169,7 +169,7 @@ class NPReward(nnx.Module):
         key_context, key_targets, key_z = jax.random.split(key, 3)
         if not self.stochastic:
             log_odds = self.target_log_odds(episodes, self.encode_context(episodes, key_context))
-            return jnp.mean(choice_nll(log_odds, episodes.target_mask)), _accuracy_aux(log_odds, episodes)
+            return jnp.mean(choice_nll(log_odds, episodes.target_mask)), accuracy_aux(log_odds, episodes)
         q_context = self.encode_context(episodes, key_context)
         q_targets = self.encode(
             episodes.target_chosen, episodes.target_rejected, episodes.target_mask, key_targets
@@ -180,7 +180,7 @@ class NPReward(nnx.Module):
         num_targets = jnp.maximum(jnp.sum(episodes.target_mask, axis=-1), 1)
         kl = gaussian_kl(q_targets, q_context)
         loss = jnp.mean(nll + self.config.kl_weight * kl / num_targets)
-        aux = _accuracy_aux(jnp.mean(sample_log_odds, axis=0), episodes) | {"kl": jnp.mean(kl)}
+        aux = accuracy_aux(jnp.mean(sample_log_odds, axis=0), episodes) | {"kl": jnp.mean(kl)}
         return loss, aux
 
 
@@ -195,9 +195,20 @@ UF_NP_BTL = RewardModelConfig(kind="np", encoder=EncoderConfig(inner="linear"))
 REWARD_MODELS = {"btl": BTLReward, "dpl": DPLReward, "np": NPReward}
 
 
-def build_reward_model(option_dim: int, config: RewardModelConfig, seed: int) -> nnx.Module:
-    """Construct the model named by ``config.kind`` with parameters drawn from ``seed``."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: REWARD_MODELS[config.kind](option_dim, config, rngs=nnx.Rngs(0))))
+def reward_model_class(kind: str) -> type[nnx.Module]:
+    """The model class of ``kind``: nps's own (``REWARD_MODELS``) or a peer method's (``nps.models.peers``)."""
+    if kind in REWARD_MODELS:
+        return REWARD_MODELS[kind]
+    from nps.models.peers import PEER_MODELS  # the peers build on this module
+
+    return PEER_MODELS[kind][1]
+
+
+def build_reward_model(option_dim: int, config, seed: int) -> nnx.Module:
+    """Construct the model named by ``config.kind`` (a ``RewardModelConfig`` or a peer's config, e.g.
+    ``VPLConfig``) with parameters drawn from ``seed``."""
+    model_class = reward_model_class(config.kind)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_class(option_dim, config, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, _initial_parameters(option_dim, config, jax.random.key(seed)))
 
 
@@ -205,4 +216,4 @@ def build_reward_model(option_dim: int, config: RewardModelConfig, seed: int) ->
 # seed's key as an argument: models of one configuration compile their initialisation once.
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _initial_parameters(option_dim: int, config: RewardModelConfig, key: jax.Array):
-    return nnx.split(REWARD_MODELS[config.kind](option_dim, config, rngs=nnx.Rngs(key)))[1]
+    return nnx.split(reward_model_class(config.kind)(option_dim, config, rngs=nnx.Rngs(key)))[1]

@@ -207,3 +207,11 @@ def identification_errors(graphdef, params, pool: PairPool, probe_a, probe_b, sp
         for b in range(-(-num_tasks // batch))
     ])))
     return z_errors[:num_tasks].astype(np.float64), pair_errors[:num_tasks].astype(np.float64)
+
+
+def summarise_over_seeds(runs: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Accuracy per N^C and user group over independently trained seeds: the mean and standard error of
+    the seeds' means (``num_tasks`` counts the seeds), from each seed's ``evaluate_unseen_accuracy``."""
+    return {size: {group: mean_and_sem(np.array([run[size][group]["mean"] for run in runs]))
+                   for group in runs[0][size]}
+            for size in runs[0]}

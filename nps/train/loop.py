@@ -483,21 +483,26 @@ def fit(
 # The step functions live at module level and take the pools and keys as arguments (not closures),
 # so their compilations are cached across ``fit`` calls: models of the same structure and shapes
 # (several seeds, the BTL-DPO oracles) compile once.
-def _episode_loss(graphdef, frozen, params, episodes, key):
-    return nnx.merge(graphdef, frozen, params).objective(episodes, key)
+def _episode_loss(graphdef, frozen, params, episodes, key, step=None):
+    """The model's objective on ``episodes``; a model whose objective follows the training step (a KL
+    annealing schedule) says so with ``objective_reads_step = True`` and gets ``step`` too."""
+    model = nnx.merge(graphdef, frozen, params)
+    if getattr(model, "objective_reads_step", False):
+        return model.objective(episodes, key, step=step)
+    return model.objective(episodes, key)
 
 
-def _loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh, gradient_sum):
+def _loss_and_grads(frozen, params, episodes, model_key, step, graphdef, mesh, gradient_sum):
     if mesh is not None and mesh.size > 1:
         episodes = _tasks_split(episodes, mesh)
         if gradient_sum == "ordered":
-            return _data_parallel_loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh)
+            return _data_parallel_loss_and_grads(frozen, params, episodes, model_key, step, graphdef, mesh)
     # The step as written, with the step's own key: XLA partitions it over the mesh (each device its
     # tasks, the activations laid out by their logical axes) and sums the gradients (an all-reduce,
     # or a reduce-scatter into split parameters).
     with on_mesh(mesh):
         (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
-            graphdef, frozen, params, episodes, model_key)
+            graphdef, frozen, params, episodes, model_key, step)
     return loss, aux["accuracy"], grads
 
 
@@ -506,7 +511,7 @@ def _tasks_split(episodes, mesh):
     return jax.lax.with_sharding_constraint(episodes, batch_sharding(mesh))
 
 
-def _data_parallel_loss_and_grads(frozen, params, episodes, model_key, graphdef, mesh):
+def _data_parallel_loss_and_grads(frozen, params, episodes, model_key, step, graphdef, mesh):
     """Each device's loss and gradients on its tasks, summed in device order on every device
     (``train.gradient_sum=ordered``).
 
@@ -520,17 +525,17 @@ def _data_parallel_loss_and_grads(frozen, params, episodes, model_key, graphdef,
     axis = BATCH_AXES
     replicated_spec, batch_spec = PartitionSpec(), PartitionSpec(axis)
 
-    def per_device(frozen, params, episodes, key):
+    def per_device(frozen, params, episodes, key, step):
         key = jax.random.fold_in(key, jax.lax.axis_index(axis))
         (loss, aux), grads = jax.value_and_grad(_episode_loss, argnums=2, has_aux=True)(
-            graphdef, frozen, params, episodes, key)
+            graphdef, frozen, params, episodes, key, step)
         gathered = jax.lax.all_gather((loss, aux["accuracy"], grads), axis)  # [devices, ...] in device order
         devices = jax.tree.leaves(gathered)[0].shape[0]
         return jax.tree.map(lambda x: functools.reduce(jnp.add, list(x)) / devices, gathered)
 
     return jax.shard_map(per_device, mesh=mesh, in_specs=(replicated_spec, replicated_spec, batch_spec,
-                                                          replicated_spec),
-                         out_specs=replicated_spec, check_vma=False)(frozen, params, episodes, model_key)
+                                                          replicated_spec, replicated_spec),
+                         out_specs=replicated_spec, check_vma=False)(frozen, params, episodes, model_key, step)
 
 
 def _tokens(episodes) -> jax.Array | None:
@@ -545,8 +550,8 @@ def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphde
     episodes = sample_episodes(step_data_key, pool, spec, optimizer.batch_size)
     accumulate = optimizer.grad_accum_steps
     if accumulate == 1:
-        loss, accuracy, grads = _loss_and_grads(frozen, state.params, episodes, step_model_key, graphdef, mesh,
-                                                optimizer.gradient_sum)
+        loss, accuracy, grads = _loss_and_grads(frozen, state.params, episodes, step_model_key, state.step,
+                                                graphdef, mesh, optimizer.gradient_sum)
     else:
         # The batch's tasks in `accumulate` equal slices: the mean of their gradients is the
         # whole batch's gradient, with one slice's activations in memory at a time.
@@ -555,7 +560,8 @@ def _train_step(state: TrainState, frozen, pool, data_key, model_key, *, graphde
         def micro_step(total, inputs):
             index, micro = inputs
             key = jax.random.fold_in(step_model_key, index)
-            micro_grads = _loss_and_grads(frozen, state.params, micro, key, graphdef, mesh, optimizer.gradient_sum)
+            micro_grads = _loss_and_grads(frozen, state.params, micro, key, state.step, graphdef, mesh,
+                                          optimizer.gradient_sum)
             return jax.tree.map(jnp.add, total, micro_grads), None
 
         zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))

@@ -1,14 +1,24 @@
-"""Peer methods as nps preference models, each trainable by ``fit`` and evaluated like NP-BTL.
+"""Peer methods as nps preference models, each behind the interface ``fit`` and the unseen-target
+evaluation use (``objective``, ``predict_log_odds``; ``context_latent`` and ``target_log_odds`` where the
+method has a per-user latent), built by ``nps.models.reward.build_reward_model`` from their configs.
 
-``PEER_MODELS[name] = (config class, model class)``; a model is built as
-``model_class(option_dim, config, rngs=nnx.Rngs(seed))``.
+``PEER_MODELS``: kind -> (config class, model class); a model is built as
+``model_class(option_dim, config, rngs=nnx.Rngs(seed))``. What each does and how it differs from its
+release: docs/peers.md.
 """
 
+from nps.models.peers.gpo import GPOConfig, GPOReward
 from nps.models.peers.lore import LoRe, LoReConfig
 from nps.models.peers.pal import PALA, PALB, PALConfig
+from nps.models.peers.vpl import VPLConfig, VPLReward
 
 PEER_MODELS = {
+    "vpl": (VPLConfig, VPLReward),
+    "gpo": (GPOConfig, GPOReward),
     "pal-a": (PALConfig, PALA),
     "pal-b": (PALConfig, PALB),
     "lore": (LoReConfig, LoRe),
 }
+
+__all__ = ["PEER_MODELS", "GPOConfig", "GPOReward", "LoRe", "LoReConfig", "PALA", "PALB", "PALConfig", "VPLConfig",
+           "VPLReward"]
