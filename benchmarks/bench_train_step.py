@@ -32,11 +32,11 @@ def per_step_loop_rate(kind: str, pools, spec: EpisodeSpec, config: TrainConfig,
     params = nnx.to_pure_dict(params)
     optimizer = make_optimizer(config)
     opt_state = optimizer.init(params)
-    sample = jax.jit(sample_episodes, static_argnums=(2, 3))
+    sample = sample_episodes
 
     @jax.jit
     def update(params, opt_state, episodes, key):
-        grads = jax.grad(lambda p: _episode_loss(graphdef, p, episodes, key)[0])(params)
+        grads = jax.grad(lambda p: _episode_loss(graphdef, {}, p, episodes, key)[0])(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 

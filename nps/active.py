@@ -154,8 +154,8 @@ def _accuracy(model, context_ids, context_first, context_mask, candidates: Answe
     return choice_accuracy(model.predict_log_odds(episodes, key), episodes.unseen_mask)
 
 
-def answer_curves(model: PerUserPreferenceModel, candidates: AnsweredPairs, evaluation: AnsweredPairs, particles: jax.Array, strategy: str,
-                  max_pairs: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+def answer_curves(model: PerUserPreferenceModel, candidates: AnsweredPairs, evaluation: AnsweredPairs,
+                  particles: jax.Array, strategy: str, max_pairs: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """Simulated users answer ``max_pairs`` candidates one at a time, chosen at ``"random"`` or by
     ``"active"`` (EIG over ``particles``); after each answer the model, conditioned on every
     answered pair, is scored on the users' choices on ``evaluation``.

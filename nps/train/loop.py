@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec
 from flax import nnx
 
 from nps.config import check_positive, config_to_dict
-from nps.data.episodes import EpisodeSpec, sample_episodes, sample_episodes_compiled
+from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.pairs import OptionPairPool, PairPool
 from nps.errors import CheckpointError, ConfigError, invalid
 from nps.files import Digest
@@ -357,7 +357,7 @@ class Run:
         data_key, model_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
         state, frozen, train_pool, val_pool = program.place(program.initial_state(params), frozen, train_pool,
                                                             val_pool)
-        val_episodes = sample_episodes_compiled(val_key, val_pool, spec, config.val_tasks)
+        val_episodes = sample_episodes(val_key, val_pool, spec, config.val_tasks)
         return cls(program, config, state, frozen, train_pool, (data_key, model_key, val_key), val_episodes)
 
     def resume(self, store: CheckpointStore, fingerprint: dict[str, Any]) -> None:

@@ -262,8 +262,8 @@ ALERT_THRESHOLD = 0.04
 
 
 def drift_test(
-    model: PerUserPreferenceModel, chosen: Any, rejected: Any, *, threshold: float = ALERT_THRESHOLD, min_segment: int = 3, window: int = 24,
-    permutations: int = 99, stop_after: int | None = None, seed: int = 0,
+    model: PerUserPreferenceModel, chosen: Any, rejected: Any, *, threshold: float = ALERT_THRESHOLD,
+    min_segment: int = 3, window: int = 24, permutations: int = 99, stop_after: int | None = None, seed: int = 0,
 ) -> Drift:
     """Whether the recent answers are better explained by their own z than by the earlier answers' z.
 
@@ -381,8 +381,9 @@ class ConsistencyReport:
 
 
 def check_profile(
-    model: PerUserPreferenceModel, pairs: Sequence[dict[str, str]], chosen: Any, rejected: Any, positions: Sequence[str | None] | None = None,
-    *, trained_context: int, implausible_below: float = 0.2, threshold: float = ALERT_THRESHOLD, **drift_settings,
+    model: PerUserPreferenceModel, pairs: Sequence[dict[str, str]], chosen: Any, rejected: Any,
+    positions: Sequence[str | None] | None = None, *, trained_context: int, implausible_below: float = 0.2,
+    threshold: float = ALERT_THRESHOLD, **drift_settings,
 ) -> ConsistencyReport:
     """Every check of one profile: ``pairs`` (prompt/chosen/rejected, for the report), their options
     ``chosen`` / ``rejected`` as the model reads them (leading axis N = len(pairs); None when N = 0), and the display
