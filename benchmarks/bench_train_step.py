@@ -37,7 +37,7 @@ def per_step_loop_rate(kind: str, pools, spec: EpisodeSpec, config: TrainConfig,
     frozen, params = nnx.to_pure_dict(frozen), nnx.to_pure_dict(params)
     optimizer = make_optimizer(config)
     opt_state = optimizer.init(params)
-    sample = jax.jit(sample_episodes, static_argnums=(2, 3))
+    sample = sample_episodes
 
     @jax.jit
     def update(params, opt_state, episodes, key):

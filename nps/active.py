@@ -10,8 +10,9 @@ The plausible users z_1..z_P are the model's latents for P tasks of the training
 (``particle_latents``: each conditioned on a context of its own user's pairs, so the particles
 span the user types, or the continuum, that the model learnt). Their weights w start uniform
 and are updated by Bayes' rule with the model's own likelihood of each answer,
-log w_j += log p(answer | z_j). The rule works for deterministic NP-BTL (the particles are an
-ensemble of z from different contexts) and for the variational one (z = the mean of q(z | C)).
+log w_j += log p(answer | z_j). The rule works for any per-user preference model
+(``nps.models.interface``: ``context_latent`` and ``target_log_odds``): for deterministic NP-BTL the
+particles are an ensemble of z from different contexts, for the variational one the means of q(z | C).
 A pair whose options every plausible user ranks alike has EIG 0 however uncertain each p_j is,
 so the rule ignores pairs that are merely hard (aleatoric) and asks the ones that separate users.
 
@@ -32,6 +33,7 @@ from flax import nnx
 from nps.data.episodes import Episodes, EpisodeSpec, context_capacity, sample_episodes
 from nps.data.pairs import AnsweredPairs, PairPool, order_pairs, take_rows
 from nps.likelihood import choice_accuracy
+from nps.models.interface import PerUserPreferenceModel, check_model
 
 
 def _episodes(context_a, context_b, context_first, context_mask, pairs: AnsweredPairs) -> Episodes:
@@ -47,21 +49,39 @@ def _episodes(context_a, context_b, context_first, context_mask, pairs: Answered
                     jnp.zeros((num_users,), jnp.int32), jnp.ones((num_users, 1)))
 
 
-def particle_latents(model, pool: PairPool, spec: EpisodeSpec, num_particles: int, context_size: int,
-                     key: jax.Array) -> jax.Array:
+def particle_latents(model: PerUserPreferenceModel, pool: PairPool, spec: EpisodeSpec, num_particles: int,
+                     context_size: int, key: jax.Array) -> jax.Array:
     """z [P, d] of ``num_particles`` population tasks from ``pool`` with ``context_size`` context pairs."""
-    episodes = sample_episodes(key, pool, spec.for_context(context_size), num_particles, context_size)
-    return model.context_latent(episodes)
+    check_model(model, PerUserPreferenceModel)
+    return _particle_latents(*nnx.split(model), pool, key, spec=spec.for_context(context_size),
+                             num_particles=num_particles, context_size=context_size)
 
 
-def particle_choice_probabilities(model, z: jax.Array, option_a: Any, option_b: Any) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "num_particles", "context_size"))
+def _particle_latents(graphdef, state, pool, key, *, spec, num_particles, context_size):
+    episodes = sample_episodes(key, pool, spec, num_particles, context_size)
+    return nnx.merge(graphdef, state).context_latent(episodes)
+
+
+def particle_choice_probabilities(model: PerUserPreferenceModel, z: jax.Array, option_a: Any,
+                                  option_b: Any) -> jax.Array:
     """p(a ≻ b | z_j) [P, M] for particles z [P, d] and M candidate pairs (option pytrees, leading M)."""
+    check_model(model, PerUserPreferenceModel)
+    return _compiled_choice_probabilities(*nnx.split(model), z, option_a, option_b)
+
+
+def _choice_probabilities(model, z, option_a, option_b):
     num_particles = z.shape[0]
     broadcast = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (num_particles, *x.shape)), tree)  # noqa: E731
     num_pairs = jax.tree.leaves(option_a)[0].shape[0]
     targets = Episodes(None, None, None, broadcast(option_a), broadcast(option_b),
                        jnp.ones((num_particles, num_pairs), bool), None, None, None)
     return jax.nn.sigmoid(model.target_log_odds(targets, z))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _compiled_choice_probabilities(graphdef, state, z, option_a, option_b):
+    return _choice_probabilities(nnx.merge(graphdef, state), z, option_a, option_b)
 
 
 def _entropy(p: jax.Array) -> jax.Array:
@@ -78,6 +98,7 @@ def expected_information_gain(log_weights: jax.Array, probabilities: jax.Array) 
     return _entropy(weights @ probabilities) - weights @ _entropy(probabilities)
 
 
+@jax.jit
 def update_log_weights(log_weights: jax.Array, probabilities: jax.Array, asked: jax.Array,
                        first_chosen: jax.Array) -> jax.Array:
     """Bayes' rule for the answers: ``asked`` [U] candidate ids, ``first_chosen`` [U] bool."""
@@ -108,6 +129,7 @@ def log_weights_after(probabilities: jax.Array, answers: list[tuple[int, bool]])
     return _log_weights_after(probabilities, asked, first, answered)
 
 
+@functools.partial(jax.jit, static_argnames=("min_gain",))
 def most_informative(log_weights: jax.Array, probabilities: jax.Array, already_asked: jax.Array,
                      fallback: jax.Array | None = None, min_gain: float = 1e-3) -> jax.Array:
     """The candidate id [U] with the largest EIG among those not yet asked (``already_asked`` [U, M]).
@@ -124,14 +146,6 @@ def most_informative(log_weights: jax.Array, probabilities: jax.Array, already_a
     return jnp.where(jnp.max(gain, axis=-1) >= min_gain, best, fallback)
 
 
-# Compiled once per shape, for callers outside a jit (the preference app, `nps collect --active`,
-# `nps ab`): eager, each operation of a model would compile a program of its own.
-most_informative_compiled = jax.jit(most_informative, static_argnames=("min_gain",))
-update_log_weights_compiled = jax.jit(update_log_weights)
-particle_choice_probabilities_compiled = jax.jit(particle_choice_probabilities)
-particle_latents_compiled = jax.jit(particle_latents, static_argnames=("spec", "num_particles", "context_size"))
-
-
 def _accuracy(model, context_ids, context_first, context_mask, candidates: AnsweredPairs, evaluation: AnsweredPairs,
               key):
     """Each user's accuracy [U] on ``evaluation`` with the answered candidates as context."""
@@ -140,8 +154,8 @@ def _accuracy(model, context_ids, context_first, context_mask, candidates: Answe
     return choice_accuracy(model.predict_log_odds(episodes, key), episodes.unseen_mask)
 
 
-def answer_curves(model, candidates: AnsweredPairs, evaluation: AnsweredPairs, particles: jax.Array, strategy: str,
-                  max_pairs: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+def answer_curves(model: PerUserPreferenceModel, candidates: AnsweredPairs, evaluation: AnsweredPairs,
+                  particles: jax.Array, strategy: str, max_pairs: int, key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """Simulated users answer ``max_pairs`` candidates one at a time, chosen at ``"random"`` or by
     ``"active"`` (EIG over ``particles``); after each answer the model, conditioned on every
     answered pair, is scored on the users' choices on ``evaluation``.
@@ -152,6 +166,7 @@ def answer_curves(model, candidates: AnsweredPairs, evaluation: AnsweredPairs, p
     """
     if strategy not in ("random", "active"):
         raise ValueError(f"strategy={strategy!r}: use 'random' or 'active'")
+    check_model(model, PerUserPreferenceModel)
     graphdef, state = nnx.split(model)
     accuracy, asked = _answer_curves(graphdef, state, candidates, evaluation, particles, key, strategy=strategy,
                                      max_pairs=max_pairs)
@@ -164,7 +179,7 @@ def _answer_curves(graphdef, state, candidates: AnsweredPairs, evaluation: Answe
     model = nnx.merge(graphdef, state)
     num_users, num_candidates = candidates.first_chosen.shape
     order_key, model_key = jax.random.split(key)
-    probabilities = particle_choice_probabilities(model, particles, candidates.option_a, candidates.option_b)
+    probabilities = _choice_probabilities(model, particles, candidates.option_a, candidates.option_b)
     random_order = jax.vmap(lambda k: jax.random.permutation(k, num_candidates))(
         jax.random.split(order_key, num_users))
     users = jnp.arange(num_users)
@@ -207,14 +222,14 @@ def next_informative(log_weights: jax.Array, probabilities: jax.Array, asked: It
     fallback = next((int(i) for i in order if not asked_mask[0, i]), None)
     if fallback is None:
         return None
-    return int(most_informative_compiled(log_weights, probabilities, asked_mask, np.array([fallback]))[0])
+    return int(most_informative(log_weights, probabilities, asked_mask, np.array([fallback]))[0])
 
 
-def informative_chooser(model, particles: jax.Array, option_a: Any, option_b: Any):
+def informative_chooser(model: PerUserPreferenceModel, particles: jax.Array, option_a: Any, option_b: Any):
     """A ``next_candidate`` for ``nps.data.profiles.collect``: after the answers so far, the unasked
     candidate with the largest EIG (file order once none is informative, or None when all were asked).
     ``option_a`` / ``option_b``: the model's options of each candidate's two responses, in file order."""
-    probabilities = particle_choice_probabilities_compiled(model, particles, option_a, option_b)
+    probabilities = particle_choice_probabilities(model, particles, option_a, option_b)
 
     def next_candidate(candidates: list[dict], answered: list[dict], asked: set[int]) -> int | None:
         log_weights = log_weights_after(probabilities, [

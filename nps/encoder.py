@@ -153,12 +153,3 @@ class ContextEncoder(nnx.Module):
             return out
         mean, raw_std = jnp.split(out, 2, axis=-1)
         return DiagonalGaussian.from_raw(mean, raw_std)
-
-
-@jax.jit
-def encode_compiled(model, chosen: jax.Array, rejected: jax.Array, mask: jax.Array) -> jax.Array:
-    """``model.encode(chosen, rejected, mask)`` for callers outside a jit (a served user's z, the NP-BTL
-    scorer's): z [B, d] of contexts [B, C, E] by any model that holds a context encoder (a conditioned
-    policy, a deterministic NP-BTL), one compiled program per capacity C (``context_capacity``) where an
-    eager call would compile one per operation."""
-    return model.encode(chosen, rejected, mask)

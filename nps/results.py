@@ -117,8 +117,8 @@ class ExperimentRun:
                          run_config=run_config, progress=self.progress, description=name, mesh=mesh,
                          hooks=run_log.hooks())
             accuracy = evaluate_unseen_accuracy(
-                result.graphdef, result.params, pools["test"], eval_episodes, user_names,
-                self.evaluation.context_sizes, self.evaluation.num_tasks, self.evaluation.seed, frozen=result.frozen)
+                result.model(), pools["test"], eval_episodes, user_names, self.evaluation.context_sizes,
+                self.evaluation.num_tasks, self.evaluation.seed)
             run_log.evaluation(result.steps, accuracy)
         return result, {
             "kind": kind,

@@ -20,17 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.active import informative_chooser, particle_latents_compiled
+from nps.active import informative_chooser, particle_latents
 from nps.config import config_from_dict
 from nps.data import two_styles
 from nps.data.episodes import EpisodeSpec, context_capacity
 from nps.data.pairs import OptionPairPool, PolicyOptions
 from nps.data.profiles import read_candidates
-from nps.encoder import encode_compiled
 from nps.errors import ConfigError
 from nps.files import texts_digest
 from nps.lm import Decoder, SamplingConfig, embed_tokens, from_pretrained, generate
 from nps.lm.generate import pad_sequences
+from nps.models.interface import context_latents
 from nps.models.policy import (
     PolicyConfig,
     SteerablePolicy,
@@ -195,12 +195,14 @@ class SteeringRun:
         """z [d] from a user's pairs ({"prompt", "chosen", "rejected"}; may be empty); None if unconditioned."""
         if not self.conditioned:
             return None
-        return encode_compiled(self.policy, *self.pair_features(pairs))[0]
+        chosen, rejected, mask = self.pair_features(pairs)
+        return context_latents(self.policy, PolicyOptions.of_features(chosen), PolicyOptions.of_features(rejected),
+                               mask)[0]
 
     def particles(self, count: int = 256, context_size: int = 10, seed: int = 0) -> jax.Array:
         """z [count, d] of plausible users: the policy's latents for tasks of the run's validation pairs."""
         pairs = self.preference_pairs()
-        return particle_latents_compiled(self.policy, OptionPairPool(pairs.pools()["val"], pairs.options),
+        return particle_latents(self.policy, OptionPairPool(pairs.pools()["val"], pairs.options),
                                          spec=self.episodes, num_particles=count, context_size=context_size,
                                          key=jax.random.key(seed))
 

@@ -46,3 +46,12 @@ def test_the_adapted_reward_peaks_where_the_middle_user_wants(namespace):
 
 def test_a_bad_field_is_one_line_naming_it(namespace):
     assert "aggregation='max' is unknown; use one of ['mean', 'sum', 'attention']" in namespace["printed"]
+
+
+def test_a_method_of_ones_own_trains_evaluates_and_checks_through_the_public_functions(namespace):
+    accuracy = namespace["mine_accuracy"]
+    # It learnt what the users have in common and how they differ: five context pairs help every user.
+    assert accuracy["5"]["all"]["mean"] > accuracy["0"]["all"]["mean"] + 0.1, accuracy
+    assert all(accuracy["5"][user]["mean"] > accuracy["0"][user]["mean"] for user in ("large", "small"))
+    assert isinstance(namespace["mine"], namespace["PerUserPreferenceModel"])
+    assert "least plausible answer: 3" in namespace["printed"]

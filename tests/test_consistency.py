@@ -1,6 +1,6 @@
 """Consistency and drift checks of a profile (nps.workflow.consistency), on models whose users are known.
 
-``PreferenceDirection`` is a model of the NP interface in a few lines: z is the unit direction of
+``PreferenceDirection`` is a per-user preference model (``nps.models.interface``) in a few lines: z is the unit direction of
 the mean (chosen − rejected) of the context, and the log-odds of a pair is scale · z · (a − b). A
 simulated user of type ±1 prefers the option with the larger ±first coordinate, so these tests
 know every answer's truth. The rates measured with trained NP-BTL and NP-DPO models are in
@@ -12,9 +12,10 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from nps.data.episodes import context_capacity
+from nps.likelihood import choice_accuracy, choice_nll
+from nps.models.interface import PerUserPreferenceModel
 from nps.workflow.consistency import (
     _log_likelihood_table,
     check_profile,
@@ -27,11 +28,16 @@ from nps.workflow.consistency import (
 )
 
 
-class PreferenceDirection(nnx.Module):
+class PreferenceDirection(PerUserPreferenceModel):
     """z [B, D] = unit mean of (chosen − rejected) over the context; log-odds = scale · z · (a − b)."""
 
     def __init__(self, scale: float = 6.0):
         self.scale = scale
+
+    def objective(self, episodes, key):
+        log_odds = self.predict_log_odds(episodes)
+        accuracy = jnp.mean(choice_accuracy(log_odds, episodes.target_mask))
+        return jnp.mean(choice_nll(log_odds, episodes.target_mask)), {"accuracy": accuracy}
 
     def context_latent(self, episodes):
         mask = episodes.context_mask[..., None]

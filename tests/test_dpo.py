@@ -10,15 +10,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from nps.active import particle_latents
 from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.pairs import OptionPairPool, PairPool, PolicyOptions
 from nps.dpo import response_log_probs
 from nps.encoder import EncoderConfig
 from nps.errors import CheckpointError
 from nps.layers import BaseParam
+from nps.likelihood import choice_accuracy
 from nps.lm import Decoder, DecoderConfig, LoRAConfig
+from nps.models.interface import context_latents
 from nps.models.policy import PolicyConfig, SteerablePolicy, with_reference_log_probs
 from nps.train import loop
+from nps.train.evaluate import evaluate_unseen_accuracy
 from nps.train.loop import TrainConfig, fit, load_trained
 
 DECODER = DecoderConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -114,6 +118,23 @@ def test_context_steers_the_log_odds():
     episodes = sample_episodes(jax.random.key(4), make_pool(), SPEC, 4, context_size=3)
     empty = episodes._replace(context_mask=jnp.zeros_like(episodes.context_mask))
     assert np.abs(np.asarray(predict(policy, episodes) - predict(policy, empty))).max() > 1e-3
+
+
+def test_the_policy_goes_through_the_public_functions_as_a_per_user_model():
+    policy = make_policy("np", reference="on_the_fly")
+    perturb(nnx.state(policy, nnx.Param), scale=0.3)
+    pool = make_pool()
+    accuracy = evaluate_unseen_accuracy(policy, pool, SPEC, ["low", "high"], context_sizes=(2,), num_tasks=4, seed=3)
+    key = jax.random.fold_in(jax.random.key(3), 0)
+    episodes = sample_episodes(key, pool, SPEC.for_context(2), 4, 2)
+    direct = choice_accuracy(predict(policy, episodes), episodes.unseen_mask)
+    np.testing.assert_allclose(accuracy["2"]["all"]["mean"], float(jnp.mean(direct)), rtol=1e-6)
+    # A user's latent from the features of their pairs alone (no tokens), as `SteeringRun.encode_user` asks it.
+    chosen, rejected = (PolicyOptions.of_features(o.features) for o in (episodes.context_chosen,
+                                                                         episodes.context_rejected))
+    z = context_latents(policy, chosen, rejected, episodes.context_mask)
+    np.testing.assert_allclose(z, jax.jit(lambda e: policy.context_latent(e))(episodes), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(particle_latents(policy, pool, SPEC, 4, 2, key), z, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_steps_lower_the_conditional_dpo_loss_of_a_batch():

@@ -137,7 +137,7 @@ def test_rewards_given_context_are_each_tasks_reward_under_its_own_full_context(
     pool = two_user_pools(num_pairs=500, seed=2)["test"]
     model = build_reward_model(1, config("np"), 0)
     options = jnp.linspace(0.0, 1.0, 11)[:, None]
-    rewards, user = rewards_given_context(*nnx.split(model), pool, SPEC, options, 6, jax.random.key(3))
+    rewards, user = rewards_given_context(model, pool, SPEC, options, 6, jax.random.key(3))
     episodes = sample_episodes(jax.random.key(3), pool, SPEC, 6, SPEC.max_context)  # the same tasks, eagerly
     chex.assert_shape(rewards, (6, 11))
     np.testing.assert_allclose(rewards, model.reward(options[None], model.context_latent(episodes)), atol=1e-5)

@@ -14,7 +14,6 @@ from nps.active import (
     most_informative,
     next_informative,
     update_log_weights,
-    update_log_weights_compiled,
 )
 from nps.cli import main
 from nps.data.episodes import context_capacity
@@ -134,7 +133,7 @@ def test_a_posterior_rebuilt_from_answers_is_the_one_updated_answer_by_answer(co
                                                  np.random.default_rng(count + 1).random(count) < 0.5)]
     live = jnp.zeros((1, 64))
     for index, first in answers:
-        live = update_log_weights_compiled(live, probabilities, np.array([index]), np.array([first]))
+        live = update_log_weights(live, probabilities, np.array([index]), np.array([first]))
     rebuilt = log_weights_after(probabilities, answers)
     chex.assert_shape(rebuilt, (1, 64))
     np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(live))

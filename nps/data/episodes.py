@@ -9,6 +9,7 @@ compiled model serve N^C = 0..max.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -119,6 +120,9 @@ def _label(pool: PairPool, pair_index: jax.Array, user_weights: jax.Array, coin:
     return order_pairs(prefers_first(utility_a, utility_b, coin), pool.option_a[pair_index], pool.option_b[pair_index])
 
 
+# One compiled program per (spec, num_tasks), called alone or inlined into a caller's jit; the pool
+# is an argument, never a constant.
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def sample_episodes(
     key: jax.Array,
     pool: PairPool | OptionPairPool,
@@ -184,10 +188,6 @@ def sample_episodes(
     )
 
 
-# sample_episodes as one compiled program per (spec, num_tasks); the pool is an argument, never a constant.
-sample_episodes_compiled = jax.jit(sample_episodes, static_argnums=(2, 3))
-
-
 def sample_with_separate_contexts(key, pools, spec: EpisodeSpec, num_tasks: int, context_size) -> Episodes:
     """Tasks whose targets come from ``pools[0]`` and whose N^C context pairs come from ``pools[1]``
     (labelled by the same users; the conflict-rate study, Fig. 5); nested in N^C for the same key,
@@ -214,5 +214,5 @@ def episode_batches(pool: PairPool | OptionPairPool, spec: EpisodeSpec, num_task
     key = jax.random.key(seed)
     return grain.MapDataset.range(2**31 - 1).map(
         lambda index: jax.tree.map(
-            np.asarray, sample_episodes_compiled(jax.random.fold_in(key, index), pool, spec, num_tasks))
+            np.asarray, sample_episodes(jax.random.fold_in(key, index), pool, spec, num_tasks))
     )

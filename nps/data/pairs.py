@@ -123,6 +123,12 @@ class PolicyOptions(NamedTuple):
     features: jax.Array
     reference_log_prob: jax.Array
 
+    @classmethod
+    def of_features(cls, features: jax.Array) -> PolicyOptions:
+        """Options that carry only their features [..., E]: all a policy's context encoder reads, so a
+        user's latent needs no tokens."""
+        return cls(None, None, None, features, None)
+
 
 def single_user(pool: PairPool | OptionPairPool, user: int) -> PairPool | OptionPairPool:
     """The same pairs labelled by one user type only (an oracle's training data).

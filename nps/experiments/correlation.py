@@ -92,8 +92,8 @@ def z_inference_errors(fit_result, rho: float, config: CorrelationConfig, seed: 
     """{"z_inference_error": ..., "conflicting_pair_error": ...} at test correlation ρ, next to the Bayes error."""
     probe_a, probe_b = conflicting_probe_pairs(rho, 4096, seed + 1)
     z_errors, pair_errors = identification_errors(
-        fit_result.graphdef, fit_result.params, correlated_pools(rho, config.num_pairs, seed)["test"], probe_a,
-        probe_b, config.episodes, config.z_error_tasks, config.num_probe_pairs, jax.random.key(seed))
+        fit_result.model(), correlated_pools(rho, config.num_pairs, seed)["test"], probe_a, probe_b, config.episodes,
+        config.z_error_tasks, config.num_probe_pairs, jax.random.key(seed))
     bayes = {"bayes_optimal": bayes_error_single_pair(rho)}
     return {
         "z_inference_error": mean_and_sem(z_errors) | bayes,

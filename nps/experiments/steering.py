@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nps.active import particle_latents_compiled
+from nps.active import particle_latents
 from nps.config import check_models, config_to_dict
 from nps.data import two_styles
 from nps.data.episodes import EpisodeSpec
@@ -146,8 +146,8 @@ def steered_latents(policy, pool: OptionPairPool, user: int, context_size: int, 
     if policy.encoder is None:
         return None
     users_pool = OptionPairPool(single_user(pool.pairs, user), pool.options)
-    return particle_latents_compiled(policy, users_pool, spec=EpisodeSpec(num_targets=1, max_context=0),
-                                     num_particles=count, context_size=context_size, key=jax.random.key(seed))
+    return particle_latents(policy, users_pool, spec=EpisodeSpec(num_targets=1, max_context=0), num_particles=count,
+                            context_size=context_size, key=jax.random.key(seed))
 
 
 def generation_report(policies: dict[str, Any], base, pool: OptionPairPool, config: SteeringConfig):

@@ -75,8 +75,7 @@ def _reward_curves(fits: dict[str, Any], pools, spec: EpisodeSpec, grid: np.ndar
             mean, std = result.model().reward_distribution(options)
             curves[name] = {"all": np.asarray(mean), "all_std": np.asarray(std)}
         else:
-            rewards, user = rewards_given_context(result.graphdef, result.params, pools["test"], spec, options, 64,
-                                                  jax.random.key(7))
+            rewards, user = rewards_given_context(result.model(), pools["test"], spec, options, 64, jax.random.key(7))
             curves[name] = {USER_NAMES[u]: rewards[np.argmax(user == u)] for u in range(2)}
     return curves
 

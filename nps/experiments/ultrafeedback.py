@@ -277,7 +277,7 @@ def run_conflict(config: ConflictConfig, out: str | Path, *, fresh: bool = False
             entry["train_conflict_rate"] = rate
             entry["by_context_conflict_rate"] = {
                 f"{c:g}": evaluate_unseen_accuracy(
-                    fit.graphdef, fit.params, context_pools[c], config.episodes, users, config.eval.context_sizes,
+                    fit.model(), context_pools[c], config.episodes, users, config.eval.context_sizes,
                     config.eval.num_tasks, config.eval.seed, sample=sample_with_separate_contexts)
                 for c in config.context_rates
             }
@@ -337,7 +337,7 @@ def run_continuum(config: ContinuumConfig, out: str | Path, *, fresh: bool = Fal
                 name, config.btl if name == "btl_mixed" else config.np_btl, pools, data_identity=identity,
                 train=config.train, episodes=config.episodes, user_names=attributes)
             entry["unseen_accuracy_by_weight"] = evaluate_unseen_accuracy(
-                fit.graphdef, fit.params, pools["test"], config.episodes, attributes, config.eval.context_sizes,
+                fit.model(), pools["test"], config.episodes, attributes, config.eval.context_sizes,
                 config.eval.num_tasks, config.eval.seed, group_by=group_by)
             models[name] = entry
         plots = [plot_continuum(models, centres, config.bins, out / "accuracy_by_weight.png")]

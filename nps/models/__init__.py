@@ -1,10 +1,12 @@
 """Preference models: reward models (BTL, DPL, NP-BTL) and steerable policies (NP-DPO, BTL-DPO).
 
-They share one interface with ``nps.train.fit``: ``objective(episodes, key)`` and
-``predict_log_odds(episodes, key)``. The decoder LM they build on is ``nps.lm``.
+Each implements the preference-model interface (``nps.models.interface``): ``objective(episodes,
+key)`` and ``predict_log_odds(episodes, key)``; NP-BTL and the policies also ``context_latent(episodes)``
+and ``target_log_odds(episodes, z)``. The decoder LM the policies build on is ``nps.lm``.
 """
 
 from nps.models.film import ConditionedDecoder, FiLM
+from nps.models.interface import PerUserPreferenceModel, PreferenceModel, check_model, context_latents
 from nps.models.policy import PolicyConfig, SteerablePolicy, with_reference_log_probs
 from nps.models.reward import (
     SYNTHETIC_NP_BTL,
@@ -24,9 +26,13 @@ __all__ = [
     "DPLReward",
     "FiLM",
     "NPReward",
+    "PerUserPreferenceModel",
     "PolicyConfig",
+    "PreferenceModel",
     "RewardModelConfig",
     "SteerablePolicy",
     "build_reward_model",
+    "check_model",
+    "context_latents",
     "with_reference_log_probs",
 ]

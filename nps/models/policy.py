@@ -4,8 +4,9 @@
 FiLM-conditioned decoder with LoRA. Its ``objective`` is conditional DPO (Eq. 24)
 averaged over each task's target pairs, against the unconditioned base as reference
 (the same weights with LoRA and FiLM off). ``kind="btl"`` is the BTL-DPO baseline:
-no encoder, no FiLM, plain DPO (Eq. 25). Both plug into ``nps.train.fit`` like the
-reward models: episodes come from an ``OptionPairPool`` whose table is ``PolicyOptions``.
+no encoder, no FiLM, plain DPO (Eq. 25). Both are preference models like the reward
+models (``nps.models.interface``): episodes come from an ``OptionPairPool`` whose table
+is ``PolicyOptions``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from nps.likelihood import choice_accuracy, choice_nll
 from nps.lm.decoder import REMAT_POLICIES, Decoder, LoRAConfig
 from nps.lm.sharding import constrain, mesh_of, on_mesh
 from nps.models.film import ConditionedDecoder
+from nps.models.interface import PerUserPreferenceModel
 
 POLICY_KINDS = ("np", "btl")
 REFERENCE_MODES = ("precomputed", "on_the_fly")
@@ -70,8 +72,11 @@ def _flatten(tree, leading: int):
     return jax.tree.map(lambda x: x.reshape((-1, *x.shape[leading:])), tree)
 
 
-class SteerablePolicy(nnx.Module):
-    """Context encoder + FiLM/LoRA decoder. Trainable: ``nnx.Param``; the base: ``BaseParam``."""
+class SteerablePolicy(PerUserPreferenceModel):
+    """Context encoder + FiLM/LoRA decoder. Trainable: ``nnx.Param``; the base: ``BaseParam``.
+
+    A per-user preference model (``nps.models.interface``) whose options are ``PolicyOptions``; the
+    BTL-DPO baseline (``kind="btl"``) has no user state: its ``context_latent`` is None."""
 
     def __init__(self, decoder: Decoder, feature_dim: int, config: PolicyConfig, *, rngs: nnx.Rngs, mesh=None):
         """A new policy on ``decoder``'s base weights with adapters, FiLM and encoder of its own.
@@ -133,10 +138,7 @@ class SteerablePolicy(nnx.Module):
             reference = both.reference_log_prob
         return dpo_log_odds(policy[..., 0], policy[..., 1], reference[..., 0], reference[..., 1], self.config.beta)
 
-    # -- the interface of nps.train.fit --------------------------------------------------------
-    def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
-        return self.target_log_odds(episodes, self.encode_context(episodes))
-
+    # -- training (``predict_log_odds`` is the interface's: target_log_odds given context_latent) ----
     def objective(self, episodes: Episodes, key: jax.Array):
         """Conditional DPO loss: mean over tasks of the mean −log σ(log-odds) over target pairs."""
         encoder_key, dropout_key = jax.random.split(key)

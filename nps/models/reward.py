@@ -1,12 +1,7 @@
 """Reward models over option features: BTL, DPL and NP-BTL (paper §2, §4).
 
-All three expose the same two pure-in-spirit methods used by the training loop:
-
-- ``predict_log_odds(episodes, key=None) -> [B, T]``: the predictive log-odds of
-  each target's chosen over rejected option given the task's context;
-- ``objective(episodes, key) -> (loss, aux)``: the training loss on a batch.
-
-BTL and DPL ignore the context. NP-BTL conditions a reward decoder on z(C).
+All three are preference models (``nps.models.interface``): BTL and DPL ignore the context;
+NP-BTL is a per-user one, a reward decoder conditioned on z(C).
 The released code's decoder uses BatchNorm; nps does not, because batch
 statistics would mix different users inside a batch (and make evaluation depend
 on the batch).
@@ -34,6 +29,7 @@ from nps.likelihood import (
     dpl_log_odds,
     posterior_predictive_log_odds,
 )
+from nps.models.interface import PerUserPreferenceModel, PreferenceModel
 
 MODEL_KINDS = ("btl", "dpl", "np")
 
@@ -67,7 +63,7 @@ def accuracy_aux(log_odds: jax.Array, episodes: Episodes) -> dict[str, jax.Array
     return {"accuracy": jnp.mean(choice_accuracy(log_odds, episodes.target_mask))}
 
 
-class BTLReward(nnx.Module):
+class BTLReward(PreferenceModel):
     """Homogeneous BTL: r(y) = MLP₂(MLP₁(y)), one reward for every user."""
 
     def __init__(self, option_dim: int, config: RewardModelConfig, *, rngs: nnx.Rngs):
@@ -87,7 +83,7 @@ class BTLReward(nnx.Module):
         return jnp.mean(choice_nll(log_odds, episodes.target_mask)), accuracy_aux(log_odds, episodes)
 
 
-class DPLReward(nnx.Module):
+class DPLReward(PreferenceModel):
     """DPL mean-variance (Siththaranjan et al., 2024): r(y) ~ N(μ(y), σ(y)²)."""
 
     def __init__(self, option_dim: int, config: RewardModelConfig, *, rngs: nnx.Rngs):
@@ -111,7 +107,7 @@ class DPLReward(nnx.Module):
         return jnp.mean(choice_nll(log_odds, episodes.target_mask)), accuracy_aux(log_odds, episodes)
 
 
-class NPReward(nnx.Module):
+class NPReward(PerUserPreferenceModel):
     """NP-BTL: r(y | C) = MLP₂(MLP₁(y) ‖ z(C)) (paper Eq. 4, App. C).
 
     Deterministic encoder: loss = target NLL given z(C) (the paper).
@@ -195,7 +191,7 @@ UF_NP_BTL = RewardModelConfig(kind="np", encoder=EncoderConfig(inner="linear"))
 REWARD_MODELS = {"btl": BTLReward, "dpl": DPLReward, "np": NPReward}
 
 
-def reward_model_class(kind: str) -> type[nnx.Module]:
+def reward_model_class(kind: str) -> type[PreferenceModel]:
     """The model class of ``kind``: nps's own (``REWARD_MODELS``) or a peer method's (``nps.models.peers``)."""
     if kind in REWARD_MODELS:
         return REWARD_MODELS[kind]
@@ -204,7 +200,7 @@ def reward_model_class(kind: str) -> type[nnx.Module]:
     return PEER_MODELS[kind][1]
 
 
-def build_reward_model(option_dim: int, config, seed: int) -> nnx.Module:
+def build_reward_model(option_dim: int, config, seed: int) -> PreferenceModel:
     """Construct the model named by ``config.kind`` (a ``RewardModelConfig`` or a peer's config, e.g.
     ``VPLConfig``) with parameters drawn from ``seed``."""
     model_class = reward_model_class(config.kind)

@@ -44,8 +44,8 @@ import numpy as np
 from nps.active import (
     log_weights_after,
     next_informative,
-    particle_choice_probabilities_compiled,
-    update_log_weights_compiled,
+    particle_choice_probabilities,
+    update_log_weights,
 )
 from nps.data import two_styles
 from nps.data.profiles import read_candidates
@@ -176,7 +176,7 @@ class PreferenceService:
             except (OSError, ValueError, KeyError):
                 pass  # an unreadable cache is recomputed below
         particles = self.run.particles(count)
-        probabilities = particle_choice_probabilities_compiled(self.run.policy, particles, *self.candidate_options)
+        probabilities = particle_choice_probabilities(self.run.policy, particles, *self.candidate_options)
         cache.parent.mkdir(exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, particles=np.asarray(particles), probabilities=np.asarray(probabilities))
@@ -280,8 +280,8 @@ class PreferenceService:
             state.candidates.append(candidate)
             if choice != "skip":
                 first = record["chosen"] == self.candidates[candidate]["responses"][0]
-                state.log_weights = update_log_weights_compiled(state.log_weights, self.probabilities,
-                                                                np.array([candidate]), np.array([first]))
+                state.log_weights = update_log_weights(state.log_weights, self.probabilities,
+                                                       np.array([candidate]), np.array([first]))
             return record
 
     def answered_pairs(self, name: str) -> list[dict[str, Any]]:
@@ -400,8 +400,8 @@ class PreferenceService:
         if not open_pairs:
             return None
         with self.model_turn():
-            p = np.asarray(particle_choice_probabilities_compiled(self.run.policy, jnp.asarray(z)[None],
-                                                                  *self.candidate_options))[0]
+            p = np.asarray(particle_choice_probabilities(self.run.policy, jnp.asarray(z)[None],
+                                                         *self.candidate_options))[0]
         return float(np.mean(np.maximum(p, 1 - p)[open_pairs]))
 
     def latent_map(self, name: str) -> bytes:

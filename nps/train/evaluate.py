@@ -1,4 +1,6 @@
-"""Accuracy on unseen target pairs, per user type and context size, with standard errors."""
+"""Accuracy on unseen target pairs, per user type and context size, with standard errors.
+
+Every function here takes a preference model as ``nps.models.interface`` says: the model itself."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from nps.data.episodes import Episodes, EpisodeSpec, sample_episodes
 from nps.data.pairs import PairPool
 from nps.errors import ConfigError, invalid
 from nps.likelihood import choice_accuracy, choice_correct
+from nps.models.interface import PerUserPreferenceModel, PreferenceModel, check_model
 from nps.train.distributed import alongside, host_value
 
 PAPER_CONTEXT_SIZES = (0, 1, 3, 5, 10)
@@ -99,16 +102,8 @@ def weight_cells(num_attributes: int, bins: int):
     return (lambda weights: (index(weights[:, 0]) * bins + index(weights[:, 1]), names)), centres
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "num_tasks", "sample"))
-def _unseen_accuracy(graphdef, frozen, params, pool, key, context_size, *, spec, num_tasks, sample):
-    episodes = sample(key, pool, spec, num_tasks, context_size)
-    log_odds = nnx.merge(graphdef, frozen, params).predict_log_odds(episodes, jax.random.fold_in(key, 1))
-    return choice_accuracy(log_odds, episodes.unseen_mask), episodes.user_weights
-
-
 def evaluate_unseen_accuracy(
-    graphdef,
-    params,
+    model: PreferenceModel,
     pool: PairPool,
     spec: EpisodeSpec,
     user_names: Sequence[str],
@@ -116,30 +111,29 @@ def evaluate_unseen_accuracy(
     num_tasks: int = 2000,
     seed: int = 0,
     batch_size: int = 500,
-    frozen: Any = None,
     group_by: Callable[[np.ndarray], tuple[np.ndarray, Sequence[str]]] | None = None,
     sample: Callable[..., Episodes] = sample_episodes,
 ) -> dict[str, dict[str, Any]]:
-    """Unseen-target accuracy (𝒟^T \\ 𝒟^C only) for each N^C in ``context_sizes``.
+    """Unseen-target accuracy (𝒟^T \\ 𝒟^C only) of any preference model for each N^C in ``context_sizes``.
 
     Every N^C sees the same users and targets (the same keys), with nested
     contexts, so differences across N^C are not sampling noise. One compiled
-    function serves all N^C. ``frozen``: a ``FitResult.frozen`` (the base LM of a
-    policy). ``group_by(user_weights [n, K]) -> (group [n], names)`` sets the rows
+    function serves all N^C. ``group_by(user_weights [n, K]) -> (group [n], names)`` sets the rows
     (default: user types named ``user_names``); ``sample(key, pool, spec, num_tasks,
     context_size)`` draws the tasks (default ``sample_episodes``; a module-level function,
     as it is a compile-time constant). Returns ``{str(N^C): summarise_by_user(...)}``.
     """
+    check_model(model)
     check_unseen_targets(context_sizes, spec, "context_sizes")
     group_by = group_by or by_user_type(user_names)
-    frozen = {} if frozen is None else frozen
-    pool = alongside(pool, params)  # on the devices the parameters span (several, in a multi-device run)
+    graphdef, state = nnx.split(model)
+    pool = alongside(pool, state)  # on the devices the parameters span (several, in a multi-device run)
     spec = spec.for_context(max(context_sizes))
     batch_size = min(batch_size, num_tasks)  # a few tasks are not computed as a whole batch and cut
     num_batches = -(-num_tasks // batch_size)
     keys = [jax.random.fold_in(jax.random.key(seed), b) for b in range(num_batches)]
     on_device = {
-        size: [_unseen_accuracy(graphdef, frozen, params, pool, k, jnp.int32(size), spec=spec, num_tasks=batch_size,
+        size: [_unseen_accuracy(graphdef, state, pool, k, jnp.int32(size), spec=spec, num_tasks=batch_size,
                                 sample=sample) for k in keys]
         for size in context_sizes
     }
@@ -150,24 +144,59 @@ def evaluate_unseen_accuracy(
     return results
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "num_tasks", "sample"))
+def _unseen_accuracy(graphdef, state, pool, key, context_size, *, spec, num_tasks, sample):
+    episodes = sample(key, pool, spec, num_tasks, context_size)
+    log_odds = nnx.merge(graphdef, state).predict_log_odds(episodes, jax.random.fold_in(key, 1))
+    return choice_accuracy(log_odds, episodes.unseen_mask), episodes.user_weights
+
+
+def rewards_given_context(model: PerUserPreferenceModel, pool: PairPool, spec: EpisodeSpec, options, num_tasks: int,
+                          key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A per-user reward model's rewards of ``options`` [N, D] for ``num_tasks`` users of ``pool``,
+    each known by ``spec.max_context`` of their pairs: (rewards [num_tasks, N], user type [num_tasks]).
+    The model rewards options for a state: ``reward(options [B, N, D], z [B, d]) -> [B, N]`` (NP-BTL)."""
+    check_model(model, PerUserPreferenceModel)
+    if not callable(getattr(model, "reward", None)):
+        raise TypeError(f"{type(model).__name__} has no reward(options, z) method: its rewards cannot be plotted")
+    graphdef, state = nnx.split(model)
+    pool, options = alongside((pool, jnp.asarray(options, jnp.float32)), state)
+    return host_value(_rewards_given_context(graphdef, state, pool, options, key, spec=spec, num_tasks=num_tasks))
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "num_tasks"))
-def _rewards_given_context(graphdef, params, pool, options, key, *, spec, num_tasks):
+def _rewards_given_context(graphdef, state, pool, options, key, *, spec, num_tasks):
     episodes = sample_episodes(key, pool, spec, num_tasks, spec.max_context)
-    model = nnx.merge(graphdef, params)
+    model = nnx.merge(graphdef, state)
     return model.reward(options[None], model.context_latent(episodes)), episodes.user
 
 
-def rewards_given_context(graphdef, params, pool: PairPool, spec: EpisodeSpec, options, num_tasks: int,
-                          key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-    """A conditioned reward model's rewards of ``options`` [N, D] for ``num_tasks`` users of ``pool``,
-    each known by ``spec.max_context`` of their pairs: (rewards [num_tasks, N], user type [num_tasks]).
-    One compiled program (an eager encoder pass compiles each of its operations)."""
-    pool, options = alongside((pool, jnp.asarray(options, jnp.float32)), params)
-    return host_value(_rewards_given_context(graphdef, params, pool, options, key, spec=spec, num_tasks=num_tasks))
+def identification_errors(model: PreferenceModel, pool: PairPool, probe_a, probe_b, spec: EpisodeSpec,
+                          num_tasks: int, num_probes: int, key: jax.Array,
+                          batch_size: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """How well a model identifies a user of two types from one context pair (paper Example 4.3).
+
+    For ``num_tasks`` test tasks of ``pool`` with N^C = 1: condition on the context pair, score
+    ``num_probes`` probes drawn from ``probe_a``/``probe_b`` [M, D] (pairs on which the two types
+    disagree), and let ẑ be the type whose choices the model reproduces on more of them (a fair
+    coin on a tie). Returns per task the 0/1 error of ẑ and the error rate on the probes judged
+    by the task's true type, each [num_tasks] (float64). Batches share keys whatever the total.
+    """
+    check_model(model)
+    graphdef, state = nnx.split(model)
+    pool, probe_a, probe_b = alongside((pool, jnp.asarray(probe_a, jnp.float32), jnp.asarray(probe_b, jnp.float32)),
+                                       state)
+    batch = min(num_tasks, batch_size)
+    z_errors, pair_errors = map(np.concatenate, zip(*host_value([
+        _identification_errors(graphdef, state, pool, probe_a, probe_b, jax.random.fold_in(key, b), spec=spec,
+                               num_tasks=batch, num_probes=num_probes)
+        for b in range(-(-num_tasks // batch))
+    ])))
+    return z_errors[:num_tasks].astype(np.float64), pair_errors[:num_tasks].astype(np.float64)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "num_tasks", "num_probes"))
-def _identification_errors(graphdef, params, pool, probe_a, probe_b, key, *, spec, num_tasks, num_probes):
+def _identification_errors(graphdef, state, pool, probe_a, probe_b, key, *, spec, num_tasks, num_probes):
     """Per task: 0/1 error of ẑ from one context pair, and the error rate on the probes."""
     key_tasks, key_probes, key_model, key_coin = jax.random.split(key, 4)
     episodes = sample_episodes(key_tasks, pool, spec, num_tasks, context_size=1)
@@ -179,34 +208,13 @@ def _identification_errors(graphdef, params, pool, probe_a, probe_b, key, *, spe
         target_mask=jnp.ones((num_tasks, num_probes), bool),
         target_in_context=jnp.zeros((num_tasks, num_probes), bool),
     )
-    log_odds = nnx.merge(graphdef, params).predict_log_odds(probes, key_model)
+    log_odds = nnx.merge(graphdef, state).predict_log_odds(probes, key_model)
     user0_prefers_a = jnp.where(a[..., 0] > b[..., 0], 1.0, -1.0)
     agreement_with_user0 = jnp.mean(choice_correct(log_odds * user0_prefers_a), axis=-1)
     coin = jax.random.bernoulli(key_coin, 0.5, (num_tasks,)).astype(jnp.int32)
     z_hat = jnp.where(agreement_with_user0 > 0.5, 0, jnp.where(agreement_with_user0 < 0.5, 1, coin))
     agreement_with_true_user = jnp.where(episodes.user == 0, agreement_with_user0, 1.0 - agreement_with_user0)
     return (z_hat != episodes.user).astype(jnp.float32), 1.0 - agreement_with_true_user
-
-
-def identification_errors(graphdef, params, pool: PairPool, probe_a, probe_b, spec: EpisodeSpec, num_tasks: int,
-                          num_probes: int, key: jax.Array, batch_size: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-    """How well a model identifies a user of two types from one context pair (paper Example 4.3).
-
-    For ``num_tasks`` test tasks of ``pool`` with N^C = 1: condition on the context pair, score
-    ``num_probes`` probes drawn from ``probe_a``/``probe_b`` [M, D] (pairs on which the two types
-    disagree), and let ẑ be the type whose choices the model reproduces on more of them (a fair
-    coin on a tie). Returns per task the 0/1 error of ẑ and the error rate on the probes judged
-    by the task's true type, each [num_tasks] (float64). Batches share keys whatever the total.
-    """
-    pool, probe_a, probe_b = alongside((pool, jnp.asarray(probe_a, jnp.float32), jnp.asarray(probe_b, jnp.float32)),
-                                       params)
-    batch = min(num_tasks, batch_size)
-    z_errors, pair_errors = map(np.concatenate, zip(*host_value([
-        _identification_errors(graphdef, params, pool, probe_a, probe_b, jax.random.fold_in(key, b), spec=spec,
-                               num_tasks=batch, num_probes=num_probes)
-        for b in range(-(-num_tasks // batch))
-    ])))
-    return z_errors[:num_tasks].astype(np.float64), pair_errors[:num_tasks].astype(np.float64)
 
 
 def summarise_over_seeds(runs: Sequence[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:

@@ -27,13 +27,14 @@ from jax.sharding import PartitionSpec
 from flax import nnx
 
 from nps.config import check_positive, config_to_dict
-from nps.data.episodes import EpisodeSpec, sample_episodes, sample_episodes_compiled
+from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.pairs import OptionPairPool, PairPool
 from nps.errors import CheckpointError, ConfigError, invalid
 from nps.files import Digest
 from nps.layers import BaseParam
 from nps.likelihood import choice_accuracy, choice_nll
 from nps.lm.sharding import on_mesh, shardings_of
+from nps.models.interface import PreferenceModel, check_model
 from nps.train.checkpoint import CheckpointStore
 from nps.train.distributed import host_value, put_global
 from nps.train.hooks import Checkpointing, Hook, Progress
@@ -182,7 +183,8 @@ class FitResult:
     steps_per_second: float  # compiled train-step throughput, compile excluded
     frozen: Any = dataclasses.field(default_factory=dict)  # BaseParam weights (a pretrained LM); {} otherwise
 
-    def model(self) -> nnx.Module:
+    def model(self) -> PreferenceModel:
+        """The trained model (best parameters, with its frozen base): what every public function takes."""
         return nnx.merge(self.graphdef, self.frozen, self.params)
 
 
@@ -355,7 +357,7 @@ class Run:
         data_key, model_key, val_key = jax.random.split(jax.random.key(config.seed), 3)
         state, frozen, train_pool, val_pool = program.place(program.initial_state(params), frozen, train_pool,
                                                             val_pool)
-        val_episodes = sample_episodes_compiled(val_key, val_pool, spec, config.val_tasks)
+        val_episodes = sample_episodes(val_key, val_pool, spec, config.val_tasks)
         return cls(program, config, state, frozen, train_pool, (data_key, model_key, val_key), val_episodes)
 
     def resume(self, store: CheckpointStore, fingerprint: dict[str, Any]) -> None:
@@ -428,7 +430,7 @@ class Run:
 
 
 def fit(
-    model: nnx.Module,
+    model: PreferenceModel,
     train_pool: PairPool | OptionPairPool,
     val_pool: PairPool | OptionPairPool,
     spec: EpisodeSpec,
@@ -441,7 +443,8 @@ def fit(
     progress: bool = True,
     description: str = "train",
 ) -> FitResult:
-    """Train ``model`` on episodes from ``train_pool``; keep the best validation NLL.
+    """Train any preference model (``nps.models.interface``) on episodes from ``train_pool``: it
+    minimises ``model.objective``, validates on ``predict_log_odds``; keep the best validation NLL.
 
     With ``checkpoint_dir``, every ``checkpoint_every`` steps (and the last) are checkpointed,
     and a call on a folder that holds checkpoints resumes from the newest verified one.
@@ -456,6 +459,7 @@ def fit(
     ``hooks`` (``nps.train.hooks``: a metrics log, a profiler window) run at chunk boundaries,
     before the progress bar and checkpointing.
     """
+    check_model(model)
     if mesh is None and jax.device_count() > 1:
         mesh = make_mesh()  # several devices (of one process or many): data-parallel over all of them
     run = Run.start(model, train_pool, val_pool, spec, config, mesh)

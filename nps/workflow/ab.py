@@ -29,9 +29,9 @@ from nps.data import two_styles
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool
 from nps.data.profiles import read_pairs
-from nps.encoder import encode_compiled
 from nps.errors import ConfigError
 from nps.files import atomic_write_json, atomic_write_text, file_sha256, read_text
+from nps.models.interface import context_latents
 from nps.models.reward import UF_NP_BTL, NPReward, build_reward_model
 from nps.results import ExperimentRun, save_figure
 from nps.steering_run import SteeringRun, load_baseline
@@ -82,7 +82,7 @@ def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
     model = fit.model()
 
     def score(pairs, prompts, responses):
-        z = encode_compiled(model, *run.pair_features(pairs))
+        z = context_latents(model, *run.pair_features(pairs))
         return np.asarray(model.reward(jnp.asarray(run.option_features(prompts, responses))[None], z)[0])
 
     return score, entry

@@ -1,7 +1,7 @@
 """Is a person's profile consistent, and have their preferences drifted? Judged by a trained model.
 
-Works on any model with the context-encoder interface that NP-BTL reward models and NP-DPO
-policies share: ``context_latent(episodes) -> z [B, d]`` (z from each task's context pairs, the
+Works on any per-user preference model (``nps.models.interface``; NP-BTL reward models and NP-DPO
+policies): ``context_latent(episodes) -> z [B, d]`` (z from each task's context pairs, the
 mean of q(z | C) for a variational encoder) and ``target_log_odds(episodes, z) -> [B, T]``. A
 profile's N answers are given as two option pytrees with leading axis N, ``chosen`` and
 ``rejected``, in the model's own form: feature arrays [N, D] for a reward model (the synthetic
@@ -58,6 +58,7 @@ from nps.data.episodes import Episodes, context_capacity
 from nps.data.profiles import PAIR_FIELDS, read_profile
 from nps.errors import ConfigError
 from nps.files import atomic_write_json, file_sha256
+from nps.models.interface import PerUserPreferenceModel, check_model
 from nps.steering_run import SteeringRun
 from nps.workflow.ab import NP_BTL_SCORER_EPISODES, load_np_btl_scorer
 
@@ -120,8 +121,8 @@ def block_size(trained_context: int) -> int:
     return context_capacity(trained_context + 1)
 
 
-def leave_one_out(model, chosen: Any, rejected: Any, *, trained_context: int, subsets: int = SUBSETS,
-                  seed: int = 0) -> np.ndarray:
+def leave_one_out(model: PerUserPreferenceModel, chosen: Any, rejected: Any, *, trained_context: int,
+                  subsets: int = SUBSETS, seed: int = 0) -> np.ndarray:
     """p [N]: each recorded choice's posterior predictive probability given the other answers of its
     block (the module's docstring has the posterior): all N − 1 others when N ≤ ``block_size``.
 
@@ -131,6 +132,7 @@ def leave_one_out(model, chosen: Any, rejected: Any, *, trained_context: int, su
     ``subsets`` random halves of a block (fixed by ``seed``) propose z's beside its plain
     leave-one-out ones.
     """
+    check_model(model, PerUserPreferenceModel)
     count = _num_rows(chosen)
     graphdef, state = nnx.split(model)
     probabilities = np.empty(count)
@@ -260,8 +262,8 @@ ALERT_THRESHOLD = 0.04
 
 
 def drift_test(
-    model, chosen: Any, rejected: Any, *, threshold: float = ALERT_THRESHOLD, min_segment: int = 3, window: int = 24,
-    permutations: int = 99, stop_after: int | None = None, seed: int = 0,
+    model: PerUserPreferenceModel, chosen: Any, rejected: Any, *, threshold: float = ALERT_THRESHOLD,
+    min_segment: int = 3, window: int = 24, permutations: int = 99, stop_after: int | None = None, seed: int = 0,
 ) -> Drift:
     """Whether the recent answers are better explained by their own z than by the earlier answers' z.
 
@@ -273,6 +275,7 @@ def drift_test(
     so the verdict is always the complete test's. ``seed`` fixes the orders: the same profile gives
     the same result. Flagged when p ≤ ``threshold``.
     """
+    check_model(model, PerUserPreferenceModel)
     if stop_after is None:
         stop_after = int(threshold * permutations) + 1
     if min_segment < 1:
@@ -378,13 +381,15 @@ class ConsistencyReport:
 
 
 def check_profile(
-    model, pairs: Sequence[dict[str, str]], chosen: Any, rejected: Any, positions: Sequence[str | None] | None = None,
-    *, trained_context: int, implausible_below: float = 0.2, threshold: float = ALERT_THRESHOLD, **drift_settings,
+    model: PerUserPreferenceModel, pairs: Sequence[dict[str, str]], chosen: Any, rejected: Any,
+    positions: Sequence[str | None] | None = None, *, trained_context: int, implausible_below: float = 0.2,
+    threshold: float = ALERT_THRESHOLD, **drift_settings,
 ) -> ConsistencyReport:
     """Every check of one profile: ``pairs`` (prompt/chosen/rejected, for the report), their options
     ``chosen`` / ``rejected`` as the model reads them (leading axis N = len(pairs); None when N = 0), and the display
     position of each choice where recorded. ``trained_context``: the largest context the model was
     trained on (``leave_one_out``). ``drift_settings``: ``drift_test``'s keywords."""
+    check_model(model, PerUserPreferenceModel)
     if pairs and len(pairs) != _num_rows(chosen):
         raise ValueError(f"{len(pairs)} pairs but {_num_rows(chosen)} option rows")
     plausibility = leave_one_out(model, chosen, rejected, trained_context=trained_context).tolist() if pairs else []
