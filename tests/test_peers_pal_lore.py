@@ -216,6 +216,6 @@ def test_fit_trains_them_and_the_unseen_target_evaluation_scores_them(pools, nam
                          checkpoint_every=50, val_tasks=32)
     result = fit(build(name), pools["train"], pools["val"], SPEC, config, progress=False)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
-    accuracy = evaluate_unseen_accuracy(result.graphdef, result.params, pools["test"], SPEC, TWO_USER_NAMES,
+    accuracy = evaluate_unseen_accuracy(result.model(), pools["test"], SPEC, TWO_USER_NAMES,
                                         context_sizes=(0, 4), num_tasks=200)
     assert accuracy["4"]["all"]["mean"] > max(accuracy["0"]["all"]["mean"], 0.85)

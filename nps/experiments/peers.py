@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 
 from nps.config import check_models, config_to_dict
-from nps.data.episodes import EpisodeSpec, sample_episodes_compiled
+from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.pairs import check_splittable, oracle_pools
 from nps.data.synthetic import (
     IDEAL_POINT_NAMES,
@@ -147,14 +147,13 @@ def _z_inference_error(fits, pool, spec: EpisodeSpec) -> dict[str, Any]:
     """The error of inferring a test user's type from one context pair (the correlation study's measure,
     ``nps.train.evaluate.identification_errors``), mean ± s.e. over seeds, next to the Bayes error."""
     probe_a, probe_b = conflicting_probe_pairs(CORRELATED_RHO, 4096, seed=1)
-    per_seed = [identification_errors(fit.graphdef, fit.params, pool, probe_a, probe_b, spec, Z_ERROR_TASKS,
-                                      Z_ERROR_PROBES, jax.random.key(7))[0].mean() for fit in fits]
+    per_seed = [identification_errors(fit.model(), pool, probe_a, probe_b, spec, Z_ERROR_TASKS, Z_ERROR_PROBES,
+                                      jax.random.key(7))[0].mean() for fit in fits]
     return mean_and_sem(per_seed) | {"bayes_optimal": bayes_error_single_pair(CORRELATED_RHO)}
 
 
 def _active_units(model, pool, spec: EpisodeSpec) -> float:
-    episodes = sample_episodes_compiled(jax.random.key(3), pool, spec.for_context(ADAPTATION_CONTEXT), 512,
-                                        ADAPTATION_CONTEXT)
+    episodes = sample_episodes(jax.random.key(3), pool, spec.for_context(ADAPTATION_CONTEXT), 512, ADAPTATION_CONTEXT)
     return float(active_latent_units(model.context_latent(episodes)))
 
 

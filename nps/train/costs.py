@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from nps.data.episodes import EpisodeSpec, sample_episodes_compiled
+from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.pairs import PairPool
 from nps.train.distributed import host_value
 
@@ -32,7 +32,7 @@ def adaptation_seconds_per_user(model: nnx.Module, pool: PairPool, spec: Episode
     compiles it; the median of ``repeats`` calls, divided by ``num_users``."""
     graphdef, params = nnx.split(model)
     spec = spec.for_context(context_size)
-    episodes = sample_episodes_compiled(jax.random.key(0), pool, spec, num_users, context_size)
+    episodes = sample_episodes(jax.random.key(0), pool, spec, num_users, context_size)
     key = jax.random.key(1)
     host_value(_predict(graphdef, params, episodes, key))
     seconds = []

@@ -26,6 +26,7 @@ from nps.encoder import MaskedSelfAttention
 from nps.errors import invalid
 from nps.layers import MLP, DeepMLP
 from nps.likelihood import btl_log_odds, choice_nll
+from nps.models.interface import PreferenceModel
 from nps.models.reward import accuracy_aux
 
 GPO_LOSSES = ("gaussian_nll", "bce")
@@ -78,7 +79,7 @@ class PostNormLayer(nnx.Module):
         return self.feedforward_norm(x + self.feedforward(x))
 
 
-class GPOReward(nnx.Module):
+class GPOReward(PreferenceModel):
     """GPO over option features ``[..., D]`` (see the module docstring). No per-user latent: the
     context acts through every layer, so GPO scores targets only together with a context."""
 

@@ -24,6 +24,7 @@ from nps.data.episodes import Episodes
 from nps.errors import invalid
 from nps.layers import DeepMLP, activation_fn
 from nps.likelihood import btl_log_odds, choice_nll
+from nps.models.interface import PerUserPreferenceModel
 from nps.models.reward import accuracy_aux
 
 # SPL's definition of an active latent unit: its posterior mean varies across users in a batch.
@@ -81,7 +82,7 @@ def active_latent_units(mean: jax.Array, threshold: float = ACTIVE_UNIT_VARIANCE
     return jnp.mean(jnp.var(mean, axis=0) > threshold)
 
 
-class VPLReward(nnx.Module):
+class VPLReward(PerUserPreferenceModel):
     """VPL's reward model over option features ``[..., D]`` (see the module docstring)."""
 
     objective_reads_step = True  # the KL annealing follows the training step (nps.train.loop)
