@@ -1,6 +1,7 @@
 """What the preference app does, without the web: ask, record, steer, judge, check, summarise.
 
-``PreferenceService`` holds a trained steering run, a candidate set and a ``Store``. The pages
+``PreferenceService`` holds a trained policy run (``nps.steering_run``: a steering or an hh-dpo run),
+a candidate set and a ``Store``. The pages
 (``nps.serve.app``) call it; tests can call it directly.
 
 - **Questions** are chosen by expected information gain over the run's particles (plausible
@@ -47,7 +48,6 @@ from nps.active import (
     particle_choice_probabilities_compiled,
     update_log_weights_compiled,
 )
-from nps.data import two_styles
 from nps.data.profiles import read_candidates
 from nps.errors import ConfigError
 from nps.files import atomic_write_bytes
@@ -59,7 +59,6 @@ from nps.workflow.consistency import ConsistencyReport, check_profile
 CHOICES = ("left", "right", "skip")
 VERDICTS = ("first", "second", "tie")
 WIN = {"steered": 1.0, "tie": 0.5, "baseline": 0.0}
-MAX_PROMPT_WORDS = 6
 MAX_OPEN_TRIALS = 8  # blind comparisons a person may have open at once (older ones expire)
 MODEL_QUEUE = 16  # requests that may wait for the model at once; more are refused (503) until it frees
 CHECKED_ANSWERS = 256  # the Profile page's consistency checks read a person's latest answers, at most this many
@@ -107,12 +106,13 @@ def _pair_key(prompt: str, first: str, second: str) -> tuple[str, str, str]:
     return (prompt, *sorted((first, second)))
 
 
-def read_serving_candidates(path: str | Path) -> tuple[list[dict[str, Any]], str]:
-    """A candidate set (``nps.data.profiles.read_candidates``) whose texts are all in the steering language."""
+def read_serving_candidates(path: str | Path, codec) -> tuple[list[dict[str, Any]], str]:
+    """A candidate set (``nps.data.profiles.read_candidates``) whose every prompt + response the run's
+    text ``codec`` can score (any text for a chat model; words of the language for a steering run)."""
     candidates, digest = read_candidates(path)
     for number, candidate in enumerate(candidates, start=1):
         for response in candidate["responses"]:
-            two_styles.option_tokens(candidate["prompt"], response, f"{path}: candidate {number}")
+            codec.option_ids(candidate["prompt"], response, f"{path}: candidate {number}")
     return candidates, digest
 
 
@@ -144,7 +144,7 @@ class PreferenceService:
         if not run.conditioned:
             raise ConfigError(f"model {run.model_name!r} takes no user; serve a conditioned policy (np_dpo)")
         self.run, self.store = run, store
-        self.candidates, self.digest = read_serving_candidates(candidates_path)
+        self.candidates, self.digest = read_serving_candidates(candidates_path, run.codec)
         self._by_content = {_pair_key(c["prompt"], *c["responses"]): i for i, c in enumerate(self.candidates)}
         self.baseline_name, self.baseline_run = load_baseline(baseline)
         self.model_turn = ModelQueue(MODEL_QUEUE).turn
@@ -307,21 +307,20 @@ class PreferenceService:
         return z, version, len(pairs)
 
     # -- Try: steered responses and blind comparisons ------------------------------------------------
-    @staticmethod
-    def example_words() -> list[str]:
-        """The topics a prompt of the steering language is made of."""
-        return list(two_styles.TOPICS)
+    def example_prompts(self) -> list[str]:
+        """What the Try page offers as examples: a steering run's topics, a chat model's candidate prompts."""
+        return self.run.codec.example_prompts(self.candidates)
+
+    @property
+    def free_text(self) -> bool:
+        """Whether a prompt is any text (a chat model) or words of the run's language."""
+        return self.run.codec.free_text
 
     def check_prompt(self, prompt: str) -> str:
-        words = prompt.split()
-        if not words or len(words) > MAX_PROMPT_WORDS:
-            raise StoreError(f"a prompt has 1 to {MAX_PROMPT_WORDS} words of the steering language "
-                             f"(e.g. {self.candidates[0]['prompt']!r}); got {len(words)}")
         try:
-            two_styles.encode_words(prompt, "prompt")
+            return self.run.codec.check_prompt(prompt, "prompt")
         except ConfigError as error:
             raise StoreError(str(error)) from None
-        return " ".join(words)
 
     def respond(self, name: str, prompt: str, seed: int | None = None) -> str:
         """A response to ``prompt`` steered by the person's z."""
