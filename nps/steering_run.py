@@ -118,8 +118,8 @@ def trained_user_types(run_dir: str | Path) -> tuple[str, ...]:
 def _read_results(run_dir: Path) -> dict[str, Any]:
     results_path = run_dir / "results.json"
     if not results_path.is_file():
-        raise ConfigError(f"{results_path}: missing; train a run there first (`nps reproduce steering` or "
-                          f"`nps reproduce hh-dpo` with --out {run_dir})")
+        raise ConfigError(f"{results_path}: missing; run `nps reproduce steering --out {run_dir}` (or `nps reproduce "
+                          f"hh-dpo --model MODEL --data DATA --out {run_dir}`) first")
     try:
         results = json.loads(results_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -243,10 +243,12 @@ class SteeringRun:
             return None
         return encode_compiled(self.policy, *self.pair_features(pairs))[0]
 
-    def particles(self, count: int = 256, context_size: int = 10, seed: int = 0) -> jax.Array:
-        """z [count, d] of plausible users: the policy's latents for tasks of the run's validation pairs."""
+    def particles(self, count: int = 256, context_size: int | None = None, seed: int = 0) -> jax.Array:
+        """z [count, d] of plausible users: the policy's latents for tasks of the run's validation pairs, each
+        with ``context_size`` context pairs (None: the largest context the policy was trained on)."""
+        size = self.episodes.max_context if context_size is None else context_size
         return particle_latents_compiled(self.policy, self.data.pools["val"], spec=self.episodes,
-                                         num_particles=count, context_size=context_size, key=jax.random.key(seed))
+                                         num_particles=count, context_size=size, key=jax.random.key(seed))
 
     def informative_order(self, candidates_path: str | Path):
         """A ``next_candidate`` for ``nps.data.profiles.collect`` over the candidate set at ``candidates_path``:
@@ -271,16 +273,21 @@ class SteeringRun:
         return self.codec.sampling(self.temperature if temperature is None else temperature)
 
     def generate(
-        self, prompts: list[str], z: jax.Array | None = None, *, seed: int = 0, temperature: float | None = None,
-        base: bool = False,
+        self, prompts: list[str], z: jax.Array | None = None, *, seed: int | Sequence[int] = 0,
+        temperature: float | None = None, base: bool = False, width: int | None = None,
     ) -> list[str]:
-        """One sampled response per prompt, steered by z [d] (None: the policy without a user);
-        ``base``: the pretrained base instead (no adapters, no user). Prompts are templated by the
-        codec as training did; a reply stops at the codec's end-of-turn tokens."""
+        """One sampled response per prompt, steered by z [d] (every prompt) or [N, d] (one per prompt;
+        None: the policy without a user); ``base``: the pretrained base instead (no adapters, no user).
+        ``seed``: one for the batch, or one per prompt (each reply then depends on its own prompt, z and
+        seed alone, whatever it is batched with: ``nps.serve.batching``). ``width``: prompts padded to at
+        least this many tokens (fewer shapes to compile). Prompts are templated by the codec as training
+        did; a reply stops at the codec's end-of-turn tokens."""
         ids = [self.codec.prompt_ids(p, "prompt") for p in prompts]
         sampling = self.sampling(temperature)
         check_lengths(self.base, ids, "prompts", room=sampling.max_new_tokens)
-        tokens, mask = pad_sequences(ids, left=True, pad=self.codec.pad)
+        tokens, mask = pad_sequences(ids, left=True, pad=self.codec.pad, width=width)
+        if not isinstance(seed, int):
+            seed = jax.vmap(jax.random.key)(jnp.asarray(seed, jnp.int32))
         if base:
             out = generate(self.base, tokens, mask, sampling=sampling, seed=seed)
         else:

@@ -20,7 +20,10 @@ a candidate set and a ``Store``. The pages
 - **z** is inferred from the answered pairs in profile order by the run's context encoder (the
   same call as ``nps generate --context``) and recorded in the store's history with the profile
   hash and the run's fingerprint; the same profile version and run always return the recorded z.
-- Model work (generation, z, checks) runs one request at a time (``ModelQueue``): at most
+- **Generation** for many people at once is batched (``nps.serve.batching.GenerationBatcher``):
+  concurrent Try requests, steered and baseline arms alike, share one compiled decode call, each
+  reply sampled with its own seed; a bounded queue refuses more (503) and no request waits longer
+  than its timeout. Other model work (z, checks) runs one request at a time (``ModelQueue``): at most
   ``MODEL_QUEUE`` requests wait for it, later ones are told to come back (503), and the Profile
   page's checks read a person's latest ``CHECKED_ANSWERS`` answers, so no request's work or wait
   grows with the number of people or answers.
@@ -51,6 +54,7 @@ from nps.active import (
 from nps.data.profiles import read_candidates
 from nps.errors import ConfigError
 from nps.files import atomic_write_bytes
+from nps.serve.batching import GenerationBatcher, GenerationRequest
 from nps.steering_run import SteeringRun, load_baseline
 from nps.serve.store import Store, StoreError, profile_hash
 from nps.train.evaluate import mean_and_sem
@@ -148,6 +152,7 @@ class PreferenceService:
         self._by_content = {_pair_key(c["prompt"], *c["responses"]): i for i, c in enumerate(self.candidates)}
         self.baseline_name, self.baseline_run = load_baseline(baseline)
         self.model_turn = ModelQueue(MODEL_QUEUE).turn
+        self.generations = GenerationBatcher(run)
         self._candidate_options: tuple[Any, Any] | None = None
         self.particles, self.probabilities = self._particles(num_particles)  # [P, d], [P, M]
         self._people: dict[str, _PersonState] = {}
@@ -188,10 +193,12 @@ class PreferenceService:
         this in the background once it listens."""
         self._next_index(_PersonState(None, [], [], jnp.zeros((1, self.probabilities.shape[0]))), "warm-up")
         with self.model_turn():
-            z = self.run.encode_user([])
-            self.run.generate([self.candidates[0]["prompt"]], z, seed=0)
-            if self.baseline_run is None:
-                self.run.generate([self.candidates[0]["prompt"]], seed=0, base=True)
+            z = np.asarray(self.run.encode_user([]))
+        prompt = self.candidates[0]["prompt"]
+        requests = [GenerationRequest(prompt, z, 0)]
+        if self.baseline_run is None:
+            requests.append(GenerationRequest(prompt, None, 0, base=True))
+        self._generate(requests)
 
     # -- a person's answers --------------------------------------------------------------------------
     def _state(self, name: str) -> _PersonState:
@@ -322,25 +329,31 @@ class PreferenceService:
         except ConfigError as error:
             raise StoreError(str(error)) from None
 
+    def _generate(self, requests: list[GenerationRequest]) -> list[str]:
+        try:
+            return self.generations.generate(requests)
+        except ConfigError as error:
+            raise StoreError(str(error)) from None
+
     def respond(self, name: str, prompt: str, seed: int | None = None) -> str:
         """A response to ``prompt`` steered by the person's z."""
         prompt = self.check_prompt(prompt)
         z, _, _ = self.latent(name)
-        with self.model_turn():
-            seed = secrets.randbelow(2**31) if seed is None else seed
-            return self.run.generate([prompt], jnp.asarray(z), seed=seed)[0]
+        seed = secrets.randbelow(2**31) if seed is None else seed
+        return self._generate([GenerationRequest(prompt, z, seed)])[0]
 
     def open_trial(self, name: str, prompt: str) -> Trial:
         """A blind comparison: the steered and the baseline response (same seed), in random order."""
         prompt = self.check_prompt(prompt)
         z, version, _ = self.latent(name)
         seed = secrets.randbelow(2**31)
-        with self.model_turn():
-            steered = self.run.generate([prompt], jnp.asarray(z), seed=seed)[0]
-            if self.baseline_run is None:
-                baseline = self.run.generate([prompt], seed=seed, base=True)[0]
-            else:
-                pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in self.answered_pairs(name)]
+        if self.baseline_run is None:  # both arms in one queue visit (the same seed)
+            steered, baseline = self._generate([GenerationRequest(prompt, z, seed),
+                                                GenerationRequest(prompt, None, seed, base=True)])
+        else:
+            steered, = self._generate([GenerationRequest(prompt, z, seed)])
+            pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in self.answered_pairs(name)]
+            with self.model_turn():
                 baseline = self.baseline_run.generate([prompt], self.baseline_run.encode_user(pairs), seed=seed)[0]
         order = ("steered", "baseline") if secrets.randbelow(2) else ("baseline", "steered")
         trial = Trial(secrets.token_urlsafe(12), name, prompt, seed, {"steered": steered, "baseline": baseline},

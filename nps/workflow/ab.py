@@ -64,7 +64,7 @@ def read_prompts(path: str | Path, codec) -> list[str]:
     return prompts
 
 
-NP_BTL_SCORER = "np_btl_reward"  # under a steering run's checkpoints/
+NP_BTL_SCORER = "np_btl_reward"  # under the run's checkpoints/
 NP_BTL_SCORER_CONFIG = dataclasses.replace(UF_NP_BTL, encoder=dataclasses.replace(UF_NP_BTL.encoder,
                                                                                    attention_dropout=0.0))
 NP_BTL_SCORER_EPISODES = EpisodeSpec()  # the tasks it trains on (its largest context: max_context)
