@@ -7,7 +7,8 @@ offline Qwen2 (``nps.lm.tiny``: 3 layers, hidden 64, a real tokenizer and chat t
 ``SteeringRun.generate`` with the run's chat codec. ``users`` threads each send requests back to back
 (a chat prompt and their own z, a new seed each time) until ``requests`` replies came back. Baseline: the
 requests take turns on the model, one call each (what the app did before batching); batched: they go
-through a ``GenerationBatcher``. Every shape both modes meet is compiled before the clock starts. Printed
+through a ``GenerationBatcher`` (``max_wait`` 0: a batch is whatever waits when the model frees). Every
+program either mode meets is compiled before the clock starts. Printed
 per number of users: requests/s, p50 and p95 latency, reply tokens/s (replies tokenised again) and the
 mean batch size, with batched/baseline ratios, in this one process.
 """
@@ -95,6 +96,13 @@ def main() -> None:
     def batched(prompt, z, seed):
         return batcher.generate([GenerationRequest(prompt, z, seed)])[0]
 
+    z = np.zeros(8, np.float32)
+    for prompt in PROMPTS:  # every program either mode meets: each prompt alone, each batch size of each width
+        one_at_a_time(prompt, z, 0)
+        size = 1
+        while size <= batcher.max_batch:
+            batcher.generate([GenerationRequest(prompt, z, 0) for _ in range(size)])
+            size *= 2
     tokens = lambda replies: sum(len(run.codec.tokenizer(r)["input_ids"]) for r in replies)  # noqa: E731
     print(f"{jax.devices()[0].platform}, {jax.device_count()} device(s); tiny Qwen2, {args.new_tokens} new tokens "
           f"at most, {args.requests} requests per row")
@@ -102,7 +110,6 @@ def main() -> None:
     for users in args.users:
         row = {}
         for name, reply in (("one at a time", one_at_a_time), ("batched", batched)):
-            load(users, max(2 * users, 8), reply, seed=1)  # compiles every shape this load meets
             before = len(batcher.batches)
             seconds, latencies, replies = load(users, args.requests, reply, seed=2)
             sizes = batcher.batches[before:] if name == "batched" else [1]

@@ -1,8 +1,9 @@
 """Generation for many people at once: concurrent requests share one compiled decode call.
 
 A request (a prompt, the person's z or the base model, a seed) joins a queue; a worker thread takes
-whatever waits, waiting at most ``max_wait`` seconds for more once one has come, up to ``max_batch``
-requests, and generates them as one batch per arm (the steered policy, with each row's z; the base)
+whatever waits when the model is free, up to ``max_batch`` requests (requests that arrive while a batch
+runs form the next one; ``max_wait`` > 0 also waits that long for more once one has come, which only
+costs latency when few people are there: docs/benchmarks.md), and generates them as one batch per arm (the steered policy, with each row's z; the base)
 through ``SteeringRun.generate``. Each row samples with a PRNG key of its own seed, so a reply
 depends only on its prompt, z and seed, never on the batch it shared (tested). Batches are padded to
 a power of two rows and prompts to a multiple of ``WIDTH_STEP`` tokens, so a few programs serve every
@@ -43,7 +44,7 @@ class GenerationRequest:
 class GenerationBatcher:
     """Batched steered generation for the app (see the module's docstring)."""
 
-    def __init__(self, run, *, max_batch: int = 32, max_wait: float = 0.01, queue_limit: int = 64,
+    def __init__(self, run, *, max_batch: int = 32, max_wait: float = 0.0, queue_limit: int = 64,
                  timeout: float = 120.0):
         if max_batch < 1 or queue_limit < 1 or max_wait < 0 or timeout <= 0:
             raise ConfigError("max_batch and queue_limit must be at least 1, max_wait ≥ 0 and timeout > 0")
