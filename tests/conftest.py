@@ -141,8 +141,8 @@ def hh_dpo_run(tmp_path_factory):
 # test_steering.py builds the shared steering run while test_distributed.py runs on the other worker;
 # test_serve.py, which needs that run too, comes after them.
 LONGEST_FIRST = ("test_distributed.py", "test_steering.py", "test_serve.py", "test_api_doc.py", "test_notebook.py",
-                 "test_hh_dpo.py", "test_hh_dpo_run.py", "test_runs.py", "test_dpo.py", "test_cli.py", "test_model_loading.py",
-                 "test_uf_rewards.py")
+                 "test_hh_dpo.py", "test_hh_dpo_run.py", "test_runs.py", "test_dpo.py", "test_cli.py",
+                 "test_model_loading.py", "test_uf_rewards.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -9,6 +9,7 @@ line for what cannot work, and every command accepting the run.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -40,6 +41,10 @@ CANDIDATES = [
 ]
 
 
+def alphanumeric(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", text)
+
+
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -48,6 +53,14 @@ def write_jsonl(path, records):
 @pytest.fixture(scope="module")
 def run(hh_dpo_run):
     return SteeringRun.load(hh_dpo_run)
+
+
+@pytest.fixture(scope="module")
+def scored_run(hh_dpo_run, tmp_path_factory):
+    """A copy of the run for `nps ab --scorer np_btl`, which trains its scorer into the run once (then reuses it)."""
+    copy = tmp_path_factory.mktemp("scored") / "run"
+    shutil.copytree(hh_dpo_run, copy)
+    return copy
 
 
 def test_prompts_are_templated_as_training_tokenised_them_and_replies_stop_at_the_end_of_turn(run, hh_dpo_run):
@@ -103,14 +116,12 @@ def test_what_cannot_match_the_run_is_one_line(run, hh_dpo_run, tmp_path, capsys
     assert "USER_TYPE one of ['helpfulness', 'honesty']" in capsys.readouterr().err
 
 
-def test_ab_profile_check_and_active_questions_on_the_hh_dpo_run(run, hh_dpo_run, tmp_path, capsys):
-    copy = tmp_path / "run"  # the NP-BTL scorer is trained into the run's checkpoints
-    shutil.copytree(hh_dpo_run, copy)
+def test_ab_profile_check_and_active_questions_on_the_hh_dpo_run(run, hh_dpo_run, scored_run, tmp_path, capsys):
     profile = write_jsonl(tmp_path / "me.jsonl", CONTEXT * 2)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Tell me about foxes.\nWhat is rain?\n")
-    ab = ["ab", "--run", str(copy), "--profile", f"helpfulness={profile}", "--prompts", str(prompts), "--samples", "2",
-          "--out", str(tmp_path / "ab")]
+    ab = ["ab", "--run", str(scored_run), "--profile", f"helpfulness={profile}", "--prompts", str(prompts),
+          "--samples", "2", "--out", str(tmp_path / "ab")]
     assert main(ab) == 2
     assert "a hh-dpo run has no true reward per user type; score with --scorer np_btl" in capsys.readouterr().err
     assert main(ab + ["--scorer", "np_btl", "--scorer-steps", "10"]) == 0
@@ -156,7 +167,7 @@ def test_concurrent_requests_share_a_batch_and_each_reply_is_the_one_its_seed_gi
                     reason="headless Chromium is not installed: apt-get install chromium chromium-driver "
                            "(.ci/run installs them)")
 def test_a_person_teaches_tries_and_checks_an_hh_dpo_policy_in_a_browser_then_ab_and_profile_check(
-        hh_dpo_run, tmp_path, capsys):
+        hh_dpo_run, scored_run, tmp_path, capsys):
     pytest.importorskip("selenium", reason="pip install -e '.[test]' installs selenium")
     from selenium.webdriver.common.by import By
 
@@ -201,15 +212,14 @@ def test_a_person_teaches_tries_and_checks_an_hh_dpo_policy_in_a_browser_then_ab
     judgement, = [json.loads(line) for line in (person / "ab.jsonl").read_text().splitlines()]
     assert judgement["prompt"] == "Write one sentence about rain." and judgement["baseline_name"] == "base"
     assert judgement["verdict"] == "first" and judgement["preferred"] == judgement["shown_first"]
-    # The random model's replies are arbitrary bytes: compared as the page shows them, whitespace collapsed.
-    assert " ".join(judgement[judgement["shown_first"]].split()) == " ".join(first.split())
+    # The random model's replies are arbitrary bytes (control characters a browser shows its own way): their
+    # letters and digits are compared.
+    assert alphanumeric(judgement[judgement["shown_first"]]) == alphanumeric(first)
 
     # The profile the app wrote, used by the command-line tools.
-    copy = tmp_path / "run"
-    shutil.copytree(hh_dpo_run, copy)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Write one sentence about rain.\n")
-    assert main(["ab", "--run", str(copy), "--profile", f"honesty={person / 'profile.jsonl'}", "--prompts",
+    assert main(["ab", "--run", str(scored_run), "--profile", f"honesty={person / 'profile.jsonl'}", "--prompts",
                  str(prompts), "--samples", "2", "--scorer", "np_btl", "--scorer-steps", "10", "--out",
                  str(tmp_path / "ab")]) == 0
     assert main(["profile", "check", str(person / "profile.jsonl"), "--run", str(hh_dpo_run)]) == 0

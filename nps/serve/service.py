@@ -1,8 +1,7 @@
 """What the preference app does, without the web: ask, record, steer, judge, check, summarise.
 
 ``PreferenceService`` holds a trained policy run (``nps.steering_run``: a steering or an hh-dpo run),
-a candidate set and a ``Store``. The pages
-(``nps.serve.app``) call it; tests can call it directly.
+a candidate set and a ``Store``. The pages (``nps.serve.app``) call it; tests can call it directly.
 
 - **Questions** are chosen by expected information gain over the run's particles (plausible
   users, ``nps.active``). The particles' choice probabilities for every candidate are computed
