@@ -34,6 +34,9 @@ from nps.experiments import EXPERIMENTS, default_out  # the registry alone: noth
 from nps.interrupts import interrupt_safely
 
 
+RUN_HELP = "a trained policy run: a `nps reproduce steering` or `nps reproduce hh-dpo` folder"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nps.workflow.consistency import ALERT_THRESHOLD
 
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_prepare)
 
     steer = commands.add_parser("generate", help="generate with a trained steerable policy, steered by a user")
-    steer.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
+    steer.add_argument("--run", required=True, help=RUN_HELP)
     steer.add_argument("--model", default="np_dpo", help="which trained policy (default np_dpo)")
     steer.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several)")
     steer.add_argument("--context", help="the user's pairs: JSON lines of prompt/chosen/rejected (default: none)")
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     gather.set_defaults(func=_collect, kept=_answers_kept)
 
     ab = commands.add_parser("ab", help="personalised vs baseline generations per user profile, scored per user")
-    ab.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
+    ab.add_argument("--run", required=True, help=RUN_HELP)
     ab.add_argument("--model", default="np_dpo", help="the personalised policy (default np_dpo)")
     ab.add_argument("--profile", action="append", default=[], metavar="USER_TYPE=PATH",
                     help="a user's profile and the user type whose reward scores it (repeat)")
@@ -142,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.set_defaults(func=_compare)
 
     web = commands.add_parser("serve", help="the preference web app: people teach nps, try it and judge it")
-    web.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
+    web.add_argument("--run", required=True, help=RUN_HELP)
     web.add_argument("--candidates", required=True, help='JSON lines of {"prompt": ..., "responses": [a, b]}')
     web.add_argument("--store", required=True, help="folder for profiles, A/B judgements and the history of z")
     web.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
@@ -160,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = profile_commands.add_parser("check", help="leave-one-out plausibility of each answer, answers given "
                                         "both ways, position bias and drift, judged by a trained run")
     check.add_argument("profile", help="a profile (JSON lines of prompt/chosen/rejected, e.g. from nps collect/serve)")
-    check.add_argument("--run", required=True, help="a `nps reproduce steering` output folder")
+    check.add_argument("--run", required=True, help=RUN_HELP)
     check.add_argument("--model", default="np_dpo", help="np_dpo (default) or np_btl_reward (the NP-BTL scorer "
                        "`nps ab --scorer np_btl` trained)")
     check.add_argument("--threshold", type=float, default=ALERT_THRESHOLD, help="p-value at which drift and "

@@ -109,14 +109,40 @@ def steering_run(steering_notebook):
     return steering_notebook.run
 
 
+# A short `nps reproduce hh-dpo` on the tiny offline Qwen2 (nps.lm.tiny) and random UltraFeedback records: the
+# notebook's offline stand-in, NP-DPO alone, a few steps.
+HH_DPO_SETTINGS = (
+    "dtype=float32", "models=np_dpo", "max_length=48", "policy.encoder.hidden_dim=16", "policy.encoder.latent_dim=8",
+    "policy.lora.rank=2", "policy.lora.alpha=4", "episodes.num_targets=4", "episodes.max_context=2",
+    "eval_num_targets=5", "eval.context_sizes=0,1,3", "eval.num_tasks=8", "train.steps=4", "train.eval_every=2",
+    "train.checkpoint_every=2", "train.val_tasks=4", "train.batch_size=2", "reference_batch_size=64",
+)
+
+
+@pytest.fixture(scope="session")
+def hh_dpo_run(tmp_path_factory):
+    """An hh-dpo run folder (read only) of NP-DPO on a tiny random Qwen2 with a real tokenizer and a chat template."""
+    from nps.cli import main
+    from nps.data.ultrafeedback import write_random_release
+    from nps.lm.tiny import write_tiny_model
+
+    folder = tmp_path_factory.mktemp("hh-dpo")
+    write_tiny_model(folder / "tiny-qwen2", "qwen2", seed=4)
+    release = write_random_release(folder / "ultrafeedback.jsonl", 160)  # splits large enough for `nps ab`'s scorer
+    arguments = ["reproduce", "hh-dpo", "--model", str(folder / "tiny-qwen2"), "--data", str(release),
+                 "--out", str(folder / "run")]
+    assert main(arguments + [f"--set={setting}" for setting in HH_DPO_SETTINGS]) == 0
+    return folder / "run"
+
+
 # The modules that take longest (subprocess runs of several processes, the app's browser and load
 # tests, notebooks) go to the workers first: scheduled last, one of them kept a worker busy for
 # minutes after the other had run out of tests.
 # test_steering.py builds the shared steering run while test_distributed.py runs on the other worker;
 # test_serve.py, which needs that run too, comes after them.
 LONGEST_FIRST = ("test_distributed.py", "test_steering.py", "test_serve.py", "test_api_doc.py", "test_notebook.py",
-                 "test_hh_dpo.py", "test_runs.py", "test_dpo.py", "test_cli.py", "test_model_loading.py",
-                 "test_uf_rewards.py")
+                 "test_hh_dpo.py", "test_hh_dpo_run.py", "test_runs.py", "test_dpo.py", "test_cli.py",
+                 "test_model_loading.py", "test_uf_rewards.py")
 
 
 def pytest_collection_modifyitems(items):

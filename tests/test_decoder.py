@@ -244,6 +244,21 @@ def test_sampling_controls(qwen):
     assert (row[first + 1 :] == 0).all() and int(out.lengths[0]) == first + 1
 
 
+def test_a_key_per_sequence_samples_each_as_it_would_alone_in_any_batch(qwen):
+    model = from_pretrained(qwen, tokenizer=False).model
+    tokens, mask = padded_batch(seed=6, batch=3, length=7)
+    hot = SamplingConfig(max_new_tokens=10, temperature=1.5, top_k=40, top_p=0.9)
+    keys = jax.vmap(jax.random.key)(jnp.arange(20, 23))
+    together = np.asarray(generate(model, tokens, mask, sampling=hot, seed=keys).tokens)
+    chex.assert_shape(together, (3, 10))
+    for row in range(3):  # alone, with its seed as the batch's key, and in another batch order
+        alone = generate(model, tokens[row : row + 1], mask[row : row + 1], sampling=hot, seed=20 + row)
+        np.testing.assert_array_equal(together[row], np.asarray(alone.tokens)[0])
+    reordered = np.asarray(generate(model, tokens[::-1], mask[::-1], sampling=hot, seed=keys[::-1]).tokens)
+    np.testing.assert_array_equal(reordered, together[::-1])
+    assert (together[0] != together[1]).any()
+
+
 def test_generate_text_uses_chat_template(qwen):
     pretrained = from_pretrained(qwen)
     tokenizer = pretrained.tokenizer

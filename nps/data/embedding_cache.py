@@ -172,7 +172,7 @@ def _readable_chunk(path: Path, shape: tuple[int, int]) -> bool:
 
 
 def embed_options_cached(
-    model: str,
+    model: Any,
     prompts: Sequence[str],
     responses: Sequence[str],
     directory: str | Path,
@@ -183,6 +183,7 @@ def embed_options_cached(
     echo: Callable[[str], None] = print,
 ) -> tuple[np.ndarray, dict]:
     """The paper's option features: ``model``'s last-token state of each option's tokens, cached.
+    ``model``: a model folder or hub id, loaded in ``dtype``, or a model loaded so (``nps.lm.Pretrained``).
 
     The cache lives in ``directory/<model folder name>-<dtype>-len<max_length>`` (a run with another
     model or maximum length gets its own folder; one with the same name but other weights, tokenizer
@@ -194,17 +195,13 @@ def embed_options_cached(
 
     from nps.lm import embed_tokens, from_pretrained
 
-    embedder = from_pretrained(model, dtype=jnp.dtype(dtype))
+    embedder = from_pretrained(model, dtype=jnp.dtype(dtype)) if isinstance(model, (str, Path)) else model
     tokens = option_tokens(embedder.tokenizer, prompts, responses, max_length)
     if tokens.prompts_cut or tokens.responses_cut:
         echo(f"embedding: {tokens.prompts_cut} options had the start of their prompt cut to fit {max_length} tokens, "
              f"{tokens.responses_cut} the end of their response (embed_max_length)")
-    folder = Path(directory) / f"{Path(str(model).rstrip('/')).name}-{dtype}-len{max_length}"
-    # Not the model's path: a moved model folder computes the same features.
-    key = {"weights_hash": embedder.weights_hash, "dtype": dtype,
-           "architecture": texts_digest([json.dumps(dataclasses.asdict(embedder.config), sort_keys=True,
-                                                    default=str)]),
-           "features": FEATURE_RECIPE, "max_length": max_length}
+    folder = Path(directory) / f"{Path(embedder.identity.rstrip('/')).name}-{dtype}-len{max_length}"
+    key = embedder_key(embedder, dtype, max_length)
     computed = []
 
     def embed_chunk(chunk):
@@ -224,6 +221,14 @@ def embed_options_cached(
         "options_per_second": sum(computed) / seconds if computed else None,
     }
     return features, record
+
+
+def embedder_key(embedder, dtype: str, max_length: int) -> dict[str, Any]:
+    """What makes a loaded embedder's (``nps.lm.Pretrained``) option features what they are: its weights, dtype,
+    architecture, the recipe and the maximum length; not the model's path (a moved folder computes the same)."""
+    architecture = texts_digest([json.dumps(dataclasses.asdict(embedder.config), sort_keys=True, default=str)])
+    return {"weights_hash": embedder.weights_hash, "dtype": dtype, "architecture": architecture,
+            "features": FEATURE_RECIPE, "max_length": max_length}
 
 
 def embedder_identity(record: dict) -> dict:

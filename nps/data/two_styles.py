@@ -183,6 +183,52 @@ def sampling(spec: LanguageSpec, temperature: float) -> SamplingConfig:
                           pad_token=PAD)
 
 
+MAX_PROMPT_WORDS = 6  # a served prompt: a few topics
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoStylesCodec:
+    """The language as a trained run's text codec (``nps.steering_run``): "<bos> prompt Assistant:"
+    prompts, options as ``option_tokens``, responses up to <eos>; and the users' true rewards (an oracle
+    scorer only this toy language has)."""
+
+    spec: LanguageSpec
+    pad = PAD
+    free_text = False  # prompts are words of the language (the app's Try page says so)
+
+    def check_prompt(self, prompt: str, what: str = "prompt") -> str:
+        """The prompt as served (words joined by one space); one of more than ``MAX_PROMPT_WORDS`` words, or a
+        word outside the language, is a ``ConfigError``."""
+        words = prompt.split()
+        if not words or len(words) > MAX_PROMPT_WORDS:
+            raise ConfigError(f"a prompt has 1 to {MAX_PROMPT_WORDS} words of the steering language "
+                              f"(e.g. {' '.join(TOPICS[:2])!r}); got {len(words)}")
+        encode_words(prompt, what)
+        return " ".join(words)
+
+    def prompt_ids(self, prompt: str, what: str = "prompt") -> list[int]:
+        return [BOS, *encode_words(prompt, what), SEP]
+
+    def option_ids(self, prompt: str, response: str, what: str = "pair") -> tuple[list[int], int]:
+        """``option_tokens`` and where the response starts (after <bos> prompt Assistant:)."""
+        return option_tokens(prompt, response, what), len(encode_words(prompt)) + 2
+
+    def decode(self, tokens: Sequence[int], mask: Sequence[bool]) -> str:
+        return decode_response(tokens)
+
+    def sampling(self, temperature: float) -> SamplingConfig:
+        return sampling(self.spec, temperature)
+
+    def example_prompts(self, candidates: list[dict[str, Any]]) -> list[str]:
+        """The topics a prompt is made of."""
+        return list(TOPICS)
+
+    @staticmethod
+    def user_reward(responses: list[str], user_type: str) -> np.ndarray:
+        """The true reward [N] of ``user_type`` (one of ``USER_NAMES``) for each response."""
+        return user_rewards(response_tokens(responses))[:, USER_NAMES.index(user_type)]
+
+
 def sample_responses(model, prompts: np.ndarray, spec: LanguageSpec, temperature: float, seed: int,
                      z=None) -> np.ndarray:
     """Responses [N, R] (<eos> then padding) of ``model`` (a decoder, or a conditioned one with z [N, d])."""

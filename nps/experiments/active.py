@@ -36,6 +36,7 @@ from nps.data.synthetic import (
 )
 from nps.errors import ConfigError, invalid
 from nps.experiments.steering import trained_run
+from nps.steering_run import stored_pairs
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
 from nps.results import ExperimentRun, experiment_run, save_figure
 from nps.train.evaluate import check_unseen_targets, mean_and_sem
@@ -109,7 +110,7 @@ def _task(task: str, config: ActiveConfig, run: ExperimentRun):
     """(model, its results entry or None, candidates, evaluation, population pool for the particles)."""
     if task == "steering":
         steering = trained_run(config.steering_run, run.out, run.progress, run.echo)
-        pairs = steering.preference_pairs()
+        pairs = stored_pairs(steering.directory)
         # Candidates as sampling produces them: conflicting pairs and pairs both users rank alike.
         pools = pairs.pools("all")
         candidates, evaluation = _pair_sets(OptionPairPool(pools["test"], pairs.options), config,

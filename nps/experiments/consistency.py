@@ -33,6 +33,7 @@ from nps.data.pairs import AnsweredPairs, OptionPairPool, PairPool, answer_pairs
 from nps.data.synthetic import TWO_USER_NAMES, two_user_identity, two_user_pools
 from nps.errors import invalid
 from nps.experiments.steering import trained_run
+from nps.steering_run import stored_pairs
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
 from nps.results import ExperimentRun, experiment_run
 from nps.train.evaluate import mean_and_sem
@@ -153,7 +154,7 @@ def _synthetic(config: ConsistencyConfig, run: ExperimentRun) -> tuple[_Task, di
 
 def _steering(config: ConsistencyConfig, run: ExperimentRun) -> _Task:
     steering = trained_run(config.steering_run, run.out, run.progress, run.echo)
-    pairs = steering.preference_pairs()
+    pairs = stored_pairs(steering.directory)
     test = OptionPairPool(pairs.pools("all")["test"], pairs.options)
     return _Task(steering.policy, steering.episodes.max_context, _answered_by_types(test, config))
 

@@ -93,12 +93,14 @@ def nucleus_threshold(probs: jax.Array, top_p: float) -> jax.Array:
     return jax.lax.bitcast_convert_type(high, jnp.float32)[:, None]
 
 
-def pad_sequences(sequences: Sequence[Sequence[int]], *, left: bool, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Token rows of different lengths as one batch: tokens [N, longest] and the mask of real tokens.
+def pad_sequences(sequences: Sequence[Sequence[int]], *, left: bool, pad: int = 0,
+                  width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token rows of different lengths as one batch: tokens [N, width] and the mask of real tokens.
 
     ``left``: padding before the tokens (prompts to continue); else after (sequences to score).
+    ``width``: at least the longest row (None: the longest).
     """
-    width = max((len(s) for s in sequences), default=1)
+    width = max(max((len(s) for s in sequences), default=1), width or 0)
     tokens = np.full((len(sequences), width), pad, np.int32)
     mask = np.zeros((len(sequences), width), bool)
     for row, sequence in enumerate(sequences):
@@ -126,7 +128,9 @@ def generate(
     """Continue prompts [B, P] (any padding) by up to ``sampling.max_new_tokens`` tokens.
 
     model: a ``Decoder`` or a ``ConditionedDecoder`` (then z [B, d_z] steers each
-    example; z = None generates from the base). seed: an int or a PRNG key.
+    example; z = None generates from the base). seed: an int or a PRNG key for the whole batch, or
+    PRNG keys [B], one per sequence: then a sequence samples the same tokens whatever batch it is in
+    (what a server that batches concurrent requests needs).
     """
     prompt_tokens = np.asarray(prompt_tokens)
     if prompt_mask is None:
@@ -153,6 +157,16 @@ def _whole(x: jax.Array) -> jax.Array:
     return constrain(x, (None,) * x.ndim)
 
 
+def _sample(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """Next tokens [B] and the key to carry on: one key for the batch, or one per row (keys [B])."""
+    if key.ndim == 0:
+        key, sample_key = jax.random.split(key)
+        return sample_next(logits, sample_key, sampling), key
+    keys = jax.vmap(jax.random.split)(key)
+    row = lambda k, x: sample_next(x[None], k, sampling)[0]  # noqa: E731
+    return jax.vmap(row)(keys[:, 1], logits), keys[:, 0]
+
+
 def _decode(model, tokens, mask, key, z, sampling: SamplingConfig) -> Generation:
     decoder = getattr(model, "decoder", model)
     film = model.modulation(z) if z is not None else None
@@ -170,8 +184,8 @@ def _decode(model, tokens, mask, key, z, sampling: SamplingConfig) -> Generation
 
     def body(carry):
         step, cache, logits, key, out, done = carry
-        key, sample_key = jax.random.split(key)
-        token = jnp.where(done, sampling.pad_token, sample_next(logits, sample_key, sampling)).astype(jnp.int32)
+        sampled, key = _sample(logits, key, sampling)
+        token = jnp.where(done, sampling.pad_token, sampled).astype(jnp.int32)
         out = out.at[:, step].set(token)
         live = ~done
         done = done | jnp.isin(token, stop)

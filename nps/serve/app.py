@@ -36,7 +36,8 @@ from urllib.parse import parse_qsl
 from nps.errors import ConfigError
 from nps.serve.store import NAME_PATTERN, NAME_RULE, Store, StoreError, check_name
 
-MAX_BODY = 8 * 1024  # bytes of a request body: forms here carry a name, a prompt or a choice
+MAX_BODY = 32 * 1024  # bytes of a request body: a name, a choice, or a prompt of any text URL-encoded
+TOO_LARGE = f"The request is larger than {MAX_BODY} bytes; forms here carry a name, a prompt or a choice."
 PERSON_COOKIE = "nps_person"
 ADMIN_COOKIE = "nps_admin"
 CONFIRM_COOKIE = "nps_confirm"  # the one-time value a personal link's confirmation page set
@@ -114,12 +115,12 @@ def create_app(service, admin_token: str | None = None):
             raise Problem(415, "Send the form URL-encoded (application/x-www-form-urlencoded), as browsers do.")
         length = request.headers.get("content-length")
         if length is not None and (not WHOLE_NUMBER.fullmatch(length) or int(length) > MAX_BODY):
-            raise Problem(413, f"The request is larger than {MAX_BODY} bytes; forms here are a few words long.")
+            raise Problem(413, TOO_LARGE)
         body = b""
         async for chunk in request.stream():  # counted as it arrives: a missing or false length changes nothing
             body += chunk
             if len(body) > MAX_BODY:
-                raise Problem(413, f"The request is larger than {MAX_BODY} bytes; forms here are a few words long.")
+                raise Problem(413, TOO_LARGE)
         try:
             values = dict(parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body),
                                     max_num_fields=16))
@@ -206,10 +207,12 @@ def create_app(service, admin_token: str | None = None):
         return see_other("/teach?saved=" + ("skip" if record.get("choice") == "skip" else "answer"))
 
     # -- Try -------------------------------------------------------------------------------------------------
+    prompt_help = {"examples": service.example_prompts(), "free_text": service.free_text}  # what a prompt may be
+
     async def try_page(request: Request):
         name = require_person(request)
         summary = await run_in_threadpool(service.ab_summary, [name])
-        return page(request, "try.html", summary=summary, topics=service.example_words())
+        return page(request, "try.html", summary=summary, **prompt_help)
 
     async def try_submit(request: Request):
         name = require_person(request)
@@ -217,7 +220,7 @@ def create_app(service, admin_token: str | None = None):
         if values["mode"] not in ("steer", "ab"):
             raise Problem(400, "Choose 'Show my response' or 'Blind A/B test'.")
         summary = await run_in_threadpool(service.ab_summary, [name])
-        common = {"summary": summary, "topics": service.example_words(), "prompt": values["prompt"]}
+        common = {"summary": summary, "prompt": values["prompt"], **prompt_help}
         if values["mode"] == "steer":
             response = await run_in_threadpool(service.respond, name, values["prompt"])
             answers = len(await run_in_threadpool(service.answered_pairs, name))
@@ -230,8 +233,7 @@ def create_app(service, admin_token: str | None = None):
         values = await form(request, "trial", "verdict")
         record = await run_in_threadpool(service.judge, name, values["trial"], values["verdict"])
         summary = await run_in_threadpool(service.ab_summary, [name])
-        return page(request, "try.html", judged=record, summary=summary, topics=service.example_words(),
-                    prompt=record["prompt"])
+        return page(request, "try.html", judged=record, summary=summary, prompt=record["prompt"], **prompt_help)
 
     # -- Profile -----------------------------------------------------------------------------------------------
     async def profile(request: Request):
@@ -383,10 +385,11 @@ def serve(run_dir: str, candidates: str, store_dir: str, *, host: str = "127.0.0
     except ImportError as error:
         raise ConfigError(f"nps serve needs the web extra ({error.name} is missing): "
                           "pip install 'nps[serve]'") from None
-    from nps.serve.service import PreferenceService, read_serving_candidates
+    from nps.data.profiles import read_candidates
+    from nps.serve.service import PreferenceService
     from nps.steering_run import SteeringRun
 
-    read_serving_candidates(candidates)  # a bad candidate file fails before the run loads
+    read_candidates(candidates)  # a malformed candidate file fails before the run loads
     store = Store(store_dir).open()
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

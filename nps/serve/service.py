@@ -1,7 +1,7 @@
 """What the preference app does, without the web: ask, record, steer, judge, check, summarise.
 
-``PreferenceService`` holds a trained steering run, a candidate set and a ``Store``. The pages
-(``nps.serve.app``) call it; tests can call it directly.
+``PreferenceService`` holds a trained policy run (``nps.steering_run``: a steering or an hh-dpo run),
+a candidate set and a ``Store``. The pages (``nps.serve.app``) call it; tests can call it directly.
 
 - **Questions** are chosen by expected information gain over the run's particles (plausible
   users, ``nps.active``). The particles' choice probabilities for every candidate are computed
@@ -19,7 +19,10 @@
 - **z** is inferred from the answered pairs in profile order by the run's context encoder (the
   same call as ``nps generate --context``) and recorded in the store's history with the profile
   hash and the run's fingerprint; the same profile version and run always return the recorded z.
-- Model work (generation, z, checks) runs one request at a time (``ModelQueue``): at most
+- **Generation** for many people at once is batched (``nps.serve.batching.GenerationBatcher``):
+  concurrent Try requests, steered and baseline arms alike, share one compiled decode call, each
+  reply sampled with its own seed; a bounded queue refuses more (503) and no request waits longer
+  than its timeout. Other model work (z, checks) runs one request at a time (``ModelQueue``): at most
   ``MODEL_QUEUE`` requests wait for it, later ones are told to come back (503), and the Profile
   page's checks read a person's latest ``CHECKED_ANSWERS`` answers, so no request's work or wait
   grows with the number of people or answers.
@@ -47,10 +50,10 @@ from nps.active import (
     particle_choice_probabilities,
     update_log_weights,
 )
-from nps.data import two_styles
 from nps.data.profiles import read_candidates
 from nps.errors import ConfigError
 from nps.files import atomic_write_bytes
+from nps.serve.batching import GenerationBatcher, GenerationRequest
 from nps.steering_run import SteeringRun, load_baseline
 from nps.serve.store import Store, StoreError, profile_hash
 from nps.train.evaluate import mean_and_sem
@@ -59,7 +62,6 @@ from nps.workflow.consistency import ConsistencyReport, check_profile
 CHOICES = ("left", "right", "skip")
 VERDICTS = ("first", "second", "tie")
 WIN = {"steered": 1.0, "tie": 0.5, "baseline": 0.0}
-MAX_PROMPT_WORDS = 6
 MAX_OPEN_TRIALS = 8  # blind comparisons a person may have open at once (older ones expire)
 MODEL_QUEUE = 16  # requests that may wait for the model at once; more are refused (503) until it frees
 CHECKED_ANSWERS = 256  # the Profile page's consistency checks read a person's latest answers, at most this many
@@ -107,12 +109,13 @@ def _pair_key(prompt: str, first: str, second: str) -> tuple[str, str, str]:
     return (prompt, *sorted((first, second)))
 
 
-def read_serving_candidates(path: str | Path) -> tuple[list[dict[str, Any]], str]:
-    """A candidate set (``nps.data.profiles.read_candidates``) whose texts are all in the steering language."""
+def read_serving_candidates(path: str | Path, codec) -> tuple[list[dict[str, Any]], str]:
+    """A candidate set (``nps.data.profiles.read_candidates``) whose every prompt + response the run's
+    text ``codec`` can score (any text for a chat model; words of the language for a steering run)."""
     candidates, digest = read_candidates(path)
     for number, candidate in enumerate(candidates, start=1):
         for response in candidate["responses"]:
-            two_styles.option_tokens(candidate["prompt"], response, f"{path}: candidate {number}")
+            codec.option_ids(candidate["prompt"], response, f"{path}: candidate {number}")
     return candidates, digest
 
 
@@ -144,10 +147,11 @@ class PreferenceService:
         if not run.conditioned:
             raise ConfigError(f"model {run.model_name!r} takes no user; serve a conditioned policy (np_dpo)")
         self.run, self.store = run, store
-        self.candidates, self.digest = read_serving_candidates(candidates_path)
+        self.candidates, self.digest = read_serving_candidates(candidates_path, run.codec)
         self._by_content = {_pair_key(c["prompt"], *c["responses"]): i for i, c in enumerate(self.candidates)}
         self.baseline_name, self.baseline_run = load_baseline(baseline)
         self.model_turn = ModelQueue(MODEL_QUEUE).turn
+        self.generations = GenerationBatcher(run)
         self._candidate_options: tuple[Any, Any] | None = None
         self.particles, self.probabilities = self._particles(num_particles)  # [P, d], [P, M]
         self._people: dict[str, _PersonState] = {}
@@ -188,10 +192,12 @@ class PreferenceService:
         this in the background once it listens."""
         self._next_index(_PersonState(None, [], [], jnp.zeros((1, self.probabilities.shape[0]))), "warm-up")
         with self.model_turn():
-            z = self.run.encode_user([])
-            self.run.generate([self.candidates[0]["prompt"]], z, seed=0)
-            if self.baseline_run is None:
-                self.run.generate([self.candidates[0]["prompt"]], seed=0, base=True)
+            z = np.asarray(self.run.encode_user([]))
+        prompt = self.candidates[0]["prompt"]
+        requests = [GenerationRequest(prompt, z, 0)]
+        if self.baseline_run is None:
+            requests.append(GenerationRequest(prompt, None, 0, base=True))
+        self._generate(requests)
 
     # -- a person's answers --------------------------------------------------------------------------
     def _state(self, name: str) -> _PersonState:
@@ -307,41 +313,46 @@ class PreferenceService:
         return z, version, len(pairs)
 
     # -- Try: steered responses and blind comparisons ------------------------------------------------
-    @staticmethod
-    def example_words() -> list[str]:
-        """The topics a prompt of the steering language is made of."""
-        return list(two_styles.TOPICS)
+    def example_prompts(self) -> list[str]:
+        """What the Try page offers as examples: a steering run's topics, a chat model's candidate prompts."""
+        return self.run.codec.example_prompts(self.candidates)
+
+    @property
+    def free_text(self) -> bool:
+        """Whether a prompt is any text (a chat model) or words of the run's language."""
+        return self.run.codec.free_text
 
     def check_prompt(self, prompt: str) -> str:
-        words = prompt.split()
-        if not words or len(words) > MAX_PROMPT_WORDS:
-            raise StoreError(f"a prompt has 1 to {MAX_PROMPT_WORDS} words of the steering language "
-                             f"(e.g. {self.candidates[0]['prompt']!r}); got {len(words)}")
         try:
-            two_styles.encode_words(prompt, "prompt")
+            return self.run.codec.check_prompt(prompt, "prompt")
         except ConfigError as error:
             raise StoreError(str(error)) from None
-        return " ".join(words)
+
+    def _generate(self, requests: list[GenerationRequest]) -> list[str]:
+        try:
+            return self.generations.generate(requests)
+        except ConfigError as error:
+            raise StoreError(str(error)) from None
 
     def respond(self, name: str, prompt: str, seed: int | None = None) -> str:
         """A response to ``prompt`` steered by the person's z."""
         prompt = self.check_prompt(prompt)
         z, _, _ = self.latent(name)
-        with self.model_turn():
-            seed = secrets.randbelow(2**31) if seed is None else seed
-            return self.run.generate([prompt], jnp.asarray(z), seed=seed)[0]
+        seed = secrets.randbelow(2**31) if seed is None else seed
+        return self._generate([GenerationRequest(prompt, z, seed)])[0]
 
     def open_trial(self, name: str, prompt: str) -> Trial:
         """A blind comparison: the steered and the baseline response (same seed), in random order."""
         prompt = self.check_prompt(prompt)
         z, version, _ = self.latent(name)
         seed = secrets.randbelow(2**31)
-        with self.model_turn():
-            steered = self.run.generate([prompt], jnp.asarray(z), seed=seed)[0]
-            if self.baseline_run is None:
-                baseline = self.run.generate([prompt], seed=seed, base=True)[0]
-            else:
-                pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in self.answered_pairs(name)]
+        if self.baseline_run is None:  # both arms in one queue visit (the same seed)
+            steered, baseline = self._generate([GenerationRequest(prompt, z, seed),
+                                                GenerationRequest(prompt, None, seed, base=True)])
+        else:
+            steered, = self._generate([GenerationRequest(prompt, z, seed)])
+            pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in self.answered_pairs(name)]
+            with self.model_turn():
                 baseline = self.baseline_run.generate([prompt], self.baseline_run.encode_user(pairs), seed=seed)[0]
         order = ("steered", "baseline") if secrets.randbelow(2) else ("baseline", "steered")
         trial = Trial(secrets.token_urlsafe(12), name, prompt, seed, {"steered": steered, "baseline": baseline},

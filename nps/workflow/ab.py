@@ -7,9 +7,10 @@ For every profile the personalised policy is conditioned on the profile's pairs 
 context encoder) and generates ``samples`` responses per prompt; the baseline generates for the
 same prompts and seeds: the unconditioned base model, or another run's policy (conditioned on
 the same profile when it takes a user). Both are scored by a reward model: ``--scorer oracle``,
-the profile's user type's true reward (the steering language's per-user oracle), or ``--scorer
-np_btl``, an NP-BTL reward model conditioned on the profile's own pairs (trained once on the run's
-preference pairs and kept in its checkpoints; its unseen-pair accuracy is in the report). A
+the profile's user type's true reward (the steering language's per-user oracle; only a steering run has
+one), or ``--scorer np_btl``, an NP-BTL reward model conditioned on the profile's own pairs (trained once on
+the run's preference pairs and its option features, and kept in its checkpoints; its unseen-pair accuracy is
+in the report). Any trained policy run takes part (``nps.steering_run``): a steering run or an hh-dpo run. A
 generation wins when it scores higher (a tie counts ½). Reported per user type and per profile:
 the win rate, mean ± standard error over generations, and both mean rewards; written as ab.json
 (with the hashes of every input, so the numbers can be reproduced), ab.md and ab.png.
@@ -19,13 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from nps.config import config_to_dict
-from nps.data import two_styles
 from nps.data.episodes import EpisodeSpec
 from nps.data.pairs import OptionPairPool
 from nps.data.profiles import read_pairs
@@ -34,51 +34,53 @@ from nps.files import atomic_write_json, atomic_write_text, file_sha256, read_te
 from nps.models.interface import context_latents
 from nps.models.reward import UF_NP_BTL, NPReward, build_reward_model
 from nps.results import ExperimentRun, save_figure
-from nps.steering_run import SteeringRun, load_baseline
+from nps.steering_run import SteeringRun, load_baseline, trained_user_types
 from nps.train.evaluate import EvalConfig, mean_and_sem, pairwise_wins, win_rate
 from nps.train.loop import TrainConfig, load_trained
 
 
-def parse_profiles(items: list[str]) -> list[tuple[str, Path]]:
-    """``USER_TYPE=PATH`` arguments; the user type names the reward that scores this user."""
+def parse_profiles(items: list[str], user_types: Sequence[str]) -> list[tuple[str, Path]]:
+    """``USER_TYPE=PATH`` arguments, USER_TYPE one of the run's ``user_types``: the user type whose
+    reward scores this user (and the group its win rate is reported in)."""
     profiles = []
     for item in items:
         user_type, sep, path = item.partition("=")
-        if not sep or user_type not in two_styles.USER_NAMES:
+        if not sep or user_type not in user_types:
             raise ConfigError(f"--profile {item!r}: write USER_TYPE=PATH with USER_TYPE one of "
-                              f"{list(two_styles.USER_NAMES)} (the reward that scores this user)")
+                              f"{list(user_types)} (the reward that scores this user)")
         profiles.append((user_type, Path(path)))
     if not profiles:
         raise ConfigError("pass at least one --profile USER_TYPE=PATH")
     return profiles
 
 
-def read_prompts(path: str | Path) -> list[str]:
+def read_prompts(path: str | Path, codec) -> list[str]:
+    """The prompts of ``path``, one per line, each one ``codec`` can template."""
     prompts = [line.strip() for line in read_text(path, "prompts, one per line").splitlines() if line.strip()]
     if not prompts:
         raise ConfigError(f"{path}: no prompts; write one per line")
     for number, prompt in enumerate(prompts, start=1):
-        two_styles.encode_words(prompt, f"{path}:{number}")
+        codec.prompt_ids(prompt, f"{path}:{number}")
     return prompts
 
 
-NP_BTL_SCORER = "np_btl_reward"  # under a steering run's checkpoints/
+NP_BTL_SCORER = "np_btl_reward"  # under the run's checkpoints/
 NP_BTL_SCORER_CONFIG = dataclasses.replace(UF_NP_BTL, encoder=dataclasses.replace(UF_NP_BTL.encoder,
                                                                                    attention_dropout=0.0))
 NP_BTL_SCORER_EPISODES = EpisodeSpec()  # the tasks it trains on (its largest context: max_context)
 
 
 def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
-    """An NP-BTL reward model on the run's preference pairs (features: the base's option states),
+    """An NP-BTL reward model on the run's preference pairs (features: the run's option features),
     trained once into ``run_dir/checkpoints/np_btl_reward`` (resumed after); returns
     ``score(pairs, prompts, responses) -> rewards [N]`` for the user of ``pairs`` and its results."""
-    pairs = run.preference_pairs()
-    feature_pools = {split: OptionPairPool(pool, pairs.options.features) for split, pool in pairs.pools().items()}
+    data = run.data
+    feature_pools = {split: OptionPairPool(pool.pairs, pool.options.features) for split, pool in data.pools.items()}
     scorer_run = ExperimentRun(NP_BTL_SCORER, NP_BTL_SCORER_CONFIG, run_dir, EvalConfig(num_tasks=500), progress=False)
     fit, entry = scorer_run.fit_and_evaluate_reward_model(
-        NP_BTL_SCORER, NP_BTL_SCORER_CONFIG, feature_pools, data_identity=pairs.identity,
+        NP_BTL_SCORER, NP_BTL_SCORER_CONFIG, feature_pools, data_identity=data.identity,
         train=TrainConfig(steps=steps, eval_every=min(50, steps), checkpoint_every=min(50, steps)),
-        episodes=NP_BTL_SCORER_EPISODES, user_names=list(two_styles.USER_NAMES))
+        episodes=NP_BTL_SCORER_EPISODES, user_names=list(run.user_types))
     model = fit.model()
 
     def score(pairs, prompts, responses):
@@ -95,13 +97,9 @@ def load_np_btl_scorer(run: SteeringRun) -> NPReward:
         raise ConfigError(f"{directory}: no NP-BTL reward model in this run; train it once with "
                           f"`nps ab --run {run.directory} --scorer np_btl --profile ... --prompts ...`")
     train = TrainConfig()
-    model = build_reward_model(run.base.config.hidden_size, NP_BTL_SCORER_CONFIG, seed=train.seed)
+    model = build_reward_model(run.embedder.dim, NP_BTL_SCORER_CONFIG, seed=train.seed)
     return load_trained(model, directory, train, run_config={"model": config_to_dict(NP_BTL_SCORER_CONFIG),
-                                                            "data": run.preference_pairs().identity})
-
-
-def _user_reward(responses: list[str], user_type: str) -> np.ndarray:
-    return two_styles.user_rewards(two_styles.response_tokens(responses))[:, two_styles.USER_NAMES.index(user_type)]
+                                                            "data": run.data.identity})
 
 
 def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: str | Path, out: str | Path, *,
@@ -111,8 +109,12 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
         raise ConfigError(f"--samples {samples} must be at least 1")
     if scorer not in ("oracle", "np_btl"):
         raise ConfigError(f"--scorer {scorer!r}: use 'oracle' or 'np_btl'")
-    prompts = read_prompts(prompts_path)
     run = SteeringRun.load(run_dir, model)
+    prompts = read_prompts(prompts_path, run.codec)
+    oracle = getattr(run.codec, "user_reward", None)
+    if scorer == "oracle" and oracle is None:
+        raise ConfigError(f"--scorer oracle: a {run.experiment} run has no true reward per user type; "
+                          "score with --scorer np_btl")
     baseline_name, baseline_run = load_baseline(baseline)
     scorer_entry = None
     if scorer == "np_btl":
@@ -127,7 +129,7 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
         else:
             reference = baseline_run.generate(asked, baseline_run.encode_user(pairs), seed=seed)
         if scorer == "oracle":
-            ours, theirs = _user_reward(personalised, user_type), _user_reward(reference, user_type)
+            ours, theirs = oracle(personalised, user_type), oracle(reference, user_type)
         else:
             ours, theirs = (score_np_btl(pairs, asked, responses) for responses in (personalised, reference))
         wins = pairwise_wins(ours, theirs)
@@ -165,8 +167,8 @@ def ab_command(run: str, profile: list[str], prompts: str, out: str, *, model: s
                baseline: str = "base", samples: int = 4, seed: int = 0, scorer: str = "oracle",
                scorer_steps: int = 1000, echo=print) -> None:
     """`nps ab`: ``run_ab`` for ``USER_TYPE=PATH`` profiles, then the report as Markdown and what was written."""
-    report = run_ab(run, parse_profiles(profile), prompts, out, model=model, baseline=baseline, samples=samples,
-                    seed=seed, scorer=scorer, scorer_steps=scorer_steps)
+    report = run_ab(run, parse_profiles(profile, trained_user_types(run)), prompts, out, model=model, baseline=baseline,
+                    samples=samples, seed=seed, scorer=scorer, scorer_steps=scorer_steps)
     echo(format_markdown(report) + f"\nwrote {out}/ab.json, ab.md, ab.png")
 
 

@@ -4,7 +4,7 @@
 
 The session is ``nps.data.profiles.collect``: every answer is fsynced as it is given, so an
 interrupted session keeps them all and the same command continues it. ``--active RUN`` asks the
-most informative pair first, judged by a trained steering run's NP-DPO policy.
+most informative pair first, judged by a trained run's NP-DPO policy (a steering or an hh-dpo run).
 """
 
 from __future__ import annotations

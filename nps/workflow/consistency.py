@@ -39,7 +39,7 @@ tasks need no text), a policy's ``PolicyOptions`` for NP-DPO (``SteeringRun.pair
   of them reach the observed statistic that drift can no longer be flagged (Besag & Clifford's
   sequential p-value, valid at every stopping point), so profiles without drift cost a few batches.
 
-``check_profile_file`` is `nps profile check`: a profile file judged by a trained steering run.
+``check_profile_file`` is `nps profile check`: a profile file judged by a trained run (steering or hh-dpo).
 """
 
 from __future__ import annotations
@@ -437,7 +437,7 @@ def check_profile_file(profile: str, run: str, *, model: str = "np_dpo", thresho
                        implausible_below: float = 0.2, permutations: int = 99, window: int = 24, min_segment: int = 3,
                        json_path: str | None = None, echo=print) -> None:
     """`nps profile check`: every check of the profile at ``profile`` (its answers; skips left out) by the
-    steering run at ``run``: its NP-DPO policy (``model="np_dpo"``) or the NP-BTL scorer that `nps ab
+    run at ``run`` (steering or hh-dpo): its NP-DPO policy (``model="np_dpo"``) or the NP-BTL scorer that `nps ab
     --scorer np_btl` trained (``"np_btl_reward"``). Echoes the report; ``json_path``: also writes it there,
     with the hashes of its inputs."""
     for name, value in (("threshold", threshold), ("implausible_below", implausible_below)):

@@ -1,5 +1,5 @@
-"""`nps generate`: responses of a trained steering run's policy, steered by a user, by an explicit z, or
-along the line between two users.
+"""`nps generate`: responses of a trained run's policy (steering or hh-dpo), steered by a user, by an explicit
+z, or along the line between two users.
 
     nps generate --run runs/steering --prompt "physics cooking" [--context ALICE.jsonl [--toward BOB.jsonl]]
                  [--z-file Z.json] [--samples 1] [--temperature T] [--seed 0]

@@ -202,10 +202,11 @@ def test_bad_input_files_to_collect_get_one_line_and_write_nothing(tmp_path, cap
 @pytest.mark.parametrize("reader", ["context", "prompts"])
 def test_bad_context_and_prompt_files_get_one_line(tmp_path, fault, reader):
     """`nps generate --context/--toward` and `nps ab --profile` read profiles; `nps ab --prompts` a text file."""
+    from nps.data.two_styles import LanguageSpec, TwoStylesCodec
     from nps.workflow.ab import read_prompts
 
     path = tmp_path / "input"
     BAD_FILES[fault](path)
     with pytest.raises(ConfigError, match=f"^{path}") as error:
-        (read_pairs if reader == "context" else read_prompts)(path)
+        read_pairs(path) if reader == "context" else read_prompts(path, TwoStylesCodec(LanguageSpec()))
     assert "\n" not in str(error.value)
