@@ -75,11 +75,12 @@ class PeersConfig:
     """Defaults sized for a 2-core CPU within 30 minutes: 300 steps of 64 tasks per run, three seeds,
     one learning-rate grid of two rates for every method; each model at its release's defaults but for:
 
-    - PAL-A and PAL-B: a preference space of d = 128, not 512 (a quarter of the release's width; at 512
-      PAL-B's training and both new-user fits, which validation runs every ``eval_every`` steps, take
-      3-4 times as long). Each is told the task's number of user types (``num_users``) and the grid's
-      rate (``train_learning_rate``), so its user weights and prototypes learn at the release's 5e-3
-      and PAL-B's logit scale at 0.1 whichever rate the grid picks for the projectors.
+    - PAL-A and PAL-B: a preference space of d = 128, not the release's 512, at which PAL-B's seeds trained
+      4-16 times as long here and both new-user fits, which validation runs every ``eval_every`` steps,
+      cost more (PAL-A's runs the projector each fitting step); docs/peers.md compares PAL-B at both.
+      Each is told the task's number of user types (``num_users``) and the grid's rate
+      (``train_learning_rate``), so its user weights and prototypes learn at the release's 5e-3 and
+      PAL-B's logit scale at 0.1 whichever rate the grid picks for the projectors.
     - LoRe: φ a learned MLP of width 64 of the options (``feature_dim``): the synthetic options are
       scalars or points in the plane, on which the release's linear φ(y)ᵀVw can only rank along a line.
       Told the task's number of user types; W and V train at the grid's rate (the release's 0.5 is
