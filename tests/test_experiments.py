@@ -83,7 +83,9 @@ PEERS_SMOKE = ["seeds=0,1", "learning_rates=0.002,0.003", "train.steps=20", "tra
                "train.checkpoint_every=20", "train.batch_size=16", "train.val_tasks=32", "eval.num_tasks=40",
                "num_pairs=2000", "btl.hidden_dim=16", "dpl.hidden_dim=16", "np_btl.hidden_dim=16",
                "np_btl.encoder.hidden_dim=16", "np_btl.encoder.latent_dim=8", "vpl.hidden_dim=16",
-               "vpl.latent_dim=8", "gpo.model_dim=16", "gpo.feedforward_dim=16", "gpo.num_layers=1"]
+               "vpl.latent_dim=8", "gpo.model_dim=16", "gpo.feedforward_dim=16", "gpo.num_layers=1", "pal_a.dim=16",
+               "pal_a.adapt_steps=10", "pal_b.dim=16", "pal_b.adapt_steps=10", "lore.feature_dim=16",
+               "lore.adapt_steps=10"]
 
 
 def test_peers_smoke_run_reports_every_method_on_every_task(tmp_path):
@@ -104,11 +106,27 @@ def test_peers_smoke_run_reports_every_method_on_every_task(tmp_path):
             assert entry["learning_rate"] in (0.002, 0.003)
             assert set(entry["tuning_val_nll"]) == {"0.002", "0.003"}
             assert entry["parameters"] > 0 and entry["adapt_ms_per_user"] > 0
+            assert entry["adapt_gradient_steps"] == (10 if entry["kind"] in ("pal-a", "pal-b", "lore") else 0)
     assert 0.0 <= results["models"]["two-user/vpl"]["active_latent_units"] <= 1.0
     assert len(results["models"]["four-ideal-points/np_btl"]["unseen_accuracy"]["0"]) == 5  # four types and all
     assert sorted(results["plots"]) == sorted(f"{t}.png" for t in DEFAULT_TASKS)
-    assert "| gpo |" in (tmp_path / "peers.md").read_text()
+    tables = (tmp_path / "peers.md").read_text()
+    assert all(f"| {method} |" in tables for method in METHOD_NAMES)
     assert not compare_runs(tmp_path, tmp_path).failed
+
+
+def test_peers_tell_each_model_the_task_s_user_types_and_the_run_s_learning_rate():
+    from nps.experiments.peers import PeersConfig, told_the_run
+    from nps.models.peers import LoReConfig, PALConfig
+
+    config = PeersConfig()
+    assert [config.model_config(m).kind for m in ("pal-a", "pal-b", "lore")] == ["pal-a", "pal-b", "lore"]
+    pal = told_the_run(PALConfig(kind="pal-b"), 4, 1e-3)
+    assert pal.num_users == 4 and pal.train_learning_rate == 1e-3
+    assert pal.user_learning_rate_ratio == pytest.approx(5.0)  # the release's 5e-3 at fit's 1e-3
+    assert pal.logit_scale_learning_rate_ratio == pytest.approx(100.0)  # and its 0.1
+    assert told_the_run(LoReConfig(), 3, 1e-3) == LoReConfig(num_users=3)
+    assert told_the_run(config.np_btl, 3, 1e-3) == config.np_btl
 
 
 @pytest.mark.slow  # 40 s more of the same code paths as the smoke run above, plus the z error

@@ -46,8 +46,9 @@ def _permuted_context(episodes, permutation):
 
 def test_every_peer_is_registered_and_built_by_its_config():
     for kind, (config_class, model_class) in PEER_MODELS.items():
-        assert config_class().kind == kind
-        assert isinstance(build_reward_model(1, SMALL[kind], 0), model_class)
+        config = SMALL.get(kind, config_class(kind=kind))  # PALConfig serves "pal-a" and "pal-b"
+        assert config.kind == kind
+        assert isinstance(build_reward_model(1, config, 0), model_class)
     with pytest.raises(ConfigError, match="kind"):
         VPLConfig(kind="gpo")
     with pytest.raises(ConfigError, match="loss"):

@@ -1,6 +1,8 @@
 """PAL-A, PAL-B and LoRe: their defining maths, the new user's fit, its empty-context rule and invariances,
 and training by ``fit`` and evaluation by ``evaluate_unseen_accuracy`` unchanged."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -15,16 +17,18 @@ from nps.data.synthetic import TWO_USER_NAMES, two_user_pools
 from nps.errors import ConfigError
 from nps.models.peers import PEER_MODELS, LoRe, LoReConfig, PALA, PALB, PALConfig
 from nps.models.peers.mixture import fit_mixture_logits, logistic_loss
+from nps.models.reward import build_reward_model
 from nps.train.evaluate import evaluate_unseen_accuracy
 from nps.train.loop import TrainConfig, fit
 
 SPEC = EpisodeSpec(num_targets=8, max_context=5)
 # Small models that learn the two-user task in 100 steps at fit's learning rate LEARNING_RATE[name]; PAL's
-# ratios are lowered with it (the release's 50 and 1,000 are for its base rate 1e-4).
-SMALL_PAL = PALConfig(dim=16, num_users=2, user_learning_rate_ratio=5.0, logit_scale_learning_rate_ratio=10.0,
-                      adapt_steps=30, adapt_learning_rate=0.05)
-SMALL = {"pal-a": SMALL_PAL, "pal-b": SMALL_PAL, "lore": LoReConfig(num_users=2, feature_dim=16, adapt_steps=30)}
+# user and logit-scale rates are 5 and 10 times that.
 LEARNING_RATE = {"pal-a": 3e-3, "pal-b": 3e-3, "lore": 3e-2}
+SMALL_PAL = PALConfig(dim=16, num_users=2, train_learning_rate=3e-3, user_learning_rate=1.5e-2,
+                      logit_scale_learning_rate=3e-2, adapt_steps=30, adapt_learning_rate=0.05)
+SMALL = {"pal-a": SMALL_PAL, "pal-b": dataclasses.replace(SMALL_PAL, kind="pal-b"),
+         "lore": LoReConfig(num_users=2, feature_dim=16, adapt_steps=30)}
 
 
 def build(name, option_dim=1, seed=0):
@@ -181,19 +185,34 @@ def test_fit_mixture_logits_is_plain_adam_on_each_tasks_mean_context_loss():
         np.testing.assert_allclose(fitted[b], w, rtol=1e-5, atol=1e-6)
 
 
-def test_pal_user_weights_and_prototypes_learn_at_the_releases_rate(episodes):
-    """One Adam step at fit's lr 1e-4 moves W and P by the release's 5e-3 and a projector weight by 1e-4."""
-    model = PALA(1, PALConfig(dim=16, num_users=2), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    optimizer = optax.adam(1e-4)
-    grads = jax.grad(lambda p: nnx.merge(graphdef, p).objective(episodes, jax.random.key(0))[0])(params)
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
-    stepped = nnx.merge(graphdef, optax.apply_updates(params, updates))
-    ratio = PALConfig().user_learning_rate_ratio
-    moved = np.abs(stepped.user_logits[...] - model.user_logits[...]) * ratio
-    np.testing.assert_allclose(moved, 5e-3, rtol=1e-3)  # both user rows appear in the batch
-    np.testing.assert_allclose(np.abs(stepped.prototypes[...] - model.prototypes[...]) * ratio, 5e-3, rtol=1e-3)
-    assert np.max(np.abs(stepped.projector.first.kernel[...] - model.projector.first.kernel[...])) < 1.001e-4
+@pytest.mark.parametrize("learning_rate", [1e-4, 1e-3])
+def test_pal_groups_learn_at_the_releases_rates_whatever_fit_s_rate(episodes, learning_rate):
+    """One Adam step at fit's lr moves W, P and PAL-B's g_k by the release's 5e-3, PAL-B's logit_scale by 0.1
+    and a projector weight by lr, when the config is told that lr."""
+    config = PALConfig(dim=16, num_users=2, train_learning_rate=learning_rate)
+
+    def one_step(model):
+        graphdef, params = nnx.split(model)
+        optimizer = optax.adam(learning_rate)
+        grads = jax.grad(lambda p: nnx.merge(graphdef, p).objective(episodes, jax.random.key(0))[0])(params)
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        return nnx.merge(graphdef, optax.apply_updates(params, updates))
+
+    def moved(before, after, name, ratio):
+        return np.abs(getattr(after, name)[...] - getattr(before, name)[...]) * ratio
+
+    pal_a = PALA(1, config, rngs=nnx.Rngs(0))
+    pal_b = PALB(1, dataclasses.replace(config, kind="pal-b"), rngs=nnx.Rngs(0))
+    stepped_a, stepped_b = one_step(pal_a), one_step(pal_b)
+    ratio = config.user_learning_rate_ratio
+    # both user rows appear in the batch
+    np.testing.assert_allclose(moved(pal_a, stepped_a, "user_logits", ratio), 5e-3, rtol=1e-3)
+    np.testing.assert_allclose(moved(pal_a, stepped_a, "prototypes", ratio), 5e-3, rtol=1e-3)
+    np.testing.assert_allclose(moved(pal_b, stepped_b, "ideal_points", ratio), 5e-3, rtol=1e-3)
+    np.testing.assert_allclose(moved(pal_b, stepped_b, "logit_scale", config.logit_scale_learning_rate_ratio), 0.1,
+                               rtol=1e-3)
+    kernel_step = moved(pal_a.projector.first, stepped_a.projector.first, "kernel", 1.0)
+    assert np.max(kernel_step) < 1.001 * learning_rate
 
 
 def test_a_user_id_outside_the_table_makes_the_loss_nan_not_a_default(episodes):
@@ -207,6 +226,19 @@ def test_bad_configs_name_their_field(field, value):
     for config_class in (PALConfig, LoReConfig):
         with pytest.raises(ConfigError, match=f"^{field}="):
             config_class(**{field: value})
+
+
+@pytest.mark.parametrize("config_class, kind", [(PALConfig, "lore"), (LoReConfig, "pal-a")])
+def test_a_config_of_another_kind_is_refused(config_class, kind):
+    with pytest.raises(ConfigError, match="^kind="):
+        config_class(kind=kind)
+
+
+def test_build_reward_model_builds_the_kind_a_config_names():
+    assert isinstance(build_reward_model(1, PALConfig(kind="pal-b", dim=8), seed=0), PALB)
+    assert isinstance(build_reward_model(1, PALConfig(dim=8), seed=0), PALA)
+    model = build_reward_model(1, LoReConfig(adapt_steps=7), seed=0)
+    assert isinstance(model, LoRe) and model.adaptation_gradient_steps == 7
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

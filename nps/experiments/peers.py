@@ -36,7 +36,7 @@ from nps.data.synthetic import (
 )
 from nps.errors import invalid
 from nps.files import atomic_write_text
-from nps.models.peers import PEER_MODELS, GPOConfig, VPLConfig
+from nps.models.peers import PEER_MODELS, GPOConfig, LoReConfig, PALConfig, VPLConfig
 from nps.models.peers.vpl import active_latent_units
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
 from nps.results import experiment_run, plot_accuracy_vs_context
@@ -73,7 +73,19 @@ DEFAULT_TASKS = ("two-user", "four-ideal-points")
 @dataclasses.dataclass(frozen=True)
 class PeersConfig:
     """Defaults sized for a 2-core CPU within 30 minutes: 300 steps of 64 tasks per run, three seeds,
-    one learning-rate grid of two rates for every method; each model at its release's defaults."""
+    one learning-rate grid of two rates for every method; each model at its release's defaults but for:
+
+    - PAL-A and PAL-B: a preference space of d = 128, not the release's 512, at which PAL-B's seeds trained
+      4-16 times as long here and both new-user fits, which validation runs every ``eval_every`` steps,
+      cost more (PAL-A's runs the projector each fitting step); docs/peers.md compares PAL-B at both.
+      Each is told the task's number of user types (``num_users``) and the grid's rate
+      (``train_learning_rate``), so its user weights and prototypes learn at the release's 5e-3 and
+      PAL-B's logit scale at 0.1 whichever rate the grid picks for the projectors.
+    - LoRe: φ a learned MLP of width 64 of the options (``feature_dim``): the synthetic options are
+      scalars or points in the plane, on which the release's linear φ(y)ᵀVw can only rank along a line.
+      Told the task's number of user types; W and V train at the grid's rate (the release's 0.5 is
+      for its linear model and full-batch training).
+    """
 
     tasks: tuple[str, ...] = DEFAULT_TASKS  # add "correlated" for the correlation study's Bayes reference
     methods: tuple[str, ...] = METHOD_NAMES
@@ -91,6 +103,9 @@ class PeersConfig:
     np_btl: RewardModelConfig = SYNTHETIC_NP_BTL
     vpl: VPLConfig = VPLConfig()
     gpo: GPOConfig = GPOConfig()
+    pal_a: PALConfig = PALConfig(kind="pal-a", dim=128)
+    pal_b: PALConfig = PALConfig(kind="pal-b", dim=128)
+    lore: LoReConfig = LoReConfig(feature_dim=64)
 
     def __post_init__(self):
         check_models(self.tasks, tuple(TASKS), "tasks")
@@ -103,11 +118,20 @@ class PeersConfig:
             raise invalid("learning_rates", self.learning_rates, "must be positive rates, at least one")
 
     def model_config(self, method: str):
-        """The method's model config: this config's field of that name, or (a peer added to
+        """The method's model config: this config's field of that name ("-" as "_"), or (a peer added to
         ``PEER_MODELS`` without a field here) its release defaults."""
-        if hasattr(self, method):
-            return getattr(self, method)
-        return PEER_MODELS[method][0]()
+        field = method.replace("-", "_")
+        if hasattr(self, field):
+            return getattr(self, field)
+        return PEER_MODELS[method][0](kind=method)
+
+
+def told_the_run(model_config, num_users: int, learning_rate: float):
+    """``model_config`` with the task's number of user types and the run's learning rate, where it has a
+    field for them (PAL's and LoRe's user tables, PAL's rates relative to ``fit``'s)."""
+    fields = {field.name for field in dataclasses.fields(model_config)}
+    run = {"num_users": num_users, "train_learning_rate": learning_rate}
+    return dataclasses.replace(model_config, **{name: value for name, value in run.items() if name in fields})
 
 
 def _method_runs(run, config: PeersConfig, task: str, method: str, model_config, pools, identity,
@@ -115,9 +139,10 @@ def _method_runs(run, config: PeersConfig, task: str, method: str, model_config,
     """The tuned method on ``task``: every rate on the first seed, the best by validation NLL on the rest."""
     def fit_one(learning_rate: float, seed: int):
         train = dataclasses.replace(config.train, learning_rate=learning_rate, seed=seed)
-        return run.fit_and_evaluate_reward_model(f"{task}/{method}/lr={learning_rate:g}/seed={seed}", model_config,
-                                                 pools, data_identity=identity, train=train,
-                                                 episodes=config.episodes, user_names=users)
+        return run.fit_and_evaluate_reward_model(f"{task}/{method}/lr={learning_rate:g}/seed={seed}",
+                                                 told_the_run(model_config, len(users), learning_rate), pools,
+                                                 data_identity=identity, train=train, episodes=config.episodes,
+                                                 user_names=users)
 
     first, *rest = config.seeds
     tuning = {rate: fit_one(rate, first) for rate in config.learning_rates}

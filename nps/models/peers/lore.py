@@ -35,6 +35,7 @@ REWARD_SCALE = 1.0 / 100.0  # the release's division of φᵀVw by 100
 class LoReConfig:
     """LoRe; defaults from the release's TL;DR scripts (B is swept there over 0..6; 4 here)."""
 
+    kind: str = "lore"
     num_basis: int = 4  # B, the rank of the reward basis
     # Rows of the training user table: at least the task's number of user types.
     num_users: int = 10
@@ -45,6 +46,8 @@ class LoReConfig:
     adapt_learning_rate: float = 0.1
 
     def __post_init__(self):
+        if self.kind != "lore":
+            raise invalid("kind", self.kind, "must be 'lore' for a LoReConfig")
         if self.num_basis < 1:
             raise invalid("num_basis", self.num_basis, "must be a positive integer (B = 0, the reference reward "
                           "alone, is not a per-user model)")

@@ -110,6 +110,11 @@ class UserMixtureModel(PerUserPreferenceModel):
         logits = jax.random.normal(rngs.params(), (self.config.num_users, num_components))
         self.user_logits = rated_param(logits, self.config.user_learning_rate_ratio)
 
+    @property
+    def adaptation_gradient_steps(self) -> int:
+        """The gradient steps a new user's fit takes (``adapt_steps``, whatever its N^C)."""
+        return self.config.adapt_steps
+
     def embed(self, options: jax.Array):
         """What the mixture does not change about an option: ``[..., D] -> [..., E]``."""
         raise NotImplementedError

@@ -10,9 +10,9 @@ As the release (RamyaLab/pluralistic-alignment) implements them, on nps's option
   s · cos(f(φ(y)), u_i) with s = min(exp(logit_scale), 100), logit_scale initialised log(1/0.07);
   BTL loss. Since ‖u_i‖ is one positive number per user, the user's preferences are those of the
   mixture Σ_k softmax(w_i)_k r_k of K reward functions r_k(y) = s · ⟨f(φ(y))/‖f(φ(y))‖, g_k⟩.
-- Learning rates: the release's W and P 5e-3 and logit_scale 0.1 against the projectors' 1e-4, as
-  ratios (``nps.models.peers.mixture.rated_param``): exactly the release's rates under ``fit`` with
-  Adam at lr 1e-4.
+- Learning rates: the release's W and P 5e-3 and logit_scale 0.1, whatever rate the projectors train
+  at (``train_learning_rate``, the release's 1e-4), as ratios to it (``nps.models.peers.mixture.rated_param``):
+  exactly the release's rates under ``fit`` with Adam at lr ``train_learning_rate``.
 - New users and training by type id: ``nps.models.peers.mixture``.
 
 Deviations from the release, besides the new-user fit's (``nps.models.peers.mixture``):
@@ -53,28 +53,45 @@ MAX_LOGIT_SCALE = 100.0
 
 @dataclasses.dataclass(frozen=True)
 class PALConfig:
-    """PAL-A or PAL-B; defaults from the release's k2 / dim512 configs and its optimiser config."""
+    """PAL-A (``kind="pal-a"``) or PAL-B (``"pal-b"``); defaults from the release's k2 / dim512 configs and
+    its optimiser config."""
 
+    kind: str = "pal-a"
     num_prototypes: int = 2  # K
     dim: int = 512  # the preference space's width d
     # Rows of the training user table: at least the task's number of user types (the release's
     # seen users are the top-10 TL;DR workers).
     num_users: int = 10
-    # W, P (and PAL-B's g_k) learn this many times faster than the projectors: 5e-3 / 1e-4, the
-    # release's rates when train.learning_rate is its projectors' 1e-4 (scale both with it).
-    user_learning_rate_ratio: float = 50.0
-    logit_scale_learning_rate_ratio: float = 1000.0  # PAL-B's logit_scale: 0.1 / 1e-4
+    # The release's per-group rates: W, P (and PAL-B's g_k) 5e-3, PAL-B's logit_scale 0.1, the
+    # projectors ``train_learning_rate``, which must be the rate ``fit`` trains at (train.learning_rate):
+    # the groups are trained at their rate ÷ that rate times fit's (``rated_param``).
+    user_learning_rate: float = 5e-3
+    logit_scale_learning_rate: float = 0.1
+    train_learning_rate: float = 1e-4
     # New users: Adam at the release's W rate, a fixed number of full-batch steps.
     adapt_steps: int = 100
     adapt_learning_rate: float = 5e-3
 
     def __post_init__(self):
+        if self.kind not in ("pal-a", "pal-b"):
+            raise invalid("kind", self.kind, "must be 'pal-a' or 'pal-b' for a PALConfig")
         for name in ("num_prototypes", "dim"):
             if getattr(self, name) < 1:
                 raise invalid(name, getattr(self, name), "must be a positive integer")
-        if self.logit_scale_learning_rate_ratio <= 0:
-            raise invalid("logit_scale_learning_rate_ratio", self.logit_scale_learning_rate_ratio, "must be positive")
+        for name in ("user_learning_rate", "logit_scale_learning_rate", "train_learning_rate"):
+            if getattr(self, name) <= 0:
+                raise invalid(name, getattr(self, name), "must be positive")
         check_adaptation(self)
+
+    @property
+    def user_learning_rate_ratio(self) -> float:
+        """W, P and g_k's rate over the projectors'."""
+        return self.user_learning_rate / self.train_learning_rate
+
+    @property
+    def logit_scale_learning_rate_ratio(self) -> float:
+        """PAL-B's logit_scale's rate over the projectors'."""
+        return self.logit_scale_learning_rate / self.train_learning_rate
 
 
 def unit_gaussian_rows(key: jax.Array, rows: int, dim: int) -> jax.Array:
