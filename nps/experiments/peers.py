@@ -152,6 +152,7 @@ def _method_runs(run, config: PeersConfig, task: str, method: str, model_config,
     adapt = adaptation_seconds_per_user(model, pools["test"], config.episodes, ADAPTATION_CONTEXT)
     entry = {
         "kind": model_config.kind,
+        "model_config": config_to_dict(told_the_run(model_config, len(users), rate)),  # as the chosen rate trained it
         "unseen_accuracy": summarise_over_seeds([e["unseen_accuracy"] for _, e in seeds.values()]),
         "learning_rate": rate,
         "tuning_val_nll": {f"{r:g}": fit.best_val_loss for r, (fit, _) in tuning.items()},
@@ -248,5 +249,4 @@ def run_peers(config: PeersConfig, out: str | Path, *, fresh: bool = False, prog
         atomic_write_text(run.out / "peers.md", "\n\n".join(tables) + "\n")
         return run.finish(tables=tables, plots=plots, data=data, models=models,
                           tuning={"learning_rates": list(config.learning_rates), "selected_by": "validation NLL",
-                                  "seed": config.seeds[0]},
-                          model_configs={m: config_to_dict(config.model_config(m)) for m in config.methods})
+                                  "seed": config.seeds[0]})
