@@ -51,7 +51,8 @@ def per_step_loop_rate(kind: str, pools, spec: EpisodeSpec, config: TrainConfig,
             jax.block_until_ready(params)
             start = time.perf_counter()
         data_key, model_key = jax.random.split(jax.random.fold_in(key, step))
-        params, opt_state = update(params, opt_state, sample(data_key, pools["train"], spec, config.batch_size), model_key)
+        episodes = sample(data_key, pools["train"], spec, config.batch_size)
+        params, opt_state = update(params, opt_state, episodes, model_key)
     jax.block_until_ready(params)
     return steps / (time.perf_counter() - start)
 
@@ -61,8 +62,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--end-to-end", action="store_true")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} {jax.default_backend()} device(s), "
-          f"jax {jax.__version__}")
+    print(f"machine: {platform.processor() or platform.machine()}, "
+          f"{jax.device_count()} {jax.default_backend()} device(s), jax {jax.__version__}")
     pools, spec = two_user_pools(), EpisodeSpec()
     config = TrainConfig(steps=args.steps, eval_every=args.steps // 3, checkpoint_every=args.steps // 3)
     print(f"{'model':<8}{'nps it/s':>10}{'per-step it/s':>15}{'ratio':>8}")

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--gpus-per-process", type=int, metavar="G",
                         help="give process i the GPUs i·G .. i·G + G − 1 (CUDA_VISIBLE_DEVICES)")
     launch.add_argument("--port", type=int, default=0, help="the coordinator's port (default: a free one)")
-    launch.add_argument("program", nargs=argparse.REMAINDER, help="-- then the nps command, e.g. -- reproduce synthetic")
+    launch.add_argument("program", nargs=argparse.REMAINDER,
+                        help="-- then the nps command, e.g. -- reproduce synthetic")
     launch.set_defaults(func=_launch)
 
     prepare = commands.add_parser("prepare",

@@ -30,7 +30,8 @@ import pytest
 # without this every JAX process would try to start a TPU backend, take libtpu's machine-wide lock and
 # print a page of warnings on a machine that has none.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"nps-tests-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"nps-tests-jax-cache-{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,9 +1,9 @@
 """Consistency and drift checks of a profile (nps.workflow.consistency), on models whose users are known.
 
-``PreferenceDirection`` is a per-user preference model (``nps.models.interface``) in a few lines: z is the unit direction of
-the mean (chosen − rejected) of the context, and the log-odds of a pair is scale · z · (a − b). A
-simulated user of type ±1 prefers the option with the larger ±first coordinate, so these tests
-know every answer's truth. The rates measured with trained NP-BTL and NP-DPO models are in
+``PreferenceDirection`` is a per-user preference model (``nps.models.interface``) in a few lines: z is
+the unit direction of the mean (chosen − rejected) of the context, and the log-odds of a pair is
+scale · z · (a − b). A simulated user of type ±1 prefers the option with the larger ±first
+coordinate, so these tests know every answer's truth. The rates measured with trained NP-BTL and NP-DPO models are in
 docs/results.md (`nps reproduce consistency`).
 """
 
@@ -163,7 +163,8 @@ def test_drift_is_flagged_for_users_who_switch_and_rarely_for_stable_users():
     # Where the drift starts: the first answer after the switch, within two answers.
     assert all(abs(d.change_at - 10) <= 2 for d in switched if d.flagged)
     # Most stable profiles stop drawing permutations early; their p-values are valid all the same.
-    assert np.mean([d.permutations for d in stable]) < 99 and all(d.p_value > d.threshold for d in stable if not d.flagged)
+    assert np.mean([d.permutations for d in stable]) < 99
+    assert all(d.p_value > d.threshold for d in stable if not d.flagged)
 
 
 def test_stopping_early_never_changes_the_verdict_and_a_seed_fixes_the_p_value():

@@ -109,7 +109,8 @@ def test_peers_smoke_run_reports_every_method_on_every_task(tmp_path):
             assert entry["adapt_gradient_steps"] == (10 if entry["kind"] in ("pal-a", "pal-b", "lore") else 0)
             if entry["kind"] in ("pal-a", "pal-b", "lore"):  # the recorded config is the one trained
                 assert entry["model_config"]["num_users"] == (2 if name.startswith("two-user") else 4)
-                assert entry["model_config"].get("train_learning_rate", entry["learning_rate"]) == entry["learning_rate"]
+                rate = entry["learning_rate"]
+                assert entry["model_config"].get("train_learning_rate", rate) == rate
     assert 0.0 <= results["models"]["two-user/vpl"]["active_latent_units"] <= 1.0
     assert len(results["models"]["four-ideal-points/np_btl"]["unseen_accuracy"]["0"]) == 5  # four types and all
     assert sorted(results["plots"]) == sorted(f"{t}.png" for t in DEFAULT_TASKS)

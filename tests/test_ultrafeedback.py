@@ -139,8 +139,9 @@ def test_an_unreachable_hub_is_one_line(tmp_path, monkeypatch):
     from nps.data.ultrafeedback import download_release_subset
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1, read at import
-    with pytest.raises(ConfigError, match=r"^openbmb/UltraFeedback/flan.jsonl: could not download from the Hugging Face "
-                                          r"hub \(\w+\); download UltraFeedback elsewhere and pass the file$"):
+    with pytest.raises(ConfigError, match=r"^openbmb/UltraFeedback/flan.jsonl: could not download from the "
+                                          r"Hugging Face hub \(\w+\); download UltraFeedback elsewhere "
+                                          r"and pass the file$"):
         download_release_subset(tmp_path, 10, "flan.jsonl")
 
 

@@ -412,8 +412,8 @@ def load_preferences(path: str | Path) -> PreferenceData:
                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {again}") from None
     listed = [split for split in SPLITS if split in builder.info.splits]
     if listed != list(SPLITS):
-        raise ConfigError(f"{directory / 'dataset_info.json'}: lists no {', '.join(s for s in SPLITS if s not in listed)} "
-                          f"split; {again}")
+        missing = ", ".join(s for s in SPLITS if s not in listed)
+        raise ConfigError(f"{directory / 'dataset_info.json'}: lists no {missing} split; {again}")
     columns = {}
     for split in SPLITS:
         try:

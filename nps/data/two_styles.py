@@ -132,7 +132,8 @@ def encode_words(text: str, field: str = "text") -> list[int]:
     unknown = [w for w in text.split() if w not in index]
     if unknown:
         raise ConfigError(
-            f"{field}: {unknown[0]!r} is not a word of the steering language; use topics ({', '.join(TOPICS[:4])}, ...) "
+            f"{field}: {unknown[0]!r} is not a word of the steering language; "
+            f"use topics ({', '.join(TOPICS[:4])}, ...) "
             f"and words such as {', '.join(DETAILED[:3] + CAUTIOUS[:3] + NEUTRAL[:2])}"
         )
     return [index[w] for w in text.split()]
@@ -274,7 +275,8 @@ class PreferencePairs(NamedTuple):
         arrays = {f"options_{name}": np.asarray(value) for name, value in self.options._asdict().items()}
         arrays |= {"rewards": self.rewards, "conflicting": self.conflicting,
                    "identity": np.asarray(json.dumps(self.identity))}
-        arrays |= {f"split_{which}_{split}": ids for which, parts in self.splits.items() for split, ids in parts.items()}
+        arrays |= {f"split_{which}_{split}": ids
+                   for which, parts in self.splits.items() for split, ids in parts.items()}
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         return atomic_write_bytes(path, buffer.getvalue())

@@ -382,7 +382,8 @@ def conflict_test_pools(test_pairs, ratings: np.ndarray, features, context_rate:
             option_pair_pool(context_pairs, ratings, features))
 
 
-RELEASE_REPO = "openbmb/UltraFeedback"  # the release on the Hugging Face hub: six JSON-lines files, one per prompt source
+# The release on the Hugging Face hub: six JSON-lines files, one per prompt source.
+RELEASE_REPO = "openbmb/UltraFeedback"
 RELEASE_FILES = ("evol_instruct.jsonl", "false_qa.jsonl", "flan.jsonl", "sharegpt.jsonl", "truthful_qa.jsonl",
                  "ultrachat.jsonl")
 
@@ -415,7 +416,8 @@ def download_release_subset(out: str | Path, num_prompts: int, source: str = "ev
 
 
 # A stand-in for the release where it cannot be downloaded (the notebooks' offline fallback; the tests' files).
-SAMPLE_WORDS = ["the", "answer", "is", "helpful", "honest", "maybe", "clearly", "because", "fox", "dog", "step", "first"]
+SAMPLE_WORDS = ["the", "answer", "is", "helpful", "honest", "maybe", "clearly", "because", "fox", "dog", "step",
+                "first"]
 
 
 def release_completion(index: int, ratings: tuple | None) -> dict[str, Any]:

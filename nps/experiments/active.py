@@ -77,7 +77,8 @@ class ActiveConfig:
         if unknown or not self.tasks:
             raise invalid("tasks", self.tasks, f"must choose from {list(TASKS)}")
         if self.model.kind != "np":
-            raise invalid("model.kind", self.model.kind, "must be 'np': choosing pairs needs a context-conditioned model")
+            raise invalid("model.kind", self.model.kind,
+                          "must be 'np': choosing pairs needs a context-conditioned model")
         if not 0 < self.reference_pairs <= self.max_pairs:
             raise invalid("reference_pairs", self.reference_pairs, f"must be in 1..max_pairs={self.max_pairs}")
         for name in ("num_users", "steering_users"):
@@ -153,7 +154,8 @@ def run_active(config: ActiveConfig, out: str | Path, *, fresh: bool = False, pr
                 "num_users": int(candidates.first_chosen.shape[0]),
                 "num_candidates": int(candidates.first_chosen.shape[1]),
                 "num_eval_pairs": int(evaluation.first_chosen.shape[1]),
-                "pairs_needed": {s: mean_and_sem(needed[s]) | {"never_reached": int(np.sum(needed[s] > config.max_pairs))}
+                "pairs_needed": {s: mean_and_sem(needed[s])
+                                 | {"never_reached": int(np.sum(needed[s] > config.max_pairs))}
                                  for s in STRATEGIES},
                 "ratio_active_to_random": float(needed["active"].mean() / needed["random"].mean()),
                 "accuracy_vs_pairs": {s: [mean_and_sem(curves[s][:, n]) for n in range(config.max_pairs + 1)]

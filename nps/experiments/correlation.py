@@ -114,7 +114,8 @@ def format_error_table(models: dict[str, Any], test_rhos, metric: str) -> str:
     return "\n".join(rows)
 
 
-ERROR_METRICS = {"z_inference_error": "error of inferring z* [%]", "conflicting_pair_error": "error on conflicting pairs [%]"}
+ERROR_METRICS = {"z_inference_error": "error of inferring z* [%]",
+                 "conflicting_pair_error": "error on conflicting pairs [%]"}
 
 
 def plot_z_error(models: dict[str, Any], test_rhos, path: Path) -> Path:

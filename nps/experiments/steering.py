@@ -69,8 +69,8 @@ class SteeringConfig:
     seed: int = 0
     language: two_styles.LanguageSpec = two_styles.LanguageSpec()
     decoder: DecoderConfig = DecoderConfig(
-        model_type="qwen2", vocab_size=len(two_styles.vocabulary()), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
+        model_type="qwen2", vocab_size=len(two_styles.vocabulary()), hidden_size=64, intermediate_size=128,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True,
     )
     corpus_size: int = 20_000
     pretrain: LMTrainConfig = LMTrainConfig(steps=600, batch_size=64, learning_rate=3e-3)

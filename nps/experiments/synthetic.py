@@ -99,7 +99,8 @@ def plot_reward_curves(curves: dict[str, Any], grid: np.ndarray, threshold: floa
             scale = mean.std() + 1e-12
             ax.plot(grid, _standardise(mean), color="black", label="shared reward")
             if "all_std" in by_user:
-                low, high = (mean - by_user["all_std"] - mean.mean()) / scale, (mean + by_user["all_std"] - mean.mean()) / scale
+                centred = mean - mean.mean()
+                low, high = (centred - by_user["all_std"]) / scale, (centred + by_user["all_std"]) / scale
                 ax.fill_between(grid, low, high, color="grey", alpha=0.3, label="± σ(y)")
         else:
             for name, values in by_user.items():

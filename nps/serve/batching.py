@@ -3,7 +3,8 @@
 A request (a prompt, the person's z or the base model, a seed) joins a queue; a worker thread takes
 whatever waits when the model is free, up to ``max_batch`` requests (requests that arrive while a batch
 runs form the next one; ``max_wait`` > 0 also waits that long for more once one has come, which only
-costs latency when few people are there: docs/benchmarks.md), and generates them as one batch per arm (the steered policy, with each row's z; the base)
+costs latency when few people are there: docs/benchmarks.md), and generates them as one batch per arm
+(the steered policy, with each row's z; the base)
 through ``SteeringRun.generate``. Each row samples with a PRNG key of its own seed, so a reply
 depends only on its prompt, z and seed, never on the batch it shared (tested). Batches are padded to
 a power of two rows and prompts to a multiple of ``WIDTH_STEP`` tokens, so a few programs serve every

@@ -224,8 +224,9 @@ class TrainProgram:
             check_batch_divisible(mesh, config.batch_size)
             check_batch_divisible(mesh, config.val_tasks, "train.val_tasks")
             if optimizer.gradient_sum == "ordered" and mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:
-                raise ConfigError(f"train.gradient_sum=ordered needs a data-parallel mesh, not fsdp={mesh.shape['fsdp']} "
-                                  f"× tensor={mesh.shape['tensor']}; use all_reduce", "train.gradient_sum")
+                raise ConfigError(f"train.gradient_sum=ordered needs a data-parallel mesh, "
+                                  f"not fsdp={mesh.shape['fsdp']} × tensor={mesh.shape['tensor']}; use all_reduce",
+                                  "train.gradient_sum")
         graphdef, frozen_state, params_state = nnx.split(model, BaseParam, ...)
         frozen, params = nnx.to_pure_dict(frozen_state), nnx.to_pure_dict(params_state)
         state_shardings = frozen_shardings = None

@@ -57,7 +57,8 @@ def test_scripted_collect_killed_at_several_moments_resumes_to_the_uninterrupted
     candidates = write_candidates(tmp_path / "candidates.jsonl", count)
     choices = write_choices(tmp_path / "choices.txt", count)
     reference = tmp_path / "uninterrupted.jsonl"
-    assert main(["collect", "--candidates", str(candidates), "--profile", str(reference), "--choices", str(choices)]) == 0
+    assert main(["collect", "--candidates", str(candidates), "--profile", str(reference),
+                 "--choices", str(choices)]) == 0
     expected = answers(reference)
     assert len(expected) == count
 
