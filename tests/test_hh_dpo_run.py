@@ -179,6 +179,9 @@ def test_a_person_teaches_tries_and_checks_an_hh_dpo_policy_in_a_browser_then_ab
         browser.get(base + "/")
         browser.find_element(By.ID, "name").send_keys("Grace")
         browser.find_element(By.ID, "start").click()
+        # Wait for the page the sign-up answers with (it sets the session cookie): navigating away before it
+        # arrives cancels the sign-up, and /teach then shows the start page.
+        assert "/p/grace/" in browser.find_element(By.ID, "personal-link").text
         shown = []
         for _ in range(3):  # Teach: the most informative pairs, as free text
             browser.get(base + "/teach")
