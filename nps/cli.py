@@ -11,11 +11,11 @@
     nps generate --run DIR --prompt TEXT [--context USER.jsonl] [--toward OTHER.jsonl] [--z-file Z.json]
     nps collect --candidates CANDIDATES.jsonl --profile ME.jsonl [--choices FILE] [--limit N] [--active RUN]
     nps ab --run RUN --profile USER_TYPE=PROFILE.jsonl ... --prompts PROMPTS.txt [--baseline base|RUN[:MODEL]]
-           [--scorer oracle|np_btl]
+           [--scorer oracle|np_btl|vpl|pal-a|pal-b|lore]
     nps compare RUN_A RUN_B [--tolerance 0.02] [--sigmas 2] [--markdown REPORT.md] [--allow-different-data]
                 [--allow-missing]
     nps serve --run RUN --candidates CANDIDATES.jsonl --store DIR [--host 127.0.0.1] [--port 8000] [--admin-token T]
-    nps profile check PROFILE.jsonl --run RUN [--model np_dpo|np_btl_reward] [--json REPORT.json]
+    nps profile check PROFILE.jsonl --run RUN [--model np_dpo|vpl_dpo|np_btl_reward|vpl_reward|...] [--json F]
     nps plan [--model qwen2.5-7b|CONFIG.json] [--job np-dpo] [--topology v5e:4x4|h100:8|local] [--mesh data=1,fsdp=16]
              [--batch 16] [--targets 4] [--length 512] [--remat full] [--json PLAN.json] [--measure STEPS]
 
@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--baseline", default="base", help="'base' (the unconditioned base) or RUN_DIR[:MODEL]")
     ab.add_argument("--samples", type=int, default=4, help="responses per prompt (default 4)")
     ab.add_argument("--seed", type=int, default=0)
-    ab.add_argument("--scorer", choices=("oracle", "np_btl"), default="oracle",
-                    help="oracle: each user type's true reward; np_btl: NP-BTL conditioned on the profile")
-    ab.add_argument("--scorer-steps", type=int, default=1000, help="np_btl scorer's training steps (once per run)")
+    ab.add_argument("--scorer", default="oracle",
+                    help="oracle (default): each user type's true reward; np_btl, vpl, pal-a, pal-b or lore: that "
+                    "per-user reward model conditioned on the profile, trained once per run")
+    ab.add_argument("--scorer-steps", type=int, default=1000, help="a reward scorer's training steps (once per run)")
     ab.add_argument("--out", default="ab", help="folder for ab.json, ab.md and ab.png (default: ab)")
     ab.set_defaults(func=_ab)
 
@@ -165,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "both ways, position bias and drift, judged by a trained run")
     check.add_argument("profile", help="a profile (JSON lines of prompt/chosen/rejected, e.g. from nps collect/serve)")
     check.add_argument("--run", required=True, help=RUN_HELP)
-    check.add_argument("--model", default="np_dpo", help="np_dpo (default) or np_btl_reward (the NP-BTL scorer "
-                       "`nps ab --scorer np_btl` trained)")
+    check.add_argument("--model", default="np_dpo", help="np_dpo (default), vpl_dpo, or a reward scorer "
+                       "`nps ab --scorer KIND` trained: np_btl_reward, vpl_reward, pal_a_reward, ...")
     check.add_argument("--threshold", type=float, default=ALERT_THRESHOLD, help="p-value at which drift and "
                        f"position bias are flagged ({ALERT_THRESHOLD})")
     check.add_argument("--implausible-below", type=float, default=0.2,

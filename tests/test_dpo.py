@@ -20,7 +20,8 @@ from nps.layers import BaseParam
 from nps.likelihood import choice_accuracy
 from nps.lm import Decoder, DecoderConfig, LoRAConfig
 from nps.models.interface import context_latents
-from nps.models.policy import PolicyConfig, SteerablePolicy, with_reference_log_probs
+from nps.models.peers import VPLConfig
+from nps.models.policy import PolicyConfig, SteerablePolicy, policy_kind, with_reference_log_probs
 from nps.train import loop
 from nps.train.evaluate import evaluate_unseen_accuracy
 from nps.train.loop import TrainConfig, fit, load_trained
@@ -28,6 +29,7 @@ from nps.train.loop import TrainConfig, fit, load_trained
 DECODER = DecoderConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=8, max_position_embeddings=64)
 POLICY = PolicyConfig(beta=0.5, encoder=EncoderConfig(hidden_dim=16, latent_dim=8, num_heads=2, attention_dropout=0.0),
+                      vpl=VPLConfig(hidden_dim=16, latent_dim=8, kl_weight=0.3, kl_anneal_period=100),
                       lora=LoRAConfig(rank=4, targets=("q", "v")))
 SPEC = EpisodeSpec(num_targets=4, max_context=3)
 NUM_PAIRS, LENGTH, PROMPT = 48, 10, 3
@@ -87,9 +89,9 @@ def test_response_log_probs_sum_response_tokens_of_the_full_softmax(chunk):
     np.testing.assert_allclose(again, got, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["np", "btl"])
+@pytest.mark.parametrize("kind", ["np", "vpl", "btl"])
 def test_a_new_policy_is_its_reference_so_the_loss_is_log_2(kind):
-    policy = make_policy(kind, reference="on_the_fly")
+    policy = make_policy(kind, reference="on_the_fly", vpl=dataclasses.replace(POLICY.vpl, kl_weight=0.0))
     episodes = sample_episodes(jax.random.key(0), make_pool(), SPEC, 5)
     loss, _ = objective(policy, episodes, jax.random.key(1))
     assert float(loss) == pytest.approx(np.log(2.0), abs=1e-6)
@@ -135,6 +137,46 @@ def test_the_policy_goes_through_the_public_functions_as_a_per_user_model():
     z = context_latents(policy, chosen, rejected, episodes.context_mask)
     np.testing.assert_allclose(z, jax.jit(lambda e: policy.context_latent(e))(episodes), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(particle_latents(policy, pool, SPEC, 4, 2, key), z, rtol=1e-5, atol=1e-6)
+
+
+def test_vpl_dpo_is_conditional_dpo_plus_vpls_annealed_kl_and_steers_by_the_posterior_mean():
+    """VPL-DPO (the peer comparison's policy): the loss is the KL-free conditional DPO loss plus
+    β·a(step)·KL(N(μ, σ²) ‖ N(0, I)) / N^T per task, from the closed forms; its user state is μ, the same
+    for any order of the context pairs, and the prior's mean 0 (no steering) for an empty context."""
+    assert [policy_kind(name) for name in ("np_dpo", "vpl_dpo", "btl_dpo_mixed", "oracle_detail")] == \
+        ["np", "vpl", "btl", "btl"]
+    policy = make_policy("vpl", reference="on_the_fly")
+    perturb(nnx.state(policy, nnx.Param), scale=0.3)
+    assert policy.objective_reads_step and not make_policy("np").objective_reads_step
+    episodes = sample_episodes(jax.random.key(8), make_pool(), SPEC, 5, context_size=3)
+    step, key = jnp.int32(30), jax.random.key(9)
+    with_kl = nnx.jit(lambda m, e: m.objective(e, key, step))
+    loss, aux = with_kl(policy, episodes)
+    no_kl = nnx.merge(*nnx.split(policy))
+    no_kl.config = dataclasses.replace(policy.config, vpl=dataclasses.replace(policy.config.vpl, kl_weight=0.0))
+    dpo_loss, _ = with_kl(no_kl, episodes)
+
+    features = (episodes.context_chosen.features, episodes.context_rejected.features, episodes.context_mask)
+    mean, log_var = (np.asarray(x, np.float64) for x in policy.encoder(*features))
+    kl = 0.5 * np.sum(np.exp(log_var) + mean ** 2 - 1.0 - log_var, axis=-1)
+    anneal = 0.1 + 0.9 * (np.cos(np.pi * (30 / 100 - 1.0)) + 1.0) / 2.0
+    targets = np.asarray(episodes.target_mask).sum(-1)
+    np.testing.assert_allclose(float(loss) - float(dpo_loss), np.mean(0.3 * anneal * kl / targets), rtol=1e-4)
+    np.testing.assert_allclose(float(aux["kl"]), kl.mean(), rtol=1e-5)
+    assert float(loss) > float(dpo_loss) > 0
+
+    z = policy.context_latent(episodes)
+    np.testing.assert_allclose(z, mean, rtol=1e-6, atol=1e-7)
+    order = jnp.asarray([2, 0, 1])
+    shuffled = episodes._replace(context_chosen=jax.tree.map(lambda x: x[:, order], episodes.context_chosen),
+                                 context_rejected=jax.tree.map(lambda x: x[:, order], episodes.context_rejected),
+                                 context_mask=episodes.context_mask[:, order])
+    np.testing.assert_allclose(policy.context_latent(shuffled), z, rtol=1e-5, atol=1e-6)
+    empty = episodes._replace(context_mask=jnp.zeros_like(episodes.context_mask))
+    np.testing.assert_array_equal(policy.context_latent(empty), 0.0)
+    np.testing.assert_allclose(predict(policy, empty), policy.target_log_odds(episodes, jnp.zeros_like(z)),
+                               rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(predict(policy, episodes) - predict(policy, empty))).max() > 1e-3
 
 
 def test_gradient_steps_lower_the_conditional_dpo_loss_of_a_batch():

@@ -46,3 +46,15 @@ def test_resume_recomputes_only_missing_chunks(lm, tmp_path):
         cached_embeddings(sequences, tmp_path, embed_fn, **(common | {"key": key | {"weights_hash": "other"}}))
     with pytest.raises(ConfigError, match="tokens_hash"):
         cached_embeddings(sequences[::-1], tmp_path, embed_fn, **common)
+
+
+def test_a_loaded_embedder_in_another_dtype_than_the_caches_key_is_refused(lm, tmp_path):
+    """The cache's folder and key carry ``dtype``: features of an fp32 model must not be filed as bf16."""
+    from nps.data.embedding_cache import embed_options_cached
+
+    with pytest.raises(ConfigError, match="the embedder was loaded in float32, not dtype=bfloat16"):
+        embed_options_cached(lm, ["question"], ["answer"], tmp_path, dtype="bfloat16", echo=lambda _: None)
+    assert not any(tmp_path.iterdir())  # nothing written
+    features, record = embed_options_cached(lm, ["question"], ["answer"], tmp_path, dtype="float32",
+                                            echo=lambda _: None)
+    assert features.shape == (1, lm.config.hidden_size) and record["dim"] == lm.config.hidden_size

@@ -120,8 +120,8 @@ def test_peers_smoke_run_reports_every_method_on_every_task(tmp_path):
 
 
 def test_peers_tell_each_model_the_task_s_user_types_and_the_run_s_learning_rate():
-    from nps.experiments.peers import PeersConfig, told_the_run
-    from nps.models.peers import LoReConfig, PALConfig
+    from nps.experiments.peers import PeersConfig
+    from nps.models.peers import LoReConfig, PALConfig, told_the_run
 
     config = PeersConfig()
     assert [config.model_config(m).kind for m in ("pal-a", "pal-b", "lore")] == ["pal-a", "pal-b", "lore"]

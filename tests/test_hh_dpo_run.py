@@ -123,7 +123,8 @@ def test_ab_profile_check_and_active_questions_on_the_hh_dpo_run(run, hh_dpo_run
     ab = ["ab", "--run", str(scored_run), "--profile", f"helpfulness={profile}", "--prompts", str(prompts),
           "--samples", "2", "--out", str(tmp_path / "ab")]
     assert main(ab) == 2
-    assert "a hh-dpo run has no true reward per user type; score with --scorer np_btl" in capsys.readouterr().err
+    assert ("a hh-dpo run has no true reward per user type; score with a reward model conditioned on the profile: "
+            "--scorer np_btl | vpl | pal-a | pal-b | lore") in capsys.readouterr().err
     assert main(ab + ["--scorer", "np_btl", "--scorer-steps", "10"]) == 0
     report = json.loads((tmp_path / "ab" / "ab.json").read_text())
     rate = report["by_user_type"]["helpfulness"]["win_rate"]

@@ -68,6 +68,9 @@ def test_small_run_writes_results_plots_and_adapts(small_run):
     assert saved["data"]["split_sizes"]["train"] > 0.75 * saved["data"]["conflicting_pairs"]
     accuracy = saved["models"]["np_dpo"]["unseen_accuracy"]
     assert accuracy["3"]["all"]["mean"] > accuracy["0"]["all"]["mean"] + 0.1  # the context steers
+    vpl = saved["models"]["vpl_dpo"]["unseen_accuracy"]  # VPL's latent steers the same policy too
+    assert vpl["3"]["all"]["mean"] > vpl["0"]["all"]["mean"] + 0.1
+    assert saved["models"]["vpl_dpo"]["kind"] == "vpl" and set(saved["win_rates"]["vpl_dpo"]) == {"0", "3"}
     mixed = saved["models"]["btl_dpo_mixed"]["unseen_accuracy"]
     assert mixed["0"]["all"]["mean"] == pytest.approx(mixed["3"]["all"]["mean"], abs=0.05)
     for user in ("detail", "caution"):
@@ -258,6 +261,31 @@ def test_the_np_btl_scorer_is_trained_once_and_reused(ab_inputs, tmp_path):
     again = json.loads((tmp_path / "e" / "ab.json").read_text())
     assert again == learned | {"inputs": again["inputs"]}  # the same scorer, the same numbers
     assert sorted(p.name for p in (out / "checkpoints" / "np_btl_reward").iterdir()) == checkpoints
+
+
+@pytest.mark.parametrize("scorer, name", [("vpl", "VPL"), ("pal-a", "PAL-A")])
+def test_a_peer_reward_model_scores_the_ab_test_and_checks_a_profile(ab_inputs, tmp_path, capsys, scorer, name):
+    """Any per-user reward model scores `nps ab` (PAL-A fits each profile's mixture at test time), and the
+    scorer it trained checks a profile; GPO, with no reward per option, is refused by name."""
+    shared, args = ab_inputs
+    out = tmp_path / "run"
+    shutil.copytree(shared, out, ignore=shutil.ignore_patterns("logs"))
+    args = [str(out) if arg == str(shared) else arg for arg in args]
+    assert main([*args, "--out", str(tmp_path / "ab"), "--scorer", "gpo"]) == 2
+    assert "--scorer 'gpo': use 'oracle' or one of ['np_btl', 'vpl', 'pal-a', 'pal-b', 'lore']" in \
+        capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "ab"), "--scorer", scorer, "--scorer-steps", "30"]) == 0
+    report = json.loads((tmp_path / "ab" / "ab.json").read_text())
+    assert report["inputs"]["scorer"] == f"{name} conditioned on the profile"
+    assert set(report["scorer_unseen_accuracy"]) == {"0", "1", "3", "5", "10"}
+    rewards = [entry["mean_reward"] for entry in report["by_profile"]]
+    assert all(np.isfinite([r["personalised"], r["baseline"]]).all() for r in rewards)
+    assert len({r["personalised"] for r in rewards}) == 2  # each profile its own user state
+    checkpoint = f"{scorer.replace('-', '_')}_reward"
+    assert (out / "checkpoints" / checkpoint).is_dir()
+    profile = args[args.index("--profile") + 1].partition("=")[2]
+    assert main(["profile", "check", profile, "--run", str(out), "--model", checkpoint]) == 0
+    assert "answers" in capsys.readouterr().out
 
 
 def test_collect_asks_a_pair_that_separates_the_users_first(small_run, tmp_path, capsys):

@@ -106,6 +106,31 @@ def test_reproduce_hh_end_to_end_and_resume_from_the_prepared_folder(inputs, tmp
     assert again["models"]["np_btl"]["unseen_accuracy"] == results["models"]["np_btl"]["unseen_accuracy"]
 
 
+def test_peers_on_vpls_ultrafeedback_recipes_from_the_embedder_s_features(inputs, tmp_path, capsys):
+    """`nps reproduce peers --set tasks=uf-p-2,uf-p-4` prepares VPL's recipes from the release file, embeds
+    them once per recipe and compares the methods on them (PAL told each recipe's user types); the UF tasks
+    need both inputs, said before anything trains."""
+    model, release = inputs
+    assert main(["reproduce", "peers", "--set", "tasks=uf-p-2", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "tasks='uf-p-2' need --data" in capsys.readouterr().err
+    out = tmp_path / "peers"
+    extra = ["tasks=uf-p-2,uf-p-4", "methods=btl,np_btl,vpl,pal-b", "oracle=false", "seeds=0", "learning_rates=0.003",
+             "vpl.hidden_dim=16", "vpl.latent_dim=8", "pal_b.dim=16", "pal_b.adapt_steps=10"]
+    assert reproduce("peers", inputs, out, extra=extra) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {f"{t}/{m}" for t in ("uf-p-2", "uf-p-4") for m in ("btl", "np_btl", "vpl",
+                                                                                          "pal-b")}
+    users = {"uf-p-2": {"helpfulness", "honesty"},
+             "uf-p-4": {"helpfulness", "honesty", "instruction_following", "truthfulness"}}
+    for task, attributes in users.items():
+        assert results["data"][task]["build"]["recipe"] == task
+        assert results["models"][f"{task}/pal-b"]["model_config"]["num_users"] == len(attributes)
+        accuracy = results["models"][f"{task}/vpl"]["unseen_accuracy"]
+        assert set(accuracy) == {"0", "1", "3"} and set(accuracy["3"]) == attributes | {"all"}
+        assert list((out / task / "dataset").rglob("embeddings"))  # each recipe embedded into its own folder
+    assert "| vpl |" in (out / "peers.md").read_text()
+
+
 @pytest.mark.slow  # an experiment end to end; -m slow runs it
 def test_reproduce_conflict_and_continuum(inputs, tmp_path, capsys):
     extra = ["train_rates=0.5", "episodes.num_targets=4"]

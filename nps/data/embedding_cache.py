@@ -191,11 +191,18 @@ def embed_options_cached(
     identity, weights hash, dimension, the maximum length and how many options were cut to it, and
     the throughput of this call.
     """
+    import jax
     import jax.numpy as jnp
+    from flax import nnx
 
+    from nps.layers import BaseParam
     from nps.lm import embed_tokens, from_pretrained
 
     embedder = from_pretrained(model, dtype=jnp.dtype(dtype)) if isinstance(model, (str, Path)) else model
+    weights_dtype = jax.tree.leaves(nnx.state(embedder.model, BaseParam))[0].dtype
+    if weights_dtype != jnp.dtype(dtype):  # the cache's key says dtype: a model loaded otherwise would lie to it
+        raise ConfigError(f"{embedder.identity}: the embedder was loaded in {weights_dtype}, not dtype={dtype}; "
+                          f"load it with dtype={dtype} or pass that dtype")
     tokens = option_tokens(embedder.tokenizer, prompts, responses, max_length)
     if tokens.prompts_cut or tokens.responses_cut:
         echo(f"embedding: {tokens.prompts_cut} options had the start of their prompt cut to fit {max_length} tokens, "

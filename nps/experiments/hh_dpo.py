@@ -32,6 +32,7 @@ from nps.encoder import EncoderConfig
 from nps.errors import ConfigError, invalid
 from nps.lm import LoRAConfig, from_pretrained
 from nps.lm.text import tokenise_chat
+from nps.models.peers import VPLConfig
 from nps.models.policy import (
     PolicyConfig,
     SteerablePolicy,
@@ -50,7 +51,9 @@ from nps.train.mesh import make_mesh
 from nps.train.evaluate import EvalConfig
 
 USER_NAMES = ["helpfulness", "honesty"]
-MODEL_NAMES = ("np_dpo", "btl_dpo_mixed", "btl_dpo_oracles")  # oracles: one BTL-DPO per user type's labels
+# oracles: one BTL-DPO per user type's labels; vpl_dpo (VPL-DPO, the peer comparison's policy) on request
+MODEL_NAMES = ("np_dpo", "vpl_dpo", "btl_dpo_mixed", "btl_dpo_oracles")
+DEFAULT_MODELS = ("np_dpo", "btl_dpo_mixed", "btl_dpo_oracles")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +73,11 @@ class HHDPOConfig:
     # (data = the devices left over); LoRA, FiLM and the encoder are replicated.
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
-    models: tuple[str, ...] = MODEL_NAMES
+    models: tuple[str, ...] = DEFAULT_MODELS
     policy: PolicyConfig = PolicyConfig(
         beta=0.05,
         encoder=EncoderConfig(inner="linear", hidden_dim=256, latent_dim=256, attention_dropout=0.0),
+        vpl=VPLConfig(hidden_dim=256, latent_dim=256),  # VPL-DPO at NP-DPO's widths
         lora=LoRAConfig(rank=128, alpha=256.0, dropout=0.1, targets=("q", "v")),
     )
     episodes: EpisodeSpec = EpisodeSpec(num_targets=9, max_context=6)

@@ -1,6 +1,8 @@
 """`nps reproduce peers`: nps's reward models and the peer methods (VPL, GPO and every model in
-``nps.models.peers.PEER_MODELS``) on the same synthetic tasks, the same episodes and the same unseen-target
-evaluation, with a per-type oracle and the population BTL as references.
+``nps.models.peers.PEER_MODELS``) on the same tasks, the same episodes and the same unseen-target
+evaluation, with a per-type oracle and the population BTL as references. The tasks: synthetic ones
+(exact ground truth, the defaults) and VPL's UltraFeedback recipes UF-P-2 and UF-P-4 on a frozen
+embedder's option features (``--data ULTRAFEEDBACK --model EMBEDDER --set tasks=uf-p-2,uf-p-4``).
 
 For each task and method: each learning rate of one grid, the same for every method, trains the first
 seed and the lowest validation NLL picks the rate (no method is tuned on test tasks); the remaining seeds
@@ -35,8 +37,9 @@ from nps.data.synthetic import (
     two_user_pools,
 )
 from nps.errors import invalid
+from nps.experiments.ultrafeedback import UFRewardConfig, prepare_inputs, uf_pools
 from nps.files import atomic_write_text
-from nps.models.peers import PEER_MODELS, GPOConfig, LoReConfig, PALConfig, VPLConfig
+from nps.models.peers import PEER_MODELS, GPOConfig, LoReConfig, PALConfig, VPLConfig, told_the_run
 from nps.models.peers.vpl import active_latent_units
 from nps.models.reward import SYNTHETIC_NP_BTL, RewardModelConfig
 from nps.results import experiment_run, plot_accuracy_vs_context
@@ -67,6 +70,8 @@ TASKS: dict[str, tuple[Callable[..., dict], Callable[..., dict], list[str]]] = {
     "correlated": (functools.partial(correlated_pools, CORRELATED_RHO),
                    functools.partial(correlated_identity, CORRELATED_RHO), TWO_USER_NAMES),
 }
+# VPL's UltraFeedback recipes: prepared from --data and embedded by --model as `nps reproduce hh` does.
+UF_TASKS = ("uf-p-2", "uf-p-4")
 DEFAULT_TASKS = ("two-user", "four-ideal-points")
 
 
@@ -87,7 +92,8 @@ class PeersConfig:
       for its linear model and full-batch training).
     """
 
-    tasks: tuple[str, ...] = DEFAULT_TASKS  # add "correlated" for the correlation study's Bayes reference
+    # add "correlated" for the correlation study's Bayes reference, "uf-p-2" / "uf-p-4" for UltraFeedback
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     methods: tuple[str, ...] = METHOD_NAMES
     oracle: bool = True
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -106,9 +112,22 @@ class PeersConfig:
     pal_a: PALConfig = PALConfig(kind="pal-a", dim=128)
     pal_b: PALConfig = PALConfig(kind="pal-b", dim=128)
     lore: LoReConfig = LoReConfig(feature_dim=64)
+    # The UltraFeedback tasks' inputs (as `nps reproduce hh`'s): the train file or a prepared folder, and
+    # the frozen embedder whose last-token states are the options' features.
+    data: str = ""
+    model: str = ""
+    dtype: str = "bfloat16"
+    embed_max_length: int = 1024
+    embed_batch_size: int = 16
 
     def __post_init__(self):
-        check_models(self.tasks, tuple(TASKS), "tasks")
+        check_models(self.tasks, (*TASKS, *UF_TASKS), "tasks")
+        uf_tasks = [task for task in self.tasks if task in UF_TASKS]
+        if uf_tasks and not (self.data and self.model):
+            raise invalid("tasks", ",".join(uf_tasks), "need --data (UltraFeedback's train file or a prepared "
+                          "folder) and --model (the embedder's directory)")
+        for uf_task in uf_tasks:
+            self.uf_inputs(uf_task)  # its recipe and sizes checked now, not after the synthetic tasks trained
         check_models(self.methods, METHOD_NAMES, "methods")
         check_splittable(self.num_pairs)
         check_unseen_targets(self.eval.context_sizes, self.episodes)
@@ -117,6 +136,12 @@ class PeersConfig:
         if not self.learning_rates or min(self.learning_rates) <= 0:
             raise invalid("learning_rates", self.learning_rates, "must be positive rates, at least one")
 
+    def uf_inputs(self, task: str) -> UFRewardConfig:
+        """What ``prepare_inputs`` reads for the UltraFeedback task ``task`` (its recipe, this config's inputs)."""
+        return UFRewardConfig(recipe=task, data=self.data, model=self.model, dtype=self.dtype,
+                              embed_max_length=self.embed_max_length, embed_batch_size=self.embed_batch_size,
+                              episodes=self.episodes, eval=self.eval, pca_context_sizes=())
+
     def model_config(self, method: str):
         """The method's model config: this config's field of that name ("-" as "_"), or (a peer added to
         ``PEER_MODELS`` without a field here) its release defaults."""
@@ -124,14 +149,6 @@ class PeersConfig:
         if hasattr(self, field):
             return getattr(self, field)
         return PEER_MODELS[method][0](kind=method)
-
-
-def told_the_run(model_config, num_users: int, learning_rate: float):
-    """``model_config`` with the task's number of user types and the run's learning rate, where it has a
-    field for them (PAL's and LoRe's user tables, PAL's rates relative to ``fit``'s)."""
-    fields = {field.name for field in dataclasses.fields(model_config)}
-    run = {"num_users": num_users, "train_learning_rate": learning_rate}
-    return dataclasses.replace(model_config, **{name: value for name, value in run.items() if name in fields})
 
 
 def _method_runs(run, config: PeersConfig, task: str, method: str, model_config, pools, identity,
@@ -225,6 +242,16 @@ def format_peers_table(task: str, entries: dict[str, dict[str, Any]], sizes) -> 
     return "\n".join(lines)
 
 
+def task_data(config: PeersConfig, task: str, out: Path, echo) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """``task``'s pools by split, its data's identity and its user types' names. An UltraFeedback task's
+    data is prepared and embedded under ``out/<task>`` (cached there for a resumed run)."""
+    if task in UF_TASKS:
+        inputs = prepare_inputs(config.uf_inputs(task), out / task, echo)
+        return uf_pools(inputs.data, inputs.features), inputs.identity, list(inputs.data.attributes)
+    make_pools, make_identity, users = TASKS[task]
+    return make_pools(config.num_pairs, config.data_seed), make_identity(config.num_pairs, config.data_seed), users
+
+
 def run_peers(config: PeersConfig, out: str | Path, *, fresh: bool = False, progress: bool = True,
               echo=print) -> dict[str, Any]:
     """Every method on every task; results.json (models named ``task/method``), a markdown table
@@ -232,9 +259,7 @@ def run_peers(config: PeersConfig, out: str | Path, *, fresh: bool = False, prog
     with experiment_run("peers", config, out, fresh=fresh, progress=progress, echo=echo) as run:
         models, tables, plots, data = {}, [], [], {}
         for task in config.tasks:
-            make_pools, make_identity, users = TASKS[task]
-            pools = make_pools(config.num_pairs, config.data_seed)
-            identity = make_identity(config.num_pairs, config.data_seed)
+            pools, identity, users = task_data(config, task, run.out, echo)
             data[task] = identity
             entries = {method: _method_runs(run, config, task, method, config.model_config(method), pools, identity,
                                             users)

@@ -39,6 +39,7 @@ from nps.errors import invalid
 from nps.latent import interpolate
 from nps.lm import Decoder, DecoderConfig, LoRAConfig, from_pretrained, save_pretrained
 from nps.train.next_token import LMTrainConfig, train_language_model
+from nps.models.peers import VPLConfig
 from nps.models.policy import (
     PolicyConfig,
     SteerablePolicy,
@@ -59,7 +60,8 @@ from nps.train.loop import TrainConfig
 from nps.train.evaluate import EvalConfig
 
 USER_NAMES = list(two_styles.USER_NAMES)
-MODEL_NAMES = ("np_dpo", "btl_dpo_mixed", "oracle_detail", "oracle_caution")
+# VPL-DPO: the peer comparison's policy (nps reproduce peers covers the reward models; docs/peers.md).
+MODEL_NAMES = ("np_dpo", "vpl_dpo", "btl_dpo_mixed", "oracle_detail", "oracle_caution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,8 @@ class SteeringConfig:
     policy: PolicyConfig = PolicyConfig(
         beta=2.0,
         encoder=EncoderConfig(hidden_dim=64, latent_dim=32, num_heads=4, attention_dropout=0.0),
+        # VPL-DPO: VPL's encoder at NP-DPO's widths, its release's β and annealing.
+        vpl=VPLConfig(hidden_dim=64, latent_dim=32),
         lora=LoRAConfig(rank=8, alpha=16.0, targets=("q", "v")),
     )
     episodes: EpisodeSpec = EpisodeSpec(num_targets=16, max_context=10)

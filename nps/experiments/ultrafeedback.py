@@ -190,7 +190,8 @@ def prepare_inputs(config: UFInputs, out: Path, echo) -> EmbeddedPreferences:
     return inputs._replace(features=jnp.asarray(inputs.features))
 
 
-def _pools(data: PreferenceData, features: jax.Array) -> dict[str, OptionPairPool]:
+def uf_pools(data: PreferenceData, features: jax.Array) -> dict[str, OptionPairPool]:
+    """The pools of a prepared dataset's splits, options by their features ``[M, D]``."""
     return {split: option_pair_pool(pairs, data.options.ratings, features) for split, pairs in data.splits.items()}
 
 
@@ -202,7 +203,7 @@ def run_uf_rewards(config: UFRewardConfig, out: str | Path, *, fresh: bool = Fal
         out = run.out
         data, features, embedder, identity = prepare_inputs(config, out, echo)
         users = list(data.attributes)
-        pools = _pools(data, features)
+        pools = uf_pools(data, features)
         jobs = []  # (name, model config, training pools, whose labels it trains on)
         for name in config.models:
             if name == "btl_oracles":
@@ -327,7 +328,7 @@ def run_continuum(config: ContinuumConfig, out: str | Path, *, fresh: bool = Fal
     with experiment_run("continuum", config, out, fresh=fresh, progress=progress, echo=echo) as run:
         out = run.out
         data, features, embedder, identity = prepare_inputs(config, out, echo)
-        pools = _pools(data, features)
+        pools = uf_pools(data, features)
         attributes = list(data.attributes)
         identity |= {"users": "dirichlet", "dirichlet_concentration": config.episodes.dirichlet_concentration}
         group_by, centres = weight_cells(len(attributes), config.bins)

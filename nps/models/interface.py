@@ -22,6 +22,13 @@ says otherwise (a variational NP-BTL averages over samples of q(z | C) instead).
 the consistency checks and a served user's latent need this second interface; ``fit`` and the
 unseen-target evaluation need only the first.
 
+A **per-user reward model** scores each option for a state, and its choices are BTL on those scores:
+
+- ``reward(options, z) -> [B, N]``: options [B, N, ...] for users in state z [B, d];
+  ``target_log_odds`` is then r(chosen | z) − r(rejected | z) unless the model computes it its own way.
+
+`nps ab`'s reward scorers and the reward plots need this third interface (NP-BTL, VPL, PAL, LoRe).
+
 **One argument convention.** Every public function that uses a model takes the model itself (an
 ``nnx.Module``), first. Compilation is internal: the function splits the model once,
 ``nnx.split(model) -> (graphdef, state)``, and calls a module-level ``jax.jit`` function with the
@@ -43,6 +50,7 @@ import jax
 from flax import nnx
 
 from nps.data.episodes import Episodes
+from nps.likelihood import btl_log_odds
 
 
 class PreferenceModel(nnx.Module):
@@ -71,6 +79,17 @@ class PerUserPreferenceModel(PreferenceModel):
 
     def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
         return self.target_log_odds(episodes, self.context_latent(episodes))
+
+
+class PerUserRewardModel(PerUserPreferenceModel):
+    """A per-user preference model whose choices are BTL on a reward per option and user state."""
+
+    @abc.abstractmethod
+    def reward(self, options: Any, z: jax.Array) -> jax.Array:
+        """[B, N]: the rewards of options [B, N, ...] for the users in state z [B, d]."""
+
+    def target_log_odds(self, episodes: Episodes, z: jax.Array) -> jax.Array:
+        return btl_log_odds(self.reward(episodes.target_chosen, z), self.reward(episodes.target_rejected, z))
 
 
 def interface_methods(interface: type[PreferenceModel]) -> tuple[str, ...]:

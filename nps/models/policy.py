@@ -4,7 +4,10 @@
 FiLM-conditioned decoder with LoRA. Its ``objective`` is conditional DPO (Eq. 24)
 averaged over each task's target pairs, against the unconditioned base as reference
 (the same weights with LoRA and FiLM off). ``kind="btl"`` is the BTL-DPO baseline:
-no encoder, no FiLM, plain DPO (Eq. 25). Both are preference models like the reward
+no encoder, no FiLM, plain DPO (Eq. 25). ``kind="vpl"`` is VPL-DPO, the peer comparison's
+policy: VPL's variational encoder (``nps.models.peers.vpl``) in place of NP's, trained by the
+same conditional DPO plus VPL's annealed KL to the N(0, I) prior, with z sampled and projected
+onto the sphere in training and z = μ otherwise. All are preference models like the reward
 models (``nps.models.interface``): episodes come from an ``OptionPairPool`` whose table
 is ``PolicyOptions``.
 """
@@ -29,8 +32,16 @@ from nps.lm.decoder import REMAT_POLICIES, Decoder, LoRAConfig
 from nps.lm.sharding import constrain, mesh_of, on_mesh
 from nps.models.film import ConditionedDecoder
 from nps.models.interface import PerUserPreferenceModel
+from nps.models.peers.vpl import (
+    VPLConfig,
+    VPLEncoder,
+    active_latent_units,
+    kl_penalty,
+    standard_normal_kl,
+    training_latent,
+)
 
-POLICY_KINDS = ("np", "btl")
+POLICY_KINDS = ("np", "vpl", "btl")
 REFERENCE_MODES = ("precomputed", "on_the_fly")
 
 
@@ -38,9 +49,11 @@ REFERENCE_MODES = ("precomputed", "on_the_fly")
 class PolicyConfig:
     """NP-DPO / DPO settings. The paper (2025 code): β 0.1 (v1: 0.05), LoRA r 128 / α 256 on q, v."""
 
-    kind: str = "np"  # "np" (NP-DPO) or "btl" (standard DPO)
+    kind: str = "np"  # "np" (NP-DPO), "vpl" (VPL-DPO) or "btl" (standard DPO)
     beta: float = 0.1
-    encoder: EncoderConfig = EncoderConfig()
+    encoder: EncoderConfig = EncoderConfig()  # NP-DPO's context encoder
+    # VPL-DPO's encoder and KL (β, annealing, clamp); its reward-decoder fields are unused.
+    vpl: VPLConfig = VPLConfig()
     lora: LoRAConfig = LoRAConfig(rank=8, alpha=16.0)
     # "precomputed": log π_ref read from the options table (computed once, see
     # ``with_reference_log_probs``); "on_the_fly": a second, gradient-free forward per step.
@@ -63,9 +76,9 @@ class PolicyConfig:
 
 
 def policy_kind(model_name: str) -> str:
-    """The kind of a trained policy from its name: "np" for NP-DPO (``np_dpo``), "btl" for every
-    DPO baseline (``btl_dpo_mixed``, the per-user oracles)."""
-    return "np" if model_name.startswith("np_") else "btl"
+    """The kind of a trained policy from its name: "np" for NP-DPO (``np_dpo``), "vpl" for VPL-DPO
+    (``vpl_dpo``), "btl" for every DPO baseline (``btl_dpo_mixed``, the per-user oracles)."""
+    return next((kind for kind in ("np", "vpl") if model_name.startswith(kind + "_")), "btl")
 
 
 def _flatten(tree, leading: int):
@@ -76,7 +89,8 @@ class SteerablePolicy(PerUserPreferenceModel):
     """Context encoder + FiLM/LoRA decoder. Trainable: ``nnx.Param``; the base: ``BaseParam``.
 
     A per-user preference model (``nps.models.interface``) whose options are ``PolicyOptions``; the
-    BTL-DPO baseline (``kind="btl"``) has no user state: its ``context_latent`` is None."""
+    BTL-DPO baseline (``kind="btl"``) has no user state: its ``context_latent`` is None. The encoder
+    is NP's ``ContextEncoder`` (``kind="np"``) or VPL's ``VPLEncoder`` (``kind="vpl"``)."""
 
     def __init__(self, decoder: Decoder, feature_dim: int, config: PolicyConfig, *, rngs: nnx.Rngs, mesh=None):
         """A new policy on ``decoder``'s base weights with adapters, FiLM and encoder of its own.
@@ -87,15 +101,29 @@ class SteerablePolicy(PerUserPreferenceModel):
         self.config = config
         own = nnx.merge(*nnx.split(decoder))  # a new module graph over the same arrays: nothing copied
         own.add_lora(config.lora, rngs=rngs, mesh=mesh)
-        conditioned = config.kind == "np"
-        self.lm = ConditionedDecoder(own, config.encoder.latent_dim if conditioned else None)
-        self.encoder = nnx.data(ContextEncoder(feature_dim, config.encoder, rngs=rngs) if conditioned else None)
+        if config.kind == "np":
+            latent_dim, encoder = config.encoder.latent_dim, ContextEncoder(feature_dim, config.encoder, rngs=rngs)
+        elif config.kind == "vpl":
+            latent_dim, encoder = config.vpl.latent_dim, VPLEncoder(feature_dim, config.vpl, rngs=rngs)
+        else:
+            latent_dim, encoder = None, None
+        self.lm = ConditionedDecoder(own, latent_dim)
+        self.encoder = nnx.data(encoder)
+
+    @property
+    def objective_reads_step(self) -> bool:
+        """VPL-DPO's KL weight follows the training step (nps.train.loop passes it)."""
+        return self.config.kind == "vpl"
 
     # -- the user's latent ------------------------------------------------------------------
     def encode(self, chosen: jax.Array, rejected: jax.Array, mask: jax.Array, key=None) -> jax.Array | None:
-        """z [B, d] from context-pair features [B, C, E] (mask [B, C]); None for the BTL-DPO baseline."""
+        """z [B, d] from context-pair features [B, C, E] (mask [B, C]); None for the BTL-DPO baseline.
+        ``key`` drives NP's attention dropout; VPL-DPO's z is its posterior mean μ whatever the key
+        (its training sample is drawn in ``objective``)."""
         if self.encoder is None:
             return None
+        if self.config.kind == "vpl":
+            return self.encoder(chosen, rejected, mask)[0]
         return self.encoder(chosen, rejected, mask, key=key)
 
     def encode_context(self, episodes: Episodes, key=None) -> jax.Array | None:
@@ -139,14 +167,22 @@ class SteerablePolicy(PerUserPreferenceModel):
         return dpo_log_odds(policy[..., 0], policy[..., 1], reference[..., 0], reference[..., 1], self.config.beta)
 
     # -- training (``predict_log_odds`` is the interface's: target_log_odds given context_latent) ----
-    def objective(self, episodes: Episodes, key: jax.Array):
-        """Conditional DPO loss: mean over tasks of the mean −log σ(log-odds) over target pairs."""
+    def objective(self, episodes: Episodes, key: jax.Array, step: jax.Array | None = None):
+        """Conditional DPO loss: mean over tasks of the mean −log σ(log-odds) over target pairs;
+        VPL-DPO adds β·a(step)·KL(q(z|C) ‖ N(0, I)) / N^T per task, as VPL's reward model."""
         encoder_key, dropout_key = jax.random.split(key)
-        z = self.encode_context(episodes, encoder_key)
         lora_dropout = dropout_key if self.config.lora.dropout > 0 else None
-        log_odds = self.target_log_odds(episodes, z, lora_dropout)
-        loss = jnp.mean(choice_nll(log_odds, episodes.target_mask))
-        return loss, {"accuracy": jnp.mean(choice_accuracy(log_odds, episodes.target_mask))}
+        if self.config.kind != "vpl":
+            log_odds = self.target_log_odds(episodes, self.encode_context(episodes, encoder_key), lora_dropout)
+            loss = jnp.mean(choice_nll(log_odds, episodes.target_mask))
+            return loss, {"accuracy": jnp.mean(choice_accuracy(log_odds, episodes.target_mask))}
+        mean, log_var = self.encoder(
+            episodes.context_chosen.features, episodes.context_rejected.features, episodes.context_mask)
+        log_odds = self.target_log_odds(episodes, training_latent(mean, log_var, encoder_key), lora_dropout)
+        penalty = kl_penalty(mean, log_var, self.config.vpl, step, jnp.sum(episodes.target_mask, axis=-1))
+        loss = jnp.mean(choice_nll(log_odds, episodes.target_mask) + penalty)
+        return loss, {"accuracy": jnp.mean(choice_accuracy(log_odds, episodes.target_mask)),
+                      "kl": jnp.mean(standard_normal_kl(mean, log_var)), "active_units": active_latent_units(mean)}
 
 
 def with_reference_log_probs(policy: SteerablePolicy, options: PolicyOptions, batch_size: int = 64) -> PolicyOptions:

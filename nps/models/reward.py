@@ -29,7 +29,7 @@ from nps.likelihood import (
     dpl_log_odds,
     posterior_predictive_log_odds,
 )
-from nps.models.interface import PerUserPreferenceModel, PreferenceModel
+from nps.models.interface import PerUserRewardModel, PreferenceModel
 
 MODEL_KINDS = ("btl", "dpl", "np")
 
@@ -107,7 +107,7 @@ class DPLReward(PreferenceModel):
         return jnp.mean(choice_nll(log_odds, episodes.target_mask)), accuracy_aux(log_odds, episodes)
 
 
-class NPReward(PerUserPreferenceModel):
+class NPReward(PerUserRewardModel):
     """NP-BTL: r(y | C) = MLP₂(MLP₁(y) ‖ z(C)) (paper Eq. 4, App. C).
 
     Deterministic encoder: loss = target NLL given z(C) (the paper).
@@ -146,10 +146,6 @@ class NPReward(PerUserPreferenceModel):
         """A point z per task ``[B, d]``: z(C), or the mean of q(z | C)."""
         encoded = self.encode_context(episodes)
         return encoded.mean if self.stochastic else encoded
-
-    def target_log_odds(self, episodes: Episodes, z: jax.Array) -> jax.Array:
-        """Log-odds [B, T] that each target's chosen option wins for the user with latent z [B, d]."""
-        return btl_log_odds(self.reward(episodes.target_chosen, z), self.reward(episodes.target_rejected, z))
 
     def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
         if not self.stochastic:

@@ -17,7 +17,7 @@ from nps.data.episodes import Episodes, EpisodeSpec, sample_episodes
 from nps.data.pairs import PairPool
 from nps.errors import ConfigError, invalid
 from nps.likelihood import choice_accuracy, choice_correct
-from nps.models.interface import PerUserPreferenceModel, PreferenceModel, check_model
+from nps.models.interface import PerUserRewardModel, PreferenceModel, check_model
 from nps.train.distributed import alongside, host_value
 
 PAPER_CONTEXT_SIZES = (0, 1, 3, 5, 10)
@@ -151,14 +151,11 @@ def _unseen_accuracy(graphdef, state, pool, key, context_size, *, spec, num_task
     return choice_accuracy(log_odds, episodes.unseen_mask), episodes.user_weights
 
 
-def rewards_given_context(model: PerUserPreferenceModel, pool: PairPool, spec: EpisodeSpec, options, num_tasks: int,
+def rewards_given_context(model: PerUserRewardModel, pool: PairPool, spec: EpisodeSpec, options, num_tasks: int,
                           key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """A per-user reward model's rewards of ``options`` [N, D] for ``num_tasks`` users of ``pool``,
-    each known by ``spec.max_context`` of their pairs: (rewards [num_tasks, N], user type [num_tasks]).
-    The model rewards options for a state: ``reward(options [B, N, D], z [B, d]) -> [B, N]`` (NP-BTL)."""
-    check_model(model, PerUserPreferenceModel)
-    if not callable(getattr(model, "reward", None)):
-        raise TypeError(f"{type(model).__name__} has no reward(options, z) method: its rewards cannot be plotted")
+    each known by ``spec.max_context`` of their pairs: (rewards [num_tasks, N], user type [num_tasks])."""
+    check_model(model, PerUserRewardModel)
     graphdef, state = nnx.split(model)
     pool, options = alongside((pool, jnp.asarray(options, jnp.float32)), state)
     return host_value(_rewards_given_context(graphdef, state, pool, options, key, spec=spec, num_tasks=num_tasks))

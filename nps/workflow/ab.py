@@ -8,10 +8,12 @@ context encoder) and generates ``samples`` responses per prompt; the baseline ge
 same prompts and seeds: the unconditioned base model, or another run's policy (conditioned on
 the same profile when it takes a user). Both are scored by a reward model: ``--scorer oracle``,
 the profile's user type's true reward (the steering language's per-user oracle; only a steering run has
-one), or ``--scorer np_btl``, an NP-BTL reward model conditioned on the profile's own pairs (trained once on
-the run's preference pairs and its option features, and kept in its checkpoints; its unseen-pair accuracy is
-in the report). Any trained policy run takes part (``nps.steering_run``): a steering run or an hh-dpo run. A
-generation wins when it scores higher (a tie counts ½). Reported per user type and per profile:
+one), or a per-user reward model conditioned on the profile's own pairs, trained once on the run's
+preference pairs and its option features and kept in its checkpoints (its unseen-pair accuracy is in the
+report): ``--scorer np_btl`` (NP-BTL), or a peer method's (``vpl``, ``pal-a``, ``pal-b``, ``lore``;
+``REWARD_SCORERS``), any ``nps.models.interface.PerUserRewardModel``. Any trained policy run takes part
+(``nps.steering_run``): a steering run or an hh-dpo run. A generation wins when it scores higher
+(a tie counts ½). Reported per user type and per profile:
 the win rate, mean ± standard error over generations, and both mean rewards; written as ab.json
 (with the hashes of every input, so the numbers can be reproduced), ab.md and ab.png.
 """
@@ -31,8 +33,9 @@ from nps.data.pairs import OptionPairPool
 from nps.data.profiles import read_pairs
 from nps.errors import ConfigError
 from nps.files import atomic_write_json, atomic_write_text, file_sha256, read_text
-from nps.models.interface import context_latents
-from nps.models.reward import UF_NP_BTL, NPReward, build_reward_model
+from nps.models.interface import PerUserRewardModel, check_model, context_latents
+from nps.models.peers import LoReConfig, PALConfig, VPLConfig, told_the_run
+from nps.models.reward import UF_NP_BTL, build_reward_model
 from nps.results import ExperimentRun, save_figure
 from nps.steering_run import SteeringRun, load_baseline, trained_user_types
 from nps.train.evaluate import EvalConfig, mean_and_sem, pairwise_wins, win_rate
@@ -64,23 +67,53 @@ def read_prompts(path: str | Path, codec) -> list[str]:
     return prompts
 
 
-NP_BTL_SCORER = "np_btl_reward"  # under the run's checkpoints/
 NP_BTL_SCORER_CONFIG = dataclasses.replace(UF_NP_BTL, encoder=dataclasses.replace(UF_NP_BTL.encoder,
                                                                                    attention_dropout=0.0))
-NP_BTL_SCORER_EPISODES = EpisodeSpec()  # the tasks it trains on (its largest context: max_context)
+# ``--scorer KIND``: the per-user reward models a profile can be scored by, each with its release's
+# defaults (GPO has no reward per option: its targets attend to the context, so it is not one).
+REWARD_SCORERS = {
+    "np_btl": ("NP-BTL", NP_BTL_SCORER_CONFIG),
+    "vpl": ("VPL", VPLConfig()),
+    "pal-a": ("PAL-A", PALConfig(kind="pal-a")),
+    "pal-b": ("PAL-B", PALConfig(kind="pal-b")),
+    "lore": ("LoRe", LoReConfig()),
+}
+SCORER_EPISODES = EpisodeSpec()  # the tasks a scorer trains on (its largest context: max_context)
 
 
-def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
-    """An NP-BTL reward model on the run's preference pairs (features: the run's option features),
-    trained once into ``run_dir/checkpoints/np_btl_reward`` (resumed after); returns
+def scorer_checkpoint(kind: str) -> str:
+    """The folder under the run's checkpoints/ that the ``kind`` scorer trains into (``np_btl_reward``)."""
+    return f"{kind.replace('-', '_')}_reward"
+
+
+def scorer_of_checkpoint(name: str) -> str | None:
+    """The scorer kind whose checkpoint folder is ``name`` (``vpl_reward`` -> ``vpl``); None for another name."""
+    return next((kind for kind in REWARD_SCORERS if scorer_checkpoint(kind) == name), None)
+
+
+def check_scorer(scorer: str) -> None:
+    """Refuse an unknown ``--scorer`` in one line naming the known ones."""
+    if scorer != "oracle" and scorer not in REWARD_SCORERS:
+        raise ConfigError(f"--scorer {scorer!r}: use 'oracle' or one of {list(REWARD_SCORERS)}")
+
+
+def scorer_config(run: SteeringRun, kind: str):
+    """The ``kind`` scorer's model config for ``run``: its defaults, told the run's user types (PAL's and
+    LoRe's user tables) and the training rate (PAL's rates are relative to it)."""
+    return told_the_run(REWARD_SCORERS[kind][1], len(run.user_types), TrainConfig().learning_rate)
+
+
+def reward_scorer(run: SteeringRun, run_dir: Path, kind: str, steps: int):
+    """The ``kind`` reward model on the run's preference pairs (features: the run's option features),
+    trained once into ``run_dir/checkpoints/<kind>_reward`` (resumed after); returns
     ``score(pairs, prompts, responses) -> rewards [N]`` for the user of ``pairs`` and its results."""
-    data = run.data
+    config, data, name = scorer_config(run, kind), run.data, scorer_checkpoint(kind)
     feature_pools = {split: OptionPairPool(pool.pairs, pool.options.features) for split, pool in data.pools.items()}
-    scorer_run = ExperimentRun(NP_BTL_SCORER, NP_BTL_SCORER_CONFIG, run_dir, EvalConfig(num_tasks=500), progress=False)
+    scorer_run = ExperimentRun(name, config, run_dir, EvalConfig(num_tasks=500), progress=False)
     fit, entry = scorer_run.fit_and_evaluate_reward_model(
-        NP_BTL_SCORER, NP_BTL_SCORER_CONFIG, feature_pools, data_identity=data.identity,
+        name, config, feature_pools, data_identity=data.identity,
         train=TrainConfig(steps=steps, eval_every=min(50, steps), checkpoint_every=min(50, steps)),
-        episodes=NP_BTL_SCORER_EPISODES, user_names=list(run.user_types))
+        episodes=SCORER_EPISODES, user_names=list(run.user_types))
     model = fit.model()
 
     def score(pairs, prompts, responses):
@@ -90,15 +123,17 @@ def np_btl_scorer(run: SteeringRun, run_dir: Path, steps: int):
     return score, entry
 
 
-def load_np_btl_scorer(run: SteeringRun) -> NPReward:
-    """The NP-BTL reward model that ``nps ab --scorer np_btl`` trained for this run (never trains one)."""
-    directory = run.directory / "checkpoints" / NP_BTL_SCORER
+def load_reward_scorer(run: SteeringRun, kind: str) -> PerUserRewardModel:
+    """The ``kind`` reward model that ``nps ab --scorer KIND`` trained for this run (never trains one)."""
+    config = scorer_config(run, kind)
+    directory = run.directory / "checkpoints" / scorer_checkpoint(kind)
     if not directory.exists():
-        raise ConfigError(f"{directory}: no NP-BTL reward model in this run; train it once with "
-                          f"`nps ab --run {run.directory} --scorer np_btl --profile ... --prompts ...`")
+        raise ConfigError(f"{directory}: no {REWARD_SCORERS[kind][0]} reward model in this run; train it once with "
+                          f"`nps ab --run {run.directory} --scorer {kind} --profile ... --prompts ...`")
     train = TrainConfig()
-    model = build_reward_model(run.embedder.dim, NP_BTL_SCORER_CONFIG, seed=train.seed)
-    return load_trained(model, directory, train, run_config={"model": config_to_dict(NP_BTL_SCORER_CONFIG),
+    model = build_reward_model(run.embedder.dim, config, seed=train.seed)
+    check_model(model, PerUserRewardModel)
+    return load_trained(model, directory, train, run_config={"model": config_to_dict(config),
                                                             "data": run.data.identity})
 
 
@@ -107,18 +142,18 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
            scorer_steps: int = 1000) -> dict[str, Any]:
     if samples < 1:
         raise ConfigError(f"--samples {samples} must be at least 1")
-    if scorer not in ("oracle", "np_btl"):
-        raise ConfigError(f"--scorer {scorer!r}: use 'oracle' or 'np_btl'")
+    check_scorer(scorer)
     run = SteeringRun.load(run_dir, model)
     prompts = read_prompts(prompts_path, run.codec)
     oracle = getattr(run.codec, "user_reward", None)
     if scorer == "oracle" and oracle is None:
         raise ConfigError(f"--scorer oracle: a {run.experiment} run has no true reward per user type; "
-                          "score with --scorer np_btl")
+                          "score with a reward model conditioned on the profile: "
+                          f"--scorer {' | '.join(REWARD_SCORERS)}")
     baseline_name, baseline_run = load_baseline(baseline)
     scorer_entry = None
-    if scorer == "np_btl":
-        score_np_btl, scorer_entry = np_btl_scorer(run, Path(run_dir), scorer_steps)
+    if scorer != "oracle":
+        score_by_model, scorer_entry = reward_scorer(run, Path(run_dir), scorer, scorer_steps)
     asked = prompts * samples
     per_profile, wins_by_type, rewards_by_type = [], {}, {}
     for user_type, path in profiles:
@@ -131,7 +166,7 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
         if scorer == "oracle":
             ours, theirs = oracle(personalised, user_type), oracle(reference, user_type)
         else:
-            ours, theirs = (score_np_btl(pairs, asked, responses) for responses in (personalised, reference))
+            ours, theirs = (score_by_model(pairs, asked, responses) for responses in (personalised, reference))
         wins = pairwise_wins(ours, theirs)
         wins_by_type.setdefault(user_type, []).append(wins)
         rewards_by_type.setdefault(user_type, []).append(np.stack([ours, theirs]))
@@ -150,7 +185,8 @@ def run_ab(run_dir: str | Path, profiles: list[tuple[str, Path]], prompts_path: 
         "inputs": {"run": str(Path(run_dir).absolute()), "model": model, "baseline": baseline_name,
                    "prompts": str(prompts_path), "prompts_sha256": file_sha256(Path(prompts_path)),
                    "samples_per_prompt": samples, "seed": seed,
-                   "scorer": "per-user oracle reward" if scorer == "oracle" else "NP-BTL conditioned on the profile"},
+                   "scorer": "per-user oracle reward" if scorer == "oracle"
+                   else f"{REWARD_SCORERS[scorer][0]} conditioned on the profile"},
         "scorer_unseen_accuracy": None if scorer_entry is None else scorer_entry["unseen_accuracy"],
         "by_user_type": by_type,
         "by_profile": per_profile,

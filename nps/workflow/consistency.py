@@ -60,7 +60,7 @@ from nps.errors import ConfigError
 from nps.files import atomic_write_json, file_sha256
 from nps.models.interface import PerUserPreferenceModel, check_model
 from nps.steering_run import SteeringRun
-from nps.workflow.ab import NP_BTL_SCORER_EPISODES, load_np_btl_scorer
+from nps.workflow.ab import SCORER_EPISODES, load_reward_scorer, scorer_of_checkpoint
 
 SUBSETS = 64  # random halves of a profile whose z's the leave-one-out posterior weighs
 ORDERS_PER_BATCH = 8  # permuted orders whose latents are computed in one compiled call
@@ -437,9 +437,9 @@ def check_profile_file(profile: str, run: str, *, model: str = "np_dpo", thresho
                        implausible_below: float = 0.2, permutations: int = 99, window: int = 24, min_segment: int = 3,
                        json_path: str | None = None, echo=print) -> None:
     """`nps profile check`: every check of the profile at ``profile`` (its answers; skips left out) by the
-    run at ``run`` (steering or hh-dpo): its NP-DPO policy (``model="np_dpo"``) or the NP-BTL scorer that `nps ab
-    --scorer np_btl` trained (``"np_btl_reward"``). Echoes the report; ``json_path``: also writes it there,
-    with the hashes of its inputs."""
+    run at ``run`` (steering or hh-dpo): a conditioned policy (``model="np_dpo"``, ``"vpl_dpo"``) or a reward
+    scorer that `nps ab --scorer KIND` trained (``"np_btl_reward"``, ``"vpl_reward"``, ...). Echoes the
+    report; ``json_path``: also writes it there, with the hashes of its inputs."""
     for name, value in (("threshold", threshold), ("implausible_below", implausible_below)):
         if not 0 < value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {value} must be between 0 and 1")
@@ -450,15 +450,16 @@ def check_profile_file(profile: str, run: str, *, model: str = "np_dpo", thresho
     if not records:
         raise ConfigError(f"{profile}: the profile has no answered pairs; nothing to check")
     pairs = [{field: r[field] for field in PAIR_FIELDS} for r in records]
-    loaded = SteeringRun.load(run, "np_dpo" if model == "np_btl_reward" else model)
-    if model == "np_btl_reward":
-        checked, trained_context = load_np_btl_scorer(loaded), NP_BTL_SCORER_EPISODES.max_context
+    scorer = scorer_of_checkpoint(model)
+    loaded = SteeringRun.load(run, "np_dpo" if scorer else model)
+    if scorer:
+        checked, trained_context = load_reward_scorer(loaded, scorer), SCORER_EPISODES.max_context
     elif loaded.conditioned:
         checked, trained_context = loaded.policy, loaded.episodes.max_context
     else:
         raise ConfigError(f"--model {model} takes no user; check with np_dpo or np_btl_reward")
-    try:  # the model's options of each answer: features for NP-BTL, token rows for the policy
-        if model == "np_btl_reward":
+    try:  # the model's options of each answer: features for a reward scorer, token rows for the policy
+        if scorer:
             prompts = [p["prompt"] for p in pairs]
             chosen = loaded.option_features(prompts, [p["chosen"] for p in pairs])
             rejected = loaded.option_features(prompts, [p["rejected"] for p in pairs])

@@ -7,6 +7,8 @@ method has a per-user latent), built by ``nps.models.reward.build_reward_model``
 release: docs/peers.md.
 """
 
+import dataclasses
+
 from nps.models.peers.gpo import GPOConfig, GPOReward
 from nps.models.peers.lore import LoRe, LoReConfig
 from nps.models.peers.pal import PALA, PALB, PALConfig
@@ -20,5 +22,14 @@ PEER_MODELS = {
     "lore": (LoReConfig, LoRe),
 }
 
+
+def told_the_run(model_config, num_users: int, learning_rate: float):
+    """``model_config`` with the task's number of user types and the run's learning rate, where it has a
+    field for them (PAL's and LoRe's user tables, PAL's rates relative to ``fit``'s)."""
+    fields = {field.name for field in dataclasses.fields(model_config)}
+    run = {"num_users": num_users, "train_learning_rate": learning_rate}
+    return dataclasses.replace(model_config, **{name: value for name, value in run.items() if name in fields})
+
+
 __all__ = ["PEER_MODELS", "GPOConfig", "GPOReward", "LoRe", "LoReConfig", "PALA", "PALB", "PALConfig", "VPLConfig",
-           "VPLReward"]
+           "VPLReward", "told_the_run"]

@@ -36,7 +36,7 @@ from flax import nnx
 from nps.data.episodes import Episodes
 from nps.errors import invalid
 from nps.likelihood import btl_log_odds, choice_accuracy, masked_mean
-from nps.models.interface import PerUserPreferenceModel
+from nps.models.interface import PerUserRewardModel
 
 
 def check_adaptation(config) -> None:
@@ -96,7 +96,7 @@ def fit_mixture_logits(pair_margins, mask: jax.Array, num_components: int, pair_
     return jax.lax.stop_gradient(logits)
 
 
-class UserMixtureModel(PerUserPreferenceModel):
+class UserMixtureModel(PerUserRewardModel):
     """The shared part of PAL-A, PAL-B and LoRe (see the module docstring).
 
     Subclasses set ``self.config`` (with ``num_users``, ``adapt_steps``, ``adapt_learning_rate``,

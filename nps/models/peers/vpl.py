@@ -23,8 +23,8 @@ from nps.config import check_positive
 from nps.data.episodes import Episodes
 from nps.errors import invalid
 from nps.layers import DeepMLP, activation_fn
-from nps.likelihood import btl_log_odds, choice_nll
-from nps.models.interface import PerUserPreferenceModel
+from nps.likelihood import choice_nll
+from nps.models.interface import PerUserRewardModel
 from nps.models.reward import accuracy_aux
 
 # SPL's definition of an active latent unit: its posterior mean varies across users in a batch.
@@ -82,26 +82,24 @@ def active_latent_units(mean: jax.Array, threshold: float = ACTIVE_UNIT_VARIANCE
     return jnp.mean(jnp.var(mean, axis=0) > threshold)
 
 
-class VPLReward(PerUserPreferenceModel):
-    """VPL's reward model over option features ``[..., D]`` (see the module docstring)."""
-
-    objective_reads_step = True  # the KL annealing follows the training step (nps.train.loop)
+class VPLEncoder(nnx.Module):
+    """VPL's posterior q(z | C) over context pairs of option features ``[B, C, D]``: the pair MLP,
+    one-head attention, the mean over the context and the (μ, log σ²) heads. Shared by VPL's reward
+    model and VPL-DPO (``nps.models.policy``), which conditions FiLM on its z in place of NP's."""
 
     def __init__(self, option_dim: int, config: VPLConfig, *, rngs: nnx.Rngs):
         h, d = config.hidden_dim, config.latent_dim
-        self.config = config
+        self.clamp = config.clamp
         self.pair_encoder = DeepMLP((2 * option_dim, h, h, d), config.activation, rngs=rngs)
         # W_q, W_k, W_v (d × d with biases) as one matmul
         self.query_key_value = nnx.Linear(d, 3 * d, rngs=rngs)
         self.mean_head = nnx.Linear(d, d, rngs=rngs)
         self.log_var_head = nnx.Linear(d, d, rngs=rngs)
-        self.decoder = DeepMLP((option_dim + d, h, h, 1), config.activation, rngs=rngs)
-        self.option_dim = option_dim
 
-    def posterior(self, episodes: Episodes) -> tuple[jax.Array, jax.Array]:
-        """q(z | C): clamped (μ, log σ²), each ``[B, d]``; the prior (0, 0) for an empty context."""
-        mask = episodes.context_mask
-        pairs = jnp.concatenate([episodes.context_chosen, episodes.context_rejected], axis=-1)
+    def __call__(self, chosen: jax.Array, rejected: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Clamped (μ, log σ²), each ``[B, d]``, of context pairs ``[B, C, D]`` where ``mask [B, C]``;
+        the prior (0, 0) for an empty context."""
+        pairs = jnp.concatenate([chosen, rejected], axis=-1)
         h = self.pair_encoder(jnp.where(mask[..., None], pairs, 0.0))  # [B, C, d]
         query, key, value = jnp.split(self.query_key_value(h), 3, axis=-1)
         logits = jnp.einsum("bqd,bkd->bqk", query, key) / jnp.sqrt(jnp.asarray(h.shape[-1], h.dtype))
@@ -109,11 +107,40 @@ class VPLReward(PerUserPreferenceModel):
         attended = jnp.einsum("bqk,bkd->bqd", weights, value)
         count = jnp.sum(mask, axis=-1, keepdims=True)
         pooled = jnp.sum(jnp.where(mask[..., None], attended, 0.0), axis=1) / jnp.maximum(count, 1).astype(h.dtype)
-        c = self.config.clamp
         empty = count == 0
-        mean = jnp.where(empty, 0.0, jnp.clip(self.mean_head(pooled), -c, c))
-        log_var = jnp.where(empty, 0.0, jnp.clip(self.log_var_head(pooled), -c, c))
+        mean = jnp.where(empty, 0.0, jnp.clip(self.mean_head(pooled), -self.clamp, self.clamp))
+        log_var = jnp.where(empty, 0.0, jnp.clip(self.log_var_head(pooled), -self.clamp, self.clamp))
         return mean, log_var
+
+
+def training_latent(mean: jax.Array, log_var: jax.Array, key: jax.Array) -> jax.Array:
+    """VPL's z in training: a sample of N(μ, σ²) projected onto the sphere of radius √d, ``[B, d]``."""
+    noise = jax.random.normal(key, mean.shape, mean.dtype)
+    return sphere_projection(mean + jnp.exp(0.5 * log_var) * noise)
+
+
+def kl_penalty(mean: jax.Array, log_var: jax.Array, config: VPLConfig, step: jax.Array | None,
+               num_targets: jax.Array) -> jax.Array:
+    """β·a(step)·KL(q(z|C) ‖ N(0, I)) / N^T per task ``[B]`` (a(step) = 1 when no step is given)."""
+    anneal = 1.0 if step is None else kl_annealing(step, config.kl_anneal_period, config.kl_anneal_floor)
+    return config.kl_weight * anneal * standard_normal_kl(mean, log_var) / jnp.maximum(num_targets, 1)
+
+
+class VPLReward(PerUserRewardModel):
+    """VPL's reward model over option features ``[..., D]`` (see the module docstring)."""
+
+    objective_reads_step = True  # the KL annealing follows the training step (nps.train.loop)
+
+    def __init__(self, option_dim: int, config: VPLConfig, *, rngs: nnx.Rngs):
+        h, d = config.hidden_dim, config.latent_dim
+        self.config = config
+        self.encoder = VPLEncoder(option_dim, config, rngs=rngs)
+        self.decoder = DeepMLP((option_dim + d, h, h, 1), config.activation, rngs=rngs)
+        self.option_dim = option_dim
+
+    def posterior(self, episodes: Episodes) -> tuple[jax.Array, jax.Array]:
+        """q(z | C): clamped (μ, log σ²), each ``[B, d]``; the prior (0, 0) for an empty context."""
+        return self.encoder(episodes.context_chosen, episodes.context_rejected, episodes.context_mask)
 
     def reward(self, options: jax.Array, z: jax.Array) -> jax.Array:
         """r(y | z) = MLP([y ‖ z]): ``options [B, N, D]``, ``z [B, d]`` -> ``[B, N]``.
@@ -131,10 +158,6 @@ class VPLReward(PerUserPreferenceModel):
         """z = μ (the release's evaluation latent, not projected): ``[B, d]``."""
         return self.posterior(episodes)[0]
 
-    def target_log_odds(self, episodes: Episodes, z: jax.Array) -> jax.Array:
-        """``[B, T]`` log-odds of each target's chosen option for users with latents z ``[B, d]``."""
-        return btl_log_odds(self.reward(episodes.target_chosen, z), self.reward(episodes.target_rejected, z))
-
     def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
         return self.target_log_odds(episodes, self.context_latent(episodes))
 
@@ -142,14 +165,8 @@ class VPLReward(PerUserPreferenceModel):
         """Target NLL with z ~ q(z|C) projected onto the sphere, plus β·a(step)·KL / N^T per task
         (a(step) = 1 when no step is given)."""
         mean, log_var = self.posterior(episodes)
-        noise = jax.random.normal(key, mean.shape, mean.dtype)
-        z = sphere_projection(mean + jnp.exp(0.5 * log_var) * noise)
-        log_odds = self.target_log_odds(episodes, z)
+        log_odds = self.target_log_odds(episodes, training_latent(mean, log_var, key))
         nll = choice_nll(log_odds, episodes.target_mask)
-        kl = standard_normal_kl(mean, log_var)
-        anneal = 1.0 if step is None else kl_annealing(step, self.config.kl_anneal_period,
-                                                       self.config.kl_anneal_floor)
-        num_targets = jnp.maximum(jnp.sum(episodes.target_mask, axis=-1), 1)
-        loss = jnp.mean(nll + self.config.kl_weight * anneal * kl / num_targets)
-        return loss, accuracy_aux(log_odds, episodes) | {"kl": jnp.mean(kl),
+        loss = jnp.mean(nll + kl_penalty(mean, log_var, self.config, step, jnp.sum(episodes.target_mask, axis=-1)))
+        return loss, accuracy_aux(log_odds, episodes) | {"kl": jnp.mean(standard_normal_kl(mean, log_var)),
                                                           "active_units": active_latent_units(mean)}
