@@ -188,6 +188,11 @@ class SteeringRun:
         """The pairs the run trained on (read on first use)."""
         return self.load_data()
 
+    def feature_pools(self) -> dict[str, OptionPairPool]:
+        """The run's pairs per split with each option as its encoder features [M, E]: the steering
+        reward task, on which a reward model (NP-BTL, a peer) is trained and scored."""
+        return {split: OptionPairPool(pool.pairs, pool.options.features) for split, pool in self.data.pools.items()}
+
     # -- features as the encoders read them -----------------------------------------------------
     def pair_features(self, pairs: list[dict[str, str]]) -> tuple[jax.Array, jax.Array, jax.Array]:
         """A context of one user: chosen and rejected features [1, C, E] and the mask [1, C], with

@@ -117,8 +117,28 @@ def test_the_per_user_functions_refuse_a_model_without_a_user_state_in_one_line(
     for name, call in calls.items():
         with pytest.raises(TypeError) as error:
             call()
-        assert one_line(error) == (f"{type(model).__name__} is not a PerUserPreferenceModel: it has no "
+        interface = "PerUserRewardModel" if name == "rewards_given_context" else "PerUserPreferenceModel"
+        assert one_line(error) == (f"{type(model).__name__} is not a {interface}: it has no "
                                    "context_latent() method; implement it (see nps.models.interface)"), name
+
+
+def test_a_per_user_model_without_a_reward_per_option_is_refused_where_rewards_are_read():
+    """NP-BTL, VPL, PAL and LoRe are per-user reward models; a per-user model with no ``reward(options, z)``
+    (NP-DPO's policy, a duck-typed model) is refused by the reward plots and scorers, naming the method."""
+    from types import SimpleNamespace
+
+    from nps.models.interface import PerUserRewardModel, interface_methods
+    from nps.models.peers import LoRe, PALA, PALB, VPLReward
+    from nps.models.policy import SteerablePolicy
+    from nps.models.reward import NPReward
+
+    assert interface_methods(PerUserRewardModel) == ("objective", "predict_log_odds", "context_latent",
+                                                     "target_log_odds", "reward")
+    assert all(issubclass(cls, PerUserRewardModel) for cls in (NPReward, VPLReward, PALA, PALB, LoRe))
+    assert not issubclass(SteerablePolicy, PerUserRewardModel)
+    per_user_only = SimpleNamespace(**{name: lambda *_: None for name in interface_methods(PerUserRewardModel)[:-1]})
+    with pytest.raises(TypeError, match=r"^SimpleNamespace is not a PerUserRewardModel: it has no reward\(\) method"):
+        check_model(per_user_only, PerUserRewardModel)
 
 
 # -- one convention: the model itself ----------------------------------------------------------------

@@ -140,6 +140,32 @@ def test_generate_command_and_python_api(small_run, tmp_path, capsys):
     assert "run `nps reproduce steering" in capsys.readouterr().err
 
 
+def test_vpl_dpo_is_served_by_every_downstream_command_as_np_dpo_is(small_run, tmp_path, capsys):
+    """VPL-DPO's run loads by name: its z is VPL's posterior mean (the prior's 0 with no pairs, where FiLM
+    is the identity), it steers generation and the implicit reward, and `profile check` reads it."""
+    out, _ = small_run
+    detail, caution = write_profiles(tmp_path)
+    run = SteeringRun.load(out, "vpl_dpo")
+    assert run.conditioned and run.policy.config.kind == "vpl"
+    assert run.fingerprint != SteeringRun.load(out).fingerprint
+    np.testing.assert_array_equal(run.encode_user([]), 0.0)
+    z_detail = run.encode_user([json.loads(line) for line in detail.read_text().splitlines()])
+    z_caution = run.encode_user([json.loads(caution.read_text())])
+    assert z_detail.shape == (SteeringConfig().policy.vpl.latent_dim,)
+    assert float(jnp.max(jnp.abs(z_detail))) <= SteeringConfig().policy.vpl.clamp
+
+    def preference_for_detail(user_z):
+        return (run.log_prob("physics music", "example step detail further", user_z)
+                - run.log_prob("physics music", "perhaps unsure caveat might", user_z))
+
+    assert preference_for_detail(z_detail) > preference_for_detail(z_caution)
+    assert main(["generate", "--run", str(out), "--model", "vpl_dpo", "--prompt", "physics music",
+                 "--context", str(detail), "--samples", "2"]) == 0
+    assert sum(" => " in line for line in capsys.readouterr().out.splitlines()) == 2
+    assert main(["profile", "check", str(detail), "--run", str(out), "--model", "vpl_dpo"]) == 0
+    assert "2 answers" in capsys.readouterr().out
+
+
 def test_generate_refuses_numbers_it_cannot_use_and_warns_far_from_training(small_run, tmp_path, capsys):
     # Issue 23: each was accepted; NaN and 32 × 1e30 printed empty responses with exit 0.
     out, _ = small_run
@@ -286,6 +312,28 @@ def test_a_peer_reward_model_scores_the_ab_test_and_checks_a_profile(ab_inputs, 
     profile = args[args.index("--profile") + 1].partition("=")[2]
     assert main(["profile", "check", profile, "--run", str(out), "--model", checkpoint]) == 0
     assert "answers" in capsys.readouterr().out
+
+
+def test_peers_on_the_steering_reward_task_read_the_steering_run(small_run, tmp_path):
+    """`nps reproduce peers --set tasks=steering`: every method on the steering run's pairs (options as its
+    encoder's features, the same pools `nps ab`'s scorers train on), its two user types, its data identity."""
+    from nps.experiments.peers import PeersConfig, run_peers
+
+    out, _ = small_run
+    config = apply_overrides(PeersConfig(), [
+        "tasks=steering", f"steering_run={out}", "methods=btl,np_btl,vpl,pal-b", "seeds=0", "learning_rates=0.003",
+        "train.steps=20", "train.eval_every=10", "train.checkpoint_every=20", "train.batch_size=8",
+        "train.val_tasks=16", "eval.num_tasks=40", "eval.context_sizes=0,3", "np_btl.hidden_dim=16",
+        "np_btl.encoder.hidden_dim=16", "np_btl.encoder.latent_dim=8", "vpl.hidden_dim=16", "vpl.latent_dim=8",
+        "pal_b.dim=16", "pal_b.adapt_steps=10"])
+    results = run_peers(config, tmp_path / "peers", progress=False, echo=lambda *_: None)
+    run = SteeringRun.load(out)
+    assert results["data"]["steering"] == run.data.identity
+    assert set(results["models"]) == {f"steering/{m}" for m in ("btl", "np_btl", "vpl", "pal-b", "per_type_oracle")}
+    for entry in results["models"].values():
+        assert set(entry["unseen_accuracy"]["3"]) == {"detail", "caution", "all"}
+    assert results["models"]["steering/pal-b"]["model_config"]["num_users"] == 2
+    assert not (tmp_path / "peers" / "steering").exists()  # the given run is read, not retrained
 
 
 def test_collect_asks_a_pair_that_separates_the_users_first(small_run, tmp_path, capsys):

@@ -1,8 +1,10 @@
 """`nps reproduce peers`: nps's reward models and the peer methods (VPL, GPO and every model in
 ``nps.models.peers.PEER_MODELS``) on the same tasks, the same episodes and the same unseen-target
 evaluation, with a per-type oracle and the population BTL as references. The tasks: synthetic ones
-(exact ground truth, the defaults) and VPL's UltraFeedback recipes UF-P-2 and UF-P-4 on a frozen
-embedder's option features (``--data ULTRAFEEDBACK --model EMBEDDER --set tasks=uf-p-2,uf-p-4``).
+(exact ground truth, the defaults), the steering reward task (``--set tasks=steering``: the steering
+experiment's pairs of base samples, options as the base's hidden states) and VPL's UltraFeedback recipes
+UF-P-2 and UF-P-4 on a frozen embedder's option features (``--data ULTRAFEEDBACK --model EMBEDDER
+--set tasks=uf-p-2,uf-p-4``).
 
 For each task and method: each learning rate of one grid, the same for every method, trains the first
 seed and the lowest validation NLL picks the rate (no method is tuned on test tasks); the remaining seeds
@@ -37,6 +39,7 @@ from nps.data.synthetic import (
     two_user_pools,
 )
 from nps.errors import invalid
+from nps.experiments.steering import trained_run
 from nps.experiments.ultrafeedback import UFRewardConfig, prepare_inputs, uf_pools
 from nps.files import atomic_write_text
 from nps.models.peers import PEER_MODELS, GPOConfig, LoReConfig, PALConfig, VPLConfig, told_the_run
@@ -72,6 +75,8 @@ TASKS: dict[str, tuple[Callable[..., dict], Callable[..., dict], list[str]]] = {
 }
 # VPL's UltraFeedback recipes: prepared from --data and embedded by --model as `nps reproduce hh` does.
 UF_TASKS = ("uf-p-2", "uf-p-4")
+# The steering experiment's pairs, options as its encoder's features: `steering_run`, or one trained under <out>.
+STEERING_TASK = "steering"
 DEFAULT_TASKS = ("two-user", "four-ideal-points")
 
 
@@ -92,7 +97,8 @@ class PeersConfig:
       for its linear model and full-batch training).
     """
 
-    # add "correlated" for the correlation study's Bayes reference, "uf-p-2" / "uf-p-4" for UltraFeedback
+    # add "correlated" for the correlation study's Bayes reference, "steering" for the steering reward task,
+    # "uf-p-2" / "uf-p-4" for UltraFeedback
     tasks: tuple[str, ...] = DEFAULT_TASKS
     methods: tuple[str, ...] = METHOD_NAMES
     oracle: bool = True
@@ -116,12 +122,13 @@ class PeersConfig:
     # the frozen embedder whose last-token states are the options' features.
     data: str = ""
     model: str = ""
+    steering_run: str = ""  # the steering task's `nps reproduce steering` folder; "" trains one under <out>/steering
     dtype: str = "bfloat16"
     embed_max_length: int = 1024
     embed_batch_size: int = 16
 
     def __post_init__(self):
-        check_models(self.tasks, (*TASKS, *UF_TASKS), "tasks")
+        check_models(self.tasks, (*TASKS, STEERING_TASK, *UF_TASKS), "tasks")
         uf_tasks = [task for task in self.tasks if task in UF_TASKS]
         if uf_tasks and not (self.data and self.model):
             raise invalid("tasks", ",".join(uf_tasks), "need --data (UltraFeedback's train file or a prepared "
@@ -242,9 +249,14 @@ def format_peers_table(task: str, entries: dict[str, dict[str, Any]], sizes) -> 
     return "\n".join(lines)
 
 
-def task_data(config: PeersConfig, task: str, out: Path, echo) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+def task_data(config: PeersConfig, task: str, run) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """``task``'s pools by split, its data's identity and its user types' names. An UltraFeedback task's
-    data is prepared and embedded under ``out/<task>`` (cached there for a resumed run)."""
+    data is prepared and embedded under ``<out>/<task>`` (cached there for a resumed run); the steering
+    task reads ``steering_run`` or trains the default steering run under ``<out>/steering`` once."""
+    out, echo = run.out, run.echo
+    if task == STEERING_TASK:
+        steering = trained_run(config.steering_run, out, run.progress, echo)
+        return steering.feature_pools(), steering.data.identity, list(steering.user_types)
     if task in UF_TASKS:
         inputs = prepare_inputs(config.uf_inputs(task), out / task, echo)
         return uf_pools(inputs.data, inputs.features), inputs.identity, list(inputs.data.attributes)
@@ -259,7 +271,7 @@ def run_peers(config: PeersConfig, out: str | Path, *, fresh: bool = False, prog
     with experiment_run("peers", config, out, fresh=fresh, progress=progress, echo=echo) as run:
         models, tables, plots, data = {}, [], [], {}
         for task in config.tasks:
-            pools, identity, users = task_data(config, task, run.out, echo)
+            pools, identity, users = task_data(config, task, run)
             data[task] = identity
             entries = {method: _method_runs(run, config, task, method, config.model_config(method), pools, identity,
                                             users)

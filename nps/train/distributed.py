@@ -292,6 +292,13 @@ def agree_with_primary(facts: dict[str, Any], what: str, timeout: float) -> None
         raise PeerLostError(lost_peers(f"no answer within {timeout:.0f} s while comparing the {what} "
                                        f"({type(error).__name__})")) from None
     if verdict:
+        # Every process has read the verdict and refuses: they leave the run together (JAX's shutdown barrier),
+        # or process 0's exit ends the coordination service under the others, which JAX then aborts (SIGABRT)
+        # before they say their line.
+        try:
+            leave_run()
+        except Exception:  # noqa: BLE001 -- a peer already gone; the refusal below is this process's line
+            pass
         raise ConfigError(f"the processes of this run were started differently ({what}): {verdict}; start every "
                           "process with the same command, data and nps")
 

@@ -29,7 +29,6 @@ import numpy as np
 
 from nps.config import config_to_dict
 from nps.data.episodes import EpisodeSpec
-from nps.data.pairs import OptionPairPool
 from nps.data.profiles import read_pairs
 from nps.errors import ConfigError
 from nps.files import atomic_write_json, atomic_write_text, file_sha256, read_text
@@ -107,11 +106,10 @@ def reward_scorer(run: SteeringRun, run_dir: Path, kind: str, steps: int):
     """The ``kind`` reward model on the run's preference pairs (features: the run's option features),
     trained once into ``run_dir/checkpoints/<kind>_reward`` (resumed after); returns
     ``score(pairs, prompts, responses) -> rewards [N]`` for the user of ``pairs`` and its results."""
-    config, data, name = scorer_config(run, kind), run.data, scorer_checkpoint(kind)
-    feature_pools = {split: OptionPairPool(pool.pairs, pool.options.features) for split, pool in data.pools.items()}
+    config, name = scorer_config(run, kind), scorer_checkpoint(kind)
     scorer_run = ExperimentRun(name, config, run_dir, EvalConfig(num_tasks=500), progress=False)
     fit, entry = scorer_run.fit_and_evaluate_reward_model(
-        name, config, feature_pools, data_identity=data.identity,
+        name, config, run.feature_pools(), data_identity=run.data.identity,
         train=TrainConfig(steps=steps, eval_every=min(50, steps), checkpoint_every=min(50, steps)),
         episodes=SCORER_EPISODES, user_names=list(run.user_types))
     model = fit.model()
