@@ -289,9 +289,9 @@ def test_the_np_btl_scorer_is_trained_once_and_reused(ab_inputs, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints" / "np_btl_reward").iterdir()) == checkpoints
 
 
-@pytest.mark.parametrize("scorer, name", [("vpl", "VPL"), ("pal-a", "PAL-A")])
+@pytest.mark.parametrize("scorer, name", [("vpl", "VPL"), ("lore", "LoRe")])
 def test_a_peer_reward_model_scores_the_ab_test_and_checks_a_profile(ab_inputs, tmp_path, capsys, scorer, name):
-    """Any per-user reward model scores `nps ab` (PAL-A fits each profile's mixture at test time), and the
+    """Any per-user reward model scores `nps ab` (LoRe fits each profile's mixture at test time), and the
     scorer it trained checks a profile; GPO, with no reward per option, is refused by name."""
     shared, args = ab_inputs
     out = tmp_path / "run"
@@ -321,15 +321,14 @@ def test_peers_on_the_steering_reward_task_read_the_steering_run(small_run, tmp_
 
     out, _ = small_run
     config = apply_overrides(PeersConfig(), [
-        "tasks=steering", f"steering_run={out}", "methods=btl,np_btl,vpl,pal-b", "seeds=0", "learning_rates=0.003",
+        "tasks=steering", f"steering_run={out}", "methods=np_btl,pal-b", "seeds=0", "learning_rates=0.003",
         "train.steps=20", "train.eval_every=10", "train.checkpoint_every=20", "train.batch_size=8",
         "train.val_tasks=16", "eval.num_tasks=40", "eval.context_sizes=0,3", "np_btl.hidden_dim=16",
-        "np_btl.encoder.hidden_dim=16", "np_btl.encoder.latent_dim=8", "vpl.hidden_dim=16", "vpl.latent_dim=8",
-        "pal_b.dim=16", "pal_b.adapt_steps=10"])
+        "np_btl.encoder.hidden_dim=16", "np_btl.encoder.latent_dim=8", "pal_b.dim=16", "pal_b.adapt_steps=10"])
     results = run_peers(config, tmp_path / "peers", progress=False, echo=lambda *_: None)
     run = SteeringRun.load(out)
     assert results["data"]["steering"] == run.data.identity
-    assert set(results["models"]) == {f"steering/{m}" for m in ("btl", "np_btl", "vpl", "pal-b", "per_type_oracle")}
+    assert set(results["models"]) == {f"steering/{m}" for m in ("np_btl", "pal-b", "per_type_oracle")}
     for entry in results["models"].values():
         assert set(entry["unseen_accuracy"]["3"]) == {"detail", "caution", "all"}
     assert results["models"]["steering/pal-b"]["model_config"]["num_users"] == 2

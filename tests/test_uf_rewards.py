@@ -114,12 +114,11 @@ def test_peers_on_vpls_ultrafeedback_recipes_from_the_embedder_s_features(inputs
     assert main(["reproduce", "peers", "--set", "tasks=uf-p-2", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "tasks='uf-p-2' need --data" in capsys.readouterr().err
     out = tmp_path / "peers"
-    extra = ["tasks=uf-p-2,uf-p-4", "methods=btl,np_btl,vpl,pal-b", "oracle=false", "seeds=0", "learning_rates=0.003",
+    extra = ["tasks=uf-p-2,uf-p-4", "methods=vpl,pal-b", "oracle=false", "seeds=0", "learning_rates=0.003",
              "vpl.hidden_dim=16", "vpl.latent_dim=8", "pal_b.dim=16", "pal_b.adapt_steps=10"]
     assert reproduce("peers", inputs, out, extra=extra) == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
-    assert set(results["models"]) == {f"{t}/{m}" for t in ("uf-p-2", "uf-p-4") for m in ("btl", "np_btl", "vpl",
-                                                                                          "pal-b")}
+    assert set(results["models"]) == {f"{t}/{m}" for t in ("uf-p-2", "uf-p-4") for m in ("vpl", "pal-b")}
     users = {"uf-p-2": {"helpfulness", "honesty"},
              "uf-p-4": {"helpfulness", "honesty", "instruction_following", "truthfulness"}}
     for task, attributes in users.items():
