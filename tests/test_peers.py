@@ -15,7 +15,6 @@ from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.synthetic import two_user_pools
 from nps.errors import ConfigError
 from nps.latent import DiagonalGaussian, gaussian_kl
-from nps.likelihood import choice_nll
 from nps.models.peers import PEER_MODELS, GPOConfig, VPLConfig
 from nps.models.peers.gpo import gaussian_nll_of_choices, gpo_key_mask
 from nps.models.peers.vpl import active_latent_units, kl_annealing, sphere_projection, standard_normal_kl
@@ -200,8 +199,13 @@ def test_gpo_losses_against_direct_computations(episodes):
     np.testing.assert_allclose(p[..., 0], jax.nn.sigmoid(means[..., 0] - means[..., 1]), rtol=1e-6)
     gaussian, bce = (build_reward_model(1, GPOConfig(model_dim=16, num_layers=2, feedforward_dim=16, loss=loss), 0)
                      for loss in ("gaussian_nll", "bce"))
-    m, s = gaussian.target_outputs(episodes)
-    np.testing.assert_allclose(gaussian.objective(episodes, jax.random.key(0))[0],
-                               jnp.mean(jnp.sum(gaussian_nll_of_choices(m, s), -1)), rtol=1e-5)
-    np.testing.assert_allclose(bce.objective(episodes, jax.random.key(0))[0],
-                               jnp.mean(choice_nll(bce.predict_log_odds(episodes), episodes.target_mask)), rtol=1e-6)
+    # Padding targets (mask False) count in neither loss: every other target is padding here.
+    padded = episodes._replace(target_mask=episodes.target_mask.at[:, ::2].set(False))
+    mask = np.asarray(padded.target_mask, np.float64)
+    m, s = (np.asarray(x, np.float64) for x in gaussian.target_outputs(padded))
+    np.testing.assert_allclose(gaussian.objective(padded, jax.random.key(0))[0],
+                               np.mean(np.sum(np.asarray(gaussian_nll_of_choices(m, s)) * mask, -1)), rtol=1e-5)
+    m, _ = (np.asarray(x, np.float64) for x in bce.target_outputs(padded))
+    nll = np.logaddexp(0.0, -(m[..., 0] - m[..., 1]))  # −log σ(m_c − m_r)
+    np.testing.assert_allclose(bce.objective(padded, jax.random.key(0))[0],
+                               np.mean(np.sum(nll * mask, -1) / mask.sum(-1)), rtol=1e-5)

@@ -16,6 +16,7 @@ from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.synthetic import TWO_USER_NAMES, two_user_pools
 from nps.errors import ConfigError
 from nps.models.peers import PEER_MODELS, LoRe, LoReConfig, PALA, PALB, PALConfig
+from nps.likelihood import masked_mean
 from nps.models.peers.mixture import fit_mixture_logits, logistic_loss
 from nps.models.reward import build_reward_model
 from nps.train.evaluate import evaluate_unseen_accuracy
@@ -213,6 +214,25 @@ def test_pal_groups_learn_at_the_releases_rates_whatever_fit_s_rate(episodes, le
                                rtol=1e-3)
     kernel_step = moved(pal_a.projector.first, stepped_a.projector.first, "kernel", 1.0)
     assert np.max(kernel_step) < 1.001 * learning_rate
+    # Adam's first step moves every stored value by about lr whatever its gradient: the rates above hold
+    # only because the objective reads the stored table × ratio. The loss from softmax(stored × ratio):
+    key = jax.random.key(0)
+    mixture = jax.nn.softmax(pal_a.user_logits[...][episodes.user] * ratio, axis=-1)
+    direct = jnp.mean(masked_mean(pal_a.pair_loss(pal_a.target_log_odds(episodes, mixture)), episodes.target_mask))
+    np.testing.assert_allclose(pal_a.objective(episodes, key)[0], direct, rtol=1e-6)
+    unscaled = jax.nn.softmax(pal_a.user_logits[...][episodes.user], axis=-1)
+    assert not np.allclose(pal_a.target_log_odds(episodes, unscaled), pal_a.target_log_odds(episodes, mixture))
+
+
+def test_fit_refuses_a_pal_config_told_another_rate_than_it_trains_at(episodes):
+    """PAL's groups learn at their rate ÷ train_learning_rate × fit's rate: a config told another rate than
+    fit's would train W, P and g_k at other rates than it records, so fit refuses it in one line."""
+    pools = two_user_pools(num_pairs=200, seed=0)
+    model = build_reward_model(1, PALConfig(dim=8, num_users=2, train_learning_rate=1e-4), seed=0)
+    with pytest.raises(ConfigError, match=r"train.learning_rate=0.001 differs from the model config's "
+                                          r"train_learning_rate=0.0001"):
+        fit(model, pools["train"], pools["val"], EpisodeSpec(num_targets=4, max_context=2),
+            TrainConfig(steps=1, learning_rate=1e-3), progress=False)
 
 
 def test_a_user_id_outside_the_table_makes_the_loss_nan_not_a_default(episodes):

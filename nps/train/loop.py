@@ -430,6 +430,18 @@ class Run:
         )
 
 
+def check_rates_told(model, config: TrainConfig) -> None:
+    """A model whose parameter groups learn at absolute rates (PAL: ``nps.models.peers.mixture.rated_param``)
+    scales them by its config's ``train_learning_rate``: that must be the rate ``fit`` trains at, or every
+    group learns at another rate than its config says, silently."""
+    told = getattr(getattr(model, "config", None), "train_learning_rate", None)
+    if told is not None and told != config.learning_rate:
+        raise invalid("train.learning_rate", config.learning_rate,
+                      f"differs from the model config's train_learning_rate={told}, to which its parameter groups' "
+                      f"rates are relative; build the model with train_learning_rate={config.learning_rate} "
+                      "(nps.models.peers.told_the_run)")
+
+
 def fit(
     model: PreferenceModel,
     train_pool: PairPool | OptionPairPool,
@@ -461,6 +473,7 @@ def fit(
     before the progress bar and checkpointing.
     """
     check_model(model)
+    check_rates_told(model, config)
     if mesh is None and jax.device_count() > 1:
         mesh = make_mesh()  # several devices (of one process or many): data-parallel over all of them
     run = Run.start(model, train_pool, val_pool, spec, config, mesh)

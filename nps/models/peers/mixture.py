@@ -35,8 +35,9 @@ from flax import nnx
 
 from nps.data.episodes import Episodes
 from nps.errors import invalid
-from nps.likelihood import btl_log_odds, choice_accuracy, masked_mean
+from nps.likelihood import btl_log_odds, masked_mean
 from nps.models.interface import PerUserRewardModel
+from nps.models.reward import accuracy_aux
 
 
 def check_adaptation(config) -> None:
@@ -165,14 +166,10 @@ class UserMixtureModel(PerUserRewardModel):
         logits = self.fit_user_logits(episodes.context_chosen, episodes.context_rejected, episodes.context_mask)
         return jax.nn.softmax(logits, axis=-1)
 
-    def predict_log_odds(self, episodes: Episodes, key: jax.Array | None = None) -> jax.Array:
-        """Every task is a new user, known by its context only: ``[B, T]``."""
-        return self.target_log_odds(episodes, self.context_latent(episodes))
-
     def objective(self, episodes: Episodes, key: jax.Array):
         """Mean pair loss over the targets with the task's user-id row of the table (see the module)."""
         table = self.user_logits[...] * self.config.user_learning_rate_ratio
         logits = jnp.take(table, episodes.user, axis=0, mode="fill", fill_value=jnp.nan)
         log_odds = self.target_log_odds(episodes, jax.nn.softmax(logits, axis=-1))
         loss = jnp.mean(masked_mean(self.pair_loss(log_odds), episodes.target_mask))
-        return loss, {"accuracy": jnp.mean(choice_accuracy(log_odds, episodes.target_mask))}
+        return loss, accuracy_aux(log_odds, episodes)
