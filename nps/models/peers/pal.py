@@ -12,7 +12,9 @@ As the release (RamyaLab/pluralistic-alignment) implements them, on nps's option
   mixture Σ_k softmax(w_i)_k r_k of K reward functions r_k(y) = s · ⟨f(φ(y))/‖f(φ(y))‖, g_k⟩.
 - Learning rates: the release's W and P 5e-3 and logit_scale 0.1, whatever rate the projectors train
   at (``train_learning_rate``, the release's 1e-4), as ratios to it (``nps.models.peers.mixture.rated_param``):
-  exactly the release's rates under ``fit`` with Adam at lr ``train_learning_rate``.
+  exactly the release's rates under ``fit`` with Adam at lr ``train_learning_rate`` (``fit`` refuses another
+  rate), with no gradient clipping (a global norm would see the rated groups' gradients ×ratio) and no
+  weight decay (which would act on the stored values) — the peers run sets neither.
 - New users and training by type id: ``nps.models.peers.mixture``.
 
 Deviations from the release, besides the new-user fit's (``nps.models.peers.mixture``):
