@@ -116,7 +116,9 @@ def test_peers_smoke_run_reports_every_method_on_every_task(tmp_path):
     assert sorted(results["plots"]) == sorted(f"{t}.png" for t in DEFAULT_TASKS)
     tables = (tmp_path / "peers.md").read_text()
     assert all(f"| {method} |" in tables for method in METHOD_NAMES)
-    assert not compare_runs(tmp_path, tmp_path).failed
+    gate = compare_runs(tmp_path, tmp_path)  # every accuracy of every model is gated
+    assert not gate.failed and len(gate.diffs) == sum(
+        len(by_user) for entry in results["models"].values() for by_user in entry["unseen_accuracy"].values())
 
 
 def test_peers_tell_each_model_the_task_s_user_types_and_the_run_s_learning_rate():

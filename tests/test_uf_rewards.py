@@ -166,3 +166,13 @@ def test_reproduce_hh_on_the_fixture_with_the_paper_defaults_takes_under_two_min
     print(capsys.readouterr().out)
     print(f"reproduce hh on the fixture: {seconds:.1f} s")
     assert seconds < 120
+
+
+def test_the_continuum_refuses_a_recipe_whose_weights_its_cells_cannot_bin():
+    """The cells bin (w₀, w₁): with UF-P-4's four attributes, users of one cell would differ in w₂ and w₃."""
+    from nps.errors import ConfigError
+    from nps.experiments.ultrafeedback import ContinuumConfig
+
+    with pytest.raises(ConfigError, match="recipe='uf-p-4' has more than three attributes"):
+        ContinuumConfig(recipe="uf-p-4")
+    assert ContinuumConfig(recipe="hht").recipe == "hht"

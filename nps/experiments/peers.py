@@ -215,7 +215,7 @@ def _oracle_runs(run, config: PeersConfig, task: str, pools, identity, users, ra
         by_type = {}
         for k, user in enumerate(users):
             _, by_type[user] = run.fit_and_evaluate_reward_model(
-                f"{task}/{ORACLE}/{user}/seed={seed}", config.btl, oracle_pools(pools, k),
+                f"{task}/{ORACLE}/lr={rate:g}/{user}/seed={seed}", config.btl, oracle_pools(pools, k),
                 data_identity=identity | {"labels": user}, train=train, episodes=config.episodes, user_names=users)
         seconds.append(sum(entry["wall_clock_seconds"] for entry in by_type.values()))
         per_seed.append({size: {user: by_type[user]["unseen_accuracy"][size][user] for user in users}

@@ -31,7 +31,14 @@ from nps.data.episodes import (
     sample_with_separate_contexts,
 )
 from nps.data.pairs import OptionPairPool, oracle_pools
-from nps.data.prepared import SPLITS, BuildParameters, EmbeddedPreferences, PreferenceData, embedded_preferences
+from nps.data.prepared import (
+    RECIPES,
+    SPLITS,
+    BuildParameters,
+    EmbeddedPreferences,
+    PreferenceData,
+    embedded_preferences,
+)
 from nps.data.ultrafeedback import (
     conflict_test_pools,
     option_pair_pool,
@@ -175,6 +182,9 @@ class ContinuumConfig(UFInputs):
             raise invalid("episodes.user_prior", self.episodes.user_prior, "must be 'dirichlet' for the continuum")
         if self.bins < 2:
             raise invalid("bins", self.bins, "must be at least 2")
+        if len(RECIPES[self.recipe]) > 3:  # the cells bin (w₀, w₁): further weights would vary inside a cell
+            raise invalid("recipe", self.recipe, "has more than three attributes; the continuum bins two or three "
+                          "(use hh or hht)")
 
 
 # -- data --------------------------------------------------------------------------------------------
