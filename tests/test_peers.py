@@ -202,9 +202,9 @@ def test_gpo_losses_against_direct_computations(episodes):
     # Padding targets (mask False) count in neither loss: every other target is padding here.
     padded = episodes._replace(target_mask=episodes.target_mask.at[:, ::2].set(False))
     mask = np.asarray(padded.target_mask, np.float64)
-    m, s = (np.asarray(x, np.float64) for x in gaussian.target_outputs(padded))
+    per_pair = np.asarray(gaussian_nll_of_choices(*gaussian.target_outputs(padded)), np.float64)
     np.testing.assert_allclose(gaussian.objective(padded, jax.random.key(0))[0],
-                               np.mean(np.sum(np.asarray(gaussian_nll_of_choices(m, s)) * mask, -1)), rtol=1e-5)
+                               np.mean(np.sum(per_pair * mask, -1)), rtol=1e-5)
     m, _ = (np.asarray(x, np.float64) for x in bce.target_outputs(padded))
     nll = np.logaddexp(0.0, -(m[..., 0] - m[..., 1]))  # −log σ(m_c − m_r)
     np.testing.assert_allclose(bce.objective(padded, jax.random.key(0))[0],
