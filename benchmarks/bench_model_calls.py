@@ -1,4 +1,4 @@
-"""The cost of handing a model to a compiled function, three ways, in this process on the same model.
+"""The cost of handing a model to a compiled function, four ways, in this process on the same model.
 
     python benchmarks/bench_model_calls.py [--calls 300]
 

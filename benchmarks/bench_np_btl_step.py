@@ -38,7 +38,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from nps.data.episodes import EpisodeSpec, sample_episodes, sample_episodes_compiled
+from nps.data.episodes import EpisodeSpec, sample_episodes
 from nps.data.synthetic import two_user_pools
 from nps.models.reward import SYNTHETIC_NP_BTL, build_reward_model
 from nps.train.logging import matmul_flops
@@ -178,8 +178,8 @@ def main() -> None:
         holder[0], metrics = run(holder[0], frozen, pools["train"], data_key, model_key)
         return metrics
 
-    val_episodes = sample_episodes_compiled(val_key, pools["val"], spec, config.val_tasks)
-    few_episodes = sample_episodes_compiled(val_key, pools["val"], spec, config.batch_size)
+    val_episodes = sample_episodes(val_key, pools["val"], spec, config.val_tasks)
+    few_episodes = sample_episodes(val_key, pools["val"], spec, config.batch_size)
     validate = functools.partial(_validate, **program.validation_static())
     val_flops = matmul_flops(validate, state, frozen, val_episodes, val_key)
     few_flops = matmul_flops(validate, state, frozen, few_episodes, val_key)
@@ -242,14 +242,13 @@ def main() -> None:
           f"{config.batch_size} tasks: {rate['validation, 64 tasks']:.1f} GFLOP/s")
     print(f"  the episode sampler alone: {1e3 * best['sampler'] / CHUNK:.2f} ms/step")
 
-    profiles = []
+    profiles, instructions = [], hlo_instructions(run.as_text())
     for _ in range(args.profiles):
         with OtherLoad() as other:
-            profile = profile_chunk(run, (holder[0], frozen, pools["train"], data_key, model_key),
-                                    hlo_instructions(run.as_text()), CHUNK)
+            profile = profile_chunk(run, (holder[0], frozen, pools["train"], data_key, model_key), instructions,
+                                    CHUNK)
         profiles.append(profile | {"other": other.cores})
-        holder[0] = None  # donated to the profiled call
-        holder[0] = program.initial_state(params)
+        holder[0] = program.initial_state(params)  # the state was donated to the profiled call
     if profiles:
         profile = min(profiles, key=lambda p: p["wall"])
         print(f"\nprofile of one {CHUNK}-step scan (jax.profiler, the fastest of {len(profiles)}; other processes "

@@ -213,6 +213,9 @@ def main() -> None:
                       f"cores ({result['process_seconds']:.1f} s); again", flush=True)
             runs.append(result)
             if side == "released":
+                if result["iterations"] != steps:  # the process ratios compare equal amounts of training
+                    sys.exit(f"the released code ran {result['iterations']} iterations, not the {steps} nps runs; "
+                             "check its config's batch size and --epochs")
                 train_rate = result["iterations"] / result["train_seconds"]
                 print(f"round {round_ + 1} released: process {result['process_seconds']:.1f} s, train "
                       f"{result['train_seconds']:.1f} s = {train_rate:.2f} it/s ({result['iterations']} iterations; "

@@ -100,7 +100,7 @@ def main() -> None:
     for prompt in PROMPTS:  # every program either mode meets: each prompt alone, each batch size of each width
         one_at_a_time(prompt, z, 0)
         size = 1
-        while size <= batcher.max_batch:
+        while size < 2 * batcher.max_batch:  # a batch pads to a power of two rows, which may exceed max_batch
             batcher.generate([GenerationRequest(prompt, z, 0) for _ in range(size)])
             size *= 2
     tokens = lambda replies: sum(len(run.codec.tokenizer(r)["input_ids"]) for r in replies)  # noqa: E731

@@ -37,7 +37,6 @@ def per_step_loop_rate(kind: str, pools, spec: EpisodeSpec, config: TrainConfig,
     frozen, params = nnx.to_pure_dict(frozen), nnx.to_pure_dict(params)
     optimizer = make_optimizer(config)
     opt_state = optimizer.init(params)
-    sample = sample_episodes
 
     @jax.jit
     def update(params, opt_state, episodes, key):
@@ -51,7 +50,7 @@ def per_step_loop_rate(kind: str, pools, spec: EpisodeSpec, config: TrainConfig,
             jax.block_until_ready(params)
             start = time.perf_counter()
         data_key, model_key = jax.random.split(jax.random.fold_in(key, step))
-        episodes = sample(data_key, pools["train"], spec, config.batch_size)
+        episodes = sample_episodes(data_key, pools["train"], spec, config.batch_size)
         params, opt_state = update(params, opt_state, episodes, model_key)
     jax.block_until_ready(params)
     return steps / (time.perf_counter() - start)
